@@ -1,0 +1,502 @@
+//! Connections and targets: the two values every layer passes around.
+//!
+//! * [`Conn<I>`] — a byte stream `I` plus connection **metadata**, an [`http::Extensions`]
+//!   map holding one small struct per fact ([`PeerAddr`], [`OriginalDst`], and, from higher
+//!   levels, SNI, peer identity, tunnel authority…). Inbound layers read and extend it.
+//! * [`Target`] — where a connector should connect, plus metadata for the outbound layers
+//!   (expected identity, SNI, PROXY TLVs, CONNECT headers).
+//!
+//! Layers that terminate a protocol hand their inner service a [`Conn<BoxIo>`]: one
+//! allocation per connection keeps types (and build times) small without a per-byte cost.
+
+use std::any::Any;
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::{Buf, Bytes};
+use http::Extensions;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::oneshot;
+
+use crate::addr::{Authority, AuthorityError, Host};
+
+/// A byte stream a proxy can hold: readable, writable, sendable across tasks.
+///
+/// Implemented for every type that qualifies. [`Io::as_any`] lets a layer look through a
+/// [`BoxIo`] for a concrete socket (for `SO_ORIGINAL_DST`, `SO_LINGER` or `splice(2)`).
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {
+    /// The concrete stream, for downcasting.
+    fn as_any(&self) -> &dyn Any;
+}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// A boxed [`Io`]: what a terminating layer hands to the level above it.
+pub struct BoxIo(Box<dyn Io>);
+
+impl BoxIo {
+    /// Boxes `io`; a `BoxIo` is not boxed twice.
+    pub fn new<I: Io>(io: I) -> Self {
+        let mut slot = Some(io);
+        if let Some(boxed) = (&mut slot as &mut dyn Any).downcast_mut::<Option<BoxIo>>() {
+            if let Some(boxed) = boxed.take() {
+                return boxed;
+            }
+        }
+        match slot {
+            Some(io) => BoxIo(Box::new(io)),
+            None => unreachable_empty_slot(),
+        }
+    }
+
+    /// The boxed stream, for downcasting.
+    pub fn inner(&self) -> &dyn Any {
+        self.0.as_any()
+    }
+}
+
+#[cold]
+fn unreachable_empty_slot() -> BoxIo {
+    // Only reachable if the downcast above took the value without returning it; a closed
+    // in-memory pipe is a harmless stand-in.
+    BoxIo(Box::new(tokio::io::duplex(1).0))
+}
+
+impl fmt::Debug for BoxIo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("BoxIo")
+    }
+}
+
+macro_rules! delegate_io {
+    ($ty:ty, $field:tt $(, $gen:ident : $bound:path)?) => {
+        impl$(<$gen: $bound>)? AsyncRead for $ty {
+            fn poll_read(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                Pin::new(&mut self.get_mut().$field).poll_read(cx, buf)
+            }
+        }
+        impl$(<$gen: $bound>)? AsyncWrite for $ty {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                Pin::new(&mut self.get_mut().$field).poll_write(cx, buf)
+            }
+            fn poll_write_vectored(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                bufs: &[io::IoSlice<'_>],
+            ) -> Poll<io::Result<usize>> {
+                Pin::new(&mut self.get_mut().$field).poll_write_vectored(cx, bufs)
+            }
+            fn is_write_vectored(&self) -> bool {
+                self.$field.is_write_vectored()
+            }
+            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Pin::new(&mut self.get_mut().$field).poll_flush(cx)
+            }
+            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Pin::new(&mut self.get_mut().$field).poll_shutdown(cx)
+            }
+        }
+    };
+}
+
+delegate_io!(BoxIo, 0);
+delegate_io!(Conn<I>, io, I: Io);
+
+/// A stream that first replays bytes already read from it (by a peek or detection layer),
+/// then continues with the stream itself. Writes go straight through.
+#[derive(Debug)]
+pub struct PrefixedIo<I> {
+    prefix: Bytes,
+    io: I,
+}
+
+impl<I> PrefixedIo<I> {
+    /// Replays `prefix` before reading from `io`.
+    pub fn new(prefix: impl Into<Bytes>, io: I) -> Self {
+        Self {
+            prefix: prefix.into(),
+            io,
+        }
+    }
+
+    /// The bytes not yet replayed.
+    pub fn prefix(&self) -> &[u8] {
+        &self.prefix
+    }
+
+    /// The underlying stream.
+    pub fn get_ref(&self) -> &I {
+        &self.io
+    }
+
+    /// The unreplayed prefix and the underlying stream.
+    pub fn into_parts(self) -> (Bytes, I) {
+        (self.prefix, self.io)
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for PrefixedIo<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.prefix.has_remaining() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for PrefixedIo<I> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// A byte stream plus its connection metadata.
+///
+/// ```
+/// use proxystack::{Conn, conn::PeerAddr};
+/// let mut conn = Conn::new(tokio::io::empty());
+/// conn.insert(PeerAddr(([127, 0, 0, 1], 4000).into()));
+/// assert_eq!(conn.get::<PeerAddr>().map(|p| p.0.port()), Some(4000));
+/// ```
+pub struct Conn<I> {
+    io: I,
+    metadata: Extensions,
+}
+
+impl<I> Conn<I> {
+    /// A connection with no metadata yet.
+    pub fn new(io: I) -> Self {
+        Self::from_parts(io, Extensions::new())
+    }
+
+    /// A connection with the given metadata.
+    pub fn from_parts(io: I, metadata: Extensions) -> Self {
+        Self { io, metadata }
+    }
+
+    /// One metadata fact, by type.
+    pub fn get<T: Send + Sync + 'static>(&self) -> Option<&T> {
+        self.metadata.get::<T>()
+    }
+
+    /// Records a metadata fact, returning the previous value of that type.
+    pub fn insert<T: Clone + Send + Sync + 'static>(&mut self, value: T) -> Option<T> {
+        self.metadata.insert(value)
+    }
+
+    /// All metadata.
+    pub fn metadata(&self) -> &Extensions {
+        &self.metadata
+    }
+
+    /// All metadata, mutably.
+    pub fn metadata_mut(&mut self) -> &mut Extensions {
+        &mut self.metadata
+    }
+
+    /// The stream.
+    pub fn io(&self) -> &I {
+        &self.io
+    }
+
+    /// The stream, mutably.
+    pub fn io_mut(&mut self) -> &mut I {
+        &mut self.io
+    }
+
+    /// Splits into stream and metadata.
+    pub fn into_parts(self) -> (I, Extensions) {
+        (self.io, self.metadata)
+    }
+
+    /// Replaces the stream (e.g. with its TLS session), keeping the metadata.
+    pub fn map_io<J>(self, f: impl FnOnce(I) -> J) -> Conn<J> {
+        Conn::from_parts(f(self.io), self.metadata)
+    }
+
+    /// Boxes the stream; see [`BoxIo`].
+    pub fn boxed(self) -> Conn<BoxIo>
+    where
+        I: Io,
+    {
+        self.map_io(BoxIo::new)
+    }
+}
+
+impl<I> fmt::Debug for Conn<I> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Conn")
+            .field("peer", &self.get::<PeerAddr>())
+            .field("local", &self.get::<LocalAddr>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a connector should connect, plus metadata for outbound layers.
+///
+/// ```
+/// use proxystack::Target;
+/// let t: Target = "backend.internal:8080".parse().unwrap();
+/// assert_eq!(t.authority().port(), 8080);
+/// ```
+#[derive(Clone)]
+pub struct Target {
+    authority: Authority,
+    metadata: Extensions,
+}
+
+impl Target {
+    /// A target with no metadata.
+    pub fn new(authority: Authority) -> Self {
+        Self {
+            authority,
+            metadata: Extensions::new(),
+        }
+    }
+
+    /// Parses `host:port` (see [`Authority::parse`]).
+    pub fn parse(s: &str) -> Result<Self, AuthorityError> {
+        Authority::parse(s).map(Self::new)
+    }
+
+    /// Parses a `host:port` literal written in the program.
+    ///
+    /// # Panics
+    /// If `s` is not a valid `host:port`; use [`Target::parse`] for input from elsewhere.
+    #[allow(clippy::panic)]
+    pub fn from_static(s: &'static str) -> Self {
+        match Self::parse(s) {
+            Ok(t) => t,
+            Err(e) => panic!("invalid target literal {s:?}: {e}"),
+        }
+    }
+
+    /// Where to connect.
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
+    /// The socket address, when the target is an IP literal.
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        self.authority.socket_addr()
+    }
+
+    /// Same target, another port.
+    pub fn with_port(mut self, port: u16) -> Self {
+        self.authority = self.authority.with_port(port);
+        self
+    }
+
+    /// One metadata fact, by type.
+    pub fn get<T: Send + Sync + 'static>(&self) -> Option<&T> {
+        self.metadata.get::<T>()
+    }
+
+    /// Records a metadata fact.
+    pub fn insert<T: Clone + Send + Sync + 'static>(&mut self, value: T) -> Option<T> {
+        self.metadata.insert(value)
+    }
+
+    /// Builder form of [`Target::insert`].
+    pub fn with<T: Clone + Send + Sync + 'static>(mut self, value: T) -> Self {
+        self.metadata.insert(value);
+        self
+    }
+
+    /// All metadata.
+    pub fn metadata(&self) -> &Extensions {
+        &self.metadata
+    }
+
+    /// All metadata, mutably.
+    pub fn metadata_mut(&mut self) -> &mut Extensions {
+        &mut self.metadata
+    }
+}
+
+impl fmt::Debug for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Target").field(&self.authority.to_string()).finish()
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.authority.fmt(f)
+    }
+}
+
+impl std::str::FromStr for Target {
+    type Err = AuthorityError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+impl From<SocketAddr> for Target {
+    fn from(addr: SocketAddr) -> Self {
+        Self::new(addr.into())
+    }
+}
+
+impl<I: Into<std::net::IpAddr>> From<(I, u16)> for Target {
+    fn from((ip, port): (I, u16)) -> Self {
+        Self::new(Authority::new(Host::Ip(ip.into()), port))
+    }
+}
+
+impl From<Authority> for Target {
+    fn from(authority: Authority) -> Self {
+        Self::new(authority)
+    }
+}
+
+/// Metadata: the local address the connection was accepted on (or connected from).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalAddr(pub SocketAddr);
+
+/// Metadata: the remote address of the socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// Metadata: where the client meant to connect before a `REDIRECT`/`TPROXY` rule sent it
+/// here (`SO_ORIGINAL_DST`); see `tcp::OriginalDstLayer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OriginalDst(pub SocketAddr);
+
+impl From<OriginalDst> for Target {
+    fn from(dst: OriginalDst) -> Self {
+        dst.0.into()
+    }
+}
+
+impl From<&OriginalDst> for Target {
+    fn from(dst: &OriginalDst) -> Self {
+        dst.0.into()
+    }
+}
+
+/// Metadata: a process-unique number for the accepted connection, for logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnectionId(pub u64);
+
+impl ConnectionId {
+    /// The next unused id.
+    pub fn next() -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Self(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// Metadata: when the connection was accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcceptedAt(pub Instant);
+
+/// Why an inner service refused a connection handed to it through a tunnel, so the tunnel
+/// terminator can answer with the right status (see [`Admission`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// Policy denied the connection (HTTP 401/403).
+    Denied,
+    /// The upstream refused or reset the connection (HTTP 503).
+    Refused,
+    /// The upstream could not be reached: no route, DNS failure (HTTP 502).
+    Unreachable,
+    /// Connecting to the upstream timed out (HTTP 504).
+    TimedOut,
+}
+
+/// Metadata: the "may I say 200?" handle of a tunnel.
+///
+/// A CONNECT terminator must answer `200` only once the connection has really been
+/// accepted. It puts an `Admission` into the tunnel's metadata and waits. A service that
+/// dials an upstream (like `tcp::Relay`) calls [`Admission::admit`] once connected, or
+/// [`Admission::refuse`] with the reason. Services that do not know about admission need do
+/// nothing: the tunnel's stream admits itself on its first read or write, so any layer
+/// that starts speaking implicitly accepts.
+#[derive(Clone)]
+pub struct Admission(Arc<Mutex<Option<oneshot::Sender<Result<(), Refusal>>>>>);
+
+impl Admission {
+    /// A new admission handle and the receiver the terminator waits on. The receiver sees
+    /// a closed channel if every handle is dropped without a decision.
+    pub fn new() -> (Self, oneshot::Receiver<Result<(), Refusal>>) {
+        let (tx, rx) = oneshot::channel();
+        (Self(Arc::new(Mutex::new(Some(tx)))), rx)
+    }
+
+    /// Accepts the connection. Only the first decision counts.
+    pub fn admit(&self) {
+        self.decide(Ok(()));
+    }
+
+    /// Refuses the connection. Only the first decision counts.
+    pub fn refuse(&self, why: Refusal) {
+        self.decide(Err(why));
+    }
+
+    /// Whether a decision has been made.
+    pub fn is_decided(&self) -> bool {
+        self.0.lock().map(|s| s.is_none()).unwrap_or(true)
+    }
+
+    fn decide(&self, decision: Result<(), Refusal>) {
+        let sender = match self.0.lock() {
+            Ok(mut slot) => slot.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        if let Some(tx) = sender {
+            let _ = tx.send(decision);
+        }
+    }
+}
+
+impl fmt::Debug for Admission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Admission")
+            .field("decided", &self.is_decided())
+            .finish()
+    }
+}

@@ -1,0 +1,66 @@
+//! Graceful shutdown: one [`Signal`], many [`Watch`]es.
+//!
+//! Every long-lived task (an accept loop, an HTTP/2 connection, a pooled tunnel) holds a
+//! [`Watch`]. When the owner calls [`Signal::drain`], watchers see [`Watch::signaled`]
+//! complete: accept loops stop accepting, HTTP servers send `GOAWAY` / `Connection: close`,
+//! and `drain()` resolves once every watcher has been dropped. Deadlines are the business of
+//! whoever waits (e.g. [`Server::drain_timeout`](crate::Server::drain_timeout)), so this
+//! module stays a pure signal.
+
+use tokio::sync::watch;
+
+/// Creates a drain signal and its first watcher.
+pub fn channel() -> (Signal, Watch) {
+    let (tx, rx) = watch::channel(false);
+    (Signal(tx), Watch(rx))
+}
+
+/// The sending half: starts the drain.
+#[derive(Debug)]
+pub struct Signal(watch::Sender<bool>);
+
+/// The receiving half: cheap to clone, one per task that must react to shutdown.
+#[derive(Debug, Clone)]
+pub struct Watch(watch::Receiver<bool>);
+
+impl Signal {
+    /// Tells every watcher to drain, then waits until all of them have been dropped.
+    pub async fn drain(self) {
+        self.start();
+        self.0.closed().await;
+    }
+
+    /// Tells every watcher to drain without waiting.
+    pub fn start(&self) {
+        self.0.send_replace(true);
+    }
+
+    /// A new watcher on this signal.
+    pub fn watch(&self) -> Watch {
+        Watch(self.0.subscribe())
+    }
+}
+
+impl Watch {
+    /// A watcher that is never signaled, for code that needs no shutdown.
+    pub fn never() -> Self {
+        let (tx, rx) = watch::channel(false);
+        // Leaking one small sender keeps the channel open forever without a task.
+        std::mem::forget(tx);
+        Watch(rx)
+    }
+
+    /// Completes once draining has started (immediately if it already has).
+    pub async fn signaled(&self) {
+        let mut rx = self.0.clone();
+        // An error means the signal was dropped without draining: treat it as "never".
+        if rx.wait_for(|draining| *draining).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Whether draining has started.
+    pub fn is_draining(&self) -> bool {
+        *self.0.borrow()
+    }
+}

@@ -1,0 +1,278 @@
+//! The accept loop: TCP listener → [`Conn`] → an inbound service, one task per connection.
+//!
+//! [`Server`] applies socket options (`TCP_NODELAY`, keepalive), records [`LocalAddr`],
+//! [`PeerAddr`], [`ConnectionId`] and [`AcceptedAt`] metadata, runs each connection in its
+//! own `tracing` span, survives accept errors such as `EMFILE` (it backs off and logs) and
+//! panics inside a connection (caught, logged, counted), and drains gracefully.
+//!
+//! **Connection limit:** when `max_connections` connections are open the loop *stops
+//! accepting* until one closes. Excess clients wait in the kernel's listen backlog, which is
+//! kinder than accept-and-close (clients retry on their own, no RST storm) and costs no file
+//! descriptors.
+//!
+//! **Drain:** when the [`drain::Watch`] fires the listener is closed (new connects are
+//! refused), live connections are left to finish (they see the same watch in their metadata
+//! and may wind down, e.g. HTTP `GOAWAY`), and after [`Server::drain_timeout`] the rest are
+//! aborted. `serve` returns once every connection task has ended.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tower::Service;
+use tracing::{debug, info_span, warn, Instrument};
+
+use crate::conn::{AcceptedAt, Conn, ConnectionId, LocalAddr, PeerAddr};
+use crate::{drain, BoxError};
+
+/// Accept-loop configuration. `Server::new()` has production defaults.
+#[derive(Debug, Clone)]
+pub struct Server {
+    max_connections: usize,
+    nodelay: bool,
+    keepalive: Option<Duration>,
+    drain_timeout: Duration,
+    stats: Arc<ServeStats>,
+}
+
+/// Counters an accept loop keeps; share them with an admin endpoint via [`Server::stats`].
+#[derive(Debug, Default)]
+pub struct ServeStats {
+    /// Connections accepted.
+    pub accepted: AtomicU64,
+    /// Connections currently open.
+    pub active: AtomicU64,
+    /// Connection tasks whose service returned an error.
+    pub errors: AtomicU64,
+    /// Connection tasks that panicked (the loop survives them).
+    pub panics: AtomicU64,
+    /// Connection tasks aborted because the drain deadline passed.
+    pub aborted: AtomicU64,
+    /// Accept calls that failed (e.g. `EMFILE`).
+    pub accept_errors: AtomicU64,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Server {
+    /// Defaults: 100 000 connections, `TCP_NODELAY` on, keepalive after 60 s idle, 30 s drain.
+    pub fn new() -> Self {
+        Self {
+            max_connections: 100_000,
+            nodelay: true,
+            keepalive: Some(Duration::from_secs(60)),
+            drain_timeout: Duration::from_secs(30),
+            stats: Arc::default(),
+        }
+    }
+
+    /// Most connections open at once; at the limit the loop stops accepting.
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.max_connections = n.max(1);
+        self
+    }
+
+    /// Sets `TCP_NODELAY` on accepted sockets (default on: proxies forward what they get).
+    pub fn tcp_nodelay(mut self, on: bool) -> Self {
+        self.nodelay = on;
+        self
+    }
+
+    /// TCP keepalive idle time for accepted sockets (`None` disables keepalive).
+    pub fn tcp_keepalive(mut self, idle: Option<Duration>) -> Self {
+        self.keepalive = idle;
+        self
+    }
+
+    /// How long live connections may keep running after drain starts before they are
+    /// aborted.
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    /// The counters this server updates.
+    pub fn stats(&self) -> Arc<ServeStats> {
+        self.stats.clone()
+    }
+
+    /// Runs the accept loop until `drain` fires and every connection has ended.
+    pub async fn serve<S>(&self, listener: TcpListener, service: S, drain: drain::Watch) -> io::Result<()>
+    where
+        S: Service<Conn<TcpStream>, Response = ()> + Clone + Send + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        let local = listener.local_addr()?;
+        let limit = Arc::new(Semaphore::new(self.max_connections));
+        let mut tasks = JoinSet::new();
+        let mut backoff = Duration::from_millis(5);
+
+        loop {
+            reap(&mut tasks, &self.stats);
+            let permit = tokio::select! {
+                biased;
+                () = drain.signaled() => break,
+                permit = limit.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+            };
+            let (stream, peer) = tokio::select! {
+                biased;
+                () = drain.signaled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) if is_per_connection(&e) => continue,
+                    Err(e) => {
+                        // EMFILE/ENFILE/ENOBUFS: the pending connection stays in the backlog;
+                        // retrying at once would spin, so back off (capped at 1 s).
+                        self.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+                        warn!(%local, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed");
+                        drop(permit);
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                        continue;
+                    }
+                },
+            };
+            backoff = Duration::from_millis(5);
+            self.configure(&stream);
+
+            let id = ConnectionId::next();
+            let mut conn = Conn::new(stream);
+            conn.insert(LocalAddr(local));
+            conn.insert(PeerAddr(peer));
+            conn.insert(id);
+            conn.insert(AcceptedAt(Instant::now()));
+            conn.insert(drain.clone());
+
+            self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+            self.stats.active.fetch_add(1, Ordering::Relaxed);
+            let span = info_span!("conn", id = id.0, peer.addr = %peer, local.addr = %local);
+            let service = service.clone();
+            let stats = self.stats.clone();
+            tasks.spawn(
+                async move {
+                    let _permit = permit;
+                    let _active = ActiveGuard(&stats);
+                    let mut service = service;
+                    let ready: Result<(), BoxError> =
+                        std::future::poll_fn(|cx| service.poll_ready(cx)).await.map_err(Into::into);
+                    let result = match ready {
+                        Ok(()) => service.call(conn).await.map_err(Into::into),
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = result {
+                        stats.errors.fetch_add(1, Ordering::Relaxed);
+                        debug!(error = %DisplayChain(&*e), "connection ended with error");
+                    }
+                }
+                .instrument(span),
+            );
+        }
+
+        drop(listener);
+        debug!(%local, open = tasks.len(), "draining");
+        let drained = tokio::time::timeout(self.drain_timeout, async {
+            while let Some(done) = tasks.join_next().await {
+                account(done, &self.stats);
+            }
+        })
+        .await;
+        if drained.is_err() {
+            warn!(%local, open = tasks.len(), "drain deadline passed; aborting connections");
+            self.stats
+                .aborted
+                .fetch_add(tasks.len() as u64, Ordering::Relaxed);
+            tasks.abort_all();
+            while let Some(done) = tasks.join_next().await {
+                account(done, &self.stats);
+            }
+        }
+        Ok(())
+    }
+
+    fn configure(&self, stream: &TcpStream) {
+        if self.nodelay {
+            if let Err(e) = stream.set_nodelay(true) {
+                debug!(error = %e, "TCP_NODELAY");
+            }
+        }
+        if let Some(idle) = self.keepalive {
+            let params = socket2::TcpKeepalive::new()
+                .with_time(idle)
+                .with_interval(Duration::from_secs(10));
+            if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&params) {
+                debug!(error = %e, "SO_KEEPALIVE");
+            }
+        }
+    }
+}
+
+/// Runs [`Server::new()`]'s accept loop; see [`Server::serve`].
+pub async fn serve<S>(listener: TcpListener, service: S, drain: drain::Watch) -> io::Result<()>
+where
+    S: Service<Conn<TcpStream>, Response = ()> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    Server::new().serve(listener, service, drain).await
+}
+
+struct ActiveGuard<'a>(&'a ServeStats);
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn reap(tasks: &mut JoinSet<()>, stats: &ServeStats) {
+    while let Some(done) = tasks.try_join_next() {
+        account(done, stats);
+    }
+}
+
+fn account(done: Result<(), tokio::task::JoinError>, stats: &ServeStats) {
+    if let Err(e) = done {
+        if e.is_panic() {
+            stats.panics.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %e, "connection task panicked");
+        }
+    }
+}
+
+/// Errors that concern one pending connection, not the listener.
+fn is_per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::Interrupted
+    )
+}
+
+/// Displays an error with its `source()` chain: `a: b: c`.
+pub(crate) struct DisplayChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for DisplayChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,376 @@
+//! Bidirectional byte copy between a downstream and an upstream stream.
+//!
+//! Rules (RFC 9293 §3.6 half-close; the reset behaviour ztunnel users ask for in #1483):
+//!
+//! * EOF from one side → flush and `shutdown()` the other side's write half; the other
+//!   direction keeps flowing until it, too, ends.
+//! * A read or write error on one side → the other side is **reset** (`SO_LINGER 0`, so
+//!   dropping it sends RST, not FIN) when it is a TCP socket; an abort never looks like a
+//!   clean end to the other peer.
+//! * Buffers are bounded: each direction starts with a small buffer and grows (×16, up to
+//!   [`RelayConfig::max_buffer`]) only after a read fills it, so an idle relay costs about
+//!   2 KiB of buffers and a busy one copies in large chunks. Nothing is read while the
+//!   previous chunk is unwritten, so a peer that does not read applies backpressure instead
+//!   of growing memory.
+
+use std::future::{poll_fn, Future};
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::sleep;
+
+use super::socket::arm_reset;
+use crate::conn::Io;
+
+/// Relay settings.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    idle_timeout: Option<Duration>,
+    total_timeout: Option<Duration>,
+    initial_buffer: usize,
+    max_buffer: usize,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            idle_timeout: Some(Duration::from_secs(3600)),
+            total_timeout: None,
+            initial_buffer: 1024,
+            max_buffer: 256 * 1024,
+        }
+    }
+}
+
+impl RelayConfig {
+    /// Defaults: 1 h idle timeout, no total timeout, buffers from 1 KiB up to 256 KiB.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Ends the relay when no byte has moved in either direction for this long.
+    pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// Ends the relay this long after it started, busy or not.
+    pub fn total_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.total_timeout = timeout;
+        self
+    }
+
+    /// Buffer size per direction before any traffic (at least 64 bytes).
+    pub fn initial_buffer(mut self, bytes: usize) -> Self {
+        self.initial_buffer = bytes.max(64);
+        self.max_buffer = self.max_buffer.max(self.initial_buffer);
+        self
+    }
+
+    /// Largest buffer per direction; this bounds the relay's memory per connection.
+    pub fn max_buffer(mut self, bytes: usize) -> Self {
+        self.max_buffer = bytes.max(self.initial_buffer);
+        self
+    }
+}
+
+/// Which end of the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The accepted connection (the client).
+    Downstream,
+    /// The connection the proxy opened.
+    Upstream,
+}
+
+impl Side {
+    fn other(self) -> Self {
+        match self {
+            Side::Downstream => Side::Upstream,
+            Side::Upstream => Side::Downstream,
+        }
+    }
+}
+
+/// How one side stopped sending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseKind {
+    /// A clean end of stream (TCP FIN, TLS close_notify, HTTP/2 END_STREAM).
+    Eof,
+    /// The connection was reset or the pipe broke.
+    Reset,
+    /// Another I/O error.
+    Error(io::ErrorKind),
+}
+
+/// The first close the relay saw: who, and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Close {
+    /// The side that closed.
+    pub side: Side,
+    /// How it closed.
+    pub kind: CloseKind,
+}
+
+/// Why a relay did not end with both directions cleanly closed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayError {
+    /// One side failed; the other side was reset in turn.
+    #[error("{side:?} connection failed")]
+    Io {
+        /// The side whose read or write failed.
+        side: Side,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// No byte moved for the idle timeout.
+    #[error("idle for {0:?}")]
+    IdleTimeout(Duration),
+    /// The total timeout passed.
+    #[error("relay exceeded its {0:?} total timeout")]
+    TotalTimeout(Duration),
+}
+
+impl RelayError {
+    /// Whether the failure was a reset (or broken pipe) rather than another error.
+    pub fn is_reset(&self) -> bool {
+        matches!(self, RelayError::Io { source, .. } if is_reset(source))
+    }
+}
+
+/// What a relay did.
+#[derive(Debug)]
+pub struct RelayStats {
+    /// Bytes copied downstream → upstream.
+    pub bytes_up: u64,
+    /// Bytes copied upstream → downstream.
+    pub bytes_down: u64,
+    /// Wall time from start to end.
+    pub duration: Duration,
+    /// The first side to stop sending, and how.
+    pub first_close: Option<Close>,
+    /// `Ok` when both directions ended with EOF.
+    pub result: Result<(), RelayError>,
+}
+
+/// Relays between `downstream` and `upstream` with [`RelayConfig::default()`].
+pub async fn relay<A: Io, B: Io>(downstream: &mut A, upstream: &mut B) -> RelayStats {
+    relay_with(downstream, upstream, &RelayConfig::default()).await
+}
+
+/// Relays between `downstream` and `upstream` until both directions end, one side fails,
+/// or a timeout fires. The streams are left open for the caller to drop; after a failure
+/// the healthy side is armed to reset when dropped.
+pub async fn relay_with<A: Io, B: Io>(
+    downstream: &mut A,
+    upstream: &mut B,
+    config: &RelayConfig,
+) -> RelayStats {
+    let started = Instant::now();
+    let mut up = Pipe::new(config);
+    let mut down = Pipe::new(config);
+    let mut first_close = None;
+    let mut last_activity = started;
+    let mut idle = std::pin::pin!(sleep(config.idle_timeout.unwrap_or(Duration::MAX / 4)));
+    let mut total = std::pin::pin!(sleep(config.total_timeout.unwrap_or(Duration::MAX / 4)));
+
+    let ending = poll_fn(|cx| {
+        let mut progressed = false;
+        for (pipe, side) in [(&mut up, Side::Downstream), (&mut down, Side::Upstream)] {
+            if pipe.done {
+                continue;
+            }
+            let polled = match side {
+                Side::Downstream => pipe.poll_copy(cx, downstream, upstream, &mut progressed),
+                Side::Upstream => pipe.poll_copy(cx, upstream, downstream, &mut progressed),
+            };
+            match polled {
+                Poll::Pending => {}
+                Poll::Ready(Ok(())) => {
+                    pipe.done = true;
+                    first_close.get_or_insert(Close {
+                        side,
+                        kind: CloseKind::Eof,
+                    });
+                }
+                Poll::Ready(Err(PipeError::Read(e))) => return Poll::Ready(Ending::Failed(side, e)),
+                Poll::Ready(Err(PipeError::Write(e))) => {
+                    return Poll::Ready(Ending::Failed(side.other(), e))
+                }
+            }
+        }
+        if up.done && down.done {
+            return Poll::Ready(Ending::Done);
+        }
+        if progressed {
+            last_activity = Instant::now();
+        }
+        if let Some(timeout) = config.idle_timeout {
+            // Re-arming the timer on every chunk would cost a timer-wheel update per read;
+            // instead the timer fires at the old deadline and is pushed out if there was
+            // activity since.
+            while idle.as_mut().poll(cx).is_ready() {
+                let deadline = last_activity + timeout;
+                if deadline <= Instant::now() {
+                    return Poll::Ready(Ending::IdleTimeout(timeout));
+                }
+                idle.as_mut().reset(deadline.into());
+            }
+        }
+        if let Some(timeout) = config.total_timeout {
+            if total.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ending::TotalTimeout(timeout));
+            }
+        }
+        Poll::Pending
+    })
+    .await;
+
+    let result = match ending {
+        Ending::Done => Ok(()),
+        Ending::IdleTimeout(t) => Err(RelayError::IdleTimeout(t)),
+        Ending::TotalTimeout(t) => Err(RelayError::TotalTimeout(t)),
+        Ending::Failed(side, source) => {
+            let kind = if is_reset(&source) {
+                CloseKind::Reset
+            } else {
+                CloseKind::Error(source.kind())
+            };
+            first_close.get_or_insert(Close { side, kind });
+            // Propagate the abort: the healthy peer must not mistake it for a clean FIN.
+            match side {
+                Side::Downstream => arm_reset(Io::as_any(&*upstream)),
+                Side::Upstream => arm_reset(Io::as_any(&*downstream)),
+            };
+            Err(RelayError::Io { side, source })
+        }
+    };
+    RelayStats {
+        bytes_up: up.bytes,
+        bytes_down: down.bytes,
+        duration: started.elapsed(),
+        first_close,
+        result,
+    }
+}
+
+enum Ending {
+    Done,
+    Failed(Side, io::Error),
+    IdleTimeout(Duration),
+    TotalTimeout(Duration),
+}
+
+fn is_reset(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
+    )
+}
+
+enum PipeError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+/// One direction of the relay.
+struct Pipe {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    max: usize,
+    grow: bool,
+    eof: bool,
+    need_flush: bool,
+    done: bool,
+    bytes: u64,
+}
+
+impl Pipe {
+    fn new(config: &RelayConfig) -> Self {
+        Self {
+            buf: vec![0; config.initial_buffer],
+            start: 0,
+            end: 0,
+            max: config.max_buffer,
+            grow: false,
+            eof: false,
+            need_flush: false,
+            done: false,
+            bytes: 0,
+        }
+    }
+
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+        progressed: &mut bool,
+    ) -> Poll<Result<(), PipeError>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        loop {
+            if self.start == self.end && !self.eof {
+                if self.grow {
+                    // Grow only while empty: no copying, and a connection that never fills
+                    // its buffer never pays for a bigger one.
+                    let size = (self.buf.len() * 16).min(self.max);
+                    self.buf = vec![0; size];
+                    self.grow = false;
+                }
+                let mut rb = ReadBuf::new(&mut self.buf);
+                match Pin::new(&mut *reader).poll_read(cx, &mut rb) {
+                    Poll::Pending => {
+                        if self.need_flush {
+                            ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(PipeError::Write)?;
+                            self.need_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(PipeError::Read(e))),
+                    Poll::Ready(Ok(())) => {
+                        let n = rb.filled().len();
+                        if n == 0 {
+                            self.eof = true;
+                        } else {
+                            self.start = 0;
+                            self.end = n;
+                            self.bytes += n as u64;
+                            self.grow = n == self.buf.len() && n < self.max;
+                            *progressed = true;
+                        }
+                    }
+                }
+            }
+            while self.start < self.end {
+                let chunk = &self.buf[self.start..self.end];
+                let n = ready!(Pin::new(&mut *writer).poll_write(cx, chunk))
+                    .map_err(PipeError::Write)?;
+                if n == 0 {
+                    return Poll::Ready(Err(PipeError::Write(io::ErrorKind::WriteZero.into())));
+                }
+                self.start += n;
+                self.need_flush = true;
+                *progressed = true;
+            }
+            if self.eof {
+                if self.need_flush {
+                    ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(PipeError::Write)?;
+                    self.need_flush = false;
+                }
+                ready!(Pin::new(&mut *writer).poll_shutdown(cx)).map_err(PipeError::Write)?;
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! [`Relay`]: the terminal L4 service.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tower::{Service, ServiceExt};
+use tracing::debug;
+
+use super::relay::{relay_with, RelayConfig, RelayError};
+use super::ConnectError;
+use crate::conn::{Admission, Conn, Io, Refusal};
+use crate::{BoxError, Target};
+
+/// Relays each connection to an upstream chosen from its metadata.
+///
+/// The upstream function sees the whole [`Conn`] (peer, original destination, SNI, tunnel
+/// authority…) and returns the [`Target`], or `None` to close the connection. Any
+/// connector works: plain TCP, TLS, a CONNECT tunnel, HBONE.
+///
+/// When the connection came through a tunnel whose terminator waits for an
+/// [`Admission`], the relay admits it only after the upstream connected, and otherwise
+/// refuses with the reason (so an HBONE client gets 503 for a refused upstream, not 200
+/// followed by a close).
+///
+/// ```
+/// use proxystack::{tcp, Conn, Target};
+/// use std::time::Duration;
+/// let relay = tcp::Relay::new(tcp::TcpConnector::new())
+///     .upstream(|_: &Conn<_>| Some(Target::from_static("127.0.0.1:8080")))
+///     .idle_timeout(Some(Duration::from_secs(300)));
+/// # let _ = relay;
+/// ```
+#[derive(Debug, Clone)]
+pub struct Relay<C, U = ()> {
+    connector: C,
+    upstream: U,
+    config: RelayConfig,
+}
+
+impl<C> Relay<C> {
+    /// A relay over `connector`; set the upstream with [`Relay::upstream`].
+    pub fn new(connector: C) -> Self {
+        Self {
+            connector,
+            upstream: (),
+            config: RelayConfig::default(),
+        }
+    }
+}
+
+impl<C, U> Relay<C, U> {
+    /// Chooses the upstream for each connection.
+    pub fn upstream<F>(self, upstream: F) -> Relay<C, F> {
+        Relay {
+            connector: self.connector,
+            upstream,
+            config: self.config,
+        }
+    }
+
+    /// Replaces the relay settings.
+    pub fn config(mut self, config: RelayConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// See [`RelayConfig::idle_timeout`].
+    pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.config = self.config.idle_timeout(timeout);
+        self
+    }
+
+    /// See [`RelayConfig::total_timeout`].
+    pub fn total_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.config = self.config.total_timeout(timeout);
+        self
+    }
+}
+
+/// Why a [`Relay`] connection ended badly.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayServiceError {
+    /// The upstream function returned `None`.
+    #[error("no upstream for this connection")]
+    NoUpstream,
+    /// Connecting to the upstream failed.
+    #[error("upstream connect to {target} failed")]
+    Connect {
+        /// Where we tried to connect.
+        target: String,
+        /// The connector's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The relay itself ended with an error or timeout.
+    #[error("relay to {target} failed")]
+    Relay {
+        /// The upstream.
+        target: String,
+        /// What happened.
+        #[source]
+        source: RelayError,
+    },
+}
+
+impl<C, F, I, O> Service<Conn<I>> for Relay<C, F>
+where
+    I: Io,
+    O: Io,
+    F: Fn(&Conn<I>) -> Option<Target>,
+    C: Service<Target, Response = Conn<O>> + Clone + Send + 'static,
+    C::Error: Into<BoxError>,
+    C::Future: Send,
+{
+    type Response = ();
+    type Error = RelayServiceError;
+    type Future = Pin<Box<dyn Future<Output = Result<(), RelayServiceError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Connector readiness is awaited per connection in `call`, so one slow upstream
+        // does not stall the accept loop.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, conn: Conn<I>) -> Self::Future {
+        let target = (self.upstream)(&conn);
+        let connector = self.connector.clone();
+        let config = self.config.clone();
+        Box::pin(async move {
+            let admission = conn.get::<Admission>().cloned();
+            let Some(target) = target else {
+                if let Some(a) = &admission {
+                    a.refuse(Refusal::Unreachable);
+                }
+                debug!("no upstream; closing");
+                return Err(RelayServiceError::NoUpstream);
+            };
+            let name = target.to_string();
+            let upstream = match connector.oneshot(target).await {
+                Ok(upstream) => upstream,
+                Err(e) => {
+                    let e: BoxError = e.into();
+                    if let Some(a) = &admission {
+                        a.refuse(refusal_for(&*e));
+                    }
+                    debug!(upstream = %name, error = %e, "upstream connect failed");
+                    return Err(RelayServiceError::Connect { target: name, source: e });
+                }
+            };
+            if let Some(a) = &admission {
+                a.admit();
+            }
+            let (mut down, _) = conn.into_parts();
+            let (mut up, _) = upstream.into_parts();
+            let stats = relay_with(&mut down, &mut up, &config).await;
+            debug!(
+                upstream = %name,
+                bytes.up = stats.bytes_up,
+                bytes.down = stats.bytes_down,
+                duration_ms = stats.duration.as_millis() as u64,
+                first_close = ?stats.first_close,
+                "relay closed"
+            );
+            stats
+                .result
+                .map_err(|source| RelayServiceError::Relay { target: name, source })
+        })
+    }
+}
+
+/// The tunnel answer for a connector error: a [`ConnectError`] knows; others (TLS
+/// failures, tunnel refusals) mean the upstream is unusable → 502-class.
+pub(crate) fn refusal_for(e: &(dyn std::error::Error + 'static)) -> Refusal {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(c) = err.downcast_ref::<ConnectError>() {
+            return c.refusal();
+        }
+        cur = err.source();
+    }
+    Refusal::Unreachable
+}
