@@ -225,7 +225,10 @@ mod tests {
             ("10.0.0.1:80", "10.0.0.1:80"),
             ("[::1]:8080", "[::1]:8080"),
             ("[::ffff:127.0.0.1]:1", "[::ffff:127.0.0.1]:1"),
-            ("svc.ns.svc.cluster.local:15008", "svc.ns.svc.cluster.local:15008"),
+            (
+                "svc.ns.svc.cluster.local:15008",
+                "svc.ns.svc.cluster.local:15008",
+            ),
             ("a:65535", "a:65535"),
         ] {
             let a = Authority::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"));

@@ -169,7 +169,11 @@ impl<I: AsyncRead + Unpin> AsyncRead for PrefixedIo<I> {
 }
 
 impl<I: AsyncWrite + Unpin> AsyncWrite for PrefixedIo<I> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
     fn poll_write_vectored(
@@ -356,7 +360,9 @@ impl Target {
 
 impl fmt::Debug for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("Target").field(&self.authority.to_string()).finish()
+        f.debug_tuple("Target")
+            .field(&self.authority.to_string())
+            .finish()
     }
 }
 
@@ -457,7 +463,9 @@ pub enum Refusal {
 /// nothing: the tunnel's stream admits itself on its first read or write, so any layer
 /// that starts speaking implicitly accepts.
 #[derive(Clone)]
-pub struct Admission(Arc<Mutex<Option<oneshot::Sender<Result<(), Refusal>>>>>);
+pub struct Admission(Arc<Mutex<Option<AdmissionSender>>>);
+
+type AdmissionSender = oneshot::Sender<Result<(), Refusal>>;
 
 impl Admission {
     /// A new admission handle and the receiver the terminator waits on. The receiver sees

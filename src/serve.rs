@@ -105,7 +105,12 @@ impl Server {
     }
 
     /// Runs the accept loop until `drain` fires and every connection has ended.
-    pub async fn serve<S>(&self, listener: TcpListener, service: S, drain: drain::Watch) -> io::Result<()>
+    pub async fn serve<S>(
+        &self,
+        listener: TcpListener,
+        service: S,
+        drain: drain::Watch,
+    ) -> io::Result<()>
     where
         S: Service<Conn<TcpStream>, Response = ()> + Clone + Send + 'static,
         S::Error: Into<BoxError>,
@@ -166,7 +171,9 @@ impl Server {
                     let _active = ActiveGuard(&stats);
                     let mut service = service;
                     let ready: Result<(), BoxError> =
-                        std::future::poll_fn(|cx| service.poll_ready(cx)).await.map_err(Into::into);
+                        std::future::poll_fn(|cx| service.poll_ready(cx))
+                            .await
+                            .map_err(Into::into);
                     let result = match ready {
                         Ok(()) => service.call(conn).await.map_err(Into::into),
                         Err(e) => Err(e),

@@ -34,6 +34,7 @@ pub struct TcpConnector {
     bind: Option<IpAddr>,
     transparent: bool,
     freebind: bool,
+    mark: Option<u32>,
 }
 
 impl Default for TcpConnector {
@@ -52,6 +53,7 @@ impl TcpConnector {
             bind: None,
             transparent: false,
             freebind: false,
+            mark: None,
         }
     }
 
@@ -93,6 +95,14 @@ impl TcpConnector {
         self
     }
 
+    /// Sets `SO_MARK` on outgoing sockets, so firewall rules can exempt the proxy's own
+    /// connections from redirection (ztunnel uses mark `0x539` for this). Needs
+    /// `CAP_NET_ADMIN`.
+    pub fn mark(mut self, mark: Option<u32>) -> Self {
+        self.mark = mark;
+        self
+    }
+
     /// Connects to `target`.
     pub async fn connect(&self, target: &Target) -> Result<Conn<TcpStream>, ConnectError> {
         let err = |kind, source| ConnectError {
@@ -103,10 +113,12 @@ impl TcpConnector {
         let attempt = async {
             let addrs: Vec<SocketAddr> = match target.authority().host() {
                 Host::Ip(ip) => vec![SocketAddr::new(*ip, target.authority().port())],
-                Host::Name(name) => tokio::net::lookup_host((name.as_str(), target.authority().port()))
-                    .await
-                    .map_err(|e| err(ConnectErrorKind::Resolve, e))?
-                    .collect(),
+                Host::Name(name) => {
+                    tokio::net::lookup_host((name.as_str(), target.authority().port()))
+                        .await
+                        .map_err(|e| err(ConnectErrorKind::Resolve, e))?
+                        .collect()
+                }
             };
             let mut last = None;
             for addr in addrs {
@@ -118,7 +130,9 @@ impl TcpConnector {
                     }
                 }
             }
-            let e = last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "name resolved to no addresses"));
+            let e = last.unwrap_or_else(|| {
+                io::Error::new(io::ErrorKind::NotFound, "name resolved to no addresses")
+            });
             Err(err(ConnectErrorKind::from_io(&e), e))
         };
         let stream = match tokio::time::timeout(self.connect_timeout, attempt).await {
@@ -126,7 +140,10 @@ impl TcpConnector {
             Err(_) => {
                 return Err(err(
                     ConnectErrorKind::TimedOut,
-                    io::Error::new(io::ErrorKind::TimedOut, format!("no connection within {:?}", self.connect_timeout)),
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no connection within {:?}", self.connect_timeout),
+                    ),
                 ))
             }
         };
@@ -141,7 +158,11 @@ impl TcpConnector {
     }
 
     async fn connect_addr(&self, addr: SocketAddr) -> io::Result<TcpStream> {
-        let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
         if let Some(source) = self.bind {
             let sock = socket2::SockRef::from(&socket);
             match source {
@@ -163,6 +184,9 @@ impl TcpConnector {
                 }
             }
             socket.bind(SocketAddr::new(source, 0))?;
+        }
+        if let Some(mark) = self.mark {
+            socket2::SockRef::from(&socket).set_mark(mark)?;
         }
         socket.set_nodelay(self.nodelay)?;
         if let Some(idle) = self.keepalive {
@@ -211,9 +235,9 @@ impl ConnectErrorKind {
         match e.kind() {
             io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset => Self::Refused,
             io::ErrorKind::TimedOut => Self::TimedOut,
-            io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable | io::ErrorKind::NotFound => {
-                Self::Unreachable
-            }
+            io::ErrorKind::HostUnreachable
+            | io::ErrorKind::NetworkUnreachable
+            | io::ErrorKind::NotFound => Self::Unreachable,
             _ => Self::Other,
         }
     }

@@ -22,8 +22,12 @@ pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
         SocketAddr::V4(_) => sock.original_dst_v4()?,
         SocketAddr::V6(_) => sock.original_dst_v6()?,
     };
-    addr.as_socket()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "original destination is not an IP address"))
+    addr.as_socket().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "original destination is not an IP address",
+        )
+    })
 }
 
 /// Adds [`OriginalDst`] metadata to each connection whose socket has one.

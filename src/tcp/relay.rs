@@ -198,7 +198,9 @@ pub async fn relay_with<A: Io, B: Io>(
                         kind: CloseKind::Eof,
                     });
                 }
-                Poll::Ready(Err(PipeError::Read(e))) => return Poll::Ready(Ending::Failed(side, e)),
+                Poll::Ready(Err(PipeError::Read(e))) => {
+                    return Poll::Ready(Ending::Failed(side, e))
+                }
                 Poll::Ready(Err(PipeError::Write(e))) => {
                     return Poll::Ready(Ending::Failed(side.other(), e))
                 }
@@ -332,7 +334,8 @@ impl Pipe {
                 match Pin::new(&mut *reader).poll_read(cx, &mut rb) {
                     Poll::Pending => {
                         if self.need_flush {
-                            ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(PipeError::Write)?;
+                            ready!(Pin::new(&mut *writer).poll_flush(cx))
+                                .map_err(PipeError::Write)?;
                             self.need_flush = false;
                         }
                         return Poll::Pending;

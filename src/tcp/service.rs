@@ -147,7 +147,10 @@ where
                         a.refuse(refusal_for(&*e));
                     }
                     debug!(upstream = %name, error = %e, "upstream connect failed");
-                    return Err(RelayServiceError::Connect { target: name, source: e });
+                    return Err(RelayServiceError::Connect {
+                        target: name,
+                        source: e,
+                    });
                 }
             };
             if let Some(a) = &admission {
@@ -164,9 +167,10 @@ where
                 first_close = ?stats.first_close,
                 "relay closed"
             );
-            stats
-                .result
-                .map_err(|source| RelayServiceError::Relay { target: name, source })
+            stats.result.map_err(|source| RelayServiceError::Relay {
+                target: name,
+                source,
+            })
         })
     }
 }

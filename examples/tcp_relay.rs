@@ -1,0 +1,116 @@
+//! A TCP relay: listen, pick an upstream, copy bytes both ways.
+//!
+//! ```text
+//! cargo run --example tcp_relay -- --demo
+//! cargo run --example tcp_relay -- --listen 127.0.0.1:9000 --upstream 127.0.0.1:8080
+//! cargo run --example tcp_relay -- --listen 0.0.0.0:15001 --original-dst   # behind iptables REDIRECT
+//! ```
+//!
+//! `--demo` starts a built-in echo server as the upstream; try it with
+//! `echo hello | nc -N 127.0.0.1 15001`.
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use proxystack::conn::OriginalDst;
+use proxystack::{drain, tcp, Conn, Server, Target};
+use tokio::io::AsyncWriteExt;
+use tower::ServiceBuilder;
+
+#[derive(Parser, Debug)]
+#[command(about = "TCP relay built from proxystack layers")]
+struct Args {
+    /// Address to accept connections on (repeatable).
+    #[arg(long, value_name = "ADDR")]
+    listen: Vec<SocketAddr>,
+    /// Fixed upstream (host:port).
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "original_dst")]
+    upstream: Option<Target>,
+    /// Relay to each connection's original destination (iptables REDIRECT).
+    #[arg(long)]
+    original_dst: bool,
+    /// Zero-config run: relay from 127.0.0.1:15001 to a built-in echo server.
+    #[arg(long)]
+    demo: bool,
+    /// Close connections idle for this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 3600)]
+    idle_timeout: u64,
+    #[command(flatten)]
+    common: support::Common,
+}
+
+#[tokio::main]
+async fn main() {
+    support::init_tracing();
+    let mut args = Args::parse();
+    if args.demo {
+        if args.listen.is_empty() {
+            args.listen.push(([127, 0, 0, 1], 15001).into());
+        }
+        args.upstream = Some(echo_backend().await.into());
+    }
+    if args.listen.is_empty() {
+        support::fail("no --listen address (or use --demo)");
+    }
+    if args.upstream.is_none() && !args.original_dst {
+        support::fail("say where to relay: --upstream HOST:PORT or --original-dst (or use --demo)");
+    }
+
+    let fixed = args.upstream.clone();
+    let relay = tcp::Relay::new(tcp::TcpConnector::new())
+        .idle_timeout(Some(Duration::from_secs(args.idle_timeout)))
+        .upstream(move |conn: &Conn<_>| match &fixed {
+            Some(target) => Some(target.clone()),
+            None => conn.get::<OriginalDst>().map(Target::from),
+        });
+    let svc = ServiceBuilder::new()
+        .layer(tcp::OriginalDstLayer::new())
+        .service(relay);
+
+    let listeners = support::bind_all(&args.listen).await;
+    let mut addrs = support::local_addrs(&listeners);
+    let server = Server::new().drain_timeout(Duration::from_secs(args.common.drain_secs));
+    if let Some(admin) = args.common.admin {
+        addrs.push(support::admin(admin, vec![("relay".into(), server.stats())]).await);
+    }
+    support::announce(&addrs);
+    if args.demo {
+        eprintln!(
+            "demo: try `echo hello | nc -N {} {}`",
+            addrs[0].ip(),
+            addrs[0].port()
+        );
+    }
+
+    let (signal, watch) = drain::channel();
+    let servers = listeners
+        .into_iter()
+        .map(|l| {
+            let (server, svc, watch) = (server.clone(), svc.clone(), watch.clone());
+            tokio::spawn(async move { server.serve(l, svc, watch).await })
+        })
+        .collect();
+    support::run_until_signal(signal, servers).await;
+}
+
+/// A loopback echo server standing in for a real backend.
+async fn echo_backend() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| support::fail(format!("echo backend: {e}")));
+    let addr = listener.local_addr().unwrap_or_else(|e| support::fail(e));
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}

@@ -1,0 +1,507 @@
+//! L4 level: relay semantics over real loopback sockets.
+#![cfg(feature = "tcp")]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use proptest::prelude::*;
+use proxystack::tcp::{self, CloseKind, RelayConfig, Side};
+use proxystack::{Conn, Server, Target};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn relay_to(
+    upstream: SocketAddr,
+) -> tcp::Relay<tcp::TcpConnector, impl Fn(&Conn<TcpStream>) -> Option<Target> + Clone> {
+    tcp::Relay::new(tcp::TcpConnector::new())
+        .upstream(move |_: &Conn<TcpStream>| Some(Target::from(upstream)))
+}
+
+/// Writes `data` in `chunk`-sized pieces, optionally waiting first, then half-closes.
+async fn send_chunked(
+    w: &mut (impl AsyncWriteExt + Unpin),
+    data: &[u8],
+    chunk: usize,
+    delay_ms: u64,
+) {
+    tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+    for piece in data.chunks(chunk.max(1)) {
+        w.write_all(piece).await.unwrap();
+    }
+    w.shutdown().await.unwrap();
+}
+
+/// Reads to EOF, then checks that EOF is sticky (seen exactly once, nothing after).
+async fn recv_all(r: &mut (impl AsyncReadExt + Unpin)) -> Vec<u8> {
+    let mut out = Vec::new();
+    r.read_to_end(&mut out).await.unwrap();
+    let mut probe = [0u8; 1];
+    assert_eq!(r.read(&mut probe).await.unwrap(), 0, "data after EOF");
+    out
+}
+
+async fn bidirectional_case(
+    up_data: Vec<u8>,
+    down_data: Vec<u8>,
+    chunks: (usize, usize),
+    delays: (u64, u64),
+) {
+    // The upstream sends `down_data` and collects what it receives, concurrently.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = listener.local_addr().unwrap();
+    let server_side = {
+        let down_data = down_data.clone();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let (mut r, mut w) = s.split();
+            let (_, got) = tokio::join!(
+                send_chunked(&mut w, &down_data, chunks.1, delays.1),
+                recv_all(&mut r)
+            );
+            got
+        })
+    };
+    let proxy = start(Server::new(), relay_to(upstream_addr)).await;
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut r, mut w) = client.split();
+    let (_, client_got) = tokio::join!(
+        send_chunked(&mut w, &up_data, chunks.0, delays.0),
+        recv_all(&mut r)
+    );
+    let server_got = server_side.await.unwrap();
+    assert!(
+        client_got == down_data,
+        "downstream bytes differ ({} vs {})",
+        client_got.len(),
+        down_data.len()
+    );
+    assert!(
+        server_got == up_data,
+        "upstream bytes differ ({} vs {})",
+        server_got.len(),
+        up_data.len()
+    );
+    drop(client);
+    proxy.shutdown().await;
+}
+
+fn payload() -> impl Strategy<Value = Vec<u8>> {
+    // Mostly small, sometimes up to 4 MiB; content is random so reordering would show.
+    prop_oneof![
+        3 => proptest::collection::vec(any::<u8>(), 0..4096),
+        1 => (0usize..4 << 20).prop_map(|n| (0..n).map(|i| (i * 31 % 251) as u8).collect()),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #[test]
+    fn relay_is_byte_identical_with_any_half_close_order(
+        up in payload(), down in payload(),
+        chunk_up in 1usize..70_000, chunk_down in 1usize..70_000,
+        delay_up in 0u64..20, delay_down in 0u64..20,
+    ) {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(bidirectional_case(up, down, (chunk_up, chunk_down), (delay_up, delay_down)));
+    }
+}
+
+#[tokio::test]
+async fn half_close_keeps_other_direction_flowing() {
+    // Client sends and half-closes first; the server answers only after seeing EOF.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut req = Vec::new();
+        s.read_to_end(&mut req).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        s.write_all(&req.repeat(3)).await.unwrap();
+    });
+    let proxy = start(Server::new(), relay_to(addr)).await;
+    assert_eq!(round_trip(proxy.addr, b"abc").await, b"abcabcabc");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn server_first_protocol_works() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        s.write_all(b"220 hello\r\n").await.unwrap();
+        let mut buf = [0u8; 6];
+        s.read_exact(&mut buf).await.unwrap();
+        s.write_all(&buf).await.unwrap();
+    });
+    let proxy = start(Server::new(), relay_to(addr)).await;
+    let mut c = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut greeting = [0u8; 11];
+    c.read_exact(&mut greeting).await.unwrap();
+    assert_eq!(&greeting, b"220 hello\r\n");
+    c.write_all(b"QUIT\r\n").await.unwrap();
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).await.unwrap();
+    assert_eq!(rest, b"QUIT\r\n");
+}
+
+fn reset(stream: TcpStream) {
+    socket2::SockRef::from(&stream)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(stream);
+}
+
+#[tokio::test]
+async fn upstream_reset_reaches_client_as_reset() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        s.write_all(&[7u8; 100_000]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        reset(s);
+    });
+    let proxy = start(Server::new(), relay_to(addr)).await;
+    let mut c = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut sink = Vec::new();
+    let err = c
+        .read_to_end(&mut sink)
+        .await
+        .expect_err("a reset, not a clean EOF");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn client_reset_reaches_upstream_as_reset() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let upstream = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut sink = Vec::new();
+        s.read_to_end(&mut sink).await
+    });
+    let proxy = start(Server::new(), relay_to(addr)).await;
+    let mut c = TcpStream::connect(proxy.addr).await.unwrap();
+    c.write_all(b"partial request").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    reset(c);
+    let err = upstream
+        .await
+        .unwrap()
+        .expect_err("a reset, not a clean EOF");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn relay_function_reports_stats() {
+    let (mut a_near, mut a_far) = loopback_pair().await;
+    let (mut b_near, mut b_far) = loopback_pair().await;
+    let relay = tokio::spawn(async move { tcp::relay(&mut a_far, &mut b_far).await });
+    a_near.write_all(b"hello").await.unwrap();
+    a_near.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    // b sees the bytes and the FIN, then answers and closes.
+    b_near.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"hello");
+    b_near.write_all(b"world!").await.unwrap();
+    b_near.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    a_near.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, b"world!");
+    let stats = relay.await.unwrap();
+    assert!(stats.result.is_ok());
+    assert_eq!((stats.bytes_up, stats.bytes_down), (5, 6));
+    let first = stats.first_close.unwrap();
+    assert_eq!((first.side, first.kind), (Side::Downstream, CloseKind::Eof));
+}
+
+async fn loopback_pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+    let (s, _) = l.accept().await.unwrap();
+    (c, s)
+}
+
+#[tokio::test]
+async fn idle_timeout_closes_quiet_connections() {
+    let (mut a_near, mut a_far) = loopback_pair().await;
+    let (_b_near, mut b_far) = loopback_pair().await;
+    let config = RelayConfig::new().idle_timeout(Some(Duration::from_millis(200)));
+    let relay = tokio::spawn(async move { tcp::relay_with(&mut a_far, &mut b_far, &config).await });
+    // Activity pushes the deadline out.
+    for _ in 0..3 {
+        a_near.write_all(b"x").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!relay.is_finished(), "timed out despite activity");
+    let stats = tokio::time::timeout(Duration::from_secs(5), relay)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(stats.result, Err(tcp::RelayError::IdleTimeout(_))),
+        "{:?}",
+        stats.result
+    );
+    assert_eq!(stats.bytes_up, 3);
+}
+
+#[tokio::test]
+async fn total_timeout_ends_busy_relays() {
+    let (_a_near, mut a_far) = loopback_pair().await;
+    let (_b_near, mut b_far) = loopback_pair().await;
+    let config = RelayConfig::new().total_timeout(Some(Duration::from_millis(100)));
+    let stats = tokio::time::timeout(
+        Duration::from_secs(5),
+        tcp::relay_with(&mut a_far, &mut b_far, &config),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        stats.result,
+        Err(tcp::RelayError::TotalTimeout(_))
+    ));
+}
+
+#[tokio::test]
+async fn upstream_connect_failure_closes_client() {
+    // A port with nothing listening.
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = start(Server::new(), relay_to(dead)).await;
+    let mut c = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut buf))
+        .await
+        .unwrap();
+    assert!(n.is_ok_and(|n| n == 0) || buf.is_empty());
+    // The proxy still serves.
+    let echo = echo_server().await;
+    let proxy2 = start(Server::new(), relay_to(echo)).await;
+    assert_eq!(round_trip(proxy2.addr, b"ok").await, b"ok");
+    assert!(proxy.stats.errors.load(Ordering::Relaxed) >= 1);
+}
+
+#[tokio::test]
+async fn connection_limit_holds_under_burst() {
+    const LIMIT: usize = 8;
+    // An upstream that counts concurrent connections and holds each for a while.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let live = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    {
+        let (live, peak) = (live.clone(), peak.clone());
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let (live, peak) = (live.clone(), peak.clone());
+                tokio::spawn(async move {
+                    let now = live.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    live.fetch_sub(1, Ordering::SeqCst);
+                    let _ = s.write_all(b"done").await;
+                });
+            }
+        });
+    }
+    let proxy = start(Server::new().max_connections(LIMIT), relay_to(addr)).await;
+    let clients: Vec<_> = (0..LIMIT * 2)
+        .map(|_| {
+            let a = proxy.addr;
+            tokio::spawn(async move {
+                let mut c = TcpStream::connect(a).await.unwrap();
+                let mut buf = Vec::new();
+                c.read_to_end(&mut buf).await.unwrap();
+                buf
+            })
+        })
+        .collect();
+    for c in clients {
+        assert_eq!(
+            c.await.unwrap(),
+            b"done",
+            "every client is served eventually"
+        );
+    }
+    assert!(
+        peak.load(Ordering::SeqCst) <= LIMIT,
+        "peak {} > limit",
+        peak.load(Ordering::SeqCst)
+    );
+    assert_eq!(
+        proxy.stats.accepted.load(Ordering::Relaxed),
+        (LIMIT * 2) as u64
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn drain_lets_inflight_finish_and_refuses_new() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let _ = s.write_all(b"late answer").await;
+            });
+        }
+    });
+    let mut proxy = start(
+        Server::new().drain_timeout(Duration::from_secs(5)),
+        relay_to(addr),
+    )
+    .await;
+    let mut inflight = TcpStream::connect(proxy.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    proxy.signal.take().unwrap().start();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        TcpStream::connect(proxy.addr).await.is_err(),
+        "listener closed during drain"
+    );
+    let mut answer = Vec::new();
+    inflight.read_to_end(&mut answer).await.unwrap();
+    assert_eq!(answer, b"late answer");
+    tokio::time::timeout(Duration::from_secs(5), proxy.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn drain_deadline_forces_close() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s); // never answers, never closes
+        }
+    });
+    let mut proxy = start(
+        Server::new().drain_timeout(Duration::from_millis(200)),
+        relay_to(addr),
+    )
+    .await;
+    let mut stuck = TcpStream::connect(proxy.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    proxy.signal.take().unwrap().start();
+    tokio::time::timeout(Duration::from_secs(5), proxy.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(proxy.stats.aborted.load(Ordering::Relaxed), 1);
+    let mut buf = Vec::new();
+    // Aborted: the client sees the connection end.
+    let _ = tokio::time::timeout(Duration::from_secs(5), stuck.read_to_end(&mut buf))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn slow_reader_applies_backpressure() {
+    // The upstream accepts and never reads: the relay must stop reading from the client
+    // instead of buffering without bound.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (_s, _) = listener.accept().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    });
+    let proxy = start(Server::new(), relay_to(addr)).await;
+    let mut c = TcpStream::connect(proxy.addr).await.unwrap();
+    let chunk = vec![0u8; 64 * 1024];
+    let mut written = 0usize;
+    loop {
+        match tokio::time::timeout(Duration::from_millis(500), c.write_all(&chunk)).await {
+            Ok(Ok(())) => written += chunk.len(),
+            Ok(Err(e)) => panic!("write failed: {e}"),
+            Err(_) => break, // stalled: backpressure reached the client
+        }
+        assert!(
+            written < 64 << 20,
+            "relay kept accepting data: {written} bytes"
+        );
+    }
+    // Kernel buffers on both hops plus one relay buffer (256 KiB) is all it may hold.
+    assert!(written < 32 << 20, "{written} bytes buffered");
+}
+
+/// EMFILE: in a child process with a tiny RLIMIT_NOFILE the accept loop must survive
+/// running out of descriptors and serve again once some are free.
+#[test]
+fn accept_loop_survives_emfile() {
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new(exe)
+        .args(["--exact", "emfile_child", "--nocapture", "--test-threads=1"])
+        .env("PROXYSTACK_EMFILE_CHILD", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "child failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("EMFILE-CHILD-OK"), "{stdout}");
+}
+
+#[test]
+fn emfile_child() {
+    if std::env::var_os("PROXYSTACK_EMFILE_CHILD").is_none() {
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let echo = echo_server().await;
+        let proxy = start(Server::new(), relay_to(echo)).await;
+        let base = open_fds() as u64;
+        let limit = base + 24;
+        let rl = libc::rlimit {
+            rlim_cur: limit,
+            rlim_max: limit,
+        };
+        // SAFETY: setrlimit with a valid pointer to an initialized struct.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rl) }, 0);
+        // Hold many client sockets open (each relayed connection needs 2 more fds), so the
+        // proxy runs out of descriptors. Client connects themselves may fail too.
+        let mut held = Vec::new();
+        for _ in 0..40 {
+            match TcpStream::connect(proxy.addr).await {
+                Ok(s) => held.push(s),
+                Err(_) => break,
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let errors = proxy.stats.accept_errors.load(Ordering::Relaxed);
+        drop(held);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // The loop is alive: a fresh client is relayed.
+        let got = tokio::time::timeout(
+            Duration::from_secs(10),
+            round_trip(proxy.addr, b"still alive"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(got, b"still alive");
+        println!("accept_errors={errors} EMFILE-CHILD-OK");
+    });
+}

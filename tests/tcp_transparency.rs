@@ -1,0 +1,170 @@
+//! Transparent interception: an iptables `REDIRECT` rule in a network namespace created by
+//! the test sends a client's connection to the relay, which recovers the original
+//! destination (`SO_ORIGINAL_DST`) and relays there. Needs root and iptables; skips with a
+//! printed reason otherwise.
+#![cfg(all(feature = "tcp", target_os = "linux"))]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use proxystack::conn::OriginalDst;
+use proxystack::{drain, tcp, Conn, Server, Target};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tower::ServiceBuilder;
+
+const MARK: u32 = 0x539;
+const BACKEND: &str = "10.203.0.1:80";
+const RELAY_PORT: u16 = 15001;
+
+struct Netns(String);
+
+impl Netns {
+    fn create() -> Result<Self, String> {
+        let name = format!("proxystack-test-{}", std::process::id());
+        sh(&["ip", "netns", "add", &name])?;
+        let ns = Netns(name);
+        ns.exec(&["ip", "link", "set", "lo", "up"])?;
+        // The pretend remote host lives on the namespace's own loopback device.
+        ns.exec(&["ip", "addr", "add", "10.203.0.1/32", "dev", "lo"])?;
+        Ok(ns)
+    }
+
+    fn exec(&self, args: &[&str]) -> Result<(), String> {
+        let mut full = vec!["ip", "netns", "exec", &self.0];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+
+    /// Moves the calling thread into the namespace; sockets it creates live there.
+    fn enter(&self) {
+        let f = std::fs::File::open(format!("/var/run/netns/{}", self.0)).unwrap();
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on a valid namespace fd; affects only the calling thread.
+        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = sh(&["ip", "netns", "delete", &self.0]);
+    }
+}
+
+fn sh(args: &[&str]) -> Result<(), String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| format!("{}: {e}", args[0]))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{:?}: {}",
+            args,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn redirect_rule(ns: &Netns) -> Result<(), String> {
+    let port = RELAY_PORT.to_string();
+    let mark = format!("{MARK:#x}");
+    let rule = |bin: &str| {
+        ns.exec(&[
+            bin,
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            "10.203.0.1",
+            "--dport",
+            "80",
+            "-m",
+            "mark",
+            "!",
+            "--mark",
+            &mark,
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &port,
+        ])
+    };
+    rule("iptables")
+        .or_else(|first| rule("iptables-legacy").map_err(|second| format!("{first}; {second}")))
+}
+
+#[test]
+fn redirected_connection_is_relayed_to_its_original_destination() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("SKIPPED: transparency test needs root (network namespaces, iptables)");
+        return;
+    }
+    let ns = match Netns::create() {
+        Ok(ns) => ns,
+        Err(e) => {
+            println!("SKIPPED: cannot create a network namespace: {e}");
+            return;
+        }
+    };
+    if let Err(e) = redirect_rule(&ns) {
+        println!("SKIPPED: cannot install the iptables REDIRECT rule: {e}");
+        return;
+    }
+    let seen: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
+    let seen2 = seen.clone();
+    let handle = std::thread::spawn(move || {
+        ns.enter();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            // The "real" destination the client believes it talks to.
+            let backend = TcpListener::bind(BACKEND).await.unwrap();
+            tokio::spawn(async move {
+                let (mut s, _) = backend.accept().await.unwrap();
+                let mut req = Vec::new();
+                s.read_to_end(&mut req).await.unwrap();
+                s.write_all(b"backend got: ").await.unwrap();
+                s.write_all(&req).await.unwrap();
+            });
+            let relay = tcp::Relay::new(tcp::TcpConnector::new().mark(Some(MARK))).upstream(
+                move |c: &Conn<_>| {
+                    let dst = c.get::<OriginalDst>()?;
+                    *seen2.lock().unwrap() = Some(dst.0);
+                    Some(Target::from(dst))
+                },
+            );
+            let svc = ServiceBuilder::new()
+                .layer(tcp::OriginalDstLayer::new())
+                .service(relay);
+            let listener = TcpListener::bind(("127.0.0.1", RELAY_PORT)).await.unwrap();
+            let (signal, watch) = drain::channel();
+            let server =
+                tokio::spawn(async move { Server::new().serve(listener, svc, watch).await });
+
+            let mut client = TcpStream::connect(BACKEND).await.unwrap();
+            client.write_all(b"hello through REDIRECT").await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut answer = Vec::new();
+            client.read_to_end(&mut answer).await.unwrap();
+            signal.start();
+            server.await.unwrap().unwrap();
+            drop(ns);
+            answer
+        })
+    });
+    let answer = handle.join().unwrap();
+    assert_eq!(answer, b"backend got: hello through REDIRECT");
+    assert_eq!(*seen.lock().unwrap(), Some(BACKEND.parse().unwrap()));
+}
