@@ -508,3 +508,18 @@ impl fmt::Debug for Admission {
             .finish()
     }
 }
+
+/// A type-erased inbound service over boxed connections: what routers, fallbacks and
+/// recursive graphs store. Cheap to clone, `Send + Sync`.
+pub type BoxInbound = tower::util::BoxCloneSyncService<Conn<BoxIo>, (), crate::BoxError>;
+
+/// Erases an inbound service's type (and its error type) into a [`BoxInbound`].
+pub fn box_inbound<S>(service: S) -> BoxInbound
+where
+    S: tower::Service<Conn<BoxIo>, Response = ()> + Clone + Send + Sync + 'static,
+    S::Error: Into<crate::BoxError>,
+    S::Future: Send + 'static,
+{
+    use tower::ServiceExt;
+    BoxInbound::new(service.map_err(Into::into))
+}

@@ -46,6 +46,9 @@
 //! | feature | level |
 //! |---|---|
 //! | `tcp` (default) | accept loop, relay, TCP connector, original destination |
+//! | `tls` | ClientHello peek, TLS terminate and originate, SPIFFE identities (rustls) |
+//! | `demo-certs` | an in-memory CA for examples and tests (rcgen) |
+//! | `proxy-protocol` | PROXY protocol v1/v2 codec (incl. ztunnel's `0xD0`/`0xD1` TLVs) |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs)]
 #![cfg_attr(
@@ -56,11 +59,18 @@
 pub mod addr;
 pub mod conn;
 pub mod drain;
+pub mod identity;
+#[cfg(feature = "proxy-protocol")]
+#[cfg_attr(docsrs, doc(cfg(feature = "proxy-protocol")))]
+pub mod proxy_protocol;
 #[cfg(feature = "tcp")]
 pub mod serve;
 #[cfg(feature = "tcp")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tcp")))]
 pub mod tcp;
+#[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+pub mod tls;
 
 pub use addr::{Authority, AuthorityError, Host};
 pub use conn::{BoxIo, Conn, Io, PrefixedIo, Target};

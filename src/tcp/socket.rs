@@ -26,6 +26,18 @@ pub fn find_tcp(io: &dyn std::any::Any) -> Option<&TcpStream> {
     if let Some(c) = io.downcast_ref::<Conn<BoxIo>>() {
         return find_tcp(c.io().inner());
     }
+    #[cfg(feature = "tls")]
+    {
+        if let Some(t) = io.downcast_ref::<tokio_rustls::server::TlsStream<TcpStream>>() {
+            return Some(t.get_ref().0);
+        }
+        if let Some(t) = io.downcast_ref::<tokio_rustls::server::TlsStream<BoxIo>>() {
+            return find_tcp(t.get_ref().0.inner());
+        }
+        if let Some(t) = io.downcast_ref::<tokio_rustls::client::TlsStream<TcpStream>>() {
+            return Some(t.get_ref().0);
+        }
+    }
     None
 }
 

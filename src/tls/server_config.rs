@@ -1,0 +1,218 @@
+//! Building a rustls `ServerConfig` for the terminate layer: certificates by SNI, ALPN,
+//! versions, client certificates.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{RootCertStore, ServerConfig};
+
+use super::verify::TrustDomainClientVerifier;
+use super::{CertKey, TlsConfigError};
+
+/// What to do when the client asks for a server name we have no certificate for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UnknownSni {
+    /// Serve the default certificate (clients that check names will refuse it).
+    #[default]
+    UseDefault,
+    /// Abort the handshake (`unrecognized_name`-class failure). A hello *without* SNI
+    /// still gets the default certificate.
+    Refuse,
+}
+
+/// Client certificate policy.
+#[derive(Debug, Clone, Default)]
+pub enum ClientAuth {
+    /// Do not ask for a client certificate.
+    #[default]
+    None,
+    /// Ask; accept clients without one, verify those that send one.
+    Optional(Arc<RootCertStore>),
+    /// Require a certificate that chains to these roots.
+    Required(Arc<RootCertStore>),
+}
+
+/// Builds the `ServerConfig` for [`TerminateLayer`](super::TerminateLayer).
+///
+/// ```
+/// # #[cfg(feature = "demo-certs")] {
+/// use proxystack::tls::{demo::DemoCa, ServerConfigBuilder, UnknownSni};
+/// let ca = DemoCa::new("example.org");
+/// let config = ServerConfigBuilder::new()
+///     .cert_for("a.example.com", ca.server_cert(&["a.example.com"]))
+///     .default_cert(ca.server_cert(&["default.example.com"]))
+///     .unknown_sni(UnknownSni::Refuse)
+///     .alpn(["h2", "http/1.1"])
+///     .build()
+///     .unwrap();
+/// # let _ = config; }
+/// ```
+#[derive(Debug, Clone)]
+pub struct ServerConfigBuilder {
+    provider: Arc<CryptoProvider>,
+    default_cert: Option<CertKey>,
+    by_name: Vec<(String, CertKey)>,
+    unknown_sni: UnknownSni,
+    alpn: Vec<Vec<u8>>,
+    tls12: bool,
+    client_auth: ClientAuth,
+    trust_domains: Vec<String>,
+}
+
+impl Default for ServerConfigBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ServerConfigBuilder {
+    /// TLS 1.2 and 1.3, no ALPN, no client certificates, unknown SNI → default cert.
+    pub fn new() -> Self {
+        Self {
+            provider: super::default_provider(),
+            default_cert: None,
+            by_name: Vec::new(),
+            unknown_sni: UnknownSni::default(),
+            alpn: Vec::new(),
+            tls12: true,
+            client_auth: ClientAuth::None,
+            trust_domains: Vec::new(),
+        }
+    }
+
+    /// The certificate for clients without SNI or (with [`UnknownSni::UseDefault`]) with
+    /// an SNI we have no certificate for.
+    pub fn default_cert(mut self, cert: CertKey) -> Self {
+        self.default_cert = Some(cert);
+        self
+    }
+
+    /// The certificate for one server name; `*.example.com` matches one label.
+    pub fn cert_for(mut self, name: &str, cert: CertKey) -> Self {
+        self.by_name.push((name.to_ascii_lowercase(), cert));
+        self
+    }
+
+    /// Policy for unknown server names.
+    pub fn unknown_sni(mut self, policy: UnknownSni) -> Self {
+        self.unknown_sni = policy;
+        self
+    }
+
+    /// Application protocols in order of preference, e.g. `["h2", "http/1.1"]`.
+    pub fn alpn<P: AsRef<[u8]>>(mut self, protocols: impl IntoIterator<Item = P>) -> Self {
+        self.alpn = protocols.into_iter().map(|p| p.as_ref().to_vec()).collect();
+        self
+    }
+
+    /// Accept only TLS 1.3 (as Istio HBONE does).
+    pub fn tls13_only(mut self) -> Self {
+        self.tls12 = false;
+        self
+    }
+
+    /// Client certificate policy.
+    pub fn client_auth(mut self, auth: ClientAuth) -> Self {
+        self.client_auth = auth;
+        self
+    }
+
+    /// Client certificates must carry a SPIFFE ID in one of these trust domains.
+    pub fn trust_domains<S: Into<String>>(mut self, domains: impl IntoIterator<Item = S>) -> Self {
+        self.trust_domains = domains.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The crypto provider (default: ring with all its suites).
+    pub fn provider(mut self, provider: Arc<CryptoProvider>) -> Self {
+        self.provider = provider;
+        self
+    }
+
+    /// Builds the configuration.
+    pub fn build(self) -> Result<Arc<ServerConfig>, TlsConfigError> {
+        let certified = |c: CertKey| -> Result<Arc<CertifiedKey>, TlsConfigError> {
+            Ok(Arc::new(CertifiedKey::from_der(
+                c.chain,
+                c.key,
+                &self.provider,
+            )?))
+        };
+        let mut by_name = HashMap::new();
+        for (name, cert) in self.by_name.clone() {
+            by_name.insert(name, certified(cert)?);
+        }
+        let default = self.default_cert.clone().map(certified).transpose()?;
+        let resolver = SniResolver {
+            by_name,
+            default,
+            unknown: self.unknown_sni,
+        };
+
+        let versions: &[&rustls::SupportedProtocolVersion] = if self.tls12 {
+            &[&rustls::version::TLS13, &rustls::version::TLS12]
+        } else {
+            &[&rustls::version::TLS13]
+        };
+        let builder = ServerConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(versions)?;
+        let verifier = match &self.client_auth {
+            ClientAuth::None => None,
+            ClientAuth::Optional(roots) => Some(
+                WebPkiClientVerifier::builder_with_provider(roots.clone(), self.provider.clone())
+                    .allow_unauthenticated()
+                    .build()?,
+            ),
+            ClientAuth::Required(roots) => Some(
+                WebPkiClientVerifier::builder_with_provider(roots.clone(), self.provider.clone())
+                    .build()?,
+            ),
+        };
+        let builder = match verifier {
+            None => builder.with_no_client_auth(),
+            Some(v) if self.trust_domains.is_empty() => builder.with_client_cert_verifier(v),
+            Some(v) => builder.with_client_cert_verifier(Arc::new(TrustDomainClientVerifier::new(
+                v,
+                self.trust_domains,
+            ))),
+        };
+        let mut config = builder.with_cert_resolver(Arc::new(resolver));
+        config.alpn_protocols = self.alpn;
+        // No tickets or session cache: every connection authenticates afresh, as ztunnel does.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+        Ok(Arc::new(config))
+    }
+}
+
+#[derive(Debug)]
+struct SniResolver {
+    by_name: HashMap<String, Arc<CertifiedKey>>,
+    default: Option<Arc<CertifiedKey>>,
+    unknown: UnknownSni,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let Some(name) = hello.server_name() else {
+            return self.default.clone();
+        };
+        let name = name.to_ascii_lowercase();
+        let wildcard = name.split_once('.').map(|(_, rest)| format!("*.{rest}"));
+        let found = self
+            .by_name
+            .get(&name)
+            .or_else(|| wildcard.and_then(|w| self.by_name.get(&w)));
+        match (found, self.unknown) {
+            (Some(cert), _) => Some(cert.clone()),
+            (None, UnknownSni::UseDefault) => self.default.clone(),
+            (None, UnknownSni::Refuse) => {
+                tracing::debug!(tls.sni = %name, "no certificate for server name; refusing");
+                None
+            }
+        }
+    }
+}

@@ -1,0 +1,573 @@
+//! TLS level: terminate, originate, peek, mTLS identities — real handshakes on loopback,
+//! plus openssl s_client and curl where installed.
+#![cfg(all(feature = "tls", feature = "demo-certs"))]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use proxystack::conn::BoxIo;
+use proxystack::identity::{PeerIdentity, SpiffeId};
+use proxystack::tls::demo::DemoCa;
+use proxystack::tls::{
+    Alpn, ClientAuth, ExpectedIdentities, OfferedAlpn, PeekLayer, ServerConfigBuilder, SniMode,
+    TerminateLayer, TlsConnector, TlsError, UnknownSni,
+};
+use proxystack::{tcp, Conn, Server, Target};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tower::{service_fn, ServiceBuilder, ServiceExt};
+
+type Meta = http::Extensions;
+
+/// An inbound service that reports the connection's metadata, then echoes.
+fn capture(
+    tx: mpsc::UnboundedSender<Meta>,
+) -> impl tower::Service<Conn<BoxIo>, Response = (), Error = std::io::Error, Future = impl Send>
+       + Clone
+       + Send
+       + Sync {
+    service_fn(move |conn: Conn<BoxIo>| {
+        let tx = tx.clone();
+        async move {
+            let (mut io, meta) = conn.into_parts();
+            let _ = tx.send(meta);
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let n = io.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                io.write_all(&buf[..n]).await?;
+            }
+            io.shutdown().await
+        }
+    })
+}
+
+/// Serves TLS termination with `config`, echoing plaintext and reporting metadata.
+async fn terminating_server(
+    config: Arc<rustls::ServerConfig>,
+) -> (Running, mpsc::UnboundedReceiver<Meta>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let svc = ServiceBuilder::new()
+        .layer(TerminateLayer::new(config).handshake_timeout(Duration::from_secs(2)))
+        .service(capture(tx));
+    (start(Server::new(), svc).await, rx)
+}
+
+async fn echo_once<I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    io: &mut I,
+    msg: &[u8],
+) -> Vec<u8> {
+    io.write_all(msg).await.unwrap();
+    let mut got = vec![0u8; msg.len()];
+    io.read_exact(&mut got).await.unwrap();
+    got
+}
+
+fn client(ca: &DemoCa) -> TlsConnector<tcp::TcpConnector> {
+    TlsConnector::new(tcp::TcpConnector::new(), ca.roots())
+        .handshake_timeout(Duration::from_secs(5))
+}
+
+#[tokio::test]
+async fn terminate_selects_certificate_by_sni_and_negotiates_alpn() {
+    let ca = DemoCa::new("example.org");
+    let config = ServerConfigBuilder::new()
+        .cert_for("a.example.com", ca.server_cert(&["a.example.com"]))
+        .cert_for(
+            "*.wild.example.com",
+            ca.server_cert(&["*.wild.example.com"]),
+        )
+        .default_cert(ca.server_cert(&["default.example.com"]))
+        .alpn(["h2", "http/1.1"])
+        .build()
+        .unwrap();
+    let (server, mut meta) = terminating_server(config).await;
+    for name in ["a.example.com", "x.wild.example.com"] {
+        let connector = client(&ca)
+            .sni(SniMode::Fixed(name.into()))
+            .alpn(["http/1.1"]);
+        let mut conn = connector.oneshot(Target::from(server.addr)).await.unwrap();
+        assert_eq!(echo_once(&mut conn, b"ping").await, b"ping");
+        assert_eq!(conn.get::<Alpn>().unwrap().0, b"http/1.1");
+        let m = meta.recv().await.unwrap();
+        assert_eq!(m.get::<proxystack::tls::Sni>().unwrap().0, name);
+        assert_eq!(m.get::<Alpn>().unwrap().0, b"http/1.1");
+        assert!(m.get::<proxystack::tls::TlsInfo>().is_some());
+    }
+    // A name the default certificate does not cover fails verification on the client.
+    let err = client(&ca)
+        .sni(SniMode::Fixed("unknown.example.com".into()))
+        .oneshot(Target::from(server.addr))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, TlsError::Handshake(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn unknown_sni_can_be_refused() {
+    let ca = DemoCa::new("example.org");
+    let config = ServerConfigBuilder::new()
+        .cert_for("a.example.com", ca.server_cert(&["a.example.com"]))
+        .default_cert(ca.server_cert(&["a.example.com"]))
+        .unknown_sni(UnknownSni::Refuse)
+        .build()
+        .unwrap();
+    let (server, _meta) = terminating_server(config).await;
+    let err = client(&ca)
+        .sni(SniMode::Fixed("other.example.com".into()))
+        .oneshot(Target::from(server.addr))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, TlsError::Handshake(_)), "{err:?}");
+    // The server still serves the next good client.
+    let mut ok = client(&ca)
+        .sni(SniMode::Fixed("a.example.com".into()))
+        .oneshot(Target::from(server.addr))
+        .await
+        .unwrap();
+    assert_eq!(echo_once(&mut ok, b"x").await, b"x");
+}
+
+fn mtls_server_config(ca: &DemoCa) -> Arc<rustls::ServerConfig> {
+    ServerConfigBuilder::new()
+        .default_cert(ca.workload_cert("default", "server"))
+        .client_auth(ClientAuth::Required(ca.roots()))
+        .trust_domains([ca.trust_domain()])
+        .tls13_only()
+        .alpn(["h2"])
+        .build()
+        .unwrap()
+}
+
+fn server_id(ca: &DemoCa) -> SpiffeId {
+    SpiffeId::istio(ca.trust_domain(), "default", "server").unwrap()
+}
+
+/// TLS 1.3 servers reject a client certificate after the client's handshake finished, so
+/// the client learns it on its first read.
+async fn rejected(connector: TlsConnector<tcp::TcpConnector>, addr: SocketAddr) -> bool {
+    match connector.oneshot(Target::from(addr)).await {
+        Err(_) => true,
+        Ok(mut conn) => {
+            let _ = conn.write_all(b"hello").await;
+            let mut buf = [0u8; 5];
+            !matches!(
+                tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf)).await,
+                Ok(Ok(5))
+            )
+        }
+    }
+}
+
+#[tokio::test]
+async fn mtls_accepts_mesh_identity_and_records_it() {
+    let ca = DemoCa::new("cluster.local");
+    let (server, mut meta) = terminating_server(mtls_server_config(&ca)).await;
+    let connector = client(&ca)
+        .client_cert(ca.workload_cert("ns1", "client"))
+        .unwrap()
+        .sni(SniMode::None)
+        .alpn(["h2"])
+        .expect_identities([server_id(&ca)]);
+    let mut conn = connector.oneshot(Target::from(server.addr)).await.unwrap();
+    assert_eq!(echo_once(&mut conn, b"mtls").await, b"mtls");
+    // The client sees the server's identity…
+    assert_eq!(conn.get::<PeerIdentity>().unwrap().0, server_id(&ca));
+    // …and the server the client's.
+    let m = meta.recv().await.unwrap();
+    assert_eq!(
+        m.get::<PeerIdentity>().unwrap().0.as_str(),
+        "spiffe://cluster.local/ns/ns1/sa/client"
+    );
+    assert!(
+        m.get::<proxystack::tls::Sni>().is_none(),
+        "HBONE-style clients send no SNI"
+    );
+}
+
+#[tokio::test]
+async fn mtls_rejects_bad_client_certificates() {
+    let ca = DemoCa::new("cluster.local");
+    let (server, _meta) = terminating_server(mtls_server_config(&ca)).await;
+    let base = || {
+        client(&ca)
+            .sni(SniMode::None)
+            .expect_identities([server_id(&ca)])
+    };
+
+    // No client certificate.
+    assert!(
+        rejected(base(), server.addr).await,
+        "no client cert accepted"
+    );
+    // Certificate from a foreign root.
+    let foreign = DemoCa::new("cluster.local");
+    assert!(
+        rejected(
+            base()
+                .client_cert(foreign.workload_cert("ns1", "client"))
+                .unwrap(),
+            server.addr
+        )
+        .await
+    );
+    // Right root, wrong trust domain.
+    let wrong_td = ca
+        .spiffe_cert(&SpiffeId::parse("spiffe://evil.local/ns/ns1/sa/client").unwrap())
+        .unwrap();
+    assert!(rejected(base().client_cert(wrong_td).unwrap(), server.addr).await);
+    // Expired.
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        "spiffe://cluster.local/ns/ns1/sa/client"
+            .try_into()
+            .unwrap(),
+    )];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    params.not_before = rcgen::date_time_ymd(2019, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2020, 1, 1);
+    let expired = ca.issue(params).unwrap();
+    assert!(rejected(base().client_cert(expired).unwrap(), server.addr).await);
+    // URI SAN that is not SPIFFE.
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        "https://cluster.local/x".try_into().unwrap(),
+    )];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    assert!(
+        rejected(
+            base().client_cert(ca.issue(params).unwrap()).unwrap(),
+            server.addr
+        )
+        .await
+    );
+
+    // And a good client still gets through afterwards.
+    let good = base()
+        .client_cert(ca.workload_cert("ns1", "client"))
+        .unwrap();
+    let mut conn = good.oneshot(Target::from(server.addr)).await.unwrap();
+    assert_eq!(echo_once(&mut conn, b"ok").await, b"ok");
+}
+
+#[tokio::test]
+async fn connector_pins_server_identity() {
+    let ca = DemoCa::new("cluster.local");
+    let (server, _meta) = terminating_server(mtls_server_config(&ca)).await;
+    let wrong = SpiffeId::istio("cluster.local", "default", "someone-else").unwrap();
+    let connector = client(&ca)
+        .client_cert(ca.workload_cert("ns1", "client"))
+        .unwrap()
+        .sni(SniMode::None);
+    let err = connector
+        .clone()
+        .oneshot(Target::from(server.addr).with(ExpectedIdentities(vec![wrong])))
+        .await
+        .unwrap_err();
+    let chain = format!("{:?}", err);
+    assert!(
+        chain.contains("someone-else") && chain.contains("ns/default/sa/server"),
+        "{chain}"
+    );
+    // The same connector with the right per-target expectation succeeds.
+    let mut ok = connector
+        .oneshot(Target::from(server.addr).with(ExpectedIdentities(vec![server_id(&ca)])))
+        .await
+        .unwrap();
+    assert_eq!(echo_once(&mut ok, b"pinned").await, b"pinned");
+}
+
+/// A TLS backend that answers plaintext `pong` to whatever it reads, for passthrough tests.
+async fn tls_backend(ca: &DemoCa, name: &str) -> SocketAddr {
+    let config = ServerConfigBuilder::new()
+        .default_cert(ca.server_cert(&[name]))
+        .build()
+        .unwrap();
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let svc = ServiceBuilder::new()
+        .layer(TerminateLayer::new(config))
+        .service(capture(tx));
+    let running = start(Server::new(), svc).await;
+    let addr = running.addr;
+    std::mem::forget(running); // lives for the test process
+    addr
+}
+
+#[tokio::test]
+async fn peek_routes_by_sni_and_keeps_tls_end_to_end() {
+    let ca = DemoCa::new("example.org");
+    let backend_a = tls_backend(&ca, "a.example.com").await;
+    let backend_b = tls_backend(&ca, "b.example.com").await;
+    let relay =
+        tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |c: &Conn<BoxIo>| {
+            match c.get::<proxystack::tls::Sni>()?.0.as_str() {
+                "a.example.com" => Some(Target::from(backend_a)),
+                "b.example.com" => Some(Target::from(backend_b)),
+                _ => None,
+            }
+        });
+    let svc = ServiceBuilder::new().layer(PeekLayer::new()).service(relay);
+    let proxy = start(Server::new(), svc).await;
+    for name in ["a.example.com", "b.example.com"] {
+        // The client verifies the *backend's* certificate: the proxy never terminated.
+        let mut conn = client(&ca)
+            .sni(SniMode::Fixed(name.into()))
+            .oneshot(Target::from(proxy.addr))
+            .await
+            .unwrap();
+        assert_eq!(echo_once(&mut conn, name.as_bytes()).await, name.as_bytes());
+    }
+    // Unknown SNI: no upstream, closed.
+    assert!(client(&ca)
+        .sni(SniMode::Fixed("c.example.com".into()))
+        .oneshot(Target::from(proxy.addr))
+        .await
+        .is_err());
+}
+
+#[tokio::test]
+async fn peek_records_offered_alpn_and_sends_non_tls_to_fallback() {
+    let (tx, mut meta) = mpsc::unbounded_channel();
+    let (ftx, mut fallback_meta) = mpsc::unbounded_channel();
+    let svc = ServiceBuilder::new()
+        .layer(
+            PeekLayer::new()
+                .timeout(Duration::from_millis(300))
+                .fallback(capture(ftx)),
+        )
+        .service(capture(tx));
+    let proxy = start(Server::new(), svc).await;
+
+    // TLS: metadata recorded, bytes replayed (the capture echoes the raw hello back).
+    let ca = DemoCa::new("example.org");
+    let connector = client(&ca)
+        .sni(SniMode::Fixed("x.example.com".into()))
+        .alpn(["h2", "http/1.1"]);
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        connector.oneshot(Target::from(proxy.addr)),
+    )
+    .await;
+    let m = meta.recv().await.unwrap();
+    assert_eq!(m.get::<proxystack::tls::Sni>().unwrap().0, "x.example.com");
+    assert_eq!(
+        m.get::<OfferedAlpn>().unwrap().0,
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    );
+
+    // Not TLS: the fallback gets every byte.
+    assert_eq!(
+        round_trip(proxy.addr, b"GET / HTTP/1.1\r\n\r\n").await,
+        b"GET / HTTP/1.1\r\n\r\n"
+    );
+    fallback_meta.recv().await.unwrap();
+
+    // Server-first protocol: the client says nothing; after the timeout the fallback runs
+    // and can speak first.
+    let mut silent = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    fallback_meta.recv().await.unwrap();
+    silent.write_all(b"late").await.unwrap();
+    let mut buf = [0u8; 4];
+    silent.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"late");
+}
+
+#[tokio::test]
+async fn peek_closes_malformed_and_oversized_hellos() {
+    let (tx, mut meta) = mpsc::unbounded_channel();
+    let svc = ServiceBuilder::new()
+        .layer(PeekLayer::new().max_len(1024))
+        .service(capture(tx));
+    let proxy = start(Server::new(), svc).await;
+    // A handshake record claiming a 64 KiB hello.
+    let oversized = [0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0x00, 0xff, 0xfc];
+    // A handshake record followed by garbage.
+    let garbage = [0x16, 0x03, 0x01, 0x00, 0x05, 0x02, 0xff, 0xff, 0xff, 0xff];
+    for input in [&oversized[..], &garbage[..]] {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(input).await.unwrap();
+        let mut buf = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+            .await
+            .unwrap();
+        assert!(r.is_err() || buf.is_empty(), "expected a close");
+    }
+    assert!(
+        meta.try_recv().is_err(),
+        "nothing reached the inner service"
+    );
+}
+
+// ---- real clients ----
+
+fn have(bin: &str) -> bool {
+    std::process::Command::new(bin)
+        .arg("--version")
+        .output()
+        .is_ok()
+        || std::process::Command::new(bin)
+            .arg("version")
+            .output()
+            .is_ok()
+}
+
+/// A TLS-terminating proxy in front of a minimal HTTP/1.1 responder.
+async fn https_proxy(ca: &DemoCa) -> Running {
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = backend.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n",
+                    )
+                    .await;
+            });
+        }
+    });
+    let config = ServerConfigBuilder::new()
+        .cert_for("a.example.com", ca.server_cert(&["a.example.com"]))
+        .default_cert(ca.server_cert(&["localhost"]))
+        .alpn(["h2", "http/1.1"])
+        .build()
+        .unwrap();
+    let svc = ServiceBuilder::new()
+        .layer(TerminateLayer::new(config))
+        .service(
+            tcp::Relay::new(tcp::TcpConnector::new())
+                .upstream(move |_: &Conn<BoxIo>| Some(Target::from(backend_addr))),
+        );
+    start(Server::new(), svc).await
+}
+
+#[tokio::test]
+async fn curl_through_terminate() {
+    if !have("curl") {
+        println!("SKIPPED: curl not installed");
+        return;
+    }
+    let ca = DemoCa::new("example.org");
+    let proxy = https_proxy(&ca).await;
+    let dir = std::env::temp_dir().join(format!("proxystack-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, ca.root_pem()).unwrap();
+    let port = proxy.addr.port();
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--http1.1", "--max-time", "10", "--cacert"])
+        .arg(&ca_file)
+        .args([
+            "--resolve",
+            &format!("a.example.com:{port}:127.0.0.1"),
+            &format!("https://a.example.com:{port}/"),
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"ok\n");
+}
+
+#[tokio::test]
+async fn openssl_s_client_negotiates_alpn_and_sni() {
+    if !have("openssl") {
+        println!("SKIPPED: openssl not installed");
+        return;
+    }
+    let ca = DemoCa::new("example.org");
+    let proxy = https_proxy(&ca).await;
+    let ca_file =
+        std::env::temp_dir().join(format!("proxystack-tls-ossl-{}.pem", std::process::id()));
+    std::fs::write(&ca_file, ca.root_pem()).unwrap();
+    for (alpn, want) in [
+        ("h2", "ALPN protocol: h2"),
+        ("http/1.1", "ALPN protocol: http/1.1"),
+    ] {
+        let mut child = tokio::process::Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &proxy.addr.to_string(),
+                "-servername",
+                "a.example.com",
+                "-alpn",
+                alpn,
+            ])
+            .args(["-verify_hostname", "a.example.com", "-CAfile"])
+            .arg(&ca_file)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdin.take()); // EOF: s_client exits after the handshake
+        let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(want), "{text}");
+        // The certificate chosen by SNI verifies for that name.
+        assert!(text.contains("Verify return code: 0 (ok)"), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn openssl_s_client_through_peek_passthrough() {
+    if !have("openssl") {
+        println!("SKIPPED: openssl not installed");
+        return;
+    }
+    let ca = DemoCa::new("example.org");
+    let backend = tls_backend(&ca, "a.example.com").await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let relay = tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |c: &Conn<BoxIo>| {
+        let _ = tx.send(c.get::<proxystack::tls::Sni>().map(|s| s.0.clone()));
+        Some(Target::from(backend))
+    });
+    let proxy = start(
+        Server::new(),
+        ServiceBuilder::new().layer(PeekLayer::new()).service(relay),
+    )
+    .await;
+    let mut child = tokio::process::Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &proxy.addr.to_string(),
+            "-servername",
+            "a.example.com",
+            "-quiet",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"through the tunnel\n").await.unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut got = vec![0u8; 19];
+    tokio::time::timeout(Duration::from_secs(10), stdout.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, b"through the tunnel\n");
+    assert_eq!(rx.recv().await.unwrap().as_deref(), Some("a.example.com"));
+    drop(stdin);
+    let _ = child.kill().await;
+}
