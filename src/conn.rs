@@ -454,6 +454,29 @@ pub enum Refusal {
     TimedOut,
 }
 
+/// An error that carries the [`Refusal`] a tunnel terminator should answer with; put it
+/// in an error's `source()` chain so that layers above can map it to a status code.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("upstream refused: {0:?}")]
+pub struct UpstreamRefusal(pub Refusal);
+
+/// The [`Refusal`] for an upstream failure: the first [`UpstreamRefusal`] or TCP connect
+/// error in the `source()` chain, else [`Refusal::Unreachable`] (a 502-class answer).
+pub fn refusal_for(e: &(dyn std::error::Error + 'static)) -> Refusal {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(r) = err.downcast_ref::<UpstreamRefusal>() {
+            return r.0;
+        }
+        #[cfg(feature = "tcp")]
+        if let Some(c) = err.downcast_ref::<crate::tcp::ConnectError>() {
+            return c.refusal();
+        }
+        cur = err.source();
+    }
+    Refusal::Unreachable
+}
+
 /// Metadata: the "may I say 200?" handle of a tunnel.
 ///
 /// A CONNECT terminator must answer `200` only once the connection has really been

@@ -48,6 +48,8 @@
 //! | `tcp` (default) | accept loop, relay, TCP connector, original destination |
 //! | `tls` | ClientHello peek, TLS terminate and originate, SPIFFE identities (rustls) |
 //! | `demo-certs` | an in-memory CA for examples and tests (rcgen) |
+//! | `connect` | CONNECT over HTTP/1.1 and HTTP/2: terminate, originate, pooled H2 CONNECT |
+//! | `hbone` | Istio ambient HBONE (mTLS + HTTP/2 CONNECT), composed from the levels above |
 //! | `proxy-protocol` | PROXY protocol v1/v2 codec (incl. ztunnel's `0xD0`/`0xD1` TLVs) |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs)]
@@ -58,13 +60,21 @@
 
 pub mod addr;
 pub mod conn;
+#[cfg(feature = "connect")]
+#[cfg_attr(docsrs, doc(cfg(feature = "connect")))]
+pub mod connect;
 pub mod drain;
+#[cfg(feature = "hbone")]
+#[cfg_attr(docsrs, doc(cfg(feature = "hbone")))]
+pub mod hbone;
 pub mod identity;
 #[cfg(feature = "proxy-protocol")]
 #[cfg_attr(docsrs, doc(cfg(feature = "proxy-protocol")))]
 pub mod proxy_protocol;
+pub mod recursive;
 #[cfg(feature = "tcp")]
 pub mod serve;
+pub mod steer;
 #[cfg(feature = "tcp")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tcp")))]
 pub mod tcp;

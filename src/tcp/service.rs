@@ -9,8 +9,7 @@ use tower::{Service, ServiceExt};
 use tracing::debug;
 
 use super::relay::{relay_with, RelayConfig, RelayError};
-use super::ConnectError;
-use crate::conn::{Admission, Conn, Io, Refusal};
+use crate::conn::{refusal_for, Admission, Conn, Io, Refusal};
 use crate::{BoxError, Target};
 
 /// Relays each connection to an upstream chosen from its metadata.
@@ -173,17 +172,4 @@ where
             })
         })
     }
-}
-
-/// The tunnel answer for a connector error: a [`ConnectError`] knows; others (TLS
-/// failures, tunnel refusals) mean the upstream is unusable → 502-class.
-pub(crate) fn refusal_for(e: &(dyn std::error::Error + 'static)) -> Refusal {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if let Some(c) = err.downcast_ref::<ConnectError>() {
-            return c.refusal();
-        }
-        cur = err.source();
-    }
-    Refusal::Unreachable
 }

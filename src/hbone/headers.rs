@@ -1,0 +1,218 @@
+//! The request headers ztunnel sends with an HBONE CONNECT, and their parsing.
+//!
+//! `forwarded` (RFC 7239: `for="<ip:port>"[;host=<hostname>]`), `baggage` (W3C Baggage:
+//! comma-separated `key=value`), `traceparent` (W3C Trace Context: `00-<32 hex>-<16 hex>-<2
+//! hex>`, 55 characters). Parsing is lenient in what it ignores and strict in what it
+//! accepts: a malformed value is dropped, never half-used, and nothing parsed here is
+//! copied into another header without re-encoding.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::net::SocketAddr;
+
+use http::{HeaderMap, HeaderValue};
+
+/// Bound on what is parsed from one header, whatever the peer sends.
+const MAX_BAGGAGE_ENTRIES: usize = 64;
+
+/// Metadata on an HBONE tunnel: what the client said about the connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HboneHeaders {
+    /// The original client address (`forwarded: for=`).
+    pub forwarded_for: Option<SocketAddr>,
+    /// The intended service host name (`forwarded: host=`).
+    pub forwarded_host: Option<String>,
+    /// `baggage` entries, in order.
+    pub baggage: Vec<(String, String)>,
+    /// The trace context.
+    pub traceparent: Option<TraceParent>,
+}
+
+/// A W3C `traceparent` value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceParent {
+    /// 128-bit trace id.
+    pub trace_id: u128,
+    /// 64-bit parent span id.
+    pub parent_id: u64,
+    /// Trace flags.
+    pub flags: u8,
+}
+
+impl TraceParent {
+    /// A random trace context (ztunnel makes one per connection). Not cryptographic.
+    pub fn random() -> Self {
+        let word = || {
+            let mut h = RandomState::new().build_hasher();
+            h.write_u128(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos()),
+            );
+            h.finish()
+        };
+        Self {
+            trace_id: (u128::from(word()) << 64) | u128::from(word()),
+            parent_id: word(),
+            flags: 0,
+        }
+    }
+
+    /// Parses the 55-character `00-…` form; other versions and lengths are rejected.
+    pub fn parse(s: &str) -> Option<Self> {
+        let mut parts = s.split('-');
+        let (version, trace, parent, flags) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let hex = |p: &str, n: usize| {
+            p.len() == n
+                && p.bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        };
+        if parts.next().is_some()
+            || version != "00"
+            || !hex(trace, 32)
+            || !hex(parent, 16)
+            || !hex(flags, 2)
+        {
+            return None;
+        }
+        Some(Self {
+            trace_id: u128::from_str_radix(trace, 16).ok()?,
+            parent_id: u64::from_str_radix(parent, 16).ok()?,
+            flags: u8::from_str_radix(flags, 16).ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for TraceParent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "00-{:032x}-{:016x}-{:02x}",
+            self.trace_id, self.parent_id, self.flags
+        )
+    }
+}
+
+impl HboneHeaders {
+    /// Parses the headers of a CONNECT request; malformed values are skipped.
+    pub fn parse(headers: &HeaderMap) -> Self {
+        let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let mut out = Self::default();
+        if let Some(forwarded) = text("forwarded") {
+            // Only the first element: it describes the hop that made the request.
+            let first = forwarded.split(',').next().unwrap_or_default();
+            for pair in first.split(';') {
+                let Some((k, v)) = pair.trim().split_once('=') else {
+                    continue;
+                };
+                let v = v.trim().trim_matches('"');
+                match k.trim().to_ascii_lowercase().as_str() {
+                    "for" => out.forwarded_for = v.parse().ok(),
+                    "host" if is_host(v) => out.forwarded_host = Some(v.to_owned()),
+                    _ => {}
+                }
+            }
+        }
+        if let Some(baggage) = text("baggage") {
+            out.baggage = baggage
+                .split(',')
+                .filter_map(|entry| {
+                    let (k, v) = entry.split(';').next()?.trim().split_once('=')?;
+                    let (k, v) = (k.trim(), v.trim());
+                    (!k.is_empty() && k.bytes().all(is_token_char))
+                        .then(|| (k.to_owned(), v.to_owned()))
+                })
+                .take(MAX_BAGGAGE_ENTRIES)
+                .collect();
+        }
+        out.traceparent = text("traceparent").and_then(TraceParent::parse);
+        out
+    }
+}
+
+fn is_token_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn is_host(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 253
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._:[]".contains(&b))
+}
+
+/// The `forwarded`, `baggage` and `traceparent` headers of an HBONE CONNECT.
+pub(crate) fn request_headers(
+    for_addr: Option<SocketAddr>,
+    host: Option<&str>,
+    baggage: Option<&str>,
+) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    if let Some(addr) = for_addr {
+        // SocketAddr's Display brackets IPv6 (`[::1]:80`), as RFC 7239 §6 requires inside quotes.
+        let mut value = format!("for=\"{addr}\"");
+        if let Some(host) = host.filter(|h| is_host(h)) {
+            value.push_str(";host=");
+            value.push_str(host);
+        }
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert("forwarded", v);
+        }
+    }
+    if let Some(v) = baggage.and_then(|b| HeaderValue::from_str(b).ok()) {
+        headers.insert("baggage", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&TraceParent::random().to_string()) {
+        headers.insert("traceparent", v);
+    }
+    headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_parse() {
+        let h = request_headers(
+            Some("[::1]:80".parse().unwrap()),
+            Some("reviews.default.svc"),
+            Some("k8s.namespace.name=default,service.name=reviews"),
+        );
+        assert_eq!(h["forwarded"], "for=\"[::1]:80\";host=reviews.default.svc");
+        assert_eq!(h["traceparent"].len(), 55);
+        let parsed = HboneHeaders::parse(&h);
+        assert_eq!(parsed.forwarded_for, Some("[::1]:80".parse().unwrap()));
+        assert_eq!(
+            parsed.forwarded_host.as_deref(),
+            Some("reviews.default.svc")
+        );
+        assert_eq!(parsed.baggage.len(), 2);
+        assert!(parsed.traceparent.is_some());
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        for tp in [
+            "00-abc-def-00",
+            "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01x",
+        ] {
+            assert!(TraceParent::parse(tp).is_none(), "{tp}");
+        }
+        assert!(
+            TraceParent::parse("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01").is_some()
+        );
+        let mut h = HeaderMap::new();
+        h.insert(
+            "forwarded",
+            HeaderValue::from_static("for=\"not an address\";host=a b"),
+        );
+        h.insert("baggage", HeaderValue::from_static("=x, ok=1, bad key=2"));
+        let p = HboneHeaders::parse(&h);
+        assert_eq!(p.forwarded_for, None);
+        assert_eq!(p.forwarded_host, None);
+        assert_eq!(p.baggage, vec![("ok".to_string(), "1".to_string())]);
+    }
+}

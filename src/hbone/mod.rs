@@ -1,0 +1,405 @@
+//! Istio ambient's HBONE, composed from the levels below: TLS 1.3 with SPIFFE mutual
+//! authentication, ALPN `h2`, HTTP/2, one CONNECT stream per application connection, on
+//! port 15008. Wire conventions follow ztunnel (see `REFERENCE.md` §2 of the project).
+//!
+//! * [`Inbound`] = [`TerminateLayer`](crate::tls::TerminateLayer) (client certificate
+//!   required, same trust domain) + [`ConnectTerminate`](crate::connect::ConnectTerminate)
+//!   (HTTP/2 only, only CONNECT → else 400, authority checks → 400, policy → 401,
+//!   illegal ports → 503, `200` only after the inner service connected). Tunnels carry
+//!   [`HboneHeaders`] parsed from `forwarded`, `baggage` and `traceparent`.
+//! * [`Connector`] = [`H2ConnectPool`](crate::connect::H2ConnectPool) over
+//!   [`TlsConnector`](crate::tls::TlsConnector) over [`TcpConnector`]: no SNI, TLS 1.3,
+//!   AES-GCM, ALPN `h2`, SAN pinning, pooled per (source identity, destination identities,
+//!   next hop). [`HboneTarget`] builds the target: next hop, `:authority`, identities and
+//!   the request headers ztunnel sends.
+//!
+//! Double HBONE is the same types nested: an unpooled HBONE connector whose TCP layer is
+//! replaced by a pooled HBONE connector to the gateway ([`Connector::through`]).
+//!
+//! Not here: xDS, workload discovery, RBAC language; those are inputs (closures) here.
+
+mod headers;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::StatusCode;
+use rustls::RootCertStore;
+use tower::{Layer, Service, ServiceExt};
+
+pub use headers::{HboneHeaders, TraceParent};
+
+use crate::addr::Authority;
+use crate::conn::{BoxIo, Conn, LocalAddr};
+use crate::connect::{
+    ConnectAuthority, ConnectHeaders, ConnectTerminate, Decision, H2ConnectPool, PoolKey,
+    TunnelInfo, TunnelRequest,
+};
+use crate::identity::SpiffeId;
+use crate::tcp::TcpConnector;
+use crate::tls::{
+    self, CertKey, ClientAuth, ExpectedIdentities, ServerConfigBuilder, SniMode, TerminateLayer,
+    TerminateService, TlsConfigError, TlsConnector,
+};
+use crate::{BoxError, Target};
+
+/// The HBONE port.
+pub const PORT: u16 = 15008;
+
+/// Ports a tunnel may never target: ztunnel's own capture and HBONE ports (a tunnel to
+/// them would loop through the proxy).
+pub const ILLEGAL_PORTS: [u16; 4] = [15001, 15006, 15008, 15080];
+
+type PolicyFn = Arc<dyn Fn(&TunnelRequest<'_>) -> bool + Send + Sync>;
+
+/// Builds the HBONE server side (the listener on port 15008).
+///
+/// ```
+/// # #[cfg(feature = "demo-certs")] {
+/// use proxystack::hbone::Inbound;
+/// use proxystack::tls::demo::DemoCa;
+/// use proxystack::{tcp, Conn, Target, connect::TunnelInfo};
+/// let ca = DemoCa::new("cluster.local");
+/// // Tunnels go to the local application on the port the client asked for.
+/// let app = tcp::Relay::new(tcp::TcpConnector::new()).upstream(|c: &Conn<_>| {
+///     let port = c.get::<TunnelInfo>()?.authority.port();
+///     Some(Target::from(([127, 0, 0, 1], port)))
+/// });
+/// let inbound = Inbound::new(ca.workload_cert("default", "server"), ca.roots())
+///     .allow(|req| req.authority.port() != 22)
+///     .service(app)
+///     .unwrap();
+/// # let _ = inbound; }
+/// ```
+#[derive(Clone)]
+pub struct Inbound {
+    cert: CertKey,
+    roots: Arc<RootCertStore>,
+    trust_domains: Vec<String>,
+    policy: Option<PolicyFn>,
+    check_local_ip: bool,
+    illegal_ports: Vec<u16>,
+    connect: Option<Arc<dyn Fn(ConnectTerminate) -> ConnectTerminate + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Inbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbound")
+            .field("trust_domains", &self.trust_domains)
+            .field("check_local_ip", &self.check_local_ip)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inbound {
+    /// Serves HBONE with this workload certificate, trusting `roots`; clients must be in
+    /// the certificate's own trust domain.
+    pub fn new(cert: CertKey, roots: Arc<RootCertStore>) -> Self {
+        let trust_domains = cert
+            .spiffe_ids()
+            .iter()
+            .map(|id| id.trust_domain().to_owned())
+            .collect();
+        Self {
+            cert,
+            roots,
+            trust_domains,
+            policy: None,
+            check_local_ip: true,
+            illegal_ports: ILLEGAL_PORTS.to_vec(),
+            connect: None,
+        }
+    }
+
+    /// Accept clients from these trust domains instead.
+    pub fn trust_domains<S: Into<String>>(mut self, domains: impl IntoIterator<Item = S>) -> Self {
+        self.trust_domains = domains.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Authorization (ztunnel's L4 RBAC): `false` answers 401 and dials nothing. The
+    /// request's `connection` metadata carries the client's
+    /// [`PeerIdentity`](crate::identity::PeerIdentity).
+    pub fn allow(
+        mut self,
+        policy: impl Fn(&TunnelRequest<'_>) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.policy = Some(Arc::new(policy));
+        self
+    }
+
+    /// Whether an IP authority must equal the address the client dialled (default on: the
+    /// anti-SSRF rule of ztunnel; turn off for waypoints and gateways that serve many
+    /// addresses, and check the authority in [`allow`](Self::allow) instead).
+    pub fn check_local_ip(mut self, on: bool) -> Self {
+        self.check_local_ip = on;
+        self
+    }
+
+    /// Destination ports refused with 503 (default [`ILLEGAL_PORTS`]).
+    pub fn illegal_ports(mut self, ports: impl IntoIterator<Item = u16>) -> Self {
+        self.illegal_ports = ports.into_iter().collect();
+        self
+    }
+
+    /// Adjusts the CONNECT terminator (windows, depth, timeouts…).
+    pub fn configure_connect(
+        mut self,
+        f: impl Fn(ConnectTerminate) -> ConnectTerminate + Send + Sync + 'static,
+    ) -> Self {
+        self.connect = Some(Arc::new(f));
+        self
+    }
+
+    /// The inbound service: every accepted tunnel runs on `inner` with [`TunnelInfo`] and
+    /// [`HboneHeaders`] metadata.
+    pub fn service<S>(self, inner: S) -> Result<TerminateService<ConnectTerminate>, TlsConfigError>
+    where
+        S: Service<Conn<BoxIo>, Response = ()> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        let tls = ServerConfigBuilder::new()
+            .provider(tls::aes_gcm_provider())
+            .tls13_only()
+            .alpn(["h2"])
+            .default_cert(self.cert.clone())
+            .client_auth(ClientAuth::Required(self.roots.clone()))
+            .trust_domains(self.trust_domains.clone())
+            .build()?;
+        let with_headers = inner.map_request(|mut conn: Conn<BoxIo>| {
+            if let Some(info) = conn.get::<TunnelInfo>() {
+                let headers = HboneHeaders::parse(&info.headers);
+                conn.insert(headers);
+            }
+            conn
+        });
+        let rules = Rules {
+            policy: self.policy.clone(),
+            check_local_ip: self.check_local_ip,
+            illegal_ports: self.illegal_ports.clone(),
+        };
+        let mut connect = ConnectTerminate::new(with_headers)
+            .http2_only()
+            .non_connect_status(StatusCode::BAD_REQUEST)
+            .policy(move |req| rules.decide(req));
+        if let Some(f) = &self.connect {
+            connect = f(connect);
+        }
+        Ok(TerminateLayer::new(tls).layer(connect))
+    }
+}
+
+struct Rules {
+    policy: Option<PolicyFn>,
+    check_local_ip: bool,
+    illegal_ports: Vec<u16>,
+}
+
+impl Rules {
+    fn decide(&self, req: &TunnelRequest<'_>) -> Decision {
+        if self.check_local_ip {
+            if let (Some(ip), Some(local)) = (
+                req.authority.canonical_ip(),
+                req.connection.get::<LocalAddr>(),
+            ) {
+                if ip != local.0.ip().to_canonical() {
+                    tracing::debug!(tunnel.authority = %req.authority, local = %local.0, "authority IP is not ours");
+                    return Decision::Deny(StatusCode::BAD_REQUEST);
+                }
+            }
+        }
+        if self.illegal_ports.contains(&req.authority.port()) {
+            tracing::debug!(tunnel.authority = %req.authority, "tunnel to a proxy port refused");
+            return Decision::Deny(StatusCode::SERVICE_UNAVAILABLE);
+        }
+        match &self.policy {
+            Some(allow) if !allow(req) => Decision::Deny(StatusCode::UNAUTHORIZED),
+            _ => Decision::Allow,
+        }
+    }
+}
+
+/// The HBONE client: pooled HTTP/2 CONNECT over mutual TLS over TCP (or, for double
+/// HBONE, over another HBONE tunnel).
+pub type Connector<C = TcpConnector> = H2ConnectPool<TlsConnector<C>>;
+
+impl Connector {
+    /// An HBONE client presenting `cert`, trusting `roots`, dialling over TCP.
+    pub fn hbone(cert: CertKey, roots: Arc<RootCertStore>) -> Result<Self, TlsConfigError> {
+        Ok(H2ConnectPool::new(hbone_tls(
+            TcpConnector::new(),
+            cert,
+            roots,
+        )?))
+    }
+}
+
+impl<C> Connector<C> {
+    /// An *unpooled* HBONE client whose tunnels run inside tunnels opened by `outer`
+    /// (double HBONE: the inner TLS session is end to end with the final destination, the
+    /// gateway in between sees only ciphertext). The [`HboneTarget`] for it names the
+    /// gateway as next hop (see [`HboneTarget::via`]).
+    pub fn through(
+        outer: C,
+        cert: CertKey,
+        roots: Arc<RootCertStore>,
+    ) -> Result<Self, TlsConfigError> {
+        Ok(H2ConnectPool::unpooled(hbone_tls(outer, cert, roots)?))
+    }
+}
+
+fn hbone_tls<C>(
+    inner: C,
+    cert: CertKey,
+    roots: Arc<RootCertStore>,
+) -> Result<TlsConnector<C>, TlsConfigError> {
+    Ok(TlsConnector::new(inner, roots)
+        .provider(tls::aes_gcm_provider())
+        .tls13_only()
+        .client_cert(cert)?
+        .alpn(["h2"])
+        .sni(SniMode::None))
+}
+
+/// Where an HBONE tunnel goes, as ztunnel addresses it.
+#[derive(Debug, Clone)]
+pub struct HboneTarget {
+    next_hop: SocketAddr,
+    authority: Authority,
+    identities: Vec<SpiffeId>,
+    source_identity: Option<SpiffeId>,
+    forwarded_for: Option<SocketAddr>,
+    forwarded_host: Option<String>,
+    baggage: Option<String>,
+    gateway: Option<(SocketAddr, Vec<SpiffeId>)>,
+}
+
+impl HboneTarget {
+    /// A tunnel to `authority` (the logical destination, e.g. `podIP:8080`) through the
+    /// HBONE endpoint `next_hop` (e.g. `podIP:15008`), whose certificate must carry one
+    /// of `identities`.
+    pub fn new(
+        next_hop: SocketAddr,
+        authority: Authority,
+        identities: impl IntoIterator<Item = SpiffeId>,
+    ) -> Self {
+        Self {
+            next_hop,
+            authority,
+            identities: identities.into_iter().collect(),
+            source_identity: None,
+            forwarded_for: None,
+            forwarded_host: None,
+            baggage: None,
+            gateway: None,
+        }
+    }
+
+    /// The client's own identity, part of the pool key (never share a connection across
+    /// source identities).
+    pub fn source_identity(mut self, id: SpiffeId) -> Self {
+        self.source_identity = Some(id);
+        self
+    }
+
+    /// Sends `forwarded: for="<client>"` (the application's address).
+    pub fn forwarded_for(mut self, client: SocketAddr) -> Self {
+        self.forwarded_for = Some(client);
+        self
+    }
+
+    /// Adds `;host=<service hostname>` to `forwarded`.
+    pub fn forwarded_host(mut self, host: impl Into<String>) -> Self {
+        self.forwarded_host = Some(host.into());
+        self
+    }
+
+    /// Sends a `baggage` header (W3C format, e.g. `k8s.namespace.name=default`).
+    pub fn baggage(mut self, baggage: impl Into<String>) -> Self {
+        self.baggage = Some(baggage.into());
+        self
+    }
+
+    /// Double HBONE: the outer tunnel goes to `gateway` (whose certificate must carry one
+    /// of `gateway_identities`) with the same `:authority`; the inner one is end to end.
+    pub fn via(
+        mut self,
+        gateway: SocketAddr,
+        gateway_identities: impl IntoIterator<Item = SpiffeId>,
+    ) -> Self {
+        self.gateway = Some((gateway, gateway_identities.into_iter().collect()));
+        self
+    }
+
+    /// The [`Target`] for [`Connector`].
+    pub fn into_target(self) -> Target {
+        let headers = headers::request_headers(
+            self.forwarded_for,
+            self.forwarded_host.as_deref(),
+            self.baggage.as_deref(),
+        );
+        let key = |hop: &SocketAddr, ids: &[SpiffeId]| {
+            let ids: Vec<&str> = ids.iter().map(SpiffeId::as_str).collect();
+            let src = self.source_identity.as_ref().map_or("", SpiffeId::as_str);
+            PoolKey(format!("{src}|{}|{hop}", ids.join(",")))
+        };
+        let mut target = Target::from(self.next_hop)
+            .with(ConnectAuthority(self.authority.clone()))
+            .with(ExpectedIdentities(self.identities.clone()))
+            .with(ConnectHeaders(headers))
+            .with(key(&self.next_hop, &self.identities));
+        if let Some((gateway, ids)) = self.gateway {
+            // The outer hop reads these; the inner TLS layer reads ExpectedIdentities.
+            target.insert(OuterHop(
+                Target::from(gateway)
+                    .with(ConnectAuthority(self.authority))
+                    .with(ExpectedIdentities(ids.clone()))
+                    .with(key(&gateway, &ids)),
+            ));
+        }
+        target
+    }
+}
+
+/// Target metadata for double HBONE: the target the outer connector gets.
+#[derive(Debug, Clone)]
+pub struct OuterHop(pub Target);
+
+/// Rewrites each target into its [`OuterHop`] (if any) before calling the outer
+/// connector: the glue between the inner and outer connectors of double HBONE.
+#[derive(Debug, Clone)]
+pub struct ToOuterHop<C>(pub C);
+
+impl<C: Service<Target>> Service<Target> for ToOuterHop<C> {
+    type Response = C::Response;
+    type Error = C::Error;
+    type Future = C::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, target: Target) -> Self::Future {
+        let next = target
+            .get::<OuterHop>()
+            .map(|h| h.0.clone())
+            .unwrap_or(target);
+        self.0.call(next)
+    }
+}
+
+/// The double-HBONE client: inner unpooled HBONE through an outer pooled one.
+pub type DoubleConnector = Connector<ToOuterHop<Connector>>;
+
+/// Builds a [`DoubleConnector`] from the pooled connector to gateways.
+pub fn double(
+    outer: Connector,
+    cert: CertKey,
+    roots: Arc<RootCertStore>,
+) -> Result<DoubleConnector, TlsConfigError> {
+    Connector::through(ToOuterHop(outer), cert, roots)
+}

@@ -1,0 +1,106 @@
+//! Branching an inbound graph on connection metadata.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tower::{Service, ServiceExt};
+
+use crate::conn::{box_inbound, BoxInbound, BoxIo, Conn, Io};
+use crate::BoxError;
+
+/// Sends each connection to one of several inbound services, chosen from the connection
+/// (usually its metadata: SNI, detected protocol, tunnel authority…).
+///
+/// ```
+/// use proxystack::steer::Steer;
+/// use proxystack::tls::Sni;
+/// use proxystack::{tcp, Conn, Target};
+/// let to = |addr: &'static str| tcp::Relay::new(tcp::TcpConnector::new())
+///     .upstream(move |_: &Conn<_>| Some(Target::from_static(addr)));
+/// let svc = Steer::by(
+///     |c: &Conn<_>| c.get::<Sni>().is_some_and(|s| s.0 == "internal.example.com"),
+///     to("10.0.0.1:443"),
+///     to("10.0.0.2:443"),
+/// );
+/// # let _ = svc;
+/// ```
+#[derive(Clone)]
+pub struct Steer<F> {
+    services: Arc<[BoxInbound]>,
+    pick: F,
+}
+
+impl<F> std::fmt::Debug for Steer<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Steer")
+            .field("services", &self.services.len())
+            .finish()
+    }
+}
+
+impl<F> Steer<F>
+where
+    F: Fn(&Conn<BoxIo>) -> usize,
+{
+    /// `pick` returns an index into `services`; an index past the end means the last one.
+    ///
+    /// # Panics
+    /// If `services` is empty.
+    #[allow(clippy::panic)]
+    pub fn new(services: Vec<BoxInbound>, pick: F) -> Self {
+        if services.is_empty() {
+            panic!("Steer needs at least one service");
+        }
+        Self {
+            services: services.into(),
+            pick,
+        }
+    }
+}
+
+impl Steer<()> {
+    /// Two-way branch: `yes` when `predicate` holds, else `no`.
+    pub fn by<P, A, B>(predicate: P, yes: A, no: B) -> Steer<impl Fn(&Conn<BoxIo>) -> usize + Clone>
+    where
+        P: Fn(&Conn<BoxIo>) -> bool + Clone,
+        A: Service<Conn<BoxIo>, Response = ()> + Clone + Send + Sync + 'static,
+        A::Error: Into<BoxError>,
+        A::Future: Send + 'static,
+        B: Service<Conn<BoxIo>, Response = ()> + Clone + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+        B::Future: Send + 'static,
+    {
+        Steer::new(
+            vec![box_inbound(yes), box_inbound(no)],
+            move |c: &Conn<BoxIo>| usize::from(!predicate(c)),
+        )
+    }
+}
+
+impl<F, I> Service<Conn<I>> for Steer<F>
+where
+    F: Fn(&Conn<BoxIo>) -> usize,
+    I: Io,
+{
+    type Response = ();
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, conn: Conn<I>) -> Self::Future {
+        let conn = conn.boxed();
+        let index = (self.pick)(&conn).min(self.services.len().saturating_sub(1));
+        let service = self.services.get(index).cloned();
+        Box::pin(async move {
+            match service {
+                Some(s) => s.oneshot(conn).await,
+                None => Ok(()),
+            }
+        })
+    }
+}
