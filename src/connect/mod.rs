@@ -128,6 +128,13 @@ pub enum TunnelError {
     /// The request or the upgrade failed.
     #[error("CONNECT request failed")]
     Request(#[source] hyper::Error),
+    /// The proxy closed the connection without answering.
+    #[error(
+        "the proxy closed the connection without answering the CONNECT; on a new TLS \
+         connection this usually means it rejected our client certificate (TLS 1.3 servers \
+         report that only after the handshake)"
+    )]
+    PeerClosed(#[source] hyper::Error),
     /// Building the request failed (invalid header value, authority).
     #[error("invalid CONNECT request")]
     InvalidRequest(#[source] http::Error),

@@ -371,7 +371,11 @@ where
                         debug!(error = %e, "pooled connection unusable; retrying on a fresh one");
                         continue;
                     }
-                    return Err(TunnelError::Request(e));
+                    return Err(if gone {
+                        TunnelError::PeerClosed(e)
+                    } else {
+                        TunnelError::Request(e)
+                    });
                 }
             };
             if response.status() != StatusCode::OK {

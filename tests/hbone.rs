@@ -1,0 +1,338 @@
+//! HBONE: mutual TLS + HTTP/2 CONNECT composed from the levels, with ztunnel's rules.
+#![cfg(all(feature = "hbone", feature = "demo-certs"))]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use http::StatusCode;
+use proxystack::conn::BoxIo;
+use proxystack::connect::{TunnelError, TunnelInfo};
+use proxystack::hbone::{self, HboneHeaders, HboneTarget, Inbound};
+use proxystack::identity::{PeerIdentity, SpiffeId};
+use proxystack::tls::demo::DemoCa;
+use proxystack::tls::{PeekLayer, PeekedHello};
+use proxystack::{tcp, Authority, Conn, Server, Target};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tower::{ServiceBuilder, ServiceExt};
+
+const TD: &str = "cluster.local";
+
+fn id(ns: &str, sa: &str) -> SpiffeId {
+    SpiffeId::istio(TD, ns, sa).unwrap()
+}
+
+#[derive(Default, Clone)]
+struct Seen {
+    dials: Arc<AtomicUsize>,
+    last: Arc<Mutex<Option<(Option<PeerIdentity>, Option<HboneHeaders>, String)>>>,
+}
+
+/// An HBONE server in front of `app`: tunnels go to `app`'s port on 127.0.0.1.
+async fn hbone_server(
+    ca: &DemoCa,
+    app: SocketAddr,
+    configure: impl FnOnce(Inbound) -> Inbound,
+) -> (Running, Seen) {
+    let seen = Seen::default();
+    let s = seen.clone();
+    let relay = tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |c: &Conn<BoxIo>| {
+        s.dials.fetch_add(1, Ordering::SeqCst);
+        let info = c.get::<TunnelInfo>()?;
+        let identity = proxystack::connect::lookup::<PeerIdentity>(c.metadata()).cloned();
+        *s.last.lock().unwrap() = Some((
+            identity,
+            c.get::<HboneHeaders>().cloned(),
+            info.authority.to_string(),
+        ));
+        // Only the port comes from the peer: never dial the authority's IP (ztunnel's rule).
+        Some(Target::from((app.ip(), info.authority.port())))
+    });
+    let inbound = configure(Inbound::new(
+        ca.workload_cert("default", "server"),
+        ca.roots(),
+    ))
+    .service(relay)
+    .unwrap();
+    (start(Server::new(), inbound).await, seen)
+}
+
+fn client(ca: &DemoCa) -> hbone::Connector {
+    hbone::Connector::hbone(ca.workload_cert("default", "client"), ca.roots()).unwrap()
+}
+
+fn target(server: SocketAddr, app: SocketAddr) -> Target {
+    HboneTarget::new(
+        server,
+        Authority::from(SocketAddr::new(server.ip(), app.port())),
+        [id("default", "server")],
+    )
+    .source_identity(id("default", "client"))
+    .forwarded_for("10.1.2.3:4567".parse().unwrap())
+    .baggage("k8s.namespace.name=default,service.name=client")
+    .into_target()
+}
+
+async fn echo_on(tunnel: &mut (impl AsyncReadExt + AsyncWriteExt + Unpin), msg: &[u8]) -> Vec<u8> {
+    tunnel.write_all(msg).await.unwrap();
+    let mut got = vec![0u8; msg.len()];
+    tunnel.read_exact(&mut got).await.unwrap();
+    got
+}
+
+#[tokio::test]
+async fn tunnel_round_trip_with_identities_and_headers() {
+    let ca = DemoCa::new(TD);
+    let app = echo_server().await;
+    let (server, seen) = hbone_server(&ca, app, |i| i).await;
+    let connector = client(&ca);
+    let mut t = connector
+        .clone()
+        .oneshot(target(server.addr, app))
+        .await
+        .unwrap();
+    assert_eq!(echo_on(&mut t, b"hello hbone").await, b"hello hbone");
+    // Half-close travels as END_STREAM and the echo closes back.
+    t.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    t.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+    // Client side: the server's identity.
+    assert_eq!(t.get::<PeerIdentity>().unwrap().0, id("default", "server"));
+    // Server side: the client's identity and its headers.
+    let (identity, headers, authority) = seen.last.lock().unwrap().clone().unwrap();
+    assert_eq!(identity.unwrap().0, id("default", "client"));
+    let headers = headers.unwrap();
+    assert_eq!(
+        headers.forwarded_for,
+        Some("10.1.2.3:4567".parse().unwrap())
+    );
+    assert!(headers.traceparent.is_some());
+    assert_eq!(
+        headers.baggage[0],
+        ("k8s.namespace.name".into(), "default".into())
+    );
+    assert_eq!(authority, format!("127.0.0.1:{}", app.port()));
+}
+
+#[tokio::test]
+async fn tunnels_share_pooled_connections() {
+    let ca = DemoCa::new(TD);
+    let app = echo_server().await;
+    let (server, _) = hbone_server(&ca, app, |i| i).await;
+    let connector = client(&ca);
+    let tunnels: Vec<_> = (0..200)
+        .map(|i| {
+            let (c, t) = (connector.clone(), target(server.addr, app));
+            tokio::spawn(async move {
+                let mut tunnel = c.oneshot(t).await.unwrap();
+                let msg = format!("#{i}");
+                assert_eq!(echo_on(&mut tunnel, msg.as_bytes()).await, msg.as_bytes());
+                tunnel
+            })
+        })
+        .collect();
+    let mut open = Vec::new();
+    for t in tunnels {
+        open.push(t.await.unwrap());
+    }
+    // 200 tunnels at the default cap of 100 per connection: two TLS handshakes.
+    assert_eq!(server.stats.accepted.load(Ordering::Relaxed), 2);
+    assert_eq!(connector.connections_dialled(), 2);
+}
+
+async fn refused_status(connector: hbone::Connector, target: Target) -> Option<StatusCode> {
+    match connector.oneshot(target).await {
+        Err(TunnelError::Refused { status, .. }) => Some(status),
+        Err(e) => panic!("expected a status, got {e:?}"),
+        Ok(_) => None,
+    }
+}
+
+#[tokio::test]
+async fn server_rules_answer_like_ztunnel() {
+    let ca = DemoCa::new(TD);
+    let app = echo_server().await;
+    let (server, seen) = hbone_server(&ca, app, |i| {
+        i.allow(|req| {
+            let client = proxystack::connect::lookup::<PeerIdentity>(req.connection);
+            client.is_some_and(|c| c.0.istio_parts() != Some(("default", "blocked")))
+        })
+    })
+    .await;
+    let at = |authority: &str| {
+        HboneTarget::new(
+            server.addr,
+            Authority::parse(authority).unwrap(),
+            [id("default", "server")],
+        )
+        .into_target()
+    };
+    // Authority IP other than the address dialled → 400.
+    assert_eq!(
+        refused_status(client(&ca), at(&format!("127.0.0.2:{}", app.port()))).await,
+        Some(StatusCode::BAD_REQUEST)
+    );
+    // A proxy port → 503.
+    assert_eq!(
+        refused_status(client(&ca), at("127.0.0.1:15008")).await,
+        Some(StatusCode::SERVICE_UNAVAILABLE)
+    );
+    // Nothing listening → 503 after the dial.
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    assert_eq!(
+        refused_status(client(&ca), at(&format!("127.0.0.1:{dead}"))).await,
+        Some(StatusCode::SERVICE_UNAVAILABLE)
+    );
+    let dials_before = seen.dials.load(Ordering::SeqCst);
+    // Policy denies this client → 401 and no dial.
+    let blocked =
+        hbone::Connector::hbone(ca.workload_cert("default", "blocked"), ca.roots()).unwrap();
+    assert_eq!(
+        refused_status(blocked, at(&format!("127.0.0.1:{}", app.port()))).await,
+        Some(StatusCode::UNAUTHORIZED)
+    );
+    assert_eq!(
+        seen.dials.load(Ordering::SeqCst),
+        dials_before,
+        "denied tunnel dialled"
+    );
+    // And a good tunnel still works.
+    let mut ok = client(&ca)
+        .oneshot(at(&format!("127.0.0.1:{}", app.port())))
+        .await
+        .unwrap();
+    assert_eq!(echo_on(&mut ok, b"ok").await, b"ok");
+}
+
+#[tokio::test]
+async fn non_connect_is_400_over_real_hbone_tls() {
+    let ca = DemoCa::new(TD);
+    let app = echo_server().await;
+    let (server, _) = hbone_server(&ca, app, |i| i).await;
+    // A raw HTTP/2 client over the HBONE TLS settings, sending GET.
+    let tls = proxystack::tls::TlsConnector::new(tcp::TcpConnector::new(), ca.roots())
+        .client_cert(ca.workload_cert("default", "client"))
+        .unwrap()
+        .alpn(["h2"])
+        .sni(proxystack::tls::SniMode::None)
+        .expect_identities([id("default", "server")]);
+    let conn = tls.oneshot(Target::from(server.addr)).await.unwrap();
+    let (mut h2, connection) = h2::client::handshake(conn).await.unwrap();
+    tokio::spawn(connection);
+    let req = http::Request::builder()
+        .method("GET")
+        .uri(format!("https://127.0.0.1:{}/", app.port()))
+        .body(())
+        .unwrap();
+    let (resp, _) = h2.send_request(req, true).unwrap();
+    assert_eq!(resp.await.unwrap().status(), StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn clients_without_mesh_certificates_are_rejected() {
+    let ca = DemoCa::new(TD);
+    let app = echo_server().await;
+    let (server, seen) = hbone_server(&ca, app, |i| i).await;
+    let t = || target(server.addr, app);
+    // Another CA (foreign root).
+    let foreign = DemoCa::new(TD);
+    let err = hbone::Connector::hbone(foreign.workload_cert("default", "client"), ca.roots())
+        .unwrap()
+        .oneshot(t())
+        .await;
+    assert!(err.is_err());
+    // Same CA, other trust domain.
+    let other_td = ca
+        .spiffe_cert(&SpiffeId::parse("spiffe://other.local/ns/default/sa/client").unwrap())
+        .unwrap();
+    let err = hbone::Connector::hbone(other_td, ca.roots())
+        .unwrap()
+        .oneshot(t())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TunnelError::PeerClosed(_) | TunnelError::Handshake { .. }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("client certificate"), "{err}");
+    // Server identity not the expected one: the client refuses.
+    let wrong = HboneTarget::new(
+        server.addr,
+        Authority::from(app),
+        [id("default", "someone-else")],
+    )
+    .into_target();
+    let err = client(&ca).oneshot(wrong).await.unwrap_err();
+    assert!(format!("{err:?}").contains("someone-else"), "{err:?}");
+    assert_eq!(seen.dials.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn double_hbone_through_a_gateway_that_cannot_read_the_inner_tunnel() {
+    let ca = DemoCa::new(TD);
+    let app = echo_server().await;
+    // The destination: an HBONE server in front of the app.
+    let (dest, dest_seen) = hbone_server(&ca, app, |i| i.check_local_ip(false)).await;
+    // The gateway terminates only the outer tunnel and relays its bytes — still TLS — to
+    // the destination's HBONE port. A PeekLayer proves what it sees is a TLS ClientHello.
+    let peeked = Arc::new(AtomicUsize::new(0));
+    let p = peeked.clone();
+    let forward = ServiceBuilder::new().layer(PeekLayer::new()).service(
+        tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |c: &Conn<BoxIo>| {
+            if c.get::<PeekedHello>().is_some() {
+                p.fetch_add(1, Ordering::SeqCst);
+            }
+            Some(Target::from(dest.addr))
+        }),
+    );
+    let gateway_inbound = Inbound::new(ca.workload_cert("istio-system", "gateway"), ca.roots())
+        .check_local_ip(false)
+        .service(forward)
+        .unwrap();
+    let gateway = start(Server::new(), gateway_inbound).await;
+
+    let outer = client(&ca);
+    let double = hbone::double(
+        outer.clone(),
+        ca.workload_cert("default", "client"),
+        ca.roots(),
+    )
+    .unwrap();
+    let service =
+        Authority::parse(&format!("reviews.default.svc.cluster.local:{}", app.port())).unwrap();
+    let target = HboneTarget::new(dest.addr, service, [id("default", "server")])
+        .via(gateway.addr, [id("istio-system", "gateway")])
+        .into_target();
+    let mut t = double.clone().oneshot(target.clone()).await.unwrap();
+    assert_eq!(echo_on(&mut t, b"inner bytes").await, b"inner bytes");
+    assert_eq!(
+        peeked.load(Ordering::SeqCst),
+        1,
+        "the gateway saw a TLS ClientHello, not plaintext"
+    );
+    // The inner TLS session is end to end: the client sees the destination's identity.
+    assert_eq!(t.get::<PeerIdentity>().unwrap().0, id("default", "server"));
+    let (client_id, _, authority) = dest_seen.last.lock().unwrap().clone().unwrap();
+    assert_eq!(client_id.unwrap().0, id("default", "client"));
+    assert!(authority.starts_with("reviews.default.svc.cluster.local:"));
+    // A second double tunnel reuses the pooled outer connection to the gateway.
+    let mut t2 = double.oneshot(target).await.unwrap();
+    assert_eq!(echo_on(&mut t2, b"again").await, b"again");
+    assert_eq!(outer.connections_dialled(), 1);
+    assert_eq!(gateway.stats.accepted.load(Ordering::Relaxed), 1);
+    let _ = Duration::ZERO;
+}
