@@ -27,10 +27,13 @@ fn id(ns: &str, sa: &str) -> SpiffeId {
     SpiffeId::istio(TD, ns, sa).unwrap()
 }
 
+/// What the server side saw of the last tunnel: client identity, headers, authority.
+type LastTunnel = (Option<PeerIdentity>, Option<HboneHeaders>, String);
+
 #[derive(Default, Clone)]
 struct Seen {
     dials: Arc<AtomicUsize>,
-    last: Arc<Mutex<Option<(Option<PeerIdentity>, Option<HboneHeaders>, String)>>>,
+    last: Arc<Mutex<Option<LastTunnel>>>,
 }
 
 /// An HBONE server in front of `app`: tunnels go to `app`'s port on 127.0.0.1.
