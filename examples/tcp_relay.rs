@@ -17,8 +17,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use proxystack::conn::OriginalDst;
-use proxystack::{drain, tcp, Conn, Server, Target};
-use tokio::io::AsyncWriteExt;
+use proxystack::{tcp, Conn, Server, Target};
 use tower::ServiceBuilder;
 
 #[derive(Parser, Debug)]
@@ -51,7 +50,7 @@ async fn main() {
         if args.listen.is_empty() {
             args.listen.push(([127, 0, 0, 1], 15001).into());
         }
-        args.upstream = Some(echo_backend().await.into());
+        args.upstream = Some(support::demo_echo_backend().await.into());
     }
     if args.listen.is_empty() {
         support::fail("no --listen address (or use --demo)");
@@ -86,31 +85,5 @@ async fn main() {
         );
     }
 
-    let (signal, watch) = drain::channel();
-    let servers = listeners
-        .into_iter()
-        .map(|l| {
-            let (server, svc, watch) = (server.clone(), svc.clone(), watch.clone());
-            tokio::spawn(async move { server.serve(l, svc, watch).await })
-        })
-        .collect();
-    support::run_until_signal(signal, servers).await;
-}
-
-/// A loopback echo server standing in for a real backend.
-async fn echo_backend() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap_or_else(|e| support::fail(format!("echo backend: {e}")));
-    let addr = listener.local_addr().unwrap_or_else(|e| support::fail(e));
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
+    support::serve_all(listeners, server, svc).await;
 }
