@@ -106,30 +106,48 @@ async fn main() {
 
     // The plaintext is relayed as bytes, so offer only what the backends are known to
     // speak; a backend that speaks h2 could be offered "h2" too.
-    let mut tls = ServerConfigBuilder::new().unknown_sni(UnknownSni::Refuse).alpn(["http/1.1"]);
+    let mut tls = ServerConfigBuilder::new()
+        .unknown_sni(UnknownSni::Refuse)
+        .alpn(["http/1.1"]);
     for (name, (_, cert)) in &routes.terminate {
         tls = tls.cert_for(name, cert.clone());
     }
-    let tls = tls.build().unwrap_or_else(|e| support::fail(format!("TLS configuration: {e}")));
+    let tls = tls
+        .build()
+        .unwrap_or_else(|e| support::fail(format!("TLS configuration: {e}")));
 
-    let terminate_upstreams: Arc<HashMap<String, Target>> =
-        Arc::new(routes.terminate.iter().map(|(k, (t, _))| (k.clone(), t.clone())).collect());
-    let pass_upstreams = Arc::new(routes.passthrough);
-    let terminated = ServiceBuilder::new().layer(TerminateLayer::new(tls)).service(
-        tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |c: &Conn<BoxIo>| sni_lookup(c, &terminate_upstreams)),
+    let terminate_upstreams: Arc<HashMap<String, Target>> = Arc::new(
+        routes
+            .terminate
+            .iter()
+            .map(|(k, (t, _))| (k.clone(), t.clone()))
+            .collect(),
     );
-    let passthrough =
-        tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |c: &Conn<BoxIo>| sni_lookup(c, &pass_upstreams));
+    let pass_upstreams = Arc::new(routes.passthrough);
+    let terminated = ServiceBuilder::new()
+        .layer(TerminateLayer::new(tls))
+        .service(
+            tcp::Relay::new(tcp::TcpConnector::new())
+                .upstream(move |c: &Conn<BoxIo>| sni_lookup(c, &terminate_upstreams)),
+        );
+    let passthrough = tcp::Relay::new(tcp::TcpConnector::new())
+        .upstream(move |c: &Conn<BoxIo>| sni_lookup(c, &pass_upstreams));
     let terminate_names: Arc<[String]> = routes.terminate.keys().cloned().collect();
-    let svc = ServiceBuilder::new().layer(PeekLayer::new()).service(Steer::by(
-        move |c: &Conn<BoxIo>| c.get::<Sni>().is_some_and(|s| terminate_names.contains(&s.0.to_ascii_lowercase())),
-        terminated,
-        passthrough,
-    ));
+    let svc = ServiceBuilder::new()
+        .layer(PeekLayer::new())
+        .service(Steer::by(
+            move |c: &Conn<BoxIo>| {
+                c.get::<Sni>()
+                    .is_some_and(|s| terminate_names.contains(&s.0.to_ascii_lowercase()))
+            },
+            terminated,
+            passthrough,
+        ));
 
     let listeners = support::bind_all(&listen).await;
     let mut addrs = support::local_addrs(&listeners);
-    let server = Server::new().drain_timeout(std::time::Duration::from_secs(args.common.drain_secs));
+    let server =
+        Server::new().drain_timeout(std::time::Duration::from_secs(args.common.drain_secs));
     if let Some(admin) = args.common.admin {
         addrs.push(support::admin(admin, vec![("sni_router".into(), server.stats())]).await);
     }
@@ -148,7 +166,9 @@ async fn main() {
 }
 
 fn sni_lookup(conn: &Conn<BoxIo>, table: &HashMap<String, Target>) -> Option<Target> {
-    table.get(&conn.get::<Sni>()?.0.to_ascii_lowercase()).cloned()
+    table
+        .get(&conn.get::<Sni>()?.0.to_ascii_lowercase())
+        .cloned()
 }
 
 fn parse_target(s: &str) -> Target {
@@ -167,10 +187,19 @@ fn load(config: Config) -> (Vec<SocketAddr>, Routes) {
         .map(|t| {
             let (cert, key) = (t.cert.to_string_lossy(), t.key.to_string_lossy());
             let pair = CertKey::from_pem_files(&cert, &key).unwrap_or_else(|e| support::fail(e));
-            (t.sni.to_ascii_lowercase(), (parse_target(&t.upstream), pair))
+            (
+                t.sni.to_ascii_lowercase(),
+                (parse_target(&t.upstream), pair),
+            )
         })
         .collect();
-    (config.listen, Routes { passthrough, terminate })
+    (
+        config.listen,
+        Routes {
+            passthrough,
+            terminate,
+        },
+    )
 }
 
 fn demo_ca_path() -> PathBuf {
@@ -191,10 +220,19 @@ async fn demo() -> (Vec<SocketAddr>, Routes) {
         .unwrap_or_else(|e| support::fail(e));
     let backend = ServiceBuilder::new()
         .layer(TerminateLayer::new(backend_tls))
-        .service(tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |_: &Conn<BoxIo>| Some(Target::from(inner))));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| support::fail(e));
+        .service(
+            tcp::Relay::new(tcp::TcpConnector::new())
+                .upstream(move |_: &Conn<BoxIo>| Some(Target::from(inner))),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| support::fail(e));
     let backend_addr = listener.local_addr().unwrap_or_else(|e| support::fail(e));
-    tokio::spawn(proxystack::serve(listener, backend, proxystack::drain::Watch::never()));
+    tokio::spawn(proxystack::serve(
+        listener,
+        backend,
+        proxystack::drain::Watch::never(),
+    ));
 
     let routes = Routes {
         passthrough: HashMap::from([("pass.example.com".to_string(), Target::from(backend_addr))]),

@@ -199,16 +199,24 @@ fn metrics(stats: &[(String, Arc<ServeStats>)]) -> String {
 /// A loopback HTTP/1.1 server answering every request with `body`, standing in for a real
 /// backend in `--demo` runs.
 pub async fn demo_http_backend(body: &'static str) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| fail(format!("demo backend: {e}")));
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| fail(format!("demo backend: {e}")));
     let addr = listener.local_addr().unwrap_or_else(|e| fail(e));
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let svc = hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| async move {
-                Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(body.as_bytes()))))
-            });
+            let svc = hyper::service::service_fn(
+                move |_req: Request<hyper::body::Incoming>| async move {
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(
+                        body.as_bytes(),
+                    ))))
+                },
+            );
             tokio::spawn(async move {
                 let io = hyper_util::rt::TokioIo::new(stream);
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, svc)
+                    .await;
             });
         }
     });
@@ -218,7 +226,9 @@ pub async fn demo_http_backend(body: &'static str) -> SocketAddr {
 /// A loopback echo server standing in for a real backend in `--demo` runs.
 pub async fn demo_echo_backend() -> SocketAddr {
     use tokio::io::AsyncWriteExt;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| fail(format!("echo backend: {e}")));
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| fail(format!("echo backend: {e}")));
     let addr = listener.local_addr().unwrap_or_else(|e| fail(e));
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
@@ -234,14 +244,19 @@ pub async fn demo_echo_backend() -> SocketAddr {
 
 /// Reads and parses a TOML config file, or exits naming the file and the problem.
 pub fn load_config<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> T {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| fail(format!("cannot read {}: {e}", path.display())));
-    toml::from_str(&text).unwrap_or_else(|e| fail(format!("invalid config {}: {e}", path.display())))
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| fail(format!("cannot read {}: {e}", path.display())));
+    toml::from_str(&text)
+        .unwrap_or_else(|e| fail(format!("invalid config {}: {e}", path.display())))
 }
 
 /// Serves `svc` on every listener and runs until SIGTERM/Ctrl-C, then drains.
 pub async fn serve_all<S>(listeners: Vec<TcpListener>, server: proxystack::Server, svc: S)
 where
-    S: tower::Service<proxystack::Conn<tokio::net::TcpStream>, Response = ()> + Clone + Send + 'static,
+    S: tower::Service<proxystack::Conn<tokio::net::TcpStream>, Response = ()>
+        + Clone
+        + Send
+        + 'static,
     S::Error: Into<proxystack::BoxError>,
     S::Future: Send + 'static,
 {

@@ -1,0 +1,215 @@
+//! HBONE, both ends: a client side that tunnels plain TCP connections over mutual TLS +
+//! HTTP/2 CONNECT, and a server side (port 15008) that terminates them to a local app.
+//!
+//! ```text
+//! cargo run --example hbone --features hbone,demo-certs -- --demo
+//! echo hello | nc -N 127.0.0.1 15001        # client side → HBONE → server side → echo app
+//! cargo run --example hbone --features hbone,demo-certs -- --config hbone.toml
+//! ```
+//!
+//! Config (TOML; either section may be left out):
+//!
+//! ```toml
+//! [identity]
+//! cert = "workload.pem"     # SPIFFE certificate chain (spiffe://td/ns/NS/sa/SA)
+//! key = "workload.key"
+//! roots = "root.pem"
+//! [server]
+//! listen = "0.0.0.0:15008"
+//! app_ip = "127.0.0.1"      # tunnels go here; only the port comes from :authority
+//! [client]
+//! listen = "127.0.0.1:15001"
+//! peer = "10.0.0.2:15008"   # the HBONE next hop
+//! authority = "10.0.0.2:8080"
+//! identity = "spiffe://cluster.local/ns/default/sa/server"
+//! ```
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use proxystack::conn::{BoxIo, PeerAddr};
+use proxystack::connect::TunnelInfo;
+use proxystack::hbone::{self, HboneTarget, Inbound};
+use proxystack::identity::SpiffeId;
+use proxystack::tls::{load_pem_certs, CertKey};
+use proxystack::{tcp, Authority, Conn, Server, Target};
+use serde::Deserialize;
+
+#[derive(Parser, Debug)]
+#[command(about = "HBONE client and server sides built from proxystack layers")]
+struct Args {
+    /// TOML config (see the example's docs).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Zero-config run: both sides, demo certificates, a built-in echo app.
+    #[arg(long)]
+    demo: bool,
+    #[command(flatten)]
+    common: support::Common,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    identity: IdentityFiles,
+    server: Option<ServerSide>,
+    client: Option<ClientSide>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdentityFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    roots: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServerSide {
+    listen: SocketAddr,
+    app_ip: IpAddr,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientSide {
+    listen: SocketAddr,
+    peer: SocketAddr,
+    authority: String,
+    identity: String,
+}
+
+/// Everything both sides need, resolved.
+struct Plan {
+    server: Option<(SocketAddr, IpAddr, CertKey)>,
+    client: Option<(SocketAddr, SocketAddr, Authority, SpiffeId, CertKey)>,
+    roots: std::sync::Arc<rustls::RootCertStore>,
+}
+
+#[tokio::main]
+async fn main() {
+    support::init_tracing();
+    let args = Args::parse();
+    let plan = match (&args.config, args.demo) {
+        (Some(path), false) => from_config(support::load_config(path)),
+        (None, true) => demo().await,
+        _ => support::fail("give exactly one of --config FILE or --demo"),
+    };
+    let drain = Duration::from_secs(args.common.drain_secs);
+    let mut addrs = Vec::new();
+    let mut stats = Vec::new();
+    let (signal, watch) = proxystack::drain::channel();
+    let mut servers = Vec::new();
+
+    if let Some((listen, app_ip, cert)) = plan.server {
+        // Tunnels reach the local app on the requested port; the peer never picks the IP.
+        let app = tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |c: &Conn<BoxIo>| {
+            Some(Target::from((
+                app_ip,
+                c.get::<TunnelInfo>()?.authority.port(),
+            )))
+        });
+        let inbound = Inbound::new(cert, plan.roots.clone())
+            .check_local_ip(false)
+            .service(app)
+            .unwrap_or_else(|e| support::fail(format!("server TLS: {e}")));
+        let listener = support::bind_all(&[listen]).await.remove(0);
+        addrs.extend(support::local_addrs(std::slice::from_ref(&listener)));
+        let server = Server::new().drain_timeout(drain);
+        stats.push(("hbone_server".to_string(), server.stats()));
+        let w = watch.clone();
+        servers.push(tokio::spawn(async move {
+            server.serve(listener, inbound, w).await
+        }));
+    }
+    if let Some((listen, peer, authority, identity, cert)) = plan.client {
+        let source = cert.spiffe_ids().into_iter().next();
+        let connector = hbone::Connector::hbone(cert, plan.roots.clone())
+            .unwrap_or_else(|e| support::fail(format!("client TLS: {e}")));
+        let relay = tcp::Relay::new(connector).upstream(move |c: &Conn<tokio::net::TcpStream>| {
+            let mut target = HboneTarget::new(peer, authority.clone(), [identity.clone()]);
+            if let Some(src) = &source {
+                target = target.source_identity(src.clone());
+            }
+            if let Some(client) = c.get::<PeerAddr>() {
+                target = target.forwarded_for(client.0);
+            }
+            Some(target.into_target())
+        });
+        let listener = support::bind_all(&[listen]).await.remove(0);
+        addrs.extend(support::local_addrs(std::slice::from_ref(&listener)));
+        let server = Server::new().drain_timeout(drain);
+        stats.push(("hbone_client".to_string(), server.stats()));
+        let w = watch.clone();
+        servers.push(tokio::spawn(async move {
+            server.serve(listener, relay, w).await
+        }));
+    }
+    if servers.is_empty() {
+        support::fail("the config has neither [server] nor [client]");
+    }
+    if let Some(admin) = args.common.admin {
+        addrs.push(support::admin(admin, stats).await);
+    }
+    support::announce(&addrs);
+    if args.demo {
+        eprintln!(
+            "demo: try `echo hello | nc -N 127.0.0.1 {}`",
+            addrs.last().map_or(0, |a| a.port())
+        );
+    }
+    drop(watch);
+    support::run_until_signal(signal, servers).await;
+}
+
+fn from_config(config: Config) -> Plan {
+    let files = &config.identity;
+    let cert = CertKey::from_pem_files(&files.cert.to_string_lossy(), &files.key.to_string_lossy())
+        .unwrap_or_else(|e| support::fail(e));
+    let mut roots = rustls::RootCertStore::empty();
+    for root in load_pem_certs(&files.roots.to_string_lossy()).unwrap_or_else(|e| support::fail(e))
+    {
+        roots.add(root).unwrap_or_else(|e| {
+            support::fail(format!("bad root in {}: {e}", files.roots.display()))
+        });
+    }
+    let client = config.client.map(|c| {
+        let authority = Authority::parse(&c.authority)
+            .unwrap_or_else(|e| support::fail(format!("client.authority {:?}: {e}", c.authority)));
+        let identity = SpiffeId::parse(&c.identity)
+            .unwrap_or_else(|e| support::fail(format!("client.identity {:?}: {e}", c.identity)));
+        (c.listen, c.peer, authority, identity, cert.clone())
+    });
+    Plan {
+        server: config.server.map(|s| (s.listen, s.app_ip, cert.clone())),
+        client,
+        roots: std::sync::Arc::new(roots),
+    }
+}
+
+/// Both sides on loopback with demo certificates: client 127.0.0.1:15001 → server
+/// 127.0.0.1:15008 → echo app.
+async fn demo() -> Plan {
+    let ca = proxystack::tls::demo::DemoCa::new("cluster.local");
+    let app = support::demo_echo_backend().await;
+    let server_id =
+        SpiffeId::istio("cluster.local", "default", "server").unwrap_or_else(|e| support::fail(e));
+    let server_addr: SocketAddr = ([127, 0, 0, 1], hbone::PORT).into();
+    Plan {
+        server: Some((server_addr, app.ip(), ca.workload_cert("default", "server"))),
+        client: Some((
+            ([127, 0, 0, 1], 15001).into(),
+            server_addr,
+            Authority::from(SocketAddr::new(server_addr.ip(), app.port())),
+            server_id,
+            ca.workload_cert("default", "client"),
+        )),
+        roots: ca.roots(),
+    }
+}
