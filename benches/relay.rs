@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, Criterion, Throughput};
-use proxystack::{drain, tcp, Conn, Server, Target};
+use proxystack::{drain, tcp, Server, Target};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
@@ -84,7 +84,7 @@ async fn relay(upstream: SocketAddr, watch: drain::Watch) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let svc = tcp::Relay::new(tcp::TcpConnector::new())
-        .upstream(move |_: &Conn<TcpStream>| Some(Target::from(upstream)));
+        .upstream(move |_: &proxystack::conn::Metadata| Some(Target::from(upstream)));
     tokio::spawn(async move { Server::new().serve(l, svc, watch).await });
     addr
 }

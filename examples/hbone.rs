@@ -32,12 +32,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use proxystack::conn::{BoxIo, PeerAddr};
+use proxystack::conn::Metadata;
+use proxystack::conn::PeerAddr;
 use proxystack::connect::TunnelInfo;
 use proxystack::hbone::{self, HboneTarget, Inbound};
 use proxystack::identity::SpiffeId;
 use proxystack::tls::{load_pem_certs, CertKey};
-use proxystack::{tcp, Authority, Conn, Server, Target};
+use proxystack::{tcp, Authority, Server, Target};
 use serde::Deserialize;
 
 #[derive(Parser, Debug)]
@@ -109,7 +110,7 @@ async fn main() {
 
     if let Some((listen, app_ip, cert)) = plan.server {
         // Tunnels reach the local app on the requested port; the peer never picks the IP.
-        let app = tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |c: &Conn<BoxIo>| {
+        let app = tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |c: &Metadata| {
             Some(Target::from((
                 app_ip,
                 c.get::<TunnelInfo>()?.authority.port(),
@@ -132,7 +133,7 @@ async fn main() {
         let source = cert.spiffe_ids().into_iter().next();
         let connector = hbone::Connector::hbone(cert, plan.roots.clone())
             .unwrap_or_else(|e| support::fail(format!("client TLS: {e}")));
-        let relay = tcp::Relay::new(connector).upstream(move |c: &Conn<tokio::net::TcpStream>| {
+        let relay = tcp::Relay::new(connector).upstream(move |c: &Metadata| {
             let mut target = HboneTarget::new(peer, authority.clone(), [identity.clone()]);
             if let Some(src) = &source {
                 target = target.source_identity(src.clone());

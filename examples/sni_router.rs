@@ -32,10 +32,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Parser;
-use proxystack::conn::BoxIo;
+use proxystack::conn::Metadata;
 use proxystack::steer::Steer;
 use proxystack::tls::{CertKey, PeekLayer, ServerConfigBuilder, Sni, TerminateLayer, UnknownSni};
-use proxystack::{tcp, Conn, Server, Target};
+use proxystack::{tcp, Server, Target};
 use serde::Deserialize;
 use tower::ServiceBuilder;
 
@@ -128,15 +128,15 @@ async fn main() {
         .layer(TerminateLayer::new(tls))
         .service(
             tcp::Relay::new(tcp::TcpConnector::new())
-                .upstream(move |c: &Conn<BoxIo>| sni_lookup(c, &terminate_upstreams)),
+                .upstream(move |c: &Metadata| sni_lookup(c, &terminate_upstreams)),
         );
     let passthrough = tcp::Relay::new(tcp::TcpConnector::new())
-        .upstream(move |c: &Conn<BoxIo>| sni_lookup(c, &pass_upstreams));
+        .upstream(move |c: &Metadata| sni_lookup(c, &pass_upstreams));
     let terminate_names: Arc<[String]> = routes.terminate.keys().cloned().collect();
     let svc = ServiceBuilder::new()
         .layer(PeekLayer::new())
         .service(Steer::by(
-            move |c: &Conn<BoxIo>| {
+            move |c: &Metadata| {
                 c.get::<Sni>()
                     .is_some_and(|s| terminate_names.contains(&s.0.to_ascii_lowercase()))
             },
@@ -165,7 +165,7 @@ async fn main() {
     support::serve_all(listeners, server, svc).await;
 }
 
-fn sni_lookup(conn: &Conn<BoxIo>, table: &HashMap<String, Target>) -> Option<Target> {
+fn sni_lookup(conn: &Metadata, table: &HashMap<String, Target>) -> Option<Target> {
     table
         .get(&conn.get::<Sni>()?.0.to_ascii_lowercase())
         .cloned()
@@ -222,7 +222,7 @@ async fn demo() -> (Vec<SocketAddr>, Routes) {
         .layer(TerminateLayer::new(backend_tls))
         .service(
             tcp::Relay::new(tcp::TcpConnector::new())
-                .upstream(move |_: &Conn<BoxIo>| Some(Target::from(inner))),
+                .upstream(move |_: &Metadata| Some(Target::from(inner))),
         );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

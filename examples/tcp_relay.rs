@@ -16,8 +16,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
+use proxystack::conn::Metadata;
 use proxystack::conn::OriginalDst;
-use proxystack::{tcp, Conn, Server, Target};
+use proxystack::{tcp, Server, Target};
 use tower::ServiceBuilder;
 
 #[derive(Parser, Debug)]
@@ -62,7 +63,7 @@ async fn main() {
     let fixed = args.upstream.clone();
     let relay = tcp::Relay::new(tcp::TcpConnector::new())
         .idle_timeout(Some(Duration::from_secs(args.idle_timeout)))
-        .upstream(move |conn: &Conn<_>| match &fixed {
+        .upstream(move |conn: &Metadata| match &fixed {
             Some(target) => Some(target.clone()),
             None => conn.get::<OriginalDst>().map(Target::from),
         });

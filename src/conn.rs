@@ -194,6 +194,11 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for PrefixedIo<I> {
     }
 }
 
+/// Connection metadata: one value per type ([`PeerAddr`], `Sni`, `PeerIdentity`…). Routing
+/// closures (`Relay::upstream`, `Steer`) receive it, so they read like
+/// `|m: &Metadata| m.get::<OriginalDst>()`.
+pub type Metadata = Extensions;
+
 /// A byte stream plus its connection metadata.
 ///
 /// ```

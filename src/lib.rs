@@ -26,12 +26,13 @@
 //! ## Example: a TCP relay
 //!
 //! ```no_run
+//! use proxystack::conn::Metadata;
 //! use proxystack::{drain, serve, tcp, Conn, Target};
 //! use tokio::net::TcpListener;
 //!
 //! # async fn run() -> std::io::Result<()> {
 //! let relay = tcp::Relay::new(tcp::TcpConnector::new())
-//!     .upstream(|_conn: &Conn<_>| Some(Target::from(([127, 0, 0, 1], 8080))));
+//!     .upstream(|_conn: &Metadata| Some(Target::from(([127, 0, 0, 1], 8080))));
 //! let (signal, watch) = drain::channel();
 //! let listener = TcpListener::bind("127.0.0.1:9000").await?;
 //! let server = tokio::spawn(serve(listener, relay, watch));
@@ -83,9 +84,14 @@ pub mod tcp;
 pub mod tls;
 
 pub use addr::{Authority, AuthorityError, Host};
-pub use conn::{BoxIo, Conn, Io, PrefixedIo, Target};
+pub use conn::{BoxIo, Conn, Io, Metadata, PrefixedIo, Target};
 #[cfg(feature = "tcp")]
 pub use serve::{serve, Server};
 
 /// A type-erased error, as used at the boundaries between levels.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// The README's code blocks, compiled as doctests so they cannot rot.
+#[cfg(all(doctest, feature = "tcp"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

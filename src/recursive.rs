@@ -70,12 +70,13 @@ impl Service<Conn<BoxIo>> for LateBound {
 /// Builds a self-referential inbound graph.
 ///
 /// ```
+/// use proxystack::conn::Metadata;
 /// use proxystack::recursive::Recursive;
 /// use proxystack::{tcp, Conn, Target};
 /// // A graph that may hand connections back to itself (here it never does).
 /// let graph = Recursive::new(|_itself| {
 ///     tcp::Relay::new(tcp::TcpConnector::new())
-///         .upstream(|_: &Conn<_>| Some(Target::from_static("127.0.0.1:9")))
+///         .upstream(|_: &Metadata| Some(Target::from_static("127.0.0.1:9")))
 /// });
 /// # let _ = graph;
 /// ```

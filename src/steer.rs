@@ -7,20 +7,21 @@ use std::task::{Context, Poll};
 
 use tower::{Service, ServiceExt};
 
-use crate::conn::{box_inbound, BoxInbound, BoxIo, Conn, Io};
+use crate::conn::{box_inbound, BoxInbound, BoxIo, Conn, Io, Metadata};
 use crate::BoxError;
 
 /// Sends each connection to one of several inbound services, chosen from the connection
-/// (usually its metadata: SNI, detected protocol, tunnel authority…).
+/// from its metadata (SNI, detected protocol, tunnel authority…).
 ///
 /// ```
+/// use proxystack::conn::Metadata;
 /// use proxystack::steer::Steer;
 /// use proxystack::tls::Sni;
 /// use proxystack::{tcp, Conn, Target};
 /// let to = |addr: &'static str| tcp::Relay::new(tcp::TcpConnector::new())
-///     .upstream(move |_: &Conn<_>| Some(Target::from_static(addr)));
+///     .upstream(move |_: &Metadata| Some(Target::from_static(addr)));
 /// let svc = Steer::by(
-///     |c: &Conn<_>| c.get::<Sni>().is_some_and(|s| s.0 == "internal.example.com"),
+///     |c: &Metadata| c.get::<Sni>().is_some_and(|s| s.0 == "internal.example.com"),
 ///     to("10.0.0.1:443"),
 ///     to("10.0.0.2:443"),
 /// );
@@ -42,7 +43,7 @@ impl<F> std::fmt::Debug for Steer<F> {
 
 impl<F> Steer<F>
 where
-    F: Fn(&Conn<BoxIo>) -> usize,
+    F: Fn(&Metadata) -> usize,
 {
     /// `pick` returns an index into `services`; an index past the end means the last one.
     ///
@@ -62,9 +63,9 @@ where
 
 impl Steer<()> {
     /// Two-way branch: `yes` when `predicate` holds, else `no`.
-    pub fn by<P, A, B>(predicate: P, yes: A, no: B) -> Steer<impl Fn(&Conn<BoxIo>) -> usize + Clone>
+    pub fn by<P, A, B>(predicate: P, yes: A, no: B) -> Steer<impl Fn(&Metadata) -> usize + Clone>
     where
-        P: Fn(&Conn<BoxIo>) -> bool + Clone,
+        P: Fn(&Metadata) -> bool + Clone,
         A: Service<Conn<BoxIo>, Response = ()> + Clone + Send + Sync + 'static,
         A::Error: Into<BoxError>,
         A::Future: Send + 'static,
@@ -74,14 +75,14 @@ impl Steer<()> {
     {
         Steer::new(
             vec![box_inbound(yes), box_inbound(no)],
-            move |c: &Conn<BoxIo>| usize::from(!predicate(c)),
+            move |m: &Metadata| usize::from(!predicate(m)),
         )
     }
 }
 
 impl<F, I> Service<Conn<I>> for Steer<F>
 where
-    F: Fn(&Conn<BoxIo>) -> usize,
+    F: Fn(&Metadata) -> usize,
     I: Io,
 {
     type Response = ();
@@ -94,7 +95,7 @@ where
 
     fn call(&mut self, conn: Conn<I>) -> Self::Future {
         let conn = conn.boxed();
-        let index = (self.pick)(&conn).min(self.services.len().saturating_sub(1));
+        let index = (self.pick)(conn.metadata()).min(self.services.len().saturating_sub(1));
         let service = self.services.get(index).cloned();
         Box::pin(async move {
             match service {

@@ -11,6 +11,7 @@ use std::time::Duration;
 use common::*;
 use http::StatusCode;
 use proptest::prelude::*;
+use proxystack::conn::Metadata;
 use proxystack::conn::{BoxInbound, BoxIo};
 use proxystack::connect::{
     ConnectAuthority, ConnectTerminate, Decision, H2ConnectPool, H2Settings, Http1ConnectConnector,
@@ -25,9 +26,8 @@ use tower::{service_fn, Service, ServiceExt};
 
 fn relay_to(
     addr: SocketAddr,
-) -> tcp::Relay<tcp::TcpConnector, impl Fn(&Conn<BoxIo>) -> Option<Target> + Clone> {
-    tcp::Relay::new(tcp::TcpConnector::new())
-        .upstream(move |_: &Conn<BoxIo>| Some(Target::from(addr)))
+) -> tcp::Relay<tcp::TcpConnector, impl Fn(&Metadata) -> Option<Target> + Clone> {
+    tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |_: &Metadata| Some(Target::from(addr)))
 }
 
 /// A CONNECT proxy whose tunnels all go to `upstream`.
@@ -125,7 +125,7 @@ async fn status_codes_follow_the_upstream_decision() {
     let echo = echo_server().await;
     let dialled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let d = dialled.clone();
-    let relay = tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |_: &Conn<BoxIo>| {
+    let relay = tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |_: &Metadata| {
         d.fetch_add(1, Ordering::SeqCst);
         Some(Target::from(echo))
     });
@@ -190,7 +190,7 @@ async fn curl_uses_the_proxy_as_h1_connect_client() {
     });
     let seen = Arc::new(Mutex::new(None));
     let s2 = seen.clone();
-    let relay = tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |c: &Conn<BoxIo>| {
+    let relay = tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |c: &Metadata| {
         *s2.lock().unwrap() = c.get::<TunnelInfo>().map(|t| t.authority.to_string());
         Some(Target::from(origin_addr))
     });
@@ -232,13 +232,12 @@ fn nesting_graph(echo: SocketAddr) -> BoxInbound {
     Recursive::new(move |itself| {
         let terminate: BoxInbound = proxystack::conn::box_inbound(ConnectTerminate::new(itself));
         let relay: BoxInbound = proxystack::conn::box_inbound(relay_to(echo));
-        Steer::new(
-            vec![terminate, relay],
-            |conn: &Conn<BoxIo>| match conn.get::<TunnelInfo>() {
+        Steer::new(vec![terminate, relay], |conn: &Metadata| {
+            match conn.get::<TunnelInfo>() {
                 Some(t) if t.authority.to_string() != "nest.test:1" => 1,
                 _ => 0,
-            },
-        )
+            }
+        })
     })
 }
 
@@ -322,13 +321,12 @@ async fn nesting_depth_is_bounded() {
         let terminate: BoxInbound =
             proxystack::conn::box_inbound(ConnectTerminate::new(itself).max_depth(2));
         let relay: BoxInbound = proxystack::conn::box_inbound(relay_to(echo));
-        Steer::new(
-            vec![terminate, relay],
-            |conn: &Conn<BoxIo>| match conn.get::<TunnelInfo>() {
+        Steer::new(vec![terminate, relay], |conn: &Metadata| {
+            match conn.get::<TunnelInfo>() {
                 Some(t) if t.authority.to_string() != "nest.test:1" => 1,
                 _ => 0,
-            },
-        )
+            }
+        })
     });
     let proxy = start(
         Server::new(),

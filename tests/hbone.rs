@@ -10,13 +10,13 @@ use std::time::Duration;
 
 use common::*;
 use http::StatusCode;
-use proxystack::conn::BoxIo;
+use proxystack::conn::Metadata;
 use proxystack::connect::{TunnelError, TunnelInfo};
 use proxystack::hbone::{self, HboneHeaders, HboneTarget, Inbound};
 use proxystack::identity::{PeerIdentity, SpiffeId};
 use proxystack::tls::demo::DemoCa;
 use proxystack::tls::{PeekLayer, PeekedHello};
-use proxystack::{tcp, Authority, Conn, Server, Target};
+use proxystack::{tcp, Authority, Server, Target};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tower::{ServiceBuilder, ServiceExt};
@@ -44,10 +44,10 @@ async fn hbone_server(
 ) -> (Running, Seen) {
     let seen = Seen::default();
     let s = seen.clone();
-    let relay = tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |c: &Conn<BoxIo>| {
+    let relay = tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |c: &Metadata| {
         s.dials.fetch_add(1, Ordering::SeqCst);
         let info = c.get::<TunnelInfo>()?;
-        let identity = proxystack::connect::lookup::<PeerIdentity>(c.metadata()).cloned();
+        let identity = proxystack::connect::lookup::<PeerIdentity>(c).cloned();
         *s.last.lock().unwrap() = Some((
             identity,
             c.get::<HboneHeaders>().cloned(),
@@ -295,7 +295,7 @@ async fn double_hbone_through_a_gateway_that_cannot_read_the_inner_tunnel() {
     let peeked = Arc::new(AtomicUsize::new(0));
     let p = peeked.clone();
     let forward = ServiceBuilder::new().layer(PeekLayer::new()).service(
-        tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |c: &Conn<BoxIo>| {
+        tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |c: &Metadata| {
             if c.get::<PeekedHello>().is_some() {
                 p.fetch_add(1, Ordering::SeqCst);
             }

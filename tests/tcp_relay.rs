@@ -10,16 +10,17 @@ use std::time::Duration;
 
 use common::*;
 use proptest::prelude::*;
+use proxystack::conn::Metadata;
 use proxystack::tcp::{self, CloseKind, RelayConfig, Side};
-use proxystack::{Conn, Server, Target};
+use proxystack::{Server, Target};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 fn relay_to(
     upstream: SocketAddr,
-) -> tcp::Relay<tcp::TcpConnector, impl Fn(&Conn<TcpStream>) -> Option<Target> + Clone> {
+) -> tcp::Relay<tcp::TcpConnector, impl Fn(&Metadata) -> Option<Target> + Clone> {
     tcp::Relay::new(tcp::TcpConnector::new())
-        .upstream(move |_: &Conn<TcpStream>| Some(Target::from(upstream)))
+        .upstream(move |_: &Metadata| Some(Target::from(upstream)))
 }
 
 /// Writes `data` in `chunk`-sized pieces, optionally waiting first, then half-closes.

@@ -10,8 +10,9 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
+use proxystack::conn::Metadata;
 use proxystack::conn::OriginalDst;
-use proxystack::{drain, tcp, Conn, Server, Target};
+use proxystack::{drain, tcp, Server, Target};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tower::ServiceBuilder;
@@ -139,7 +140,7 @@ fn redirected_connection_is_relayed_to_its_original_destination() {
                 s.write_all(&req).await.unwrap();
             });
             let relay = tcp::Relay::new(tcp::TcpConnector::new().mark(Some(MARK))).upstream(
-                move |c: &Conn<_>| {
+                move |c: &Metadata| {
                     let dst = c.get::<OriginalDst>()?;
                     *seen2.lock().unwrap() = Some(dst.0);
                     Some(Target::from(dst))

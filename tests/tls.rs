@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use proxystack::conn::BoxIo;
+use proxystack::conn::Metadata;
 use proxystack::identity::{PeerIdentity, SpiffeId};
 use proxystack::tls::demo::DemoCa;
 use proxystack::tls::{
@@ -304,14 +305,13 @@ async fn peek_routes_by_sni_and_keeps_tls_end_to_end() {
     let ca = DemoCa::new("example.org");
     let backend_a = tls_backend(&ca, "a.example.com").await;
     let backend_b = tls_backend(&ca, "b.example.com").await;
-    let relay =
-        tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |c: &Conn<BoxIo>| {
-            match c.get::<proxystack::tls::Sni>()?.0.as_str() {
-                "a.example.com" => Some(Target::from(backend_a)),
-                "b.example.com" => Some(Target::from(backend_b)),
-                _ => None,
-            }
-        });
+    let relay = tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |c: &Metadata| {
+        match c.get::<proxystack::tls::Sni>()?.0.as_str() {
+            "a.example.com" => Some(Target::from(backend_a)),
+            "b.example.com" => Some(Target::from(backend_b)),
+            _ => None,
+        }
+    });
     let svc = ServiceBuilder::new().layer(PeekLayer::new()).service(relay);
     let proxy = start(Server::new(), svc).await;
     for name in ["a.example.com", "b.example.com"] {
@@ -445,7 +445,7 @@ async fn https_proxy(ca: &DemoCa) -> Running {
         .layer(TerminateLayer::new(config))
         .service(
             tcp::Relay::new(tcp::TcpConnector::new())
-                .upstream(move |_: &Conn<BoxIo>| Some(Target::from(backend_addr))),
+                .upstream(move |_: &Metadata| Some(Target::from(backend_addr))),
         );
     start(Server::new(), svc).await
 }
@@ -535,7 +535,7 @@ async fn openssl_s_client_through_peek_passthrough() {
     let ca = DemoCa::new("example.org");
     let backend = tls_backend(&ca, "a.example.com").await;
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let relay = tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |c: &Conn<BoxIo>| {
+    let relay = tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |c: &Metadata| {
         let _ = tx.send(c.get::<proxystack::tls::Sni>().map(|s| s.0.clone()));
         Some(Target::from(backend))
     });

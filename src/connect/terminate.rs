@@ -66,13 +66,14 @@ struct ServerSettings {
 /// A terminal inbound service that accepts CONNECT tunnels (see the [module docs](super)).
 ///
 /// ```
+/// use proxystack::conn::Metadata;
 /// use proxystack::connect::{ConnectTerminate, Decision};
 /// use proxystack::{tcp, Conn, Target};
 /// use proxystack::connect::TunnelInfo;
 /// use http::StatusCode;
 /// // An egress proxy: tunnels go to the requested authority, port 443 only.
 /// let relay = tcp::Relay::new(tcp::TcpConnector::new())
-///     .upstream(|c: &Conn<_>| c.get::<TunnelInfo>().map(|t| Target::from(t.authority.clone())));
+///     .upstream(|c: &Metadata| c.get::<TunnelInfo>().map(|t| Target::from(t.authority.clone())));
 /// let proxy = ConnectTerminate::new(relay).policy(|req| {
 ///     if req.authority.port() == 443 { Decision::Allow } else { Decision::Deny(StatusCode::FORBIDDEN) }
 /// });

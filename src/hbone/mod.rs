@@ -56,12 +56,13 @@ type PolicyFn = Arc<dyn Fn(&TunnelRequest<'_>) -> bool + Send + Sync>;
 ///
 /// ```
 /// # #[cfg(feature = "demo-certs")] {
+/// use proxystack::conn::Metadata;
 /// use proxystack::hbone::Inbound;
 /// use proxystack::tls::demo::DemoCa;
 /// use proxystack::{tcp, Conn, Target, connect::TunnelInfo};
 /// let ca = DemoCa::new("cluster.local");
 /// // Tunnels go to the local application on the port the client asked for.
-/// let app = tcp::Relay::new(tcp::TcpConnector::new()).upstream(|c: &Conn<_>| {
+/// let app = tcp::Relay::new(tcp::TcpConnector::new()).upstream(|c: &Metadata| {
 ///     let port = c.get::<TunnelInfo>()?.authority.port();
 ///     Some(Target::from(([127, 0, 0, 1], port)))
 /// });

@@ -37,12 +37,13 @@ pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
 /// transparent proxy:
 ///
 /// ```
+/// use proxystack::conn::Metadata;
 /// use proxystack::{conn::OriginalDst, tcp, Conn, Target};
 /// use tower::ServiceBuilder;
 /// let svc = ServiceBuilder::new()
 ///     .layer(tcp::OriginalDstLayer::new())
 ///     .service(tcp::Relay::new(tcp::TcpConnector::new())
-///         .upstream(|c: &Conn<_>| c.get::<OriginalDst>().map(Target::from)));
+///         .upstream(|c: &Metadata| c.get::<OriginalDst>().map(Target::from)));
 /// # let _: &tcp::OriginalDstService<_> = &svc;
 /// ```
 #[derive(Debug, Clone, Copy, Default)]

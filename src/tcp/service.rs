@@ -9,13 +9,13 @@ use tower::{Service, ServiceExt};
 use tracing::debug;
 
 use super::relay::{relay_with, RelayConfig, RelayError};
-use crate::conn::{refusal_for, Admission, Conn, Io, Refusal};
+use crate::conn::{refusal_for, Admission, Conn, Io, Metadata, Refusal};
 use crate::{BoxError, Target};
 
 /// Relays each connection to an upstream chosen from its metadata.
 ///
-/// The upstream function sees the whole [`Conn`] (peer, original destination, SNI, tunnel
-/// authority…) and returns the [`Target`], or `None` to close the connection. Any
+/// The upstream function sees the connection's [`Metadata`] (peer, original destination,
+/// SNI, tunnel authority…) and returns the [`Target`], or `None` to close the connection. Any
 /// connector works: plain TCP, TLS, a CONNECT tunnel, HBONE.
 ///
 /// When the connection came through a tunnel whose terminator waits for an
@@ -24,10 +24,11 @@ use crate::{BoxError, Target};
 /// followed by a close).
 ///
 /// ```
+/// use proxystack::conn::Metadata;
 /// use proxystack::{tcp, Conn, Target};
 /// use std::time::Duration;
 /// let relay = tcp::Relay::new(tcp::TcpConnector::new())
-///     .upstream(|_: &Conn<_>| Some(Target::from_static("127.0.0.1:8080")))
+///     .upstream(|_: &Metadata| Some(Target::from_static("127.0.0.1:8080")))
 ///     .idle_timeout(Some(Duration::from_secs(300)));
 /// # let _ = relay;
 /// ```
@@ -109,7 +110,7 @@ impl<C, F, I, O> Service<Conn<I>> for Relay<C, F>
 where
     I: Io,
     O: Io,
-    F: Fn(&Conn<I>) -> Option<Target>,
+    F: Fn(&Metadata) -> Option<Target>,
     C: Service<Target, Response = Conn<O>> + Clone + Send + 'static,
     C::Error: Into<BoxError>,
     C::Future: Send,
@@ -125,7 +126,7 @@ where
     }
 
     fn call(&mut self, conn: Conn<I>) -> Self::Future {
-        let target = (self.upstream)(&conn);
+        let target = (self.upstream)(conn.metadata());
         let connector = self.connector.clone();
         let config = self.config.clone();
         Box::pin(async move {

@@ -24,6 +24,7 @@ use crate::BoxError;
 ///
 /// ```
 /// # #[cfg(feature = "demo-certs")] {
+/// use proxystack::conn::Metadata;
 /// use proxystack::tls::{demo::DemoCa, ServerConfigBuilder, TerminateLayer};
 /// use proxystack::{tcp, Conn, Target};
 /// use tower::ServiceBuilder;
@@ -32,7 +33,7 @@ use crate::BoxError;
 /// let svc = ServiceBuilder::new()
 ///     .layer(TerminateLayer::new(config))
 ///     .service(tcp::Relay::new(tcp::TcpConnector::new())
-///         .upstream(|_: &Conn<_>| Some(Target::from_static("127.0.0.1:8080"))));
+///         .upstream(|_: &Metadata| Some(Target::from_static("127.0.0.1:8080"))));
 /// # let _ = svc; }
 /// ```
 #[derive(Clone)]
