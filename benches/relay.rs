@@ -3,28 +3,19 @@
 //!
 //! `cargo bench --bench relay` (add `-- --quick` for a shorter run).
 
-use std::collections::BTreeMap;
+#[path = "support/mod.rs"]
+mod support;
+
 use std::net::SocketAddr;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, Criterion, Throughput};
 use proxystack::{drain, tcp, Server, Target};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use support::{get, record, rss_kib, set};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Runtime;
 
 const BULK: usize = 256 << 20;
-
-/// Seconds per operation, per benchmark id, for the ratio table.
-static RESULTS: Mutex<BTreeMap<String, f64>> = Mutex::new(BTreeMap::new());
-
-fn record(id: &str, total: Duration, ops: u64) {
-    let per_op = total.as_secs_f64() / ops.max(1) as f64;
-    let mut r = RESULTS.lock().unwrap();
-    let slot = r.entry(id.to_string()).or_insert(f64::MAX);
-    *slot = slot.min(per_op); // best sample: least disturbed by the shared machine
-}
 
 struct Setup {
     sink: SocketAddr,
@@ -35,23 +26,8 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
-    let sink = serve_fn(|mut s| async move {
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut total = 0u64;
-        while let Ok(n) = s.read(&mut buf).await {
-            if n == 0 {
-                break;
-            }
-            total += n as u64;
-        }
-        let _ = s.write_all(&total.to_be_bytes()).await;
-    })
-    .await;
-    let echo = serve_fn(|mut s| async move {
-        let (mut r, mut w) = s.split();
-        let _ = tokio::io::copy(&mut r, &mut w).await;
-    })
-    .await;
+    let sink = support::sink().await;
+    let echo = support::echo().await;
     let (signal, watch) = drain::channel();
     let relay_to_sink = relay(sink, watch.clone()).await;
     let relay_to_echo = relay(echo, watch).await;
@@ -64,22 +40,6 @@ async fn setup() -> Setup {
     }
 }
 
-async fn serve_fn<F, Fut>(f: F) -> SocketAddr
-where
-    F: Fn(TcpStream) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            s.set_nodelay(true).unwrap();
-            tokio::spawn(f(s));
-        }
-    });
-    addr
-}
-
 async fn relay(upstream: SocketAddr, watch: drain::Watch) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -89,35 +49,10 @@ async fn relay(upstream: SocketAddr, watch: drain::Watch) -> SocketAddr {
     addr
 }
 
-async fn bulk(addr: SocketAddr, bytes: usize) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let chunk = vec![0x5au8; 256 * 1024];
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(chunk.len());
-        s.write_all(&chunk[..n]).await.unwrap();
-        left -= n;
-    }
-    s.shutdown().await.unwrap();
-    let mut total = [0u8; 8];
-    s.read_exact(&mut total).await.unwrap();
-    assert_eq!(u64::from_be_bytes(total), bytes as u64);
-}
-
-async fn ping_pong(s: &mut TcpStream, rounds: u64) {
-    let mut b = [0u8; 1];
-    for _ in 0..rounds {
-        s.write_all(b"x").await.unwrap();
-        s.read_exact(&mut b).await.unwrap();
-    }
-}
-
 async fn connect_once(addr: SocketAddr) {
     let mut s = TcpStream::connect(addr).await.unwrap();
     s.set_nodelay(true).unwrap();
-    s.write_all(b"x").await.unwrap();
-    let mut b = [0u8; 1];
-    s.read_exact(&mut b).await.unwrap();
+    support::ping(&mut s).await;
 }
 
 fn benches(c: &mut Criterion) {
@@ -135,7 +70,9 @@ fn benches(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let t = Instant::now();
                 for _ in 0..iters {
-                    rt.block_on(bulk(addr, BULK));
+                    rt.block_on(async {
+                        support::bulk(TcpStream::connect(addr).await.unwrap(), BULK).await
+                    });
                 }
                 let e = t.elapsed();
                 record(&format!("throughput/{id}"), e, iters);
@@ -153,7 +90,9 @@ fn benches(c: &mut Criterion) {
                     let mut conn = TcpStream::connect(addr).await.unwrap();
                     conn.set_nodelay(true).unwrap();
                     let t = Instant::now();
-                    ping_pong(&mut conn, iters).await;
+                    for _ in 0..iters {
+                        support::ping(&mut conn).await;
+                    }
                     let e = t.elapsed();
                     record(&format!("ping_pong/{id}"), e, iters);
                     e
@@ -195,9 +134,7 @@ fn idle_memory(rt: &Runtime, s: &Setup) {
             for _ in 0..N {
                 let mut c = TcpStream::connect(addr).await.unwrap();
                 // One round trip proves the connection is fully set up on both hops.
-                c.write_all(b"x").await.unwrap();
-                let mut b = [0u8; 1];
-                c.read_exact(&mut b).await.unwrap();
+                support::ping(&mut c).await;
                 conns.push(c);
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -209,26 +146,14 @@ fn idle_memory(rt: &Runtime, s: &Setup) {
     };
     let direct = measure(s.echo);
     let relayed = measure(s.relay_to_echo);
-    let mut r = RESULTS.lock().unwrap();
-    r.insert("idle_kib_per_conn/direct".into(), direct);
-    r.insert("idle_kib_per_conn/relay".into(), relayed);
-}
-
-fn rss_kib() -> i64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+    set("idle_kib_per_conn/direct", direct);
+    set("idle_kib_per_conn/relay", relayed);
 }
 
 fn summary() {
-    let r = RESULTS.lock().unwrap();
-    let get = |k: &str| r.get(k).copied();
     println!("\n== relay vs direct (best sample) ==");
     if let (Some(d), Some(p)) = (get("throughput/direct"), get("throughput/relay")) {
-        let gbps = |s: f64| BULK as f64 * 8.0 / s / 1e9;
+        let gbps = |s: f64| support::gbps(BULK, s);
         println!(
             "throughput: direct {:.2} Gb/s, relay {:.2} Gb/s, ratio {:.2}",
             gbps(d),

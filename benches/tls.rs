@@ -1,0 +1,157 @@
+//! TLS termination vs plaintext, in one run: bulk throughput through a relay that
+//! terminates TLS vs the same relay in plaintext, and handshakes/s with and without client
+//! certificates. Prints the ratios at the end.
+//!
+//! `cargo bench --bench tls --all-features` (add `-- --quick` for a shorter run).
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use criterion::{criterion_group, Criterion, Throughput};
+use proxystack::conn::Metadata;
+use proxystack::tls::demo::DemoCa;
+use proxystack::tls::{ClientAuth, ServerConfigBuilder, SniMode, TerminateLayer, TlsConnector};
+use proxystack::{drain, tcp, Server, Target};
+use support::{get, record};
+use tokio::net::{TcpListener, TcpStream};
+use tower::{ServiceBuilder, ServiceExt};
+
+const BULK: usize = 64 << 20;
+
+async fn listen<S>(svc: S, watch: drain::Watch) -> SocketAddr
+where
+    S: tower::Service<proxystack::Conn<TcpStream>, Response = ()> + Clone + Send + 'static,
+    S::Error: Into<proxystack::BoxError>,
+    S::Future: Send + 'static,
+{
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { Server::new().serve(l, svc, watch).await });
+    addr
+}
+
+fn relay_to(
+    upstream: SocketAddr,
+) -> tcp::Relay<tcp::TcpConnector, impl Fn(&Metadata) -> Option<Target> + Clone> {
+    tcp::Relay::new(tcp::TcpConnector::new())
+        .upstream(move |_: &Metadata| Some(Target::from(upstream)))
+}
+
+fn benches(c: &mut Criterion) {
+    let rt = support::runtime();
+    let ca = DemoCa::new("cluster.local");
+    let (_signal, watch) = drain::channel();
+    let (plain, tls, echo_tls, echo_mtls) = rt.block_on(async {
+        let sink = support::sink().await;
+        let echo = support::echo().await;
+        let server_tls = ServerConfigBuilder::new()
+            .default_cert(ca.server_cert(&["localhost"]))
+            .build()
+            .unwrap();
+        let server_mtls = ServerConfigBuilder::new()
+            .default_cert(ca.workload_cert("default", "server"))
+            .client_auth(ClientAuth::Required(ca.roots()))
+            .build()
+            .unwrap();
+        let terminate = |cfg: Arc<rustls::ServerConfig>, to| {
+            ServiceBuilder::new()
+                .layer(TerminateLayer::new(cfg))
+                .service(relay_to(to))
+        };
+        (
+            listen(relay_to(sink), watch.clone()).await,
+            listen(terminate(server_tls.clone(), sink), watch.clone()).await,
+            listen(terminate(server_tls, echo), watch.clone()).await,
+            listen(terminate(server_mtls, echo), watch.clone()).await,
+        )
+    });
+    let tls_client = TlsConnector::new(tcp::TcpConnector::new(), ca.roots())
+        .sni(SniMode::Fixed("localhost".into()));
+    let mtls_client = TlsConnector::new(tcp::TcpConnector::new(), ca.roots())
+        .client_cert(ca.workload_cert("default", "client"))
+        .unwrap()
+        .sni(SniMode::None)
+        .expect_identities(ca.workload_cert("default", "server").spiffe_ids());
+
+    let mut g = c.benchmark_group("bulk_64MiB");
+    g.sample_size(10).throughput(Throughput::Bytes(BULK as u64));
+    g.bench_function("plaintext_relay", |b| {
+        b.iter_custom(|iters| {
+            let t = Instant::now();
+            for _ in 0..iters {
+                rt.block_on(async {
+                    support::bulk(TcpStream::connect(plain).await.unwrap(), BULK).await
+                });
+            }
+            record("bulk/plain", t.elapsed(), iters);
+            t.elapsed()
+        })
+    });
+    g.bench_function("tls_terminate_relay", |b| {
+        b.iter_custom(|iters| {
+            let t = Instant::now();
+            for _ in 0..iters {
+                let conn = rt
+                    .block_on(tls_client.clone().oneshot(Target::from(tls)))
+                    .unwrap();
+                rt.block_on(support::bulk(conn, BULK));
+            }
+            record("bulk/tls", t.elapsed(), iters);
+            t.elapsed()
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("handshake");
+    for (id, client, addr) in [
+        ("tls", &tls_client, echo_tls),
+        ("mtls", &mtls_client, echo_mtls),
+    ] {
+        g.bench_function(id, |b| {
+            b.iter_custom(|iters| {
+                let t = Instant::now();
+                rt.block_on(async {
+                    for _ in 0..iters {
+                        let mut conn = client.clone().oneshot(Target::from(addr)).await.unwrap();
+                        support::ping(&mut conn).await;
+                    }
+                });
+                record(&format!("handshake/{id}"), t.elapsed(), iters);
+                t.elapsed()
+            })
+        });
+    }
+    g.finish();
+}
+
+fn summary() {
+    println!("\n== TLS vs plaintext (best sample) ==");
+    if let (Some(p), Some(t)) = (get("bulk/plain"), get("bulk/tls")) {
+        println!(
+            "bulk: plaintext relay {:.2} Gb/s, TLS-terminating relay {:.2} Gb/s, ratio {:.2}",
+            support::gbps(BULK, p),
+            support::gbps(BULK, t),
+            p / t
+        );
+    }
+    for id in ["tls", "mtls"] {
+        if let Some(h) = get(&format!("handshake/{id}")) {
+            println!(
+                "handshakes/s ({id}, incl. connect and 1-byte echo): {:.0}",
+                1.0 / h
+            );
+        }
+    }
+}
+
+criterion_group!(tls_benches, benches);
+
+fn main() {
+    tls_benches();
+    Criterion::default().configure_from_args().final_summary();
+    summary();
+}
