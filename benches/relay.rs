@@ -21,7 +21,9 @@ struct Setup {
     sink: SocketAddr,
     echo: SocketAddr,
     relay_to_sink: SocketAddr,
+    copy_relay_to_sink: SocketAddr,
     relay_to_echo: SocketAddr,
+    copy_relay_to_echo: SocketAddr,
     _signal: drain::Signal,
 }
 
@@ -29,21 +31,27 @@ async fn setup() -> Setup {
     let sink = support::sink().await;
     let echo = support::echo().await;
     let (signal, watch) = drain::channel();
-    let relay_to_sink = relay(sink, watch.clone()).await;
-    let relay_to_echo = relay(echo, watch).await;
+    let relay_to_sink = relay(sink, true, watch.clone()).await;
+    let copy_relay_to_sink = relay(sink, false, watch.clone()).await;
+    let relay_to_echo = relay(echo, true, watch.clone()).await;
+    let copy_relay_to_echo = relay(echo, false, watch).await;
     Setup {
         sink,
         echo,
         relay_to_sink,
+        copy_relay_to_sink,
         relay_to_echo,
+        copy_relay_to_echo,
         _signal: signal,
     }
 }
 
-async fn relay(upstream: SocketAddr, watch: drain::Watch) -> SocketAddr {
+/// A relay to `upstream`; `splice` chooses `splice(2)` or the portable copy loop.
+async fn relay(upstream: SocketAddr, splice: bool, watch: drain::Watch) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let svc = tcp::Relay::new(tcp::TcpConnector::new())
+        .config(tcp::RelayConfig::new().splice(splice))
         .upstream(move |_: &proxystack::conn::Metadata| Some(Target::from(upstream)));
     tokio::spawn(async move { Server::new().serve(l, svc, watch).await });
     addr
@@ -65,7 +73,11 @@ fn benches(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("throughput_256MiB");
     g.sample_size(10).throughput(Throughput::Bytes(BULK as u64));
-    for (id, addr) in [("direct", s.sink), ("relay", s.relay_to_sink)] {
+    for (id, addr) in [
+        ("direct", s.sink),
+        ("relay", s.relay_to_sink),
+        ("relay_copy", s.copy_relay_to_sink),
+    ] {
         g.bench_function(id, |b| {
             b.iter_custom(|iters| {
                 let t = Instant::now();
@@ -83,7 +95,11 @@ fn benches(c: &mut Criterion) {
     g.finish();
 
     let mut g = c.benchmark_group("ping_pong_1B");
-    for (id, addr) in [("direct", s.echo), ("relay", s.relay_to_echo)] {
+    for (id, addr) in [
+        ("direct", s.echo),
+        ("relay", s.relay_to_echo),
+        ("relay_copy", s.copy_relay_to_echo),
+    ] {
         g.bench_function(id, |b| {
             b.iter_custom(|iters| {
                 rt.block_on(async {
@@ -103,7 +119,11 @@ fn benches(c: &mut Criterion) {
     g.finish();
 
     let mut g = c.benchmark_group("new_connection");
-    for (id, addr) in [("direct", s.echo), ("relay", s.relay_to_echo)] {
+    for (id, addr) in [
+        ("direct", s.echo),
+        ("relay", s.relay_to_echo),
+        ("relay_copy", s.copy_relay_to_echo),
+    ] {
         g.bench_function(id, |b| {
             b.iter_custom(|iters| {
                 let t = Instant::now();
@@ -146,46 +166,52 @@ fn idle_memory(rt: &Runtime, s: &Setup) {
     };
     let direct = measure(s.echo);
     let relayed = measure(s.relay_to_echo);
+    let copied = measure(s.copy_relay_to_echo);
+    set("idle_kib_per_conn/relay_copy", copied);
     set("idle_kib_per_conn/direct", direct);
     set("idle_kib_per_conn/relay", relayed);
 }
 
 fn summary() {
-    println!("\n== relay vs direct (best sample) ==");
-    if let (Some(d), Some(p)) = (get("throughput/direct"), get("throughput/relay")) {
-        let gbps = |s: f64| support::gbps(BULK, s);
-        println!(
-            "throughput: direct {:.2} Gb/s, relay {:.2} Gb/s, ratio {:.2}",
-            gbps(d),
-            gbps(p),
-            d / p
-        );
-    }
-    if let (Some(d), Some(p)) = (get("ping_pong/direct"), get("ping_pong/relay")) {
-        println!(
-            "1-byte round trip: direct {:.1} µs, relay {:.1} µs, ratio {:.2}",
-            d * 1e6,
-            p * 1e6,
-            p / d
-        );
-    }
-    if let (Some(d), Some(p)) = (get("connect/direct"), get("connect/relay")) {
-        println!(
-            "new connections/s: direct {:.0}, relay {:.0}, ratio {:.2}",
-            1.0 / d,
-            1.0 / p,
-            d / p
-        );
-    }
-    if let (Some(d), Some(p)) = (
-        get("idle_kib_per_conn/direct"),
-        get("idle_kib_per_conn/relay"),
-    ) {
-        println!(
-            "idle memory: {:.2} KiB RSS per relayed connection (direct baseline {:.2})",
-            p - d,
-            d
-        );
+    println!("\n== relay vs direct (best sample; relay = splice(2) path, relay_copy = portable copy loop) ==");
+    for variant in ["relay", "relay_copy"] {
+        if let (Some(d), Some(p)) = (
+            get("throughput/direct"),
+            get(&format!("throughput/{variant}")),
+        ) {
+            let gbps = |s: f64| support::gbps(BULK, s);
+            println!(
+                "throughput: direct {:.2} Gb/s, {variant} {:.2} Gb/s, ratio {:.2}",
+                gbps(d),
+                gbps(p),
+                d / p
+            );
+        }
+        if let (Some(d), Some(p)) = (
+            get("ping_pong/direct"),
+            get(&format!("ping_pong/{variant}")),
+        ) {
+            println!(
+                "1-byte round trip: direct {:.1} µs, {variant} {:.1} µs, ratio {:.2}",
+                d * 1e6,
+                p * 1e6,
+                p / d
+            );
+        }
+        if let (Some(d), Some(p)) = (get("connect/direct"), get(&format!("connect/{variant}"))) {
+            println!(
+                "new connections/s: direct {:.0}, {variant} {:.0}, ratio {:.2}",
+                1.0 / d,
+                1.0 / p,
+                d / p
+            );
+        }
+        if let (Some(d), Some(p)) = (
+            get("idle_kib_per_conn/direct"),
+            get(&format!("idle_kib_per_conn/{variant}")),
+        ) {
+            println!("idle memory: {:.2} KiB RSS per connection through {variant} (direct baseline {d:.2})", p - d);
+        }
     }
 }
 

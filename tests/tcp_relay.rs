@@ -19,7 +19,16 @@ use tokio::net::{TcpListener, TcpStream};
 fn relay_to(
     upstream: SocketAddr,
 ) -> tcp::Relay<tcp::TcpConnector, impl Fn(&Metadata) -> Option<Target> + Clone> {
+    relay_via(upstream, true)
+}
+
+/// `splice` picks the relay's path: `splice(2)` (TCP↔TCP on Linux) or the portable copy loop.
+fn relay_via(
+    upstream: SocketAddr,
+    splice: bool,
+) -> tcp::Relay<tcp::TcpConnector, impl Fn(&Metadata) -> Option<Target> + Clone> {
     tcp::Relay::new(tcp::TcpConnector::new())
+        .config(RelayConfig::new().splice(splice))
         .upstream(move |_: &Metadata| Some(Target::from(upstream)))
 }
 
@@ -51,6 +60,7 @@ async fn bidirectional_case(
     down_data: Vec<u8>,
     chunks: (usize, usize),
     delays: (u64, u64),
+    splice: bool,
 ) {
     // The upstream sends `down_data` and collects what it receives, concurrently.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -67,7 +77,7 @@ async fn bidirectional_case(
             got
         })
     };
-    let proxy = start(Server::new(), relay_to(upstream_addr)).await;
+    let proxy = start(Server::new(), relay_via(upstream_addr, splice)).await;
     let mut client = TcpStream::connect(proxy.addr).await.unwrap();
     let (mut r, mut w) = client.split();
     let (_, client_got) = tokio::join!(
@@ -106,9 +116,10 @@ proptest! {
         up in payload(), down in payload(),
         chunk_up in 1usize..70_000, chunk_down in 1usize..70_000,
         delay_up in 0u64..20, delay_down in 0u64..20,
+        splice in any::<bool>(),
     ) {
         let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(bidirectional_case(up, down, (chunk_up, chunk_down), (delay_up, delay_down)));
+        rt.block_on(bidirectional_case(up, down, (chunk_up, chunk_down), (delay_up, delay_down), splice));
     }
 }
 
@@ -160,6 +171,12 @@ fn reset(stream: TcpStream) {
 
 #[tokio::test]
 async fn upstream_reset_reaches_client_as_reset() {
+    for splice in [true, false] {
+        upstream_reset_case(splice).await;
+    }
+}
+
+async fn upstream_reset_case(splice: bool) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -168,7 +185,7 @@ async fn upstream_reset_reaches_client_as_reset() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         reset(s);
     });
-    let proxy = start(Server::new(), relay_to(addr)).await;
+    let proxy = start(Server::new(), relay_via(addr, splice)).await;
     let mut c = TcpStream::connect(proxy.addr).await.unwrap();
     let mut sink = Vec::new();
     let err = c
@@ -181,6 +198,12 @@ async fn upstream_reset_reaches_client_as_reset() {
 
 #[tokio::test]
 async fn client_reset_reaches_upstream_as_reset() {
+    for splice in [true, false] {
+        client_reset_case(splice).await;
+    }
+}
+
+async fn client_reset_case(splice: bool) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let upstream = tokio::spawn(async move {
@@ -188,7 +211,7 @@ async fn client_reset_reaches_upstream_as_reset() {
         let mut sink = Vec::new();
         s.read_to_end(&mut sink).await
     });
-    let proxy = start(Server::new(), relay_to(addr)).await;
+    let proxy = start(Server::new(), relay_via(addr, splice)).await;
     let mut c = TcpStream::connect(proxy.addr).await.unwrap();
     c.write_all(b"partial request").await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -416,6 +439,12 @@ async fn drain_deadline_forces_close() {
 
 #[tokio::test]
 async fn slow_reader_applies_backpressure() {
+    for splice in [true, false] {
+        slow_reader_case(splice).await;
+    }
+}
+
+async fn slow_reader_case(splice: bool) {
     // The upstream accepts and never reads: the relay must stop reading from the client
     // instead of buffering without bound.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -424,7 +453,7 @@ async fn slow_reader_applies_backpressure() {
         let (_s, _) = listener.accept().await.unwrap();
         tokio::time::sleep(Duration::from_secs(30)).await;
     });
-    let proxy = start(Server::new(), relay_to(addr)).await;
+    let proxy = start(Server::new(), relay_via(addr, splice)).await;
     let mut c = TcpStream::connect(proxy.addr).await.unwrap();
     let chunk = vec![0u8; 64 * 1024];
     let mut written = 0usize;
@@ -505,4 +534,30 @@ fn emfile_child() {
         assert_eq!(got, b"still alive");
         println!("accept_errors={errors} EMFILE-CHILD-OK");
     });
+}
+
+#[tokio::test]
+async fn idle_timeout_applies_on_both_paths() {
+    for splice in [true, false] {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (_s, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        let relay = tcp::Relay::new(tcp::TcpConnector::new())
+            .config(
+                RelayConfig::new()
+                    .splice(splice)
+                    .idle_timeout(Some(Duration::from_millis(200))),
+            )
+            .upstream(move |_: &Metadata| Some(Target::from(addr)));
+        let proxy = start(Server::new(), relay).await;
+        let mut c = TcpStream::connect(proxy.addr).await.unwrap();
+        c.write_all(b"x").await.unwrap();
+        let mut buf = Vec::new();
+        // The quiet relay is closed by the proxy well before the upstream's 30 s.
+        let closed = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut buf)).await;
+        assert!(closed.is_ok(), "splice={splice}: idle relay not closed");
+    }
 }

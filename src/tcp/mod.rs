@@ -18,6 +18,8 @@ mod original_dst;
 mod relay;
 mod service;
 mod socket;
+#[cfg(target_os = "linux")]
+mod splice;
 
 pub use connector::{ConnectError, ConnectErrorKind, TcpConnector};
 pub use original_dst::{original_dst, OriginalDstLayer, OriginalDstService};

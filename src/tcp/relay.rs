@@ -32,6 +32,7 @@ pub struct RelayConfig {
     total_timeout: Option<Duration>,
     initial_buffer: usize,
     max_buffer: usize,
+    splice: bool,
 }
 
 impl Default for RelayConfig {
@@ -41,6 +42,7 @@ impl Default for RelayConfig {
             total_timeout: None,
             initial_buffer: 1024,
             max_buffer: 256 * 1024,
+            splice: cfg!(target_os = "linux"),
         }
     }
 }
@@ -70,6 +72,21 @@ impl RelayConfig {
         self
     }
 
+    /// Use `splice(2)` when both ends are plain TCP sockets (Linux; default on): bytes
+    /// then never enter user space. Off forces the portable copy loop.
+    pub fn splice(mut self, on: bool) -> Self {
+        self.splice = on;
+        self
+    }
+
+    pub(super) fn splice_enabled(&self) -> bool {
+        self.splice
+    }
+
+    pub(super) fn timeouts(&self) -> (Option<Duration>, Option<Duration>) {
+        (self.idle_timeout, self.total_timeout)
+    }
+
     /// Largest buffer per direction; this bounds the relay's memory per connection.
     pub fn max_buffer(mut self, bytes: usize) -> Self {
         self.max_buffer = bytes.max(self.initial_buffer);
@@ -87,7 +104,7 @@ pub enum Side {
 }
 
 impl Side {
-    fn other(self) -> Self {
+    pub(super) fn other(self) -> Self {
         match self {
             Side::Downstream => Side::Upstream,
             Side::Upstream => Side::Downstream,
@@ -233,7 +250,38 @@ pub async fn relay_with<A: Io, B: Io>(
     })
     .await;
 
-    let result = match ending {
+    let result = finish(ending, &mut first_close, |side| {
+        // Propagate the abort: the healthy peer must not mistake it for a clean FIN.
+        match side {
+            Side::Downstream => arm_reset(Io::as_any(&*upstream)),
+            Side::Upstream => arm_reset(Io::as_any(&*downstream)),
+        };
+    });
+    RelayStats {
+        bytes_up: up.bytes,
+        bytes_down: down.bytes,
+        duration: started.elapsed(),
+        first_close,
+        result,
+    }
+}
+
+/// How a relay ended, before it is reported.
+pub(super) enum Ending {
+    Done,
+    Failed(Side, io::Error),
+    IdleTimeout(Duration),
+    TotalTimeout(Duration),
+}
+
+/// Turns an [`Ending`] into the reported result; `reset_healthy` is called with the side
+/// that failed so the other one can be armed to reset.
+pub(super) fn finish(
+    ending: Ending,
+    first_close: &mut Option<Close>,
+    reset_healthy: impl FnOnce(Side),
+) -> Result<(), RelayError> {
+    match ending {
         Ending::Done => Ok(()),
         Ending::IdleTimeout(t) => Err(RelayError::IdleTimeout(t)),
         Ending::TotalTimeout(t) => Err(RelayError::TotalTimeout(t)),
@@ -244,28 +292,10 @@ pub async fn relay_with<A: Io, B: Io>(
                 CloseKind::Error(source.kind())
             };
             first_close.get_or_insert(Close { side, kind });
-            // Propagate the abort: the healthy peer must not mistake it for a clean FIN.
-            match side {
-                Side::Downstream => arm_reset(Io::as_any(&*upstream)),
-                Side::Upstream => arm_reset(Io::as_any(&*downstream)),
-            };
+            reset_healthy(side);
             Err(RelayError::Io { side, source })
         }
-    };
-    RelayStats {
-        bytes_up: up.bytes,
-        bytes_down: down.bytes,
-        duration: started.elapsed(),
-        first_close,
-        result,
     }
-}
-
-enum Ending {
-    Done,
-    Failed(Side, io::Error),
-    IdleTimeout(Duration),
-    TotalTimeout(Duration),
 }
 
 fn is_reset(e: &io::Error) -> bool {

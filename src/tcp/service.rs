@@ -79,6 +79,23 @@ impl<C, U> Relay<C, U> {
     }
 }
 
+/// The splice fast path when both ends are plain TCP sockets, else the copy loop.
+async fn relay_any<I: Io, O: Io>(
+    down: &mut I,
+    up: &mut O,
+    config: &RelayConfig,
+) -> super::RelayStats {
+    #[cfg(target_os = "linux")]
+    if config.splice_enabled() {
+        let down_tcp = (&*down as &dyn std::any::Any).downcast_ref::<tokio::net::TcpStream>();
+        let up_tcp = (&*up as &dyn std::any::Any).downcast_ref::<tokio::net::TcpStream>();
+        if let (Some(d), Some(u)) = (down_tcp, up_tcp) {
+            return super::splice::splice_relay(d, u, config).await;
+        }
+    }
+    relay_with(down, up, config).await
+}
+
 /// Why a [`Relay`] connection ended badly.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -158,7 +175,7 @@ where
             }
             let (mut down, _) = conn.into_parts();
             let (mut up, _) = upstream.into_parts();
-            let stats = relay_with(&mut down, &mut up, &config).await;
+            let stats = relay_any(&mut down, &mut up, &config).await;
             debug!(
                 upstream = %name,
                 bytes.up = stats.bytes_up,
