@@ -143,33 +143,32 @@ fn benches(c: &mut Criterion) {
     idle_memory(&rt, &s);
 }
 
-/// RSS growth per idle connection: N connections through the relay minus N direct ones,
-/// so only what the relay adds (its task, buffers, two sockets' user-space state) counts.
+/// RSS growth per idle connection: N connections direct, then N through each relay, all
+/// kept open to the end so freed memory is never reused between measurements; a relay's
+/// cost is its growth minus the direct growth (client and server sockets).
 fn idle_memory(rt: &Runtime, s: &Setup) {
     const N: usize = 2000;
-    let measure = |addr: SocketAddr| -> f64 {
-        rt.block_on(async {
+    rt.block_on(async {
+        let mut held = Vec::new();
+        for (id, addr) in [
+            ("direct", s.echo),
+            ("relay", s.relay_to_echo),
+            ("relay_copy", s.copy_relay_to_echo),
+        ] {
             let before = rss_kib();
-            let mut conns = Vec::with_capacity(N);
             for _ in 0..N {
                 let mut c = TcpStream::connect(addr).await.unwrap();
-                // One round trip proves the connection is fully set up on both hops.
+                // One round trip proves the connection is fully set up on every hop.
                 support::ping(&mut c).await;
-                conns.push(c);
+                held.push(c);
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
-            let after = rss_kib();
-            drop(conns);
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            (after - before) as f64 / N as f64
-        })
-    };
-    let direct = measure(s.echo);
-    let relayed = measure(s.relay_to_echo);
-    let copied = measure(s.copy_relay_to_echo);
-    set("idle_kib_per_conn/relay_copy", copied);
-    set("idle_kib_per_conn/direct", direct);
-    set("idle_kib_per_conn/relay", relayed);
+            set(
+                &format!("idle_kib_per_conn/{id}"),
+                (rss_kib() - before) as f64 / N as f64,
+            );
+        }
+    });
 }
 
 fn summary() {

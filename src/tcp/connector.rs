@@ -4,6 +4,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -26,7 +27,7 @@ use crate::Target;
 /// let connector = TcpConnector::new().connect_timeout(Duration::from_secs(2));
 /// # let _ = connector;
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct TcpConnector {
     connect_timeout: Duration,
     nodelay: bool,
@@ -35,6 +36,22 @@ pub struct TcpConnector {
     transparent: bool,
     freebind: bool,
     mark: Option<u32>,
+    allow: Option<AddressFilter>,
+}
+
+/// Decides which resolved addresses may be dialled.
+type AddressFilter = Arc<dyn Fn(SocketAddr) -> bool + Send + Sync>;
+
+impl std::fmt::Debug for TcpConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpConnector")
+            .field("connect_timeout", &self.connect_timeout)
+            .field("bind", &self.bind)
+            .field("transparent", &self.transparent)
+            .field("mark", &self.mark)
+            .field("filtered", &self.allow.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for TcpConnector {
@@ -54,6 +71,7 @@ impl TcpConnector {
             transparent: false,
             freebind: false,
             mark: None,
+            allow: None,
         }
     }
 
@@ -103,6 +121,18 @@ impl TcpConnector {
         self
     }
 
+    /// Dials only addresses for which `allow` returns true. The check runs on the
+    /// *resolved* addresses, right before each connect, so a name cannot smuggle a
+    /// forbidden address past it (SSRF, DNS rebinding). A target with no allowed address
+    /// fails with [`ConnectErrorKind::Forbidden`] (a tunnel answers 403).
+    pub fn allow_addresses(
+        mut self,
+        allow: impl Fn(SocketAddr) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.allow = Some(Arc::new(allow));
+        self
+    }
+
     /// Connects to `target`.
     pub async fn connect(&self, target: &Target) -> Result<Conn<TcpStream>, ConnectError> {
         let err = |kind, source| ConnectError {
@@ -121,7 +151,17 @@ impl TcpConnector {
                 }
             };
             let mut last = None;
-            for addr in addrs {
+            let (allowed, denied): (Vec<_>, Vec<_>) = addrs
+                .into_iter()
+                .partition(|a| self.allow.as_ref().is_none_or(|allow| allow(*a)));
+            if allowed.is_empty() && !denied.is_empty() {
+                let e = io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!("address {} is not allowed", denied[0]),
+                );
+                return Err(err(ConnectErrorKind::Forbidden, e));
+            }
+            for addr in allowed {
                 match self.connect_addr(addr).await {
                     Ok(stream) => return Ok(stream),
                     Err(e) => {
@@ -226,6 +266,8 @@ pub enum ConnectErrorKind {
     Unreachable,
     /// The connect timeout passed.
     TimedOut,
+    /// Every address of the target is excluded by [`TcpConnector::allow_addresses`].
+    Forbidden,
     /// Another local error (e.g. binding the source address).
     Other,
 }
@@ -261,7 +303,10 @@ impl ConnectError {
 
     /// Whether another attempt (e.g. to another endpoint) could succeed.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self.kind, ConnectErrorKind::Other)
+        !matches!(
+            self.kind,
+            ConnectErrorKind::Other | ConnectErrorKind::Forbidden
+        )
     }
 
     /// The answer a tunnel terminator should give for this failure.
@@ -269,6 +314,7 @@ impl ConnectError {
         match self.kind {
             ConnectErrorKind::Refused => Refusal::Refused,
             ConnectErrorKind::TimedOut => Refusal::TimedOut,
+            ConnectErrorKind::Forbidden => Refusal::Denied,
             ConnectErrorKind::Resolve | ConnectErrorKind::Unreachable | ConnectErrorKind::Other => {
                 Refusal::Unreachable
             }
@@ -283,6 +329,7 @@ impl ConnectErrorKind {
             ConnectErrorKind::Refused => "connection refused by",
             ConnectErrorKind::Unreachable => "cannot reach",
             ConnectErrorKind::TimedOut => "timed out connecting to",
+            ConnectErrorKind::Forbidden => "not allowed to connect to",
             ConnectErrorKind::Other => "failed to connect to",
         }
     }
