@@ -480,3 +480,36 @@ async fn upstream_reset_ends_the_h2_tunnel_promptly() {
     let r = tokio::time::timeout(Duration::from_secs(5), t.read_to_end(&mut buf)).await;
     assert!(r.is_ok(), "the tunnel must end when its upstream resets");
 }
+
+#[tokio::test]
+async fn address_filter_refuses_forbidden_destinations_with_403() {
+    // An origin on 127.0.0.2, the only loopback address the filter allows.
+    let origin = TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let origin_addr = origin.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = origin.accept().await {
+            let _ = s.write_all(b"ok").await;
+        }
+    });
+    let connector = tcp::TcpConnector::new()
+        .allow_addresses(|a: SocketAddr| a.ip() == std::net::Ipv4Addr::new(127, 0, 0, 2));
+    let relay = tcp::Relay::new(connector)
+        .upstream(|m: &Metadata| Some(Target::from(m.get::<TunnelInfo>()?.authority.clone())));
+    let proxy = start(Server::new(), ConnectTerminate::new(relay)).await;
+    let port = origin_addr.port();
+    for (authority, want) in [
+        (format!("127.0.0.1:{port}"), "403"),
+        // A name resolving to a forbidden address is refused the same way.
+        (format!("localhost:{port}"), "403"),
+        (format!("[::1]:{port}"), "403"),
+        (format!("169.254.169.254:80"), "403"),
+        (format!("127.0.0.2:{port}"), "200"),
+    ] {
+        let got = status_of(
+            proxy.addr,
+            &format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n"),
+        )
+        .await;
+        assert!(got.contains(want), "{authority}: {got}");
+    }
+}
