@@ -502,7 +502,7 @@ async fn address_filter_refuses_forbidden_destinations_with_403() {
         // A name resolving to a forbidden address is refused the same way.
         (format!("localhost:{port}"), "403"),
         (format!("[::1]:{port}"), "403"),
-        (format!("169.254.169.254:80"), "403"),
+        ("169.254.169.254:80".to_string(), "403"),
         (format!("127.0.0.2:{port}"), "200"),
     ] {
         let got = status_of(
