@@ -310,3 +310,71 @@ where
         })
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::conn::PeerAddr;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn mixed_families_are_sent_as_ipv6() {
+        let send = SendProxyHeader::proxy(addr("192.0.2.1:1"), addr("[2001:db8::1]:2"));
+        assert_eq!(send.header().source(), Some(addr("[::ffff:192.0.2.1]:1")));
+        assert!(send.header().encode().is_ok());
+        // Both mapped: plain IPv4 on the wire.
+        let send =
+            SendProxyHeader::proxy(addr("[::ffff:192.0.2.1]:1"), addr("[::ffff:192.0.2.2]:2"));
+        assert_eq!(send.header().source(), Some(addr("192.0.2.1:1")));
+        assert_eq!(send.header().destination(), Some(addr("192.0.2.2:2")));
+    }
+
+    #[test]
+    fn from_inbound_prefers_header_then_original_dst_then_local() {
+        let mut meta = Extensions::new();
+        assert_eq!(SendProxyHeader::from_inbound(&meta), None);
+        meta.insert(PeerAddr(addr("10.0.0.1:1000")));
+        assert_eq!(SendProxyHeader::from_inbound(&meta), None, "no destination");
+        meta.insert(LocalAddr(addr("10.0.0.2:80")));
+        let h = SendProxyHeader::from_inbound(&meta).unwrap();
+        assert_eq!(h.header().destination(), Some(addr("10.0.0.2:80")));
+        meta.insert(OriginalDst(addr("10.0.0.3:8080")));
+        let h = SendProxyHeader::from_inbound(&meta).unwrap();
+        assert_eq!(h.header().destination(), Some(addr("10.0.0.3:8080")));
+        meta.insert(ProxiedAddrs {
+            source: addr("203.0.113.1:5"),
+            destination: addr("203.0.113.2:6"),
+        });
+        let id = SpiffeId::parse("spiffe://td/ns/a/sa/b").unwrap();
+        meta.insert(PeerIdentity(id.clone()));
+        let h = SendProxyHeader::from_inbound(&meta).unwrap();
+        assert_eq!(
+            h.header(),
+            &ProxyHeader::v2_proxy(addr("203.0.113.1:5"), addr("203.0.113.2:6"))
+                .with_identity(id.as_str())
+        );
+    }
+
+    #[test]
+    fn encode_follows_settings() {
+        let c = ProxyProtocolConnector::new(());
+        let t = Target::from(addr("10.0.0.9:1"));
+        assert!(matches!(
+            c.encode(&t),
+            Err(ProxyConnectError::MissingHeader(_))
+        ));
+        let local = c
+            .clone()
+            .when_missing(MissingHeader::Local)
+            .encode(&t)
+            .unwrap();
+        assert_eq!(local, ProxyHeader::local().encode().unwrap());
+        let with = t.with(SendProxyHeader::local());
+        let crc = c.crc32c(true).encode(&with).unwrap();
+        assert_eq!(crc.len(), 16 + 7, "LOCAL plus a CRC32C TLV");
+    }
+}

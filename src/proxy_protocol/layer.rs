@@ -175,7 +175,7 @@ impl std::fmt::Display for DisplayPeer {
 ///
 /// ```
 /// use proxystack::proxy_protocol::{ProxiedAddrs, ProxyProtocolLayer};
-/// use proxystack::{tcp, Conn, Target};
+/// use proxystack::{tcp, BoxIo, Conn, Target};
 /// use std::time::Duration;
 /// use tower::ServiceBuilder;
 ///
@@ -186,7 +186,7 @@ impl std::fmt::Display for DisplayPeer {
 ///             .trusted(["10.0.0.0/24"])
 ///             .timeout(Duration::from_secs(3)),
 ///     )
-///     .service(tcp::Relay::new(tcp::TcpConnector::new()).upstream(|c: &Conn<_>| {
+///     .service(tcp::Relay::new(tcp::TcpConnector::new()).upstream(|c: &Conn<BoxIo>| {
 ///         let client = ProxiedAddrs::client_of(c.metadata())?;
 ///         tracing::info!(%client, "relaying");
 ///         Some(Target::from_static("127.0.0.1:8080"))
@@ -499,5 +499,48 @@ where
             };
             pass(io, meta).await
         })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_strict() {
+        let layer = ProxyProtocolLayer::required();
+        assert_eq!(layer.mode(), Mode::Required);
+        assert!(layer.trusted.is_empty(), "nobody is trusted by default");
+        // The spec wants receivers to wait at least 3 s for the header.
+        assert!(layer.timeout >= Duration::from_secs(3));
+        assert!(!layer.peer_addr_from_header);
+        assert_eq!(ProxyProtocolLayer::optional().mode(), Mode::Optional);
+        assert_eq!(ProxyProtocolLayer::off().mode(), Mode::Off);
+    }
+
+    #[test]
+    fn trusted_networks_accumulate() {
+        let layer = ProxyProtocolLayer::required()
+            .trusted(["10.0.0.0/8"])
+            .trusted(["::1"]);
+        assert_eq!(layer.trusted.networks().len(), 2);
+        assert!(layer.trusted.contains("10.1.1.1".parse().unwrap()));
+        assert!(layer.trusted.contains("::1".parse().unwrap()));
+        assert!(ProxyProtocolLayer::required()
+            .try_trusted(["10.0.0.0/8", "10.0.0.1/8"])
+            .is_err());
+    }
+
+    #[test]
+    #[should_panic(expected = "invalid trusted network")]
+    fn trusted_panics_on_a_bad_literal() {
+        let _ = ProxyProtocolLayer::required().trusted(["not a network"]);
+    }
+
+    #[test]
+    fn buffer_bound_covers_both_versions() {
+        assert_eq!(max_header_len(&Limits { max_v2_len: 0 }), 107);
+        assert_eq!(max_header_len(&Limits::default()), 16 + 16 * 1024);
     }
 }

@@ -48,7 +48,7 @@
 //!
 //! ```
 //! use proxystack::proxy_protocol::{ProxyProtocolConnector, ProxyProtocolLayer, SendProxyHeader};
-//! use proxystack::{tcp, Conn, Target};
+//! use proxystack::{tcp, BoxIo, Conn, Target};
 //! use tower::ServiceBuilder;
 //!
 //! // Accept PROXY from the load balancers, relay to a backend that also speaks PROXY,
@@ -57,7 +57,7 @@
 //!     .layer(ProxyProtocolLayer::required().trusted(["10.0.0.0/24"]))
 //!     .service(
 //!         tcp::Relay::new(ProxyProtocolConnector::new(tcp::TcpConnector::new()))
-//!             .upstream(|c: &Conn<_>| {
+//!                     .upstream(|c: &Conn<BoxIo>| {
 //!                 let send = SendProxyHeader::from_inbound(c.metadata())?;
 //!                 Some(Target::from_static("10.1.0.5:8080").with(send))
 //!             }),

@@ -277,7 +277,8 @@ mod tests {
         assert!(cidr("::1").contains(ip("::1")));
         assert!(!cidr("::1").contains(ip("::2")));
         // Prefixes that do not fall on a 16-bit group boundary.
-        let odd = cidr("fd00::/7");
+        let odd = cidr("fc00::/7");
+        assert!("fd00::/7".parse::<Cidr>().is_err(), "host bit set");
         assert!(odd.contains(ip("fc00::1")) && odd.contains(ip("fdff::1")));
         assert!(!odd.contains(ip("fe00::1")));
         assert!(cidr("2001:db8::8000/113").contains(ip("2001:db8::ffff")));
