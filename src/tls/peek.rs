@@ -29,12 +29,12 @@ use crate::BoxError;
 ///
 /// ```
 /// use proxystack::tls::{PeekLayer, Sni};
-/// use proxystack::{tcp, Conn, Target};
+/// use proxystack::{tcp, BoxIo, Conn, Target};
 /// use tower::ServiceBuilder;
 /// // SNI-routed passthrough: TLS stays end to end.
 /// let svc = ServiceBuilder::new()
 ///     .layer(PeekLayer::new())
-///     .service(tcp::Relay::new(tcp::TcpConnector::new()).upstream(|c: &Conn<_>| {
+///     .service(tcp::Relay::new(tcp::TcpConnector::new()).upstream(|c: &Conn<BoxIo>| {
 ///         match c.get::<Sni>()?.0.as_str() {
 ///             "a.example.com" => Some(Target::from_static("10.0.0.1:443")),
 ///             _ => None,

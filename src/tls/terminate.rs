@@ -25,14 +25,14 @@ use crate::BoxError;
 /// ```
 /// # #[cfg(feature = "demo-certs")] {
 /// use proxystack::tls::{demo::DemoCa, ServerConfigBuilder, TerminateLayer};
-/// use proxystack::{tcp, Conn, Target};
+/// use proxystack::{tcp, BoxIo, Conn, Target};
 /// use tower::ServiceBuilder;
 /// let ca = DemoCa::new("example.org");
 /// let config = ServerConfigBuilder::new().default_cert(ca.server_cert(&["localhost"])).build().unwrap();
 /// let svc = ServiceBuilder::new()
 ///     .layer(TerminateLayer::new(config))
 ///     .service(tcp::Relay::new(tcp::TcpConnector::new())
-///         .upstream(|_: &Conn<_>| Some(Target::from_static("127.0.0.1:8080"))));
+///         .upstream(|_: &Conn<BoxIo>| Some(Target::from_static("127.0.0.1:8080"))));
 /// # let _ = svc; }
 /// ```
 #[derive(Clone)]
