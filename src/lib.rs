@@ -48,7 +48,7 @@
 //! | `tcp` (default) | accept loop, relay, TCP connector, original destination |
 //! | `tls` | ClientHello peek, TLS terminate and originate, SPIFFE identities (rustls) |
 //! | `demo-certs` | an in-memory CA for examples and tests (rcgen) |
-//! | `proxy-protocol` | PROXY protocol v1/v2 codec (incl. ztunnel's `0xD0`/`0xD1` TLVs) |
+//! | `proxy-protocol` | PROXY protocol v1/v2 codec (incl. ztunnel's `0xD0`/`0xD1` TLVs), inbound layer with trusted sources, v2 connector |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs)]
 #![cfg_attr(
