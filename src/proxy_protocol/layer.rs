@@ -333,6 +333,19 @@ fn max_header_len(limits: &Limits) -> usize {
     V1_MAX.max(V2_FIXED.saturating_add(limits.max_v2_len))
 }
 
+/// The length of a v2 header whose fixed part is in `buf`.
+///
+/// Once [`decode`] has checked the fixed part, nothing can complete (or newly fail) before
+/// this many bytes are in, except the TLVs' early overrun checks; waiting for them keeps a
+/// peer that trickles a large header byte by byte from costing a TLV walk per byte.
+fn v2_total_len(buf: &[u8]) -> Option<usize> {
+    if detect(buf) != Detect::V2 {
+        return None;
+    }
+    let len = <[u8; 2]>::try_from(buf.get(14..16)?).ok()?;
+    Some(16 + usize::from(u16::from_be_bytes(len)))
+}
+
 /// Reads until `buf` holds a complete header (or, when `optional`, proof that there is
 /// none). Bytes after the header may be read too; the caller replays them.
 async fn read_start<I: Io>(
@@ -346,6 +359,8 @@ async fn read_start<I: Io>(
     let max = max_header_len(limits);
     // Until a full preamble is seen, optional mode may still decide "no header".
     let mut undecided = optional;
+    // Decoding is repeated on the whole buffer, so skip it while it cannot complete.
+    let mut decode_at = 0;
     let mut chunk = [0u8; 1024];
     loop {
         if undecided {
@@ -355,12 +370,12 @@ async fn read_start<I: Io>(
                 Detect::V1 | Detect::V2 => undecided = false,
             }
         }
-        if !undecided {
+        if !undecided && buf.len() >= decode_at {
             match decode(buf, limits) {
                 Ok(Decoded::Complete { header, consumed }) => {
                     return Ok(Start::Header { header, consumed })
                 }
-                Ok(Decoded::Incomplete) => {}
+                Ok(Decoded::Incomplete) => decode_at = v2_total_len(buf).unwrap_or(0),
                 Err(ProxyProtocolError::NotProxyProtocol) => return Err(AcceptError::Missing),
                 Err(e) => return Err(AcceptError::Malformed(e)),
             }
@@ -536,6 +551,18 @@ mod tests {
     #[should_panic(expected = "invalid trusted network")]
     fn trusted_panics_on_a_bad_literal() {
         let _ = ProxyProtocolLayer::required().trusted(["not a network"]);
+    }
+
+    #[test]
+    fn v2_length_is_known_after_the_fixed_part() {
+        let wire =
+            ProxyHeader::v2_proxy("10.0.0.1:1".parse().unwrap(), "10.0.0.2:2".parse().unwrap())
+                .with_service("svc")
+                .encode()
+                .unwrap();
+        assert_eq!(v2_total_len(&wire[..15]), None);
+        assert_eq!(v2_total_len(&wire[..16]), Some(wire.len()));
+        assert_eq!(v2_total_len(b"PROXY TCP4 1.2.3.4"), None);
     }
 
     #[test]
