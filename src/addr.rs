@@ -16,6 +16,8 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
 
+pub use crate::cidr::{Cidr, CidrError};
+
 /// Longest authority text we accept: a 253-byte DNS name, `:` and five port digits.
 pub const MAX_AUTHORITY_LEN: usize = 253 + 1 + 5;
 

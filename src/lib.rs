@@ -51,7 +51,7 @@
 //! | `demo-certs` | an in-memory CA for examples and tests (rcgen) |
 //! | `connect` | CONNECT over HTTP/1.1 and HTTP/2: terminate, originate, pooled H2 CONNECT |
 //! | `hbone` | Istio ambient HBONE (mTLS + HTTP/2 CONNECT), composed from the levels above |
-//! | `proxy-protocol` | PROXY protocol v1/v2 codec (incl. ztunnel's `0xD0`/`0xD1` TLVs) |
+//! | `proxy-protocol` | PROXY protocol v1/v2: codec (incl. ztunnel's `0xD0`/`0xD1` TLVs), inbound layer with trusted sources, v2 connector |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs)]
 #![cfg_attr(
@@ -60,6 +60,7 @@
 )]
 
 pub mod addr;
+mod cidr;
 pub mod conn;
 #[cfg(feature = "connect")]
 #[cfg_attr(docsrs, doc(cfg(feature = "connect")))]

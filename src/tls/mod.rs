@@ -7,7 +7,7 @@
 //! * [`TerminateLayer`] runs the server handshake (certificate by SNI, ALPN, client
 //!   certificates none/optional/required) and hands the inner service the plaintext, with
 //!   [`Sni`], [`Alpn`], [`TlsInfo`], [`PeerCertificates`] and
-//!   [`PeerIdentity`](crate::identity::PeerIdentity) metadata.
+//!   [`PeerIdentity`] metadata.
 //! * [`TlsConnector`] wraps any connector with a client handshake: SNI from the target or
 //!   none (as HBONE clients do), ALPN, client certificate, and **SAN pinning**: the server's
 //!   URI SAN must be one of the expected SPIFFE IDs, whatever its DNS names say.
