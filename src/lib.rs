@@ -8,6 +8,8 @@
 //! ```text
 //!  level            inbound (accepting) side            outbound (connecting) side
 //!  ───────────────  ──────────────────────────────────  ────────────────────────────
+//!  HTTP/1 + HTTP/2  http::HttpServer, http::Forward     (pooled inside http::Forward)
+//!  detection        detect::DetectLayer, detect::Router
 //!  PROXY protocol   proxy_protocol::ProxyProtocolLayer  proxy_protocol::ProxyProtocolConnector<C>
 //!  TLS              tls::PeekLayer, tls::TerminateLayer tls::TlsConnector<C>
 //!  TCP (L4)         serve(), tcp::Relay                 tcp::TcpConnector
@@ -20,7 +22,7 @@
 //! * **outbound** — `Service<Target, Response = Conn<O>>` is a *connector*; connectors wrap
 //!   connectors.
 //!
-//! A [`Conn`] is a byte stream plus typed **metadata** ([`http::Extensions`]): peer and local
+//! A [`Conn`] is a byte stream plus typed **metadata** ([`http::Extensions`](::http::Extensions)): peer and local
 //! address, original destination, SNI, peer identity… each layer reads and extends it.
 //!
 //! ## Example: a TCP relay
@@ -46,6 +48,8 @@
 //! | feature | level |
 //! |---|---|
 //! | `tcp` (default) | accept loop, relay, TCP connector, original destination |
+//! | `detect` | protocol detection (TLS / HTTP/1 / HTTP/2 / opaque) and its router |
+//! | `http` | HTTP/1 + HTTP/2 server, reverse-proxy forwarding with an upstream pool |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs)]
 #![cfg_attr(
@@ -55,7 +59,13 @@
 
 pub mod addr;
 pub mod conn;
+#[cfg(feature = "detect")]
+#[cfg_attr(docsrs, doc(cfg(feature = "detect")))]
+pub mod detect;
 pub mod drain;
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+pub mod http;
 #[cfg(feature = "tcp")]
 pub mod serve;
 #[cfg(feature = "tcp")]
