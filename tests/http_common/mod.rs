@@ -25,6 +25,8 @@ pub struct Seen {
     pub heads: AtomicUsize,
     /// Requests whose body was read to the end without error.
     pub complete: AtomicUsize,
+    /// TCP connections accepted.
+    pub connections: AtomicUsize,
 }
 
 pub struct Backend {
@@ -58,6 +60,7 @@ pub async fn backend() -> Backend {
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let seen = s.clone();
+            seen.connections.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| handle(req, seen.clone()));
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
