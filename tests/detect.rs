@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use proptest::prelude::*;
-use proxystack::detect::{check_rechunking, classify, DetectLayer, Protocol, Router, Verdict, H2_PREFACE};
+use proxystack::detect::{
+    check_rechunking, classify, DetectLayer, Protocol, Router, Verdict, H2_PREFACE,
+};
 use proxystack::{tcp, BoxIo, Conn, Server, Target};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -26,7 +28,11 @@ fn interesting_prefix() -> impl Strategy<Value = Vec<u8>> {
     ];
     prop_oneof![
         // A known prefix, truncated and with random bytes appended.
-        (proptest::sample::select(seeds), 0usize..40, proptest::collection::vec(any::<u8>(), 0..16))
+        (
+            proptest::sample::select(seeds),
+            0usize..40,
+            proptest::collection::vec(any::<u8>(), 0..16)
+        )
             .prop_map(|(s, cut, tail)| {
                 let mut v = s[..cut.min(s.len())].to_vec();
                 v.extend(tail);
@@ -48,7 +54,9 @@ proptest! {
 }
 
 /// What the inner service saw: the recorded protocol and every byte it could read.
-async fn detect_server(layer: DetectLayer) -> (Running, mpsc::UnboundedReceiver<(Protocol, Vec<u8>)>) {
+async fn detect_server(
+    layer: DetectLayer,
+) -> (Running, mpsc::UnboundedReceiver<(Protocol, Vec<u8>)>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let inner = tower::service_fn(move |conn: Conn<BoxIo>| {
         let tx = tx.clone();
@@ -95,7 +103,10 @@ async fn preface_in_one_byte_writes_is_http2_and_replayed() {
 async fn short_first_segment_is_not_misclassified() {
     let (proxy, mut rx) = detect_server(DetectLayer::new()).await;
     let cases: [(&[&[u8]], Protocol); 4] = [
-        (&[b"GET", b" /index.html HTTP/1.1\r\nHost: a\r\n\r\n"], Protocol::Http1),
+        (
+            &[b"GET", b" /index.html HTTP/1.1\r\nHost: a\r\n\r\n"],
+            Protocol::Http1,
+        ),
         (&[b"PRI", b" * HTTP/2.0\r\n\r\nSM\r\n\r\n"], Protocol::Http2),
         (&[b"\x16\x03", b"\x01\x00\x05hello"], Protocol::Tls),
         (&[b"\x16", b"\x03", b"\x03"], Protocol::Tls),
@@ -111,7 +122,8 @@ async fn short_first_segment_is_not_misclassified() {
 
 #[tokio::test]
 async fn garbage_is_opaque_and_silence_times_out_to_opaque() {
-    let (proxy, mut rx) = detect_server(DetectLayer::new().timeout(Some(Duration::from_millis(200)))).await;
+    let (proxy, mut rx) =
+        detect_server(DetectLayer::new().timeout(Some(Duration::from_millis(200)))).await;
     send_in_pieces(proxy.addr, &[b"\x00\xffgarbage\r\n"], Duration::ZERO).await;
     let (protocol, bytes) = rx.recv().await.unwrap();
     assert_eq!(protocol, Protocol::Opaque);
@@ -194,7 +206,10 @@ async fn router_sends_each_protocol_to_its_route_and_closes_unrouted() {
         round_trip(proxy.addr, b"GET / HTTP/1.1\r\n\r\n").await,
         b"GET / HTTP/1.1\r\n\r\n"
     );
-    assert_eq!(round_trip(proxy.addr, b"\x01\x02\x03").await, b"\x01\x02\x03");
+    assert_eq!(
+        round_trip(proxy.addr, b"\x01\x02\x03").await,
+        b"\x01\x02\x03"
+    );
     // No http2 route: the connection is closed without an answer.
     assert_eq!(round_trip(proxy.addr, H2_PREFACE).await, b"");
     proxy.shutdown().await;

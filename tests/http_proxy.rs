@@ -51,15 +51,22 @@ async fn curl_http1_and_h2c_through_the_proxy() {
     let proxy = detecting_proxy(forward_to(b.addr)).await;
     let url = format!("http://{}/headers", proxy.addr);
 
-    let out = curl(&["--http1.1", "-w", "\n%{http_code} %{http_version}", &url]).await.unwrap();
+    let out = curl(&["--http1.1", "-w", "\n%{http_code} %{http_version}", &url])
+        .await
+        .unwrap();
     let t = text(&out);
     assert!(t.ends_with("200 1.1"), "{t}");
     assert!(t.contains("version: HTTP/1.1"), "{t}");
     assert!(t.contains(&format!("host: {}", proxy.addr)), "{t}");
 
-    let out = curl(&["--http2-prior-knowledge", "-w", "\n%{http_code} %{http_version}", &url])
-        .await
-        .unwrap();
+    let out = curl(&[
+        "--http2-prior-knowledge",
+        "-w",
+        "\n%{http_code} %{http_version}",
+        &url,
+    ])
+    .await
+    .unwrap();
     let t = text(&out);
     assert!(t.ends_with("200 2"), "client spoke h2: {t}");
     // Default upstream protocol is HTTP/1.1: :authority became Host.
@@ -72,7 +79,8 @@ async fn curl_http1_and_h2c_through_the_proxy() {
 async fn h2load_h2c_bounded_run() {
     need!("h2load");
     let b = backend().await;
-    let proxy = detecting_proxy(forward_to(b.addr).upstream_protocol(UpstreamProtocol::Http2)).await;
+    let proxy =
+        detecting_proxy(forward_to(b.addr).upstream_protocol(UpstreamProtocol::Http2)).await;
     let out = tokio::process::Command::new("h2load")
         .args(["-n", "200", "-c", "4", "-m", "10", "-T", "20"])
         .arg(format!("http://{}/", proxy.addr))
@@ -80,7 +88,10 @@ async fn h2load_h2c_bounded_run() {
         .await
         .unwrap();
     let t = text(&out);
-    assert!(t.contains("200 total") || t.contains("requests: 200 total"), "{t}");
+    assert!(
+        t.contains("200 total") || t.contains("requests: 200 total"),
+        "{t}"
+    );
     assert!(t.contains("200 succeeded, 0 failed"), "{t}");
     assert!(t.contains("status codes: 200 2xx"), "{t}");
     assert_eq!(b.seen.complete.load(Ordering::SeqCst), 200);
@@ -136,18 +147,25 @@ async fn upgrade_answered_200_is_not_an_upgrade() {
     let b = backend().await;
     let proxy = serve_http(HttpServer::new(forward_to(b.addr))).await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(b"GET /ws200 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
-        .await
-        .unwrap();
+    s.write_all(
+        b"GET /ws200 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
     let head = read_head(&mut s).await.to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 200"), "{head}");
-    assert!(!head.contains("upgrade:"), "Upgrade must not reach the client: {head}");
+    assert!(
+        !head.contains("upgrade:"),
+        "Upgrade must not reach the client: {head}"
+    );
     let mut body = [0u8; 12];
     s.read_exact(&mut body).await.unwrap();
     assert_eq!(&body, b"not upgraded");
     // The connection is still HTTP: a smuggled-looking request is parsed as HTTP, not
     // relayed as raw bytes to the upstream.
-    s.write_all(b"GET /headers HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    s.write_all(b"GET /headers HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let head = read_head(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     proxy.shutdown().await;
@@ -161,20 +179,35 @@ async fn hop_by_hop_fields_are_removed() {
     let url = format!("http://{}/headers", proxy.addr);
     let out = curl(&[
         "--http1.1",
-        "-H", "Connection: keep-alive, X-Secret",
-        "-H", "X-Secret: 1",
-        "-H", "Keep-Alive: timeout=5",
-        "-H", "Proxy-Connection: keep-alive",
-        "-H", "Proxy-Authorization: Basic Zm9vOmJhcg==",
-        "-H", "TE: trailers, deflate",
-        "-H", "Upgrade: h2c",
-        "-H", "X-End-To-End: kept",
+        "-H",
+        "Connection: keep-alive, X-Secret",
+        "-H",
+        "X-Secret: 1",
+        "-H",
+        "Keep-Alive: timeout=5",
+        "-H",
+        "Proxy-Connection: keep-alive",
+        "-H",
+        "Proxy-Authorization: Basic Zm9vOmJhcg==",
+        "-H",
+        "TE: trailers, deflate",
+        "-H",
+        "Upgrade: h2c",
+        "-H",
+        "X-End-To-End: kept",
         &url,
     ])
     .await
     .unwrap();
     let t = text(&out).to_ascii_lowercase();
-    for gone in ["x-secret", "keep-alive:", "proxy-connection", "proxy-authorization", "upgrade", "connection:"] {
+    for gone in [
+        "x-secret",
+        "keep-alive:",
+        "proxy-connection",
+        "proxy-authorization",
+        "upgrade",
+        "connection:",
+    ] {
         assert!(!t.contains(gone), "{gone} leaked: {t}");
     }
     assert!(t.contains("te: trailers\n"), "{t}");
@@ -201,12 +234,18 @@ async fn forwarded_headers_overwrite_append_and_ipv6_quoting() {
         .x_forwarded(ForwardedMode::Overwrite)
         .via(Some("proxystack"));
     let (signal, watch) = drain::channel();
-    let task = tokio::spawn(async move { Server::new().serve(listener, HttpServer::new(fwd), watch).await });
+    let task = tokio::spawn(async move {
+        Server::new()
+            .serve(listener, HttpServer::new(fwd), watch)
+            .await
+    });
     let url = format!("http://{addr}/headers");
     let out = curl(&[
         "--http1.1",
-        "-H", "Forwarded: for=6.6.6.6",
-        "-H", "X-Forwarded-For: 6.6.6.6",
+        "-H",
+        "Forwarded: for=6.6.6.6",
+        "-H",
+        "X-Forwarded-For: 6.6.6.6",
         &url,
     ])
     .await
@@ -215,9 +254,18 @@ async fn forwarded_headers_overwrite_append_and_ipv6_quoting() {
     let lines: Vec<&str> = t.lines().collect();
     let fwd_line = lines.iter().find(|l| l.starts_with("forwarded: ")).unwrap();
     // for="[::1]:PORT";host="[::1]:PORT";proto=http — quoted per RFC 7239 §6.
-    assert!(fwd_line.starts_with("forwarded: for=\"[::1]:"), "{fwd_line}");
-    assert!(fwd_line.contains(&format!(";host=\"{addr}\";proto=http")), "{fwd_line}");
-    assert!(!t.contains("6.6.6.6"), "client-supplied values survive overwrite: {t}");
+    assert!(
+        fwd_line.starts_with("forwarded: for=\"[::1]:"),
+        "{fwd_line}"
+    );
+    assert!(
+        fwd_line.contains(&format!(";host=\"{addr}\";proto=http")),
+        "{fwd_line}"
+    );
+    assert!(
+        !t.contains("6.6.6.6"),
+        "client-supplied values survive overwrite: {t}"
+    );
     assert!(t.contains("x-forwarded-for: ::1\n"), "{t}");
     assert!(t.contains("x-forwarded-proto: http\n"), "{t}");
     assert!(t.contains("via: 1.1 proxystack\n"), "{t}");
@@ -232,11 +280,20 @@ async fn forwarded_headers_overwrite_append_and_ipv6_quoting() {
     ))
     .await;
     let url = format!("http://{}/headers", proxy.addr);
-    let out = curl(&["-H", "Forwarded: for=192.0.2.1", "-H", "X-Forwarded-For: 192.0.2.1", &url])
-        .await
-        .unwrap();
+    let out = curl(&[
+        "-H",
+        "Forwarded: for=192.0.2.1",
+        "-H",
+        "X-Forwarded-For: 192.0.2.1",
+        &url,
+    ])
+    .await
+    .unwrap();
     let t = text(&out);
-    assert!(t.contains("forwarded: for=192.0.2.1, for=\"127.0.0.1:"), "{t}");
+    assert!(
+        t.contains("forwarded: for=192.0.2.1, for=\"127.0.0.1:"),
+        "{t}"
+    );
     assert!(t.contains("x-forwarded-for: 192.0.2.1, 127.0.0.1\n"), "{t}");
     proxy.shutdown().await;
 }
@@ -244,9 +301,15 @@ async fn forwarded_headers_overwrite_append_and_ipv6_quoting() {
 #[tokio::test]
 async fn upstream_down_is_502_and_slow_upstream_is_504() {
     need!("curl");
-    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let proxy = serve_http(HttpServer::new(forward_to(dead))).await;
-    let out = curl(&["-w", "\n%{http_code}", &format!("http://{}/", proxy.addr)]).await.unwrap();
+    let out = curl(&["-w", "\n%{http_code}", &format!("http://{}/", proxy.addr)])
+        .await
+        .unwrap();
     assert_eq!(text(&out), "upstream unreachable\n\n502");
     proxy.shutdown().await;
 
@@ -255,14 +318,22 @@ async fn upstream_down_is_502_and_slow_upstream_is_504() {
         forward_to(b.addr).timeout(Some(Duration::from_millis(300))),
     ))
     .await;
-    let out = curl(&["-w", "\n%{http_code}", &format!("http://{}/slow?ms=3000", proxy.addr)])
-        .await
-        .unwrap();
+    let out = curl(&[
+        "-w",
+        "\n%{http_code}",
+        &format!("http://{}/slow?ms=3000", proxy.addr),
+    ])
+    .await
+    .unwrap();
     assert_eq!(text(&out), "upstream timed out\n\n504");
     // A fast request on the same proxy still works.
-    let out = curl(&["-w", "\n%{http_code}", &format!("http://{}/slow?ms=10", proxy.addr)])
-        .await
-        .unwrap();
+    let out = curl(&[
+        "-w",
+        "\n%{http_code}",
+        &format!("http://{}/slow?ms=10", proxy.addr),
+    ])
+    .await
+    .unwrap();
     assert_eq!(text(&out), "slow\n200");
     proxy.shutdown().await;
 }
@@ -271,18 +342,24 @@ async fn upstream_down_is_502_and_slow_upstream_is_504() {
 async fn h1_client_to_h2_upstream_and_back() {
     need!("curl");
     let b = backend().await;
-    let proxy = detecting_proxy(forward_to(b.addr).upstream_protocol(UpstreamProtocol::Http2)).await;
+    let proxy =
+        detecting_proxy(forward_to(b.addr).upstream_protocol(UpstreamProtocol::Http2)).await;
     let out = curl(&[
         "--http1.1",
-        "-H", "Host: api.example:8080",
-        "-w", "\n%{http_version}",
+        "-H",
+        "Host: api.example:8080",
+        "-w",
+        "\n%{http_version}",
         &format!("http://{}/headers?q=1", proxy.addr),
     ])
     .await
     .unwrap();
     let t = text(&out);
     assert!(t.contains("version: HTTP/2.0"), "{t}");
-    assert!(t.contains("uri: http://api.example:8080/headers?q=1"), ":authority from Host: {t}");
+    assert!(
+        t.contains("uri: http://api.example:8080/headers?q=1"),
+        ":authority from Host: {t}"
+    );
     assert!(!t.contains("\nhost:"), "no Host next to :authority: {t}");
     assert!(t.ends_with("\n1.1"), "{t}");
 
@@ -294,7 +371,15 @@ async fn h1_client_to_h2_upstream_and_back() {
         .unwrap();
     let resp = send.send_request(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    let t = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    let t = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
     assert!(t.contains("version: HTTP/1.1"), "{t}");
     assert!(t.contains("host: api.example:8443\n"), "{t}");
     assert!(t.contains("uri: /headers\n"), "{t}");
@@ -381,7 +466,11 @@ async fn upstream_connections_are_pooled() {
         assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok 0");
     }
     assert_eq!(b.seen.complete.load(Ordering::SeqCst), 5);
-    assert_eq!(b.seen.connections.load(Ordering::SeqCst), 1, "one pooled upstream connection");
+    assert_eq!(
+        b.seen.connections.load(Ordering::SeqCst),
+        1,
+        "one pooled upstream connection"
+    );
     proxy.shutdown().await;
 }
 
@@ -394,7 +483,9 @@ async fn connection_metadata_reaches_request_extensions_and_drain_closes() {
     let mut proxy = serve_http(HttpServer::new(svc)).await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     let me = s.local_addr().unwrap().to_string();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let head = read_head(&mut s).await;
     let len: usize = head
         .lines()

@@ -189,7 +189,9 @@ pub fn check_rechunking(data: &[u8], chunk_lens: &[u8]) -> Result<(), String> {
             ));
         }
     } else if whole != Verdict::NeedMore {
-        return Err(format!("chunked verdict undecided, whole verdict {whole:?}"));
+        return Err(format!(
+            "chunked verdict undecided, whole verdict {whole:?}"
+        ));
     }
     // Monotonic: once decided, every extension agrees.
     let mut known = None;
@@ -197,7 +199,9 @@ pub fn check_rechunking(data: &[u8], chunk_lens: &[u8]) -> Result<(), String> {
         match (classify(&data[..end]), known) {
             (Verdict::Known(p), None) => known = Some(p),
             (Verdict::Known(p), Some(k)) if p != k => {
-                return Err(format!("verdict changed from {k:?} to {p:?} at {end} bytes"))
+                return Err(format!(
+                    "verdict changed from {k:?} to {p:?} at {end} bytes"
+                ))
             }
             (Verdict::NeedMore, Some(k)) => {
                 return Err(format!("verdict {k:?} became undecided at {end} bytes"))
@@ -246,7 +250,12 @@ mod tests {
             (b"\x00", Verdict::Known(Opaque)),
             (b"", Verdict::NeedMore),
         ] {
-            assert_eq!(classify(input), want, "{:?}", String::from_utf8_lossy(input));
+            assert_eq!(
+                classify(input),
+                want,
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
             check_stable(input);
         }
     }

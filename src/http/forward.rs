@@ -411,7 +411,8 @@ where
             mode => {
                 let xff = http::HeaderName::from_static("x-forwarded-for");
                 let xfp = http::HeaderName::from_static("x-forwarded-proto");
-                let ip = client.map_or_else(|| "unknown".to_string(), |c| headers::xff_node(c.ip()));
+                let ip =
+                    client.map_or_else(|| "unknown".to_string(), |c| headers::xff_node(c.ip()));
                 if mode == ForwardedMode::Overwrite {
                     headers::set(&mut parts.headers, xff, &ip);
                     headers::set(&mut parts.headers, xfp, scheme.as_str());
@@ -479,7 +480,9 @@ fn request_authority<B>(req: &Request<B>) -> Result<Option<String>, &'static str
         .map(|h| h.to_str().map_err(|_| "invalid Host"))
         .transpose()?;
     match (req.uri().authority(), host) {
-        (Some(a), Some(h)) if req.version() == Version::HTTP_2 && !a.as_str().eq_ignore_ascii_case(h) => {
+        (Some(a), Some(h))
+            if req.version() == Version::HTTP_2 && !a.as_str().eq_ignore_ascii_case(h) =>
+        {
             Err("Host differs from :authority")
         }
         (Some(a), _) => Ok(Some(a.as_str().to_string())),

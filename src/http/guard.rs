@@ -9,7 +9,8 @@
 //! [`H1Guard`] wraps the connection's byte stream *below* hyper. It follows message framing
 //! (heads, `Content-Length` bodies, chunked bodies) as bytes are read and checks each
 //! complete request head before hyper gets its final byte. A rejected head is made
-//! unparseable for hyper (its last line feed becomes a NUL), so hyper itself answers
+//! unparseable for hyper (its last line feed becomes a NUL, followed by an empty line so
+//! hyper's parser sees a complete, invalid head), so hyper itself answers
 //! `400 Bad Request` and closes, in order after any pipelined responses; nothing after the
 //! bad head is read.
 //!
@@ -42,21 +43,33 @@ enum State {
     Chunked(Chunk),
     /// No more checks on this connection.
     Passthrough,
-    /// A head was rejected: report EOF from now on.
-    Rejected,
+    /// A head was rejected: hand hyper the rest of the poison (bytes of [`POISON_TAIL`]
+    /// not yet delivered), then EOF.
+    Rejected(usize),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Chunk {
     /// Chunk size digits (count, value), then optional whitespace / extension.
-    Size { digits: u8, value: u64, ext: bool },
-    SizeLf { value: u64 },
+    Size {
+        digits: u8,
+        value: u64,
+        ext: bool,
+    },
+    SizeLf {
+        value: u64,
+    },
     Data(u64),
     DataCr,
     DataLf,
     /// Trailer section: length of the current line so far.
-    Trailer { line: usize },
+    Trailer {
+        line: usize,
+    },
 }
+
+/// What follows the NUL that replaces a rejected head's last line feed.
+const POISON_TAIL: &[u8] = b"\r\n\r\n";
 
 /// How a checked head's body is framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,7 +109,7 @@ impl<I> H1Guard<I> {
         while i < data.len() {
             match self.state {
                 State::Passthrough => return data.len(),
-                State::Rejected => return i,
+                State::Rejected(_) => return i,
                 State::Body(left) => {
                     let n = (data.len() - i).min(usize::try_from(left).unwrap_or(usize::MAX));
                     i += n;
@@ -154,7 +167,7 @@ impl<I> H1Guard<I> {
                             Err(reason) => {
                                 debug!(reason, "rejecting HTTP/1 request head");
                                 data[i - 1] = 0;
-                                self.state = State::Rejected;
+                                self.state = State::Rejected(0);
                                 return i;
                             }
                         }
@@ -167,6 +180,18 @@ impl<I> H1Guard<I> {
             }
         }
         data.len()
+    }
+}
+
+impl<I> H1Guard<I> {
+    /// Appends what fits of the poison tail; once it is all out, reads report EOF.
+    fn emit_poison(&mut self, buf: &mut ReadBuf<'_>) {
+        if let State::Rejected(sent) = self.state {
+            let rest = &POISON_TAIL[sent.min(POISON_TAIL.len())..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            self.state = State::Rejected(sent + n);
+        }
     }
 }
 
@@ -341,7 +366,10 @@ impl<I: AsyncRead + Unpin> AsyncRead for H1Guard<I> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         match this.state {
-            State::Rejected => return Poll::Ready(Ok(())),
+            State::Rejected(_) => {
+                this.emit_poison(buf);
+                return Poll::Ready(Ok(()));
+            }
             State::Passthrough => return Pin::new(&mut this.io).poll_read(cx, buf),
             _ => {}
         }
@@ -349,6 +377,9 @@ impl<I: AsyncRead + Unpin> AsyncRead for H1Guard<I> {
         ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
         let keep = this.feed(&mut buf.filled_mut()[before..]);
         buf.set_filled(before + keep);
+        if let State::Rejected(_) = this.state {
+            this.emit_poison(buf);
+        }
         Poll::Ready(Ok(()))
     }
 }
@@ -390,7 +421,7 @@ mod tests {
             let mut piece = piece.to_vec();
             let n = g.feed(&mut piece);
             out.extend_from_slice(&piece[..n]);
-            if g.state == State::Rejected {
+            if let State::Rejected(_) = g.state {
                 break;
             }
         }
@@ -428,7 +459,7 @@ mod tests {
             b"GET / HTTP/1.1\r\nBad Name: a\r\n\r\n",
         ] {
             let (out, state) = feed_all(bad, 3);
-            assert_eq!(state, State::Rejected, "{:?}", String::from_utf8_lossy(bad));
+            assert_eq!(state, State::Rejected(0), "{:?}", String::from_utf8_lossy(bad));
             assert_eq!(out.len(), bad.len());
             assert_eq!(out.last(), Some(&0));
         }
@@ -436,10 +467,7 @@ mod tests {
 
     #[test]
     fn preface_and_upgrades_stop_checking() {
-        assert_eq!(
-            check_head(b"PRI * HTTP/2.0\r\n\r\n"),
-            Ok(Framing::Stop)
-        );
+        assert_eq!(check_head(b"PRI * HTTP/2.0\r\n\r\n"), Ok(Framing::Stop));
         assert_eq!(
             check_head(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"),
             Ok(Framing::Stop)

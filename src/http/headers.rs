@@ -194,7 +194,8 @@ pub(crate) fn set(headers: &mut HeaderMap, name: HeaderName, element: &str) {
 pub(crate) fn find_bad_value(headers: &HeaderMap) -> Option<&HeaderName> {
     headers.iter().find_map(|(name, value)| {
         let b = value.as_bytes();
-        let edge_ws = matches!(b.first(), Some(b' ' | b'\t')) || matches!(b.last(), Some(b' ' | b'\t'));
+        let edge_ws =
+            matches!(b.first(), Some(b' ' | b'\t')) || matches!(b.last(), Some(b' ' | b'\t'));
         let ctl = b.iter().any(|&c| (c < 0x20 && c != b'\t') || c == 0x7f);
         (edge_ws || ctl).then_some(name)
     })
@@ -248,7 +249,10 @@ mod tests {
         remove_hop_by_hop(&mut h, true);
         assert_eq!(h["upgrade"], "websocket");
         assert_eq!(h["connection"], "upgrade");
-        let h2c = map(&[("connection", "Upgrade, HTTP2-Settings"), ("upgrade", "h2c")]);
+        let h2c = map(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+        ]);
         assert!(upgrade_protocols(&h2c).is_none());
     }
 

@@ -219,16 +219,11 @@ where
 
     async fn dial(&self, target: Target, key: &Key) -> Result<Sender, ForwardError> {
         let name = target.to_string();
-        let conn = self
-            .connector
-            .clone()
-            .oneshot(target)
-            .await
-            .map_err(|e| {
-                let e: BoxError = e.into();
-                debug!(upstream = %name, error = %e, "upstream connect failed");
-                ForwardError::with(connect_kind(&*e), e)
-            })?;
+        let conn = self.connector.clone().oneshot(target).await.map_err(|e| {
+            let e: BoxError = e.into();
+            debug!(upstream = %name, error = %e, "upstream connect failed");
+            ForwardError::with(connect_kind(&*e), e)
+        })?;
         let (io, metadata) = conn.into_parts();
         // A connector that negotiated the protocol (TLS ALPN) records it; it wins.
         let protocol = match metadata.get::<UpstreamProtocol>() {

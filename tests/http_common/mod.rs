@@ -87,14 +87,20 @@ async fn handle(
                 req.version()
             );
             for (k, v) in req.headers() {
-                text.push_str(&format!("{}: {}\n", k, String::from_utf8_lossy(v.as_bytes())));
+                text.push_str(&format!(
+                    "{}: {}\n",
+                    k,
+                    String::from_utf8_lossy(v.as_bytes())
+                ));
             }
             if req.into_body().collect().await.is_ok() {
                 seen.complete.fetch_add(1, Ordering::SeqCst);
             }
             Ok(Response::new(full(text)))
         }
-        "/echo" => Ok(Response::new(req.into_body().map_err(Into::into).boxed_unsync())),
+        "/echo" => Ok(Response::new(
+            req.into_body().map_err(Into::into).boxed_unsync(),
+        )),
         "/slow" => {
             let ms = query_num(&req, "ms").unwrap_or(1000);
             tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -103,7 +109,9 @@ async fn handle(
         "/big" => {
             let total = query_num(&req, "bytes").unwrap_or(1 << 20) as usize;
             let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
-            Ok(Response::new(RepeatBody { left: total, chunk }.boxed_unsync()))
+            Ok(Response::new(
+                RepeatBody { left: total, chunk }.boxed_unsync(),
+            ))
         }
         "/ws" => {
             let on = hyper::upgrade::on(&mut req);
@@ -177,9 +185,7 @@ impl hyper::body::Body for ChannelBody {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|o| o.map(|b| Ok(Frame::data(b))))
+        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
     }
 }
 
