@@ -220,3 +220,16 @@ fn classify_examples_from_the_docs() {
     assert_eq!(classify(b"GET"), Verdict::NeedMore);
     assert_eq!(classify(H2_PREFACE), Verdict::Known(Protocol::Http2));
 }
+
+/// The fuzz target's code on its seed corpus (the fuzz crate itself is built by CI only).
+#[test]
+fn fuzz_seed_corpus_passes_the_fuzz_target_check() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/detect");
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let data = std::fs::read(entry.unwrap().path()).unwrap();
+        proxystack::detect::fuzz_one(&data).unwrap();
+        n += 1;
+    }
+    assert!(n >= 5, "seed corpus has {n} files");
+}

@@ -212,6 +212,21 @@ pub fn check_rechunking(data: &[u8], chunk_lens: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// The fuzz target's body (`fuzz/fuzz_targets/detect.rs`), here so that unit tests run
+/// exactly the same code: the first byte says how many of the next bytes (0–7) are chunk
+/// lengths, the rest is the connection's data.
+#[doc(hidden)]
+pub fn fuzz_one(input: &[u8]) -> Result<(), String> {
+    let Some((&n, rest)) = input.split_first() else {
+        return Ok(());
+    };
+    let (lens, data) = rest.split_at(usize::from(n % 8).min(rest.len()));
+    let _ = classify(data);
+    let _ = settle(data, true);
+    let _ = settle(data, false);
+    check_rechunking(data, lens)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

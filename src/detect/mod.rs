@@ -34,7 +34,7 @@ mod layer;
 mod router;
 
 #[doc(hidden)]
-pub use classify::check_rechunking;
+pub use classify::{check_rechunking, fuzz_one};
 pub use classify::{classify, Protocol, Verdict, H2_PREFACE};
 pub use layer::{DetectError, DetectLayer, DetectService};
 pub use router::{Router, RouterError};
