@@ -82,7 +82,11 @@ async fn proxy(upstream: SocketAddr, watch: drain::Watch) -> SocketAddr {
         Some(Target::from(upstream))
     })
     .upstream_protocol(UpstreamProtocol::MatchClient);
-    tokio::spawn(async move { Server::new().serve(listener, HttpServer::new(forward), watch).await });
+    tokio::spawn(async move {
+        Server::new()
+            .serve(listener, HttpServer::new(forward), watch)
+            .await
+    });
     addr
 }
 
@@ -160,7 +164,11 @@ async fn worker(
 
 /// Sends `requests` GETs with `CONCURRENCY` workers (one connection each for HTTP/1.1,
 /// streams on one connection for HTTP/2); returns the client, wall time and latencies.
-async fn load(client: Client, path: &'static str, requests: usize) -> (Client, Duration, Vec<Duration>) {
+async fn load(
+    client: Client,
+    path: &'static str,
+    requests: usize,
+) -> (Client, Duration, Vec<Duration>) {
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let senders: Vec<Sender> = match client {
@@ -249,13 +257,17 @@ fn summary() {
         for (size, _, _) in SIZES {
             let d = format!("{proto}/{size}/direct");
             let p = format!("{proto}/{size}/proxy");
-            let (Some(&dt), Some(&pt)) = (stats.per_request.get(&d), stats.per_request.get(&p)) else {
+            let (Some(&dt), Some(&pt)) = (stats.per_request.get(&d), stats.per_request.get(&p))
+            else {
                 continue;
             };
             let mut lat = |id: &str| {
                 let v = stats.latencies.entry(id.to_string()).or_default();
                 v.sort();
-                (percentile(v, 0.5).as_micros(), percentile(v, 0.99).as_micros())
+                (
+                    percentile(v, 0.5).as_micros(),
+                    percentile(v, 0.99).as_micros(),
+                )
             };
             let (d50, d99) = lat(&d);
             let (p50, p99) = lat(&p);

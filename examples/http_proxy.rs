@@ -104,9 +104,7 @@ async fn main() {
     let http = HttpServer::new(app)
         .header_read_timeout(Some(Duration::from_secs(args.header_read_timeout)));
 
-    let router = Router::new()
-        .http1(http.clone())
-        .http2(http);
+    let router = Router::new().http1(http.clone()).http2(http);
     // ── TLS route (ALPN) goes here ────────────────────────────────────────────────────
     // Once the TLS level lands, terminate TLS and hand the decrypted connection to the
     // same HttpServer (ALPN `h2` / `http/1.1` is handled by HttpServer's auto-detection):
@@ -160,7 +158,10 @@ async fn demo_backend() -> SocketAddr {
             req.version()
         );
         for (name, value) in req.headers() {
-            text.push_str(&format!("{name}: {}\n", String::from_utf8_lossy(value.as_bytes())));
+            text.push_str(&format!(
+                "{name}: {}\n",
+                String::from_utf8_lossy(value.as_bytes())
+            ));
         }
         Ok::<_, Infallible>(Response::new(text))
     });

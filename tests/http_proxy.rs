@@ -366,7 +366,7 @@ async fn h1_client_to_h2_upstream_and_back() {
     // h2 client → h1 upstream: :authority becomes Host.
     let proxy2 = detecting_proxy(forward_to(b.addr)).await;
     let mut send = h2_client(proxy2.addr).await;
-    let req = Request::get(format!("http://api.example:8443/headers"))
+    let req = Request::get("http://api.example:8443/headers")
         .body(empty())
         .unwrap();
     let resp = send.send_request(req).await.unwrap();

@@ -120,8 +120,12 @@ where
             extra: target.get::<PoolKey>().cloned(),
             protocol,
         };
+        // At most one retry, and then on a fresh connection: a request is only retried
+        // when hyper hands it back unsent from a reused connection.
+        let mut retried = false;
         loop {
-            let (sender, reused) = match self.checkout(&key) {
+            let pooled = if retried { None } else { self.checkout(&key) };
+            let (sender, reused) = match pooled {
                 Some(sender) => (sender, true),
                 None => (self.dial(target.clone(), &key).await?, false),
             };
@@ -136,13 +140,18 @@ where
                 Sender::H2(mut s) => {
                     if s.ready().await.is_err() {
                         self.forget_h2(&key);
-                        if reused {
+                        if reused && !retried {
+                            retried = true;
                             continue;
                         }
                     }
                     let sent = s.try_send_request(req).await;
-                    if sent.is_err() && s.is_closed() {
-                        self.forget_h2(&key);
+                    // A reset stream is that request's problem; a closed connection or an
+                    // unsent request means the connection is done for.
+                    if let Err(e) = &sent {
+                        if s.is_closed() || e.message().is_some() {
+                            self.forget_h2(&key);
+                        }
                     }
                     sent
                 }
@@ -150,8 +159,9 @@ where
             match result {
                 Ok(resp) => return Ok(resp),
                 Err(mut e) => match e.take_message() {
-                    Some(unsent) if reused => {
+                    Some(unsent) if reused && !retried => {
                         trace!("pooled connection closed before the request was sent; retrying");
+                        retried = true;
                         req = unsent;
                     }
                     _ => {
@@ -190,11 +200,10 @@ where
         None
     }
 
+    /// Drops the key's HTTP/2 connection after it failed us; the next request dials anew.
     fn forget_h2(&self, key: &Key) {
         if let Some(slot) = self.lock().get_mut(key) {
-            if slot.h2.as_ref().is_some_and(|s| s.is_closed()) {
-                slot.h2 = None;
-            }
+            slot.h2 = None;
         }
     }
 

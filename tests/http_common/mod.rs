@@ -51,6 +51,7 @@ fn query_num(req: &Request<Incoming>, key: &str) -> Option<u64> {
 /// * `/slow?ms=N` — waits N ms first;
 /// * `/big?bytes=N` — streams N bytes (64 KiB chunks);
 /// * `/ws` — `101` + echo of the upgraded bytes; `/ws200` — `200` with an `Upgrade` field.
+///
 /// Anything else: reads the body and answers `ok <len>`.
 pub async fn backend() -> Backend {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
