@@ -75,11 +75,11 @@ pub struct RequestScheme(pub Scheme);
 ///   connect failure `502`, timeout `504` (see [`ForwardError`]).
 ///
 /// ```
-/// use proxystack::http::{Forward, ForwardedMode, HttpServer};
+/// use proxystack::http::{Forward, ForwardedMode, HttpServer, Incoming};
 /// use proxystack::{tcp, Target};
 /// use std::time::Duration;
 ///
-/// let forward = Forward::new(tcp::TcpConnector::new(), |_req: &http::Request<_>| {
+/// let forward = Forward::new(tcp::TcpConnector::new(), |_req: &http::Request<Incoming>| {
 ///     Some(Target::from_static("127.0.0.1:8080"))
 /// })
 /// .timeout(Some(Duration::from_secs(10)))

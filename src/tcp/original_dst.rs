@@ -42,7 +42,7 @@ pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
 /// let svc = ServiceBuilder::new()
 ///     .layer(tcp::OriginalDstLayer::new())
 ///     .service(tcp::Relay::new(tcp::TcpConnector::new())
-///         .upstream(|c: &Conn<_>| c.get::<OriginalDst>().map(Target::from)));
+///         .upstream(|c: &Conn<tokio::net::TcpStream>| c.get::<OriginalDst>().map(Target::from)));
 /// # let _: &tcp::OriginalDstService<_> = &svc;
 /// ```
 #[derive(Debug, Clone, Copy, Default)]

@@ -28,7 +28,7 @@ use crate::{BoxError, Target};
 /// use proxystack::{tcp, Conn, Target};
 /// use std::time::Duration;
 /// let relay = tcp::Relay::new(tcp::TcpConnector::new())
-///     .upstream(|_: &Conn<_>| Some(Target::from_static("127.0.0.1:8080")))
+///     .upstream(|_: &Conn<tokio::net::TcpStream>| Some(Target::from_static("127.0.0.1:8080")))
 ///     .idle_timeout(Some(Duration::from_secs(300)));
 /// # let _ = relay;
 /// ```
