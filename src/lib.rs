@@ -8,6 +8,8 @@
 //! ```text
 //!  level            inbound (accepting) side            outbound (connecting) side
 //!  ───────────────  ──────────────────────────────────  ────────────────────────────
+//!  HTTP/1 + HTTP/2  http::HttpServer, http::Forward     (pooled inside http::Forward)
+//!  detection        detect::DetectLayer, detect::Router
 //!  PROXY protocol   proxy_protocol::ProxyProtocolLayer  proxy_protocol::ProxyProtocolConnector<C>
 //!  TLS              tls::PeekLayer, tls::TerminateLayer tls::TlsConnector<C>
 //!  TCP (L4)         serve(), tcp::Relay                 tcp::TcpConnector
@@ -20,7 +22,7 @@
 //! * **outbound** — `Service<Target, Response = Conn<O>>` is a *connector*; connectors wrap
 //!   connectors.
 //!
-//! A [`Conn`] is a byte stream plus typed **metadata** ([`http::Extensions`]): peer and local
+//! A [`Conn`] is a byte stream plus typed **metadata** ([`http::Extensions`](::http::Extensions)): peer and local
 //! address, original destination, SNI, peer identity… each layer reads and extends it.
 //!
 //! ## Example: a TCP relay
@@ -52,6 +54,8 @@
 //! | `connect` | CONNECT over HTTP/1.1 and HTTP/2: terminate, originate, pooled H2 CONNECT |
 //! | `hbone` | Istio ambient HBONE (mTLS + HTTP/2 CONNECT), composed from the levels above |
 //! | `proxy-protocol` | PROXY protocol v1/v2: codec (incl. ztunnel's `0xD0`/`0xD1` TLVs), inbound layer with trusted sources, v2 connector |
+//! | `detect` | protocol detection (TLS / HTTP/1 / HTTP/2 / opaque) and its router |
+//! | `http` | HTTP/1 + HTTP/2 server, reverse-proxy forwarding with an upstream pool |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs)]
 #![cfg_attr(
@@ -65,10 +69,16 @@ pub mod conn;
 #[cfg(feature = "connect")]
 #[cfg_attr(docsrs, doc(cfg(feature = "connect")))]
 pub mod connect;
+#[cfg(feature = "detect")]
+#[cfg_attr(docsrs, doc(cfg(feature = "detect")))]
+pub mod detect;
 pub mod drain;
 #[cfg(feature = "hbone")]
 #[cfg_attr(docsrs, doc(cfg(feature = "hbone")))]
 pub mod hbone;
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+pub mod http;
 pub mod identity;
 #[cfg(feature = "proxy-protocol")]
 #[cfg_attr(docsrs, doc(cfg(feature = "proxy-protocol")))]

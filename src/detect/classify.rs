@@ -1,0 +1,300 @@
+//! The pure classifier: bytes seen so far → verdict. No I/O, no allocation, no panics, so it
+//! can be fuzzed and property-tested on its own.
+
+/// The HTTP/2 connection preface a prior-knowledge (h2c) client sends first (RFC 9113 §3.4).
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Longest method token we accept as "plausibly HTTP/1" (`UPDATEREDIRECTREF` is 17).
+const MAX_METHOD: usize = 32;
+
+/// Leading empty lines a server should ignore before a request line (RFC 9112 §2.2).
+const MAX_LEADING_NEWLINES: usize = 8;
+
+/// What a connection speaks, as far as its first bytes tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Protocol {
+    /// A TLS record header carrying a handshake (`0x16 0x03 0x00..=0x04`).
+    Tls,
+    /// A plausible HTTP/1.x request line: `token SP target SP "HTTP/1."`.
+    Http1,
+    /// The HTTP/2 prior-knowledge preface (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`).
+    Http2,
+    /// Anything else, including server-first protocols whose client stays silent.
+    Opaque,
+}
+
+/// The classifier's answer for a prefix of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// No longer bytes can change this answer.
+    Known(Protocol),
+    /// The prefix is consistent with more than one answer; read more.
+    NeedMore,
+}
+
+/// Classifies the first bytes of a connection.
+///
+/// The verdict is **stable**: once it is `Known(p)` for some prefix, it is `Known(p)` for
+/// every extension of that prefix, so the result does not depend on how the bytes were
+/// split into reads. A short first segment (`b"GE"`, `b"\x16\x03"`, `b"PRI"`) is
+/// `NeedMore`, never a guess.
+///
+/// ```
+/// use proxystack::detect::{classify, Protocol, Verdict};
+/// assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Verdict::Known(Protocol::Http1));
+/// assert_eq!(classify(b"GET"), Verdict::NeedMore);
+/// assert_eq!(classify(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Verdict::Known(Protocol::Http2));
+/// assert_eq!(classify(&[0x16, 0x03, 0x01]), Verdict::Known(Protocol::Tls));
+/// assert_eq!(classify(b"\x00\x01garbage"), Verdict::Known(Protocol::Opaque));
+/// ```
+pub fn classify(prefix: &[u8]) -> Verdict {
+    let Some(&first) = prefix.first() else {
+        return Verdict::NeedMore;
+    };
+    if first == 0x16 {
+        return classify_tls(prefix);
+    }
+    // "PRI * HTTP/2.0" is also a syntactically valid HTTP/1 request line, so the preface
+    // is checked first and HTTP/1 only once the bytes leave it.
+    let n = prefix.len().min(H2_PREFACE.len());
+    if prefix[..n] == H2_PREFACE[..n] {
+        return if n == H2_PREFACE.len() {
+            Verdict::Known(Protocol::Http2)
+        } else {
+            Verdict::NeedMore
+        };
+    }
+    classify_http1(prefix)
+}
+
+/// The best answer when no more bytes will come (buffer full, timeout or EOF): a request
+/// line still in progress counts as HTTP/1 only when the buffer filled up (a very long
+/// target), everything undecided otherwise is opaque.
+pub(crate) fn settle(prefix: &[u8], buffer_full: bool) -> Protocol {
+    match classify(prefix) {
+        Verdict::Known(p) => p,
+        Verdict::NeedMore if buffer_full && http1_target_started(prefix) => Protocol::Http1,
+        Verdict::NeedMore => Protocol::Opaque,
+    }
+}
+
+fn classify_tls(prefix: &[u8]) -> Verdict {
+    // ContentType handshake(22), ProtocolVersion major 3, minor 0 (SSL 3.0) to 4.
+    match prefix {
+        [0x16] | [0x16, 0x03] => Verdict::NeedMore,
+        [0x16, 0x03, minor, ..] if *minor <= 0x04 => Verdict::Known(Protocol::Tls),
+        _ => Verdict::Known(Protocol::Opaque),
+    }
+}
+
+/// Where a request-line scan stopped.
+enum Line {
+    Done(Verdict),
+    /// Still consistent; the index of the first target byte, if the target has begun.
+    Partial(Option<usize>),
+}
+
+fn classify_http1(prefix: &[u8]) -> Verdict {
+    match scan_request_line(prefix) {
+        Line::Done(v) => v,
+        Line::Partial(_) => Verdict::NeedMore,
+    }
+}
+
+fn http1_target_started(prefix: &[u8]) -> bool {
+    matches!(scan_request_line(prefix), Line::Partial(Some(_)))
+}
+
+fn scan_request_line(prefix: &[u8]) -> Line {
+    const OPAQUE: Line = Line::Done(Verdict::Known(Protocol::Opaque));
+    let mut i = 0;
+    // Leading CRLFs (or bare LFs) before the request line.
+    while i < prefix.len() && (prefix[i] == b'\r' || prefix[i] == b'\n') {
+        i += 1;
+        if i > MAX_LEADING_NEWLINES * 2 {
+            return OPAQUE;
+        }
+    }
+    // method = token
+    let method_start = i;
+    while i < prefix.len() && is_tchar(prefix[i]) {
+        i += 1;
+        if i - method_start > MAX_METHOD {
+            return OPAQUE;
+        }
+    }
+    if i == prefix.len() {
+        return Line::Partial(None);
+    }
+    if i == method_start || prefix[i] != b' ' {
+        return OPAQUE;
+    }
+    i += 1;
+    // request-target: visible ASCII, at least one byte.
+    let target_start = i;
+    while i < prefix.len() && (0x21..=0x7e).contains(&prefix[i]) {
+        i += 1;
+    }
+    if i == prefix.len() {
+        return Line::Partial(Some(target_start));
+    }
+    if i == target_start || prefix[i] != b' ' {
+        return OPAQUE;
+    }
+    i += 1;
+    // "HTTP/1."
+    const VERSION: &[u8] = b"HTTP/1.";
+    let rest = &prefix[i..];
+    let n = rest.len().min(VERSION.len());
+    if rest[..n] != VERSION[..n] {
+        return OPAQUE;
+    }
+    if n == VERSION.len() {
+        Line::Done(Verdict::Known(Protocol::Http1))
+    } else {
+        Line::Partial(Some(target_start))
+    }
+}
+
+/// `tchar` from RFC 9110 §5.6.2.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// The property the fuzz target and the property tests check, as plain code so all of them
+/// share it: classifying `data` as it arrives in chunks (lengths taken cyclically from
+/// `chunk_lens`, 0 meaning 1) stops at the same verdict as classifying it whole, and every
+/// longer prefix of a decided prefix keeps that verdict. Returns a description of the first
+/// violation.
+#[doc(hidden)]
+pub fn check_rechunking(data: &[u8], chunk_lens: &[u8]) -> Result<(), String> {
+    let whole = classify(data);
+    // Incremental, as the layer does it: stop at the first decided verdict.
+    let mut seen = 0;
+    let mut lens = chunk_lens.iter().cycle();
+    let mut incremental = Verdict::NeedMore;
+    while seen < data.len() {
+        let step = usize::from(lens.next().copied().unwrap_or(1)).max(1);
+        seen = (seen + step).min(data.len());
+        incremental = classify(&data[..seen]);
+        if let Verdict::Known(_) = incremental {
+            break;
+        }
+    }
+    if let Verdict::Known(p) = incremental {
+        if whole != incremental {
+            return Err(format!(
+                "chunked verdict {p:?} after {seen} bytes, whole verdict {whole:?}"
+            ));
+        }
+    } else if whole != Verdict::NeedMore {
+        return Err(format!(
+            "chunked verdict undecided, whole verdict {whole:?}"
+        ));
+    }
+    // Monotonic: once decided, every extension agrees.
+    let mut known = None;
+    for end in 0..=data.len() {
+        match (classify(&data[..end]), known) {
+            (Verdict::Known(p), None) => known = Some(p),
+            (Verdict::Known(p), Some(k)) if p != k => {
+                return Err(format!(
+                    "verdict changed from {k:?} to {p:?} at {end} bytes"
+                ))
+            }
+            (Verdict::NeedMore, Some(k)) => {
+                return Err(format!("verdict {k:?} became undecided at {end} bytes"))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The fuzz target's body (`fuzz/fuzz_targets/detect.rs`), here so that unit tests run
+/// exactly the same code: the first byte says how many of the next bytes (0–7) are chunk
+/// lengths, the rest is the connection's data.
+#[doc(hidden)]
+pub fn fuzz_one(input: &[u8]) -> Result<(), String> {
+    let Some((&n, rest)) = input.split_first() else {
+        return Ok(());
+    };
+    let (lens, data) = rest.split_at(usize::from(n % 8).min(rest.len()));
+    let _ = classify(data);
+    let _ = settle(data, true);
+    let _ = settle(data, false);
+    check_rechunking(data, lens)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check_stable(data: &[u8]) {
+        for lens in [&[1u8][..], &[3], &[2, 7, 1], &[255]] {
+            if let Err(e) = check_rechunking(data, lens) {
+                panic!("{e}: {:?}", String::from_utf8_lossy(data));
+            }
+        }
+    }
+
+    #[test]
+    fn examples() {
+        use Protocol::*;
+        for (input, want) in [
+            (&b"GET / HTTP/1.1\r\n"[..], Verdict::Known(Http1)),
+            (b"\r\nPOST /x?y HTTP/1.0\r\n", Verdict::Known(Http1)),
+            (b"OPTIONS * HTTP/1.", Verdict::Known(Http1)),
+            (b"CONNECT a:443 HTTP/1.1", Verdict::Known(Http1)),
+            (b"GET / HTTP/2.0", Verdict::Known(Opaque)),
+            (b"GET  / HTTP/1.1", Verdict::Known(Opaque)),
+            (b"GE", Verdict::NeedMore),
+            (b"GET /", Verdict::NeedMore),
+            (b"GET / HTT", Verdict::NeedMore),
+            (b"PRI", Verdict::NeedMore),
+            (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r", Verdict::NeedMore),
+            (H2_PREFACE, Verdict::Known(Http2)),
+            (b"PRI * HTTP/1.1\r\n", Verdict::Known(Http1)),
+            (b"\x16", Verdict::NeedMore),
+            (b"\x16\x03", Verdict::NeedMore),
+            (b"\x16\x03\x01\x02\x00", Verdict::Known(Tls)),
+            (b"\x16\x03\x09", Verdict::Known(Opaque)),
+            (b"\x16\x02", Verdict::Known(Opaque)),
+            (b"SSH-2.0-OpenSSH_9.6\r\n", Verdict::Known(Opaque)),
+            (b"\x00", Verdict::Known(Opaque)),
+            (b"", Verdict::NeedMore),
+        ] {
+            assert_eq!(
+                classify(input),
+                want,
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
+            check_stable(input);
+        }
+    }
+
+    #[test]
+    fn settle_decides() {
+        assert_eq!(settle(b"", false), Protocol::Opaque);
+        assert_eq!(settle(b"GET", false), Protocol::Opaque);
+        assert_eq!(settle(b"GET /aaaa", true), Protocol::Http1);
+        assert_eq!(settle(b"GET", true), Protocol::Opaque);
+        assert_eq!(settle(b"\x16\x03\x03", false), Protocol::Tls);
+    }
+
+    #[test]
+    fn seed_corpus_is_stable() {
+        // The same inputs as fuzz/corpus/detect; the fuzz target runs `check_stable` too.
+        for seed in [
+            &b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"[..],
+            H2_PREFACE,
+            b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03",
+            b"SSH-2.0-x\r\n",
+            b"\r\n\r\nPUT /x HTTP/1.0\r\n",
+        ] {
+            check_stable(seed);
+        }
+    }
+}

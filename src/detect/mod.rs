@@ -1,0 +1,40 @@
+//! Protocol detection: is this connection TLS, HTTP/1, HTTP/2 (prior knowledge) or
+//! something else? Decided from its first bytes, which are then replayed.
+//!
+//! Level: between L4 and the first terminating level. [`DetectLayer`] reads into a bounded
+//! buffer until [`classify`] can decide (possibly over several reads: a 3-byte first segment
+//! is never guessed at), records the [`Protocol`] as connection metadata and hands its inner
+//! service a [`Conn<BoxIo>`] wrapping a [`PrefixedIo`] that replays every byte read.
+//! [`Router`] then sends each protocol to its own service.
+//!
+//! What it recognises:
+//! * TLS: a handshake record header (`0x16 0x03 0x00..=0x04`, RFC 8446 §5.1);
+//! * HTTP/2 with prior knowledge: the 24-byte client preface (RFC 9113 §3.4);
+//! * HTTP/1: a plausible request line, `token SP target SP "HTTP/1."` (RFC 9112 §3),
+//!   after at most a few empty lines (RFC 9112 §2.2);
+//! * everything else is [`Protocol::Opaque`].
+//!
+//! **Server-first protocols** (SMTP, MySQL, SSH servers…) send nothing from the client until
+//! the server greets it. Waiting for client bytes would hang them forever (envoy#21044), so
+//! detection gives up after [`DetectLayer::timeout`] (default **1 s**) and calls the
+//! connection opaque. One second is far more than any client-first protocol needs to send
+//! its first bytes after the TCP handshake, and short enough that a server-first protocol
+//! only pays it once per connection; set a shorter timeout on ports where such protocols
+//! are common, or `None` where every client speaks first.
+//!
+//! Not here: TLS ClientHello parsing (SNI/ALPN, see the TLS level), HTTP/2 over TLS (ALPN
+//! decides that, after TLS is terminated), and protocol *upgrades* (`Upgrade: h2c`), which
+//! the HTTP level handles.
+//!
+//! [`Conn<BoxIo>`]: crate::Conn
+//! [`PrefixedIo`]: crate::PrefixedIo
+
+mod classify;
+mod layer;
+mod router;
+
+#[doc(hidden)]
+pub use classify::{check_rechunking, fuzz_one};
+pub use classify::{classify, Protocol, Verdict, H2_PREFACE};
+pub use layer::{DetectError, DetectLayer, DetectService};
+pub use router::{Router, RouterError};

@@ -1,0 +1,478 @@
+//! A strict check of HTTP/1 request heads, in front of hyper's parser.
+//!
+//! hyper parses leniently where the RFCs allow it: it accepts bare LF line ends
+//! (RFC 9112 §2.2 "MAY"), and for a request with both `Content-Length` and
+//! `Transfer-Encoding: chunked` it drops the length and decodes chunked (RFC 9112 §6.3), so a
+//! service behind hyper cannot even see that the request was ambiguous. A proxy should
+//! refuse such requests (Envoy does by default): another hop may frame them differently.
+//!
+//! [`H1Guard`] wraps the connection's byte stream *below* hyper. It follows message framing
+//! (heads, `Content-Length` bodies, chunked bodies) as bytes are read and checks each
+//! complete request head before hyper gets its final byte. A rejected head is made
+//! unparseable for hyper (its last line feed becomes a NUL, followed by an empty line so
+//! hyper's parser sees a complete, invalid head), so hyper itself answers
+//! `400 Bad Request` and closes, in order after any pipelined responses; nothing after the
+//! bad head is read.
+//!
+//! hyper remains the authority on framing: when the guard cannot follow a message (an odd
+//! chunk extension, a head larger than hyper's buffer, an upgrade or `CONNECT` whose bytes
+//! are no longer HTTP, the HTTP/2 preface) it stops checking that connection.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tracing::debug;
+
+/// The stream wrapper; see the module docs.
+pub(crate) struct H1Guard<I> {
+    io: I,
+    state: State,
+    head: Vec<u8>,
+    max_head: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Collecting a request head.
+    Head,
+    /// Skipping a `Content-Length` body: bytes left.
+    Body(u64),
+    /// Following a chunked body.
+    Chunked(Chunk),
+    /// No more checks on this connection.
+    Passthrough,
+    /// A head was rejected: hand hyper the rest of the poison (bytes of [`POISON_TAIL`]
+    /// not yet delivered), then EOF.
+    Rejected(usize),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    /// Chunk size digits (count, value), then optional whitespace / extension.
+    Size {
+        digits: u8,
+        value: u64,
+        ext: bool,
+    },
+    SizeLf {
+        value: u64,
+    },
+    Data(u64),
+    DataCr,
+    DataLf,
+    /// Trailer section: length of the current line so far.
+    Trailer {
+        line: usize,
+    },
+}
+
+/// What follows the NUL that replaces a rejected head's last line feed.
+const POISON_TAIL: &[u8] = b"\r\n\r\n";
+
+/// How a checked head's body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    /// Upgrade, `CONNECT` or the HTTP/2 preface: stop following.
+    Stop,
+}
+
+impl<I> H1Guard<I> {
+    pub(crate) fn new(io: I, max_head: usize) -> Self {
+        Self {
+            io,
+            state: State::Head,
+            head: Vec::new(),
+            max_head,
+        }
+    }
+
+    /// A wrapper that checks nothing.
+    pub(crate) fn passthrough(io: I) -> Self {
+        Self {
+            io,
+            state: State::Passthrough,
+            head: Vec::new(),
+            max_head: 0,
+        }
+    }
+
+    /// Feeds bytes hyper is about to get. Returns how many of them hyper may have: all of
+    /// them, or up to and including the final byte of a rejected head (which is then
+    /// poisoned).
+    fn feed(&mut self, data: &mut [u8]) -> usize {
+        let mut i = 0;
+        while i < data.len() {
+            match self.state {
+                State::Passthrough => return data.len(),
+                State::Rejected(_) => return i,
+                State::Body(left) => {
+                    let n = (data.len() - i).min(usize::try_from(left).unwrap_or(usize::MAX));
+                    i += n;
+                    let left = left - n as u64;
+                    self.state = if left == 0 {
+                        State::Head
+                    } else {
+                        State::Body(left)
+                    };
+                }
+                State::Chunked(Chunk::Data(left)) => {
+                    let n = (data.len() - i).min(usize::try_from(left).unwrap_or(usize::MAX));
+                    i += n;
+                    let left = left - n as u64;
+                    self.state = State::Chunked(if left == 0 {
+                        Chunk::DataCr
+                    } else {
+                        Chunk::Data(left)
+                    });
+                }
+                State::Chunked(chunk) => {
+                    self.state = match step_chunk(chunk, data[i]) {
+                        Some(next) => next,
+                        None => {
+                            debug!("chunked framing not followed; strict checks off for this connection");
+                            State::Passthrough
+                        }
+                    };
+                    i += 1;
+                }
+                State::Head => {
+                    let b = data[i];
+                    i += 1;
+                    // Empty lines before a request line are skipped (RFC 9112 §2.2), by
+                    // hyper too.
+                    if self.head.is_empty() && (b == b'\r' || b == b'\n') {
+                        continue;
+                    }
+                    self.head.push(b);
+                    if b == b'\n' && head_complete(&self.head) {
+                        let verdict = check_head(&self.head);
+                        self.head.clear();
+                        match verdict {
+                            Ok(Framing::None) => self.state = State::Head,
+                            Ok(Framing::Length(0)) => self.state = State::Head,
+                            Ok(Framing::Length(n)) => self.state = State::Body(n),
+                            Ok(Framing::Chunked) => {
+                                self.state = State::Chunked(Chunk::Size {
+                                    digits: 0,
+                                    value: 0,
+                                    ext: false,
+                                })
+                            }
+                            Ok(Framing::Stop) => self.state = State::Passthrough,
+                            Err(reason) => {
+                                debug!(reason, "rejecting HTTP/1 request head");
+                                data[i - 1] = 0;
+                                self.state = State::Rejected(0);
+                                return i;
+                            }
+                        }
+                    } else if self.head.len() > self.max_head {
+                        // hyper answers 431 for this itself.
+                        self.head = Vec::new();
+                        self.state = State::Passthrough;
+                    }
+                }
+            }
+        }
+        data.len()
+    }
+}
+
+impl<I> H1Guard<I> {
+    /// Appends what fits of the poison tail; once it is all out, reads report EOF.
+    fn emit_poison(&mut self, buf: &mut ReadBuf<'_>) {
+        if let State::Rejected(sent) = self.state {
+            let rest = &POISON_TAIL[sent.min(POISON_TAIL.len())..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            self.state = State::Rejected(sent + n);
+        }
+    }
+}
+
+/// A head ends with an empty line: `\n\n` or `\n\r\n`.
+fn head_complete(head: &[u8]) -> bool {
+    head.ends_with(b"\n\n") || head.ends_with(b"\n\r\n")
+}
+
+fn step_chunk(chunk: Chunk, b: u8) -> Option<State> {
+    let next = match chunk {
+        Chunk::Size { digits, value, ext } => match b {
+            _ if ext => match b {
+                b'\r' => Chunk::SizeLf { value },
+                b'\t' | b' '..=b'~' | 0x80..=0xff => chunk,
+                _ => return None,
+            },
+            b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' if digits < 16 && !ext => {
+                let d = u64::from((b as char).to_digit(16)?);
+                Chunk::Size {
+                    digits: digits + 1,
+                    value: value.checked_mul(16)?.checked_add(d)?,
+                    ext,
+                }
+            }
+            b';' | b' ' | b'\t' if digits > 0 => Chunk::Size {
+                digits,
+                value,
+                ext: true,
+            },
+            b'\r' if digits > 0 => Chunk::SizeLf { value },
+            _ => return None,
+        },
+        Chunk::SizeLf { value } => match b {
+            b'\n' if value == 0 => Chunk::Trailer { line: 0 },
+            b'\n' => Chunk::Data(value),
+            _ => return None,
+        },
+        Chunk::Data(_) => return None, // handled in bulk by the caller
+        Chunk::DataCr => match b {
+            b'\r' => Chunk::DataLf,
+            _ => return None,
+        },
+        Chunk::DataLf => match b {
+            b'\n' => Chunk::Size {
+                digits: 0,
+                value: 0,
+                ext: false,
+            },
+            _ => return None,
+        },
+        Chunk::Trailer { line } => match b {
+            b'\n' if line == 0 => return Some(State::Head),
+            b'\n' => Chunk::Trailer { line: 0 },
+            b'\r' if line == 0 => chunk,
+            _ => Chunk::Trailer { line: line + 1 },
+        },
+    };
+    Some(State::Chunked(next))
+}
+
+/// Checks one complete request head (request line, fields, final empty line).
+pub(crate) fn check_head(head: &[u8]) -> Result<Framing, &'static str> {
+    if head.starts_with(b"PRI * HTTP/2.0\r\n") {
+        return Ok(Framing::Stop);
+    }
+    let mut lines = head.split(|&b| b == b'\n');
+    let request_line = lines.next().unwrap_or_default();
+    let mut content_length: Option<u64> = None;
+    let mut chunked = false;
+    let mut transfer_encodings = 0;
+    let mut hosts = 0;
+    let mut upgrade = request_line.starts_with(b"CONNECT ");
+    check_line(request_line)?;
+    for raw in lines {
+        if raw.is_empty() {
+            // The split after the final "\n".
+            break;
+        }
+        check_line(raw)?;
+        let line = &raw[..raw.len() - 1];
+        if line.is_empty() {
+            break; // the empty line ending the head
+        }
+        if line[0] == b' ' || line[0] == b'\t' {
+            return Err("obsolete line folding");
+        }
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            return Err("field line without colon");
+        };
+        let (name, value) = (&line[..colon], &line[colon + 1..]);
+        if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
+            return Err("invalid field name");
+        }
+        let value = trim_ows(value);
+        if name.eq_ignore_ascii_case(b"content-length") {
+            if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+                return Err("invalid Content-Length");
+            }
+            let n = std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or("invalid Content-Length")?;
+            if content_length.is_some_and(|prev| prev != n) {
+                return Err("conflicting Content-Length values");
+            }
+            content_length = Some(n);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            transfer_encodings += 1;
+            // Only the exact coding `chunked`: no lists, no tabs, no look-alikes.
+            let raw_value = &line[colon + 1..];
+            let spaced = raw_value.strip_prefix(b" ").unwrap_or(raw_value);
+            let spaced = spaced.strip_suffix(b" ").unwrap_or(spaced);
+            if !spaced.eq_ignore_ascii_case(b"chunked") {
+                return Err("Transfer-Encoding other than chunked");
+            }
+            chunked = true;
+        } else if name.eq_ignore_ascii_case(b"host") {
+            hosts += 1;
+        } else if name.eq_ignore_ascii_case(b"upgrade") {
+            upgrade = true;
+        }
+    }
+    if transfer_encodings > 1 {
+        return Err("more than one Transfer-Encoding field");
+    }
+    if chunked && content_length.is_some() {
+        return Err("both Content-Length and Transfer-Encoding");
+    }
+    if hosts > 1 {
+        return Err("more than one Host field");
+    }
+    Ok(if upgrade {
+        Framing::Stop
+    } else if chunked {
+        Framing::Chunked
+    } else if let Some(n) = content_length {
+        Framing::Length(n)
+    } else {
+        Framing::None
+    })
+}
+
+fn check_line(line: &[u8]) -> Result<(), &'static str> {
+    let Some(line) = line.strip_suffix(b"\r") else {
+        return Err("bare LF line ending");
+    };
+    if line.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+        return Err("control character in head");
+    }
+    Ok(())
+}
+
+fn trim_ows(mut v: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = v {
+        v = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = v {
+        v = rest;
+    }
+    v
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for H1Guard<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match this.state {
+            State::Rejected(_) => {
+                this.emit_poison(buf);
+                return Poll::Ready(Ok(()));
+            }
+            State::Passthrough => return Pin::new(&mut this.io).poll_read(cx, buf),
+            _ => {}
+        }
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+        let keep = this.feed(&mut buf.filled_mut()[before..]);
+        buf.set_filled(before + keep);
+        if let State::Rejected(_) = this.state {
+            this.emit_poison(buf);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for H1Guard<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed_all(input: &[u8], chunk: usize) -> (Vec<u8>, State) {
+        let mut g = H1Guard::new((), 64 * 1024);
+        let mut out = Vec::new();
+        for piece in input.chunks(chunk) {
+            let mut piece = piece.to_vec();
+            let n = g.feed(&mut piece);
+            out.extend_from_slice(&piece[..n]);
+            if let State::Rejected(_) = g.state {
+                break;
+            }
+        }
+        (out, g.state)
+    }
+
+    #[test]
+    fn good_pipelined_requests_pass_untouched() {
+        let input = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n\
+            POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello\
+            POST /y HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
+            5;ext=1\r\nhello\r\n0\r\nX-T: 1\r\n\r\n\
+            GET /z HTTP/1.1\r\nHost: a\r\n\r\n";
+        for chunk in [1, 2, 7, 1000] {
+            let (out, state) = feed_all(input, chunk);
+            assert_eq!(out, input, "chunk {chunk}");
+            assert_eq!(state, State::Head);
+        }
+    }
+
+    #[test]
+    fn smuggling_heads_are_poisoned() {
+        for bad in [
+            &b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\t\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\n",
+            b"GET / HTTP/1.1\nHost: a\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\0b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nBad Name: a\r\n\r\n",
+        ] {
+            let (out, state) = feed_all(bad, 3);
+            assert_eq!(state, State::Rejected(0), "{:?}", String::from_utf8_lossy(bad));
+            assert_eq!(out.len(), bad.len());
+            assert_eq!(out.last(), Some(&0));
+        }
+    }
+
+    #[test]
+    fn preface_and_upgrades_stop_checking() {
+        assert_eq!(check_head(b"PRI * HTTP/2.0\r\n\r\n"), Ok(Framing::Stop));
+        assert_eq!(
+            check_head(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"),
+            Ok(Framing::Stop)
+        );
+        let (_, state) = feed_all(b"CONNECT a:1 HTTP/1.1\r\nHost: a:1\r\n\r\n\0\0\0", 4);
+        assert_eq!(state, State::Passthrough);
+    }
+}

@@ -1,0 +1,270 @@
+//! Header rewriting for forwarding: hop-by-hop removal (RFC 9110 §7.6.1), `Forwarded`
+//! (RFC 7239), `X-Forwarded-For`/`-Proto`, `Via` (RFC 9110 §7.6.3).
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// Fields that only concern one connection, never forwarded (RFC 9110 §7.6.1, plus the
+/// legacy `Proxy-Connection`, RFC 7540 §3.2.1 `HTTP2-Settings`, and the proxy
+/// authentication fields, which are addressed to this proxy).
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "http2-settings",
+];
+
+/// Whether the `Connection` fields contain `token` (case-insensitive).
+pub(crate) fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Removes hop-by-hop fields, including every field named in `Connection`. `TE: trailers`
+/// survives (it is end-to-end in meaning, RFC 9110 §10.1.4, and HTTP/2 allows it). With
+/// `upgrade` set, `Upgrade` is kept and `Connection: upgrade` re-added, so the next hop sees
+/// a well-formed upgrade request or `101` response.
+pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        // `Connection: host` must not make the request lose its authority.
+        .filter(|n| *n != header::HOST)
+        .collect();
+    for name in named {
+        if !(upgrade && name == header::UPGRADE) {
+            headers.remove(&name);
+        }
+    }
+    let trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|c| c.trim().eq_ignore_ascii_case("trailers"))
+        });
+    for name in HOP_BY_HOP {
+        if upgrade && *name == "upgrade" {
+            continue;
+        }
+        headers.remove(*name);
+    }
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// The `Upgrade` protocols a request asks for, minus `h2c` (an HTTP/2 upgrade through a
+/// proxy gives the client a raw HTTP/2 connection to the upstream, bypassing the proxy's
+/// per-request rules: a known smuggling vector). `None` when nothing is left.
+pub(crate) fn upgrade_protocols(headers: &HeaderMap) -> Option<HeaderValue> {
+    if !connection_has(headers, "upgrade") {
+        return None;
+    }
+    let kept: Vec<&str> = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty() && !p.to_ascii_lowercase().starts_with("h2c"))
+        .collect();
+    if kept.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&kept.join(", ")).ok()
+}
+
+/// A `Forwarded` node (RFC 7239 §6): an IP with port, quoted whenever it contains `:` or
+/// `[` (always for IPv6 and whenever a port is present).
+pub(crate) fn forwarded_node(addr: SocketAddr) -> String {
+    match addr {
+        SocketAddr::V4(a) => format!("\"{}:{}\"", a.ip(), a.port()),
+        SocketAddr::V6(a) => format!("\"[{}]:{}\"", a.ip(), a.port()),
+    }
+}
+
+/// A `Forwarded` value: a token when it is one, else a quoted-string with `"` and `\`
+/// escaped (RFC 7239 §4, RFC 9110 §5.6.4).
+pub(crate) fn forwarded_value(v: &str) -> String {
+    if !v.is_empty() && v.bytes().all(is_tchar) {
+        return v.to_string();
+    }
+    let mut out = String::with_capacity(v.len() + 2);
+    out.push('"');
+    for c in v.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
+/// One `Forwarded` element for this hop.
+pub(crate) fn forwarded_element(
+    client: Option<SocketAddr>,
+    by: Option<SocketAddr>,
+    host: Option<&str>,
+    proto: &str,
+) -> String {
+    let mut out = String::new();
+    if let Some(by) = by {
+        let _ = write!(out, "by={};", forwarded_node(by));
+    }
+    match client {
+        Some(c) => {
+            let _ = write!(out, "for={}", forwarded_node(c));
+        }
+        None => out.push_str("for=unknown"),
+    }
+    if let Some(host) = host {
+        let _ = write!(out, ";host={}", forwarded_value(host));
+    }
+    let _ = write!(out, ";proto={}", forwarded_value(proto));
+    out
+}
+
+/// `X-Forwarded-For` writes bare IPs (IPv6 unbracketed), by convention.
+pub(crate) fn xff_node(ip: IpAddr) -> String {
+    ip.to_string()
+}
+
+/// Appends `element` to a comma-separated list field, or starts it.
+pub(crate) fn append_list(headers: &mut HeaderMap, name: HeaderName, element: &str) {
+    let joined = {
+        let existing: Vec<&str> = headers
+            .get_all(&name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if existing.is_empty() {
+            element.to_string()
+        } else {
+            format!("{}, {element}", existing.join(", "))
+        }
+    };
+    // Elements are built from socket addresses, tokens and escaped quoted-strings, and
+    // existing values were valid header values, so this only fails on obs-text input;
+    // then the field is replaced by our element alone.
+    match HeaderValue::from_str(&joined) {
+        Ok(v) => {
+            headers.insert(name, v);
+        }
+        Err(_) => {
+            if let Ok(v) = HeaderValue::from_str(element) {
+                headers.insert(name, v);
+            }
+        }
+    }
+}
+
+/// Replaces a field with `element`.
+pub(crate) fn set(headers: &mut HeaderMap, name: HeaderName, element: &str) {
+    if let Ok(v) = HeaderValue::from_str(element) {
+        headers.insert(name, v);
+    } else {
+        headers.remove(name);
+    }
+}
+
+/// Whether any field value starts or ends with whitespace or holds a control character:
+/// malformed in HTTP/2 (RFC 9113 §8.2.1) and never to be forwarded into HTTP/1.
+pub(crate) fn find_bad_value(headers: &HeaderMap) -> Option<&HeaderName> {
+    headers.iter().find_map(|(name, value)| {
+        let b = value.as_bytes();
+        let edge_ws =
+            matches!(b.first(), Some(b' ' | b'\t')) || matches!(b.last(), Some(b' ' | b'\t'));
+        let ctl = b.iter().any(|&c| (c < 0x20 && c != b'\t') || c == 0x7f);
+        (edge_ws || ctl).then_some(name)
+    })
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_fields_go() {
+        let mut h = map(&[
+            ("connection", "close, x-secret"),
+            ("connection", "Host"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "gzip, trailers;q=0.5"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "Basic x"),
+            ("host", "a"),
+            ("x-keep", "yes"),
+        ]);
+        remove_hop_by_hop(&mut h, false);
+        let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["host", "te", "x-keep"]);
+        assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn upgrade_is_kept_when_upgrading() {
+        let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        assert_eq!(upgrade_protocols(&h).unwrap(), "websocket");
+        remove_hop_by_hop(&mut h, true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+        let h2c = map(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+        ]);
+        assert!(upgrade_protocols(&h2c).is_none());
+    }
+
+    #[test]
+    fn forwarded_quotes_per_rfc7239() {
+        let v6: SocketAddr = "[::1]:80".parse().unwrap();
+        let v4: SocketAddr = "192.0.2.60:4711".parse().unwrap();
+        assert_eq!(forwarded_node(v6), "\"[::1]:80\"");
+        assert_eq!(
+            forwarded_element(Some(v4), None, Some("example.com:8080"), "http"),
+            "for=\"192.0.2.60:4711\";host=\"example.com:8080\";proto=http"
+        );
+        assert_eq!(forwarded_value("a\"b"), "\"a\\\"b\"");
+    }
+}

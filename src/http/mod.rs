@@ -1,0 +1,45 @@
+//! The HTTP level: terminate HTTP/1.1 and HTTP/2 on a connection, and forward requests to
+//! upstreams as a reverse proxy.
+//!
+//! * [`HttpServer`] — the terminal inbound service: serves HTTP/1.1 (RFC 9112, with
+//!   upgrades) and HTTP/2 (RFC 9113, prior knowledge or after ALPN) on any [`Conn`] with
+//!   one `tower` service of `Request<Incoming>`. Connection metadata is copied into every
+//!   request's extensions; a drain turns into `GOAWAY` / `Connection: close`. Limits for
+//!   slowloris, header floods, rapid reset (CVE-2023-44487) and CONTINUATION floods
+//!   (CVE-2024-27919 class) are on by default. A strict HTTP/1 request-head check rejects
+//!   what hyper alone would accept but a proxy must not forward: `Content-Length` together
+//!   with `Transfer-Encoding`, obfuscated `Transfer-Encoding`, bare LF line ends, duplicate
+//!   `Host` (RFC 9112 §2.2, §6.1, §6.3).
+//! * [`Forward`] — a reverse proxy `Service<Request<_>>`: per-request upstream choice,
+//!   any connector (plain TCP, TLS, tunnels), pooled upstream connections (HTTP/1 idle
+//!   reuse, one multiplexed HTTP/2 connection per upstream), hop-by-hop header removal
+//!   (RFC 9110 §7.6.1), optional `Forwarded` (RFC 7239) / `X-Forwarded-*` / `Via`
+//!   (RFC 9110 §7.6.3), HTTP/1 ↔ HTTP/2 translation with `Host` ↔ `:authority` kept
+//!   consistent (RFC 9113 §8.3.1), streaming bodies with backpressure, HTTP/1 `Upgrade`
+//!   (WebSocket) passthrough on a `101` only, and `502`/`504` for upstream failures.
+//!
+//! Not here (deliberately): caching, retries of requests that reached an upstream, load
+//! balancing (the router picks one [`Target`]), HTTP/3, `CONNECT` (the `connect` level),
+//! RFC 8441 extended CONNECT (WebSocket over HTTP/2), and `Upgrade: h2c` (never forwarded:
+//! it is a known request-smuggling vector).
+//!
+//! [`Conn`]: crate::Conn
+//! [`Target`]: crate::Target
+
+mod error;
+mod forward;
+mod guard;
+mod headers;
+mod pool;
+mod server;
+
+use bytes::Bytes;
+
+pub use error::{ErrorOrigin, ForwardError, ForwardErrorKind};
+pub use forward::{Forward, ForwardedMode, RequestScheme, UpstreamProtocol};
+pub use hyper::body::Incoming;
+pub use pool::PoolKey;
+pub use server::{HttpServer, HttpServerError};
+
+/// The body type [`Forward`] answers with: a boxed stream of `Bytes` frames.
+pub type BoxBody = http_body_util::combinators::UnsyncBoxBody<Bytes, crate::BoxError>;

@@ -1,0 +1,296 @@
+//! [`HttpServer`]: HTTP/1.1 + HTTP/2 on one connection, with one service.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Extensions, Request, Response};
+use hyper::body::{Body, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tower::{Service, ServiceExt};
+use tracing::debug;
+
+use super::guard::H1Guard;
+use crate::conn::{Conn, Io};
+use crate::{drain, BoxError};
+
+/// The terminal HTTP service: serves HTTP/1.1 (with upgrades) and HTTP/2 (prior knowledge,
+/// or after TLS ALPN) on each connection with one `tower` service.
+///
+/// * every request's extensions get a copy of the connection's metadata
+///   ([`PeerAddr`](crate::conn::PeerAddr), SNI, peer identity…), so handlers and
+///   [`Forward`](super::Forward) can read it;
+/// * when the [`drain::Watch`] in the connection's metadata fires, the connection is shut
+///   down gracefully (`GOAWAY` for HTTP/2, `Connection: close` after the current HTTP/1
+///   response);
+/// * defaults are safe at an edge: 10 s to receive a request head (slowloris), 64 KiB of
+///   request head and 100 fields (`431` beyond), HTTP/2 at most 100 concurrent streams, a
+///   64 KiB header list (CONTINUATION floods end in `GOAWAY`), and at most 20 streams
+///   reset by the client before the server saw them (rapid reset, CVE-2023-44487);
+/// * a strict HTTP/1 head check refuses `Content-Length` + `Transfer-Encoding`, any
+///   `Transfer-Encoding` other than `chunked`, bare LF, obs-fold, control characters and
+///   duplicate `Host` with `400` before the service sees the request
+///   ([`HttpServer::strict_http1`]).
+///
+/// ```
+/// use proxystack::http::HttpServer;
+/// use std::time::Duration;
+///
+/// let hello = tower::service_fn(|_req: http::Request<proxystack::http::Incoming>| async {
+///     Ok::<_, std::convert::Infallible>(http::Response::new(String::from("hello\n")))
+/// });
+/// let server = HttpServer::new(hello)
+///     .header_read_timeout(Some(Duration::from_secs(5)))
+///     .h2_max_concurrent_streams(250);
+/// // proxystack::serve(listener, server, drain_watch).await
+/// # let _ = server;
+/// ```
+#[derive(Debug, Clone)]
+pub struct HttpServer<S> {
+    service: S,
+    config: Arc<Config>,
+}
+
+#[derive(Debug, Clone)]
+struct Config {
+    header_read_timeout: Option<Duration>,
+    max_headers: usize,
+    max_buf_size: usize,
+    keep_alive: bool,
+    strict_h1: bool,
+    h2_max_concurrent_streams: u32,
+    h2_stream_window: Option<u32>,
+    h2_connection_window: Option<u32>,
+    h2_max_frame_size: Option<u32>,
+    h2_max_pending_accept_reset_streams: usize,
+    h2_max_local_error_reset_streams: Option<usize>,
+    h2_max_header_list_size: u32,
+    h2_keep_alive_interval: Option<Duration>,
+    h2_keep_alive_timeout: Duration,
+}
+
+/// Why an HTTP connection ended badly (malformed input, timeouts, I/O errors).
+#[derive(Debug, thiserror::Error)]
+#[error("HTTP connection failed")]
+pub struct HttpServerError(#[source] BoxError);
+
+impl<S> HttpServer<S> {
+    /// Serves `service` with the defaults listed on [`HttpServer`].
+    pub fn new(service: S) -> Self {
+        Self {
+            service,
+            config: Arc::new(Config {
+                header_read_timeout: Some(Duration::from_secs(10)),
+                max_headers: 100,
+                max_buf_size: 64 * 1024,
+                keep_alive: true,
+                strict_h1: true,
+                h2_max_concurrent_streams: 100,
+                h2_stream_window: None,
+                h2_connection_window: None,
+                h2_max_frame_size: None,
+                h2_max_pending_accept_reset_streams: 20,
+                h2_max_local_error_reset_streams: Some(1024),
+                h2_max_header_list_size: 64 * 1024,
+                h2_keep_alive_interval: None,
+                h2_keep_alive_timeout: Duration::from_secs(20),
+            }),
+        }
+    }
+
+    fn config(&mut self) -> &mut Config {
+        Arc::make_mut(&mut self.config)
+    }
+
+    /// HTTP/1: time allowed to receive a whole request head; the connection is closed
+    /// after it (slowloris). Runs for every request on a kept-alive connection. `None`
+    /// disables it.
+    pub fn header_read_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.config().header_read_timeout = timeout;
+        self
+    }
+
+    /// HTTP/1: most header fields in a request (`431` beyond).
+    pub fn max_headers(mut self, n: usize) -> Self {
+        self.config().max_headers = n;
+        self
+    }
+
+    /// HTTP/1: read buffer limit, which bounds the request head (`431` beyond); at least
+    /// 8 KiB.
+    pub fn max_buf_size(mut self, bytes: usize) -> Self {
+        // hyper asserts a minimum of 8 KiB; clamp instead of panicking.
+        self.config().max_buf_size = bytes.max(8 * 1024);
+        self
+    }
+
+    /// HTTP/1: keep connections open between requests (default on).
+    pub fn keep_alive(mut self, on: bool) -> Self {
+        self.config().keep_alive = on;
+        self
+    }
+
+    /// HTTP/1: the strict request-head check (default on); see [`HttpServer`].
+    pub fn strict_http1(mut self, on: bool) -> Self {
+        self.config().strict_h1 = on;
+        self
+    }
+
+    /// HTTP/2: `SETTINGS_MAX_CONCURRENT_STREAMS`.
+    pub fn h2_max_concurrent_streams(mut self, n: u32) -> Self {
+        self.config().h2_max_concurrent_streams = n;
+        self
+    }
+
+    /// HTTP/2: initial flow-control window per stream (hyper's default: 1 MiB).
+    pub fn h2_initial_stream_window_size(mut self, bytes: u32) -> Self {
+        self.config().h2_stream_window = Some(bytes);
+        self
+    }
+
+    /// HTTP/2: initial flow-control window of the connection (hyper's default: 1 MiB).
+    pub fn h2_initial_connection_window_size(mut self, bytes: u32) -> Self {
+        self.config().h2_connection_window = Some(bytes);
+        self
+    }
+
+    /// HTTP/2: `SETTINGS_MAX_FRAME_SIZE` (16 KiB to 16 MiB − 1).
+    pub fn h2_max_frame_size(mut self, bytes: u32) -> Self {
+        self.config().h2_max_frame_size = Some(bytes.clamp(16_384, 16_777_215));
+        self
+    }
+
+    /// HTTP/2: how many streams the client may open and reset before the server has seen
+    /// them; more closes the connection with `GOAWAY ENHANCE_YOUR_CALM` (rapid reset).
+    pub fn h2_max_pending_accept_reset_streams(mut self, n: usize) -> Self {
+        self.config().h2_max_pending_accept_reset_streams = n;
+        self
+    }
+
+    /// HTTP/2: how many streams the server may reset because of client errors before it
+    /// closes the connection (`None`: unlimited).
+    pub fn h2_max_local_error_reset_streams(mut self, n: Option<usize>) -> Self {
+        self.config().h2_max_local_error_reset_streams = n;
+        self
+    }
+
+    /// HTTP/2: `SETTINGS_MAX_HEADER_LIST_SIZE`; a larger header block (e.g. endless
+    /// CONTINUATION frames) is refused.
+    pub fn h2_max_header_list_size(mut self, bytes: u32) -> Self {
+        self.config().h2_max_header_list_size = bytes;
+        self
+    }
+
+    /// HTTP/2: send a PING after this long without frames, and close the connection when
+    /// no PONG arrives within `timeout`. Off by default.
+    pub fn h2_keep_alive(mut self, interval: Option<Duration>, timeout: Duration) -> Self {
+        let c = self.config();
+        c.h2_keep_alive_interval = interval;
+        c.h2_keep_alive_timeout = timeout;
+        self
+    }
+
+    fn builder(&self) -> auto::Builder<TokioExecutor> {
+        let c = &self.config;
+        let mut b = auto::Builder::new(TokioExecutor::new());
+        b.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(c.header_read_timeout)
+            .max_headers(c.max_headers)
+            .max_buf_size(c.max_buf_size)
+            .keep_alive(c.keep_alive);
+        b.http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(c.h2_max_concurrent_streams)
+            .initial_stream_window_size(c.h2_stream_window)
+            .initial_connection_window_size(c.h2_connection_window)
+            .max_frame_size(c.h2_max_frame_size)
+            .max_pending_accept_reset_streams(c.h2_max_pending_accept_reset_streams)
+            .max_local_error_reset_streams(c.h2_max_local_error_reset_streams)
+            .max_header_list_size(c.h2_max_header_list_size)
+            .keep_alive_interval(c.h2_keep_alive_interval)
+            .keep_alive_timeout(c.h2_keep_alive_timeout);
+        b
+    }
+}
+
+/// Adapts a `tower` service to hyper's, copying the connection metadata into each request.
+struct WithMetadata<S> {
+    service: S,
+    metadata: Arc<Extensions>,
+}
+
+impl<S, B> hyper::service::Service<Request<Incoming>> for WithMetadata<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone,
+{
+    type Response = Response<B>;
+    type Error = S::Error;
+    type Future = tower::util::Oneshot<S, Request<Incoming>>;
+
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        // Values already on the request (hyper's upgrade handle) are kept; metadata adds
+        // to them.
+        req.extensions_mut().extend((*self.metadata).clone());
+        self.service.clone().oneshot(req)
+    }
+}
+
+impl<S, B, I> Service<Conn<I>> for HttpServer<S>
+where
+    I: Io,
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type Response = ();
+    type Error = HttpServerError;
+    type Future = Pin<Box<dyn Future<Output = Result<(), HttpServerError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // The service is cloned per request; readiness is awaited there (`oneshot`).
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, conn: Conn<I>) -> Self::Future {
+        let builder = self.builder();
+        let service = self.service.clone();
+        let strict = self.config.strict_h1;
+        let max_head = self.config.max_buf_size;
+        Box::pin(async move {
+            let (io, metadata) = conn.into_parts();
+            let drain = metadata.get::<drain::Watch>().cloned();
+            let service = WithMetadata {
+                service,
+                metadata: Arc::new(metadata),
+            };
+            let io = if strict {
+                H1Guard::new(io, max_head)
+            } else {
+                H1Guard::passthrough(io)
+            };
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+            let mut conn = std::pin::pin!(conn);
+            let result = match drain {
+                Some(drain) => {
+                    tokio::select! {
+                        result = conn.as_mut() => result,
+                        () = drain.signaled() => {
+                            debug!("draining: graceful HTTP shutdown");
+                            conn.as_mut().graceful_shutdown();
+                            conn.await
+                        }
+                    }
+                }
+                None => conn.await,
+            };
+            result.map_err(HttpServerError)
+        })
+    }
+}

@@ -1,0 +1,235 @@
+//! Detection level: classification properties and the layer on real loopback sockets.
+#![cfg(feature = "detect")]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use proptest::prelude::*;
+use proxystack::detect::{
+    check_rechunking, classify, DetectLayer, Protocol, Router, Verdict, H2_PREFACE,
+};
+use proxystack::{tcp, BoxIo, Conn, Server, Target};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tower::ServiceBuilder;
+
+fn interesting_prefix() -> impl Strategy<Value = Vec<u8>> {
+    let seeds: Vec<Vec<u8>> = vec![
+        b"GET / HTTP/1.1\r\nHost: a\r\n\r\n".to_vec(),
+        b"POST /upload?x=1 HTTP/1.0\r\n".to_vec(),
+        H2_PREFACE.to_vec(),
+        b"PRI * HTTP/1.1\r\n".to_vec(),
+        vec![0x16, 0x03, 0x01, 0x02, 0x00, 0x01],
+        b"SSH-2.0-OpenSSH\r\n".to_vec(),
+        b"\r\n\r\nOPTIONS * HTTP/1.1\r\n".to_vec(),
+    ];
+    prop_oneof![
+        // A known prefix, truncated and with random bytes appended.
+        (
+            proptest::sample::select(seeds),
+            0usize..40,
+            proptest::collection::vec(any::<u8>(), 0..16)
+        )
+            .prop_map(|(s, cut, tail)| {
+                let mut v = s[..cut.min(s.len())].to_vec();
+                v.extend(tail);
+                v
+            }),
+        proptest::collection::vec(any::<u8>(), 0..64),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+    #[test]
+    fn classification_is_stable_under_rechunking(
+        data in interesting_prefix(),
+        lens in proptest::collection::vec(any::<u8>(), 1..8),
+    ) {
+        prop_assert_eq!(check_rechunking(&data, &lens), Ok(()));
+    }
+}
+
+/// What the inner service saw: the recorded protocol and every byte it could read.
+async fn detect_server(
+    layer: DetectLayer,
+) -> (Running, mpsc::UnboundedReceiver<(Protocol, Vec<u8>)>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let inner = tower::service_fn(move |conn: Conn<BoxIo>| {
+        let tx = tx.clone();
+        async move {
+            let protocol = *conn.get::<Protocol>().unwrap();
+            let (mut io, _) = conn.into_parts();
+            let mut all = Vec::new();
+            io.read_to_end(&mut all).await?;
+            let _ = tx.send((protocol, all));
+            Ok::<_, std::io::Error>(())
+        }
+    });
+    let svc = ServiceBuilder::new().layer(layer).service(inner);
+    (start(Server::new(), svc).await, rx)
+}
+
+async fn send_in_pieces(addr: std::net::SocketAddr, pieces: &[&[u8]], gap: Duration) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    for p in pieces {
+        s.write_all(p).await.unwrap();
+        s.flush().await.unwrap();
+        tokio::time::sleep(gap).await;
+    }
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest).await;
+}
+
+#[tokio::test]
+async fn preface_in_one_byte_writes_is_http2_and_replayed() {
+    let (proxy, mut rx) = detect_server(DetectLayer::new()).await;
+    let mut data = H2_PREFACE.to_vec();
+    data.extend_from_slice(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"); // empty SETTINGS
+    let pieces: Vec<&[u8]> = data.chunks(1).collect();
+    send_in_pieces(proxy.addr, &pieces, Duration::from_millis(5)).await;
+    let (protocol, bytes) = rx.recv().await.unwrap();
+    assert_eq!(protocol, Protocol::Http2);
+    assert_eq!(bytes, data, "every byte replayed, in order");
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn short_first_segment_is_not_misclassified() {
+    let (proxy, mut rx) = detect_server(DetectLayer::new()).await;
+    let cases: [(&[&[u8]], Protocol); 4] = [
+        (
+            &[b"GET", b" /index.html HTTP/1.1\r\nHost: a\r\n\r\n"],
+            Protocol::Http1,
+        ),
+        (&[b"PRI", b" * HTTP/2.0\r\n\r\nSM\r\n\r\n"], Protocol::Http2),
+        (&[b"\x16\x03", b"\x01\x00\x05hello"], Protocol::Tls),
+        (&[b"\x16", b"\x03", b"\x03"], Protocol::Tls),
+    ];
+    for (pieces, want) in cases {
+        send_in_pieces(proxy.addr, pieces, Duration::from_millis(60)).await;
+        let (protocol, bytes) = rx.recv().await.unwrap();
+        assert_eq!(protocol, want, "{pieces:?}");
+        assert_eq!(bytes, pieces.concat());
+    }
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn garbage_is_opaque_and_silence_times_out_to_opaque() {
+    let (proxy, mut rx) =
+        detect_server(DetectLayer::new().timeout(Some(Duration::from_millis(200)))).await;
+    send_in_pieces(proxy.addr, &[b"\x00\xffgarbage\r\n"], Duration::ZERO).await;
+    let (protocol, bytes) = rx.recv().await.unwrap();
+    assert_eq!(protocol, Protocol::Opaque);
+    assert_eq!(bytes, b"\x00\xffgarbage\r\n");
+
+    // A partial request line, then silence: opaque after the timeout, bytes kept.
+    let started = Instant::now();
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GE").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    s.write_all(b"T / HTTP/1.1\r\n").await.unwrap();
+    s.shutdown().await.unwrap();
+    let (protocol, bytes) = rx.recv().await.unwrap();
+    assert_eq!(protocol, Protocol::Opaque);
+    assert_eq!(bytes, b"GET / HTTP/1.1\r\n");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn eof_before_any_byte_can_skip_the_inner_service() {
+    let (proxy, mut rx) = detect_server(DetectLayer::new().on_empty_eof(None)).await;
+    let s = TcpStream::connect(proxy.addr).await.unwrap();
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(rx.try_recv().is_err(), "inner service was called");
+    let (proxy2, mut rx2) = detect_server(DetectLayer::new()).await;
+    drop(TcpStream::connect(proxy2.addr).await.unwrap());
+    let (protocol, bytes) = rx2.recv().await.unwrap();
+    assert_eq!((protocol, bytes.len()), (Protocol::Opaque, 0));
+    proxy.shutdown().await;
+    proxy2.shutdown().await;
+}
+
+#[tokio::test]
+async fn server_first_protocol_passes_through_after_timeout() {
+    // The backend greets first; the client says nothing until it has the greeting.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        s.write_all(b"220 smtp.example ESMTP\r\n").await.unwrap();
+        let mut buf = [0u8; 6];
+        s.read_exact(&mut buf).await.unwrap();
+        s.write_all(b"221 bye\r\n").await.unwrap();
+    });
+    let relay = tcp::Relay::new(tcp::TcpConnector::new())
+        .upstream(move |_: &proxystack::Metadata| Some(Target::from(backend)));
+    let svc = ServiceBuilder::new()
+        .layer(DetectLayer::new().timeout(Some(Duration::from_millis(300))))
+        .service(Router::new().opaque(relay));
+    let proxy = start(Server::new(), svc).await;
+    let started = Instant::now();
+    let mut c = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut greeting = [0u8; 24];
+    tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut greeting))
+        .await
+        .expect("greeting arrives after the detection timeout, not never")
+        .unwrap();
+    assert_eq!(&greeting, b"220 smtp.example ESMTP\r\n");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    c.write_all(b"QUIT\r\n").await.unwrap();
+    let mut rest = Vec::new();
+    c.read_to_end(&mut rest).await.unwrap();
+    assert_eq!(rest, b"221 bye\r\n");
+    drop(c);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn router_sends_each_protocol_to_its_route_and_closes_unrouted() {
+    let echo = echo_server().await;
+    let relay = tcp::Relay::new(tcp::TcpConnector::new())
+        .upstream(move |_: &proxystack::Metadata| Some(Target::from(echo)));
+    let svc = ServiceBuilder::new()
+        .layer(DetectLayer::new())
+        .service(Router::new().http1(relay.clone()).opaque(relay));
+    let proxy = start(Server::new(), svc).await;
+    assert_eq!(
+        round_trip(proxy.addr, b"GET / HTTP/1.1\r\n\r\n").await,
+        b"GET / HTTP/1.1\r\n\r\n"
+    );
+    assert_eq!(
+        round_trip(proxy.addr, b"\x01\x02\x03").await,
+        b"\x01\x02\x03"
+    );
+    // No http2 route: the connection is closed without an answer.
+    assert_eq!(round_trip(proxy.addr, H2_PREFACE).await, b"");
+    proxy.shutdown().await;
+}
+
+#[test]
+fn classify_examples_from_the_docs() {
+    assert_eq!(classify(b"GET"), Verdict::NeedMore);
+    assert_eq!(classify(H2_PREFACE), Verdict::Known(Protocol::Http2));
+}
+
+/// The fuzz target's code on its seed corpus (the fuzz crate itself is built by CI only).
+#[test]
+fn fuzz_seed_corpus_passes_the_fuzz_target_check() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/detect");
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let data = std::fs::read(entry.unwrap().path()).unwrap();
+        proxystack::detect::fuzz_one(&data).unwrap();
+        n += 1;
+    }
+    assert!(n >= 5, "seed corpus has {n} files");
+}
