@@ -8,8 +8,11 @@
 //!     --upstream-h2 --forwarded overwrite --timeout 10
 //! ```
 //!
-//! `--demo` starts a built-in backend; try `curl -v http://127.0.0.1:15080/` and
-//! `curl --http2-prior-knowledge http://127.0.0.1:15080/`.
+//! `--demo` starts a built-in backend and serves TLS too (demo certificate for
+//! `localhost`); try `curl -v http://127.0.0.1:15080/`,
+//! `curl --http2-prior-knowledge http://127.0.0.1:15080/` and
+//! `curl --cacert <printed CA file> https://localhost:15080/` — all on the same port.
+//! Outside the demo, `--cert FILE --key FILE` (PEM) enables the TLS route.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -21,9 +24,12 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use http::{Request, Response};
 use proxystack::detect::{DetectLayer, Router};
-use proxystack::http::{Forward, ForwardedMode, HttpServer, Incoming, UpstreamProtocol};
+use proxystack::http::{
+    Forward, ForwardedMode, HttpServer, Incoming, RequestScheme, UpstreamProtocol,
+};
+use proxystack::tls::{CertKey, ServerConfigBuilder, TerminateLayer};
 use proxystack::{drain, tcp, Server, Target};
-use tower::ServiceBuilder;
+use tower::{ServiceBuilder, ServiceExt};
 use tower_http::trace::TraceLayer;
 
 #[derive(Parser, Debug)]
@@ -47,6 +53,12 @@ struct Args {
     /// Seconds a client may take to send a request head (slowloris).
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     header_read_timeout: u64,
+    /// TLS certificate chain (PEM) for the TLS route; with `--key`.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    cert: Option<std::path::PathBuf>,
+    /// TLS private key (PEM) for the TLS route.
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    key: Option<std::path::PathBuf>,
     /// What to do with Forwarded / X-Forwarded-* fields.
     #[arg(long, value_enum, default_value_t = Forwarding::Off)]
     forwarded: Forwarding,
@@ -104,17 +116,26 @@ async fn main() {
     let http = HttpServer::new(app)
         .header_read_timeout(Some(Duration::from_secs(args.header_read_timeout)));
 
-    let router = Router::new().http1(http.clone()).http2(http);
-    // ── TLS route (ALPN) goes here ────────────────────────────────────────────────────
-    // Once the TLS level lands, terminate TLS and hand the decrypted connection to the
-    // same HttpServer (ALPN `h2` / `http/1.1` is handled by HttpServer's auto-detection):
-    //
-    //     let router = router.tls(
-    //         ServiceBuilder::new()
-    //             .layer(tls::TerminateLayer::new(server_config))
-    //             .service(http.clone()),
-    //     );
-    // ────────────────────────────────────────────────────────────────────────────────
+    let mut router = Router::new().http1(http.clone()).http2(http.clone());
+    // TLS on the same port: terminate (ALPN h2 or http/1.1) and hand the plaintext to the
+    // same HttpServer, which tells HTTP/1.1 from HTTP/2 by itself. `RequestScheme` lets
+    // Forward report `https` in Forwarded / X-Forwarded-Proto.
+    if let Some(cert) = tls_certificate(&args) {
+        let config = ServerConfigBuilder::new()
+            .default_cert(cert)
+            .alpn(["h2", "http/1.1"])
+            .build()
+            .unwrap_or_else(|e| support::fail(format!("TLS configuration: {e}")));
+        let https = http.map_request(|mut conn: proxystack::Conn<proxystack::BoxIo>| {
+            conn.insert(RequestScheme(http::uri::Scheme::HTTPS));
+            conn
+        });
+        router = router.tls(
+            ServiceBuilder::new()
+                .layer(TerminateLayer::new(config))
+                .service(https),
+        );
+    }
     let svc = ServiceBuilder::new()
         .layer(DetectLayer::new())
         .service(router);
@@ -142,6 +163,22 @@ async fn main() {
         })
         .collect();
     support::run_until_signal(signal, servers).await;
+}
+
+/// The TLS certificate: from `--cert/--key`, or a demo certificate for `localhost`.
+fn tls_certificate(args: &Args) -> Option<CertKey> {
+    if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
+        let pair = CertKey::from_pem_files(&cert.to_string_lossy(), &key.to_string_lossy());
+        return Some(pair.unwrap_or_else(|e| support::fail(e)));
+    }
+    if !args.demo {
+        return None;
+    }
+    let ca = proxystack::tls::demo::DemoCa::new("example.org");
+    let path = std::env::temp_dir().join("proxystack-http-proxy-demo-ca.pem");
+    std::fs::write(&path, ca.root_pem()).unwrap_or_else(|e| support::fail(e));
+    eprintln!("demo: TLS CA written to {}", path.display());
+    Some(ca.server_cert(&["localhost", "127.0.0.1"]))
 }
 
 /// A loopback HTTP/1.1 + h2c backend that describes the request it got.
