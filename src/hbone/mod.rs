@@ -2,13 +2,13 @@
 //! authentication, ALPN `h2`, HTTP/2, one CONNECT stream per application connection, on
 //! port 15008. Wire conventions follow ztunnel (see `REFERENCE.md` §2 of the project).
 //!
-//! * [`Inbound`] = [`TerminateLayer`](crate::tls::TerminateLayer) (client certificate
-//!   required, same trust domain) + [`ConnectTerminate`](crate::connect::ConnectTerminate)
+//! * [`Inbound`] = [`TerminateLayer`] (client certificate
+//!   required, same trust domain) + [`ConnectTerminate`]
 //!   (HTTP/2 only, only CONNECT → else 400, authority checks → 400, policy → 401,
 //!   illegal ports → 503, `200` only after the inner service connected). Tunnels carry
 //!   [`HboneHeaders`] parsed from `forwarded`, `baggage` and `traceparent`.
-//! * [`Connector`] = [`H2ConnectPool`](crate::connect::H2ConnectPool) over
-//!   [`TlsConnector`](crate::tls::TlsConnector) over [`TcpConnector`]: no SNI, TLS 1.3,
+//! * [`Connector`] = [`H2ConnectPool`] over
+//!   [`TlsConnector`] over [`TcpConnector`]: no SNI, TLS 1.3,
 //!   AES-GCM, ALPN `h2`, SAN pinning, pooled per (source identity, destination identities,
 //!   next hop). [`HboneTarget`] builds the target: next hop, `:authority`, identities and
 //!   the request headers ztunnel sends.
