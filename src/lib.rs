@@ -106,3 +106,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 #[cfg(all(doctest, feature = "tcp"))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+/// The cookbook's recipes, compiled as doctests.
+#[cfg(all(doctest, feature = "tcp"))]
+#[doc = include_str!("../docs/cookbook.md")]
+pub struct CookbookDoctests;
