@@ -339,3 +339,81 @@ async fn double_hbone_through_a_gateway_that_cannot_read_the_inner_tunnel() {
     assert_eq!(gateway.stats.accepted.load(Ordering::Relaxed), 1);
     let _ = Duration::ZERO;
 }
+
+/// Hand-encodes an HPACK header block of literal fields (no indexing, no Huffman).
+fn hpack_literals(fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, value) in fields {
+        out.push(0x00);
+        out.push(name.len() as u8);
+        out.extend_from_slice(name.as_bytes());
+        out.push(value.len() as u8);
+        out.extend_from_slice(value.as_bytes());
+    }
+    out
+}
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// RFC 9113 §8.5: a plain CONNECT carries no `:scheme` or `:path`. One that does is
+/// malformed: the stream is reset or answered 400, and nothing is dialled.
+#[tokio::test]
+async fn connect_with_scheme_and_path_is_rejected() {
+    let ca = DemoCa::new(TD);
+    let app = echo_server().await;
+    let (server, seen) = hbone_server(&ca, app, |i| i).await;
+    let tls = proxystack::tls::TlsConnector::new(tcp::TcpConnector::new(), ca.roots())
+        .client_cert(ca.workload_cert("default", "client"))
+        .unwrap()
+        .alpn(["h2"])
+        .sni(proxystack::tls::SniMode::None)
+        .expect_identities([id("default", "server")]);
+    let mut conn = tls.oneshot(Target::from(server.addr)).await.unwrap();
+    let authority = format!("127.0.0.1:{}", app.port());
+    let block = hpack_literals(&[
+        (":method", "CONNECT"),
+        (":scheme", "https"),
+        (":path", "/"),
+        (":authority", &authority),
+    ]);
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(0x4, 0, 0, &[])); // SETTINGS
+    out.extend(frame(0x1, 0x4, 1, &block)); // HEADERS, END_HEADERS, stream 1
+    conn.write_all(&out).await.unwrap();
+    // Read frames until stream 1 is answered (HEADERS) or reset (RST_STREAM), or GOAWAY.
+    let verdict = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let mut head = [0u8; 9];
+            conn.read_exact(&mut head).await.unwrap();
+            let len =
+                (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+            let mut payload = vec![0u8; len];
+            conn.read_exact(&mut payload).await.unwrap();
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            match (head[3], stream) {
+                (0x1, 1) => return format!("HEADERS {payload:02x?}"),
+                (0x3, 1) => return "RST_STREAM".to_string(),
+                (0x7, _) => return "GOAWAY".to_string(),
+                _ => continue,
+            }
+        }
+    })
+    .await
+    .expect("the server answered");
+    // A 400 response starts with the HPACK static-table index for `:status 400` (0x8c).
+    assert!(
+        verdict == "RST_STREAM" || verdict == "GOAWAY" || verdict.starts_with("HEADERS [8c"),
+        "{verdict}"
+    );
+    assert_eq!(
+        seen.dials.load(Ordering::SeqCst),
+        0,
+        "a malformed CONNECT must not dial"
+    );
+}
