@@ -14,6 +14,7 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -534,6 +535,50 @@ impl fmt::Debug for Admission {
         f.debug_struct("Admission")
             .field("decided", &self.is_decided())
             .finish()
+    }
+}
+
+/// Metadata: the "end with a reset, not a clean close" switch of a stream that is not a
+/// TCP socket.
+///
+/// A clean close (TCP FIN, HTTP/2 `END_STREAM`) tells the peer that all data arrived; after
+/// the other side of a relay failed, that would be a lie. A TCP socket is made to reset with
+/// `SO_LINGER 0`; a stream that is not a socket — an HTTP/2 CONNECT tunnel — shares an
+/// `Abort` with its connection's metadata instead. [`tcp::Relay`](crate::tcp::Relay) calls
+/// [`Abort::abort`] on the healthy side's handle when the other side failed, and the stream
+/// then ends with a reset when it is dropped (HTTP/2: `RST_STREAM(CONNECT_ERROR)`, RFC 9113
+/// §8.5) or at its next read or write.
+///
+/// ```
+/// use proxystack::conn::Abort;
+/// let abort = Abort::new();
+/// let seen_by_stream = abort.clone();
+/// abort.abort();
+/// assert!(seen_by_stream.is_aborted());
+/// ```
+#[derive(Clone, Default)]
+pub struct Abort(Arc<AtomicBool>);
+
+impl Abort {
+    /// A handle that is not aborted yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks the stream to end with a reset. Idempotent; cannot be undone.
+    pub fn abort(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    /// Whether [`Abort::abort`] was called on this handle or a clone of it.
+    pub fn is_aborted(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+impl fmt::Debug for Abort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Abort").field(&self.is_aborted()).finish()
     }
 }
 

@@ -97,7 +97,7 @@ where
                 .await
                 .map_err(|source| TunnelError::Handshake {
                     context: "HTTP/1.1 handshake with the proxy failed",
-                    source,
+                    source: source.into(),
                 })?;
             tokio::spawn(async move {
                 if let Err(e) = connection.with_upgrades().await {
@@ -117,14 +117,14 @@ where
             let response = tokio::time::timeout(this.response_timeout, sender.send_request(req))
                 .await
                 .map_err(|_| TunnelError::Timeout(this.response_timeout))?
-                .map_err(TunnelError::Request)?;
+                .map_err(|e| TunnelError::Request(e.into()))?;
             if response.status() != StatusCode::OK {
                 return Err(TunnelError::refused(response.status()));
             }
             let headers = response.headers().clone();
             let upgraded = hyper::upgrade::on(response)
                 .await
-                .map_err(TunnelError::Request)?;
+                .map_err(|e| TunnelError::Request(e.into()))?;
             let mut conn = Conn::from_parts(TokioIo::new(upgraded), metadata);
             conn.insert(ConnectResponse(headers));
             Ok(conn)

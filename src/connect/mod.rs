@@ -20,7 +20,9 @@
 
 mod deferred;
 mod h1_client;
+mod keepalive;
 mod pool;
+mod stream;
 mod terminate;
 
 use std::sync::Arc;
@@ -29,6 +31,7 @@ use http::{HeaderMap, StatusCode};
 
 pub use h1_client::Http1ConnectConnector;
 pub use pool::{H2ConnectPool, H2Settings, PoolKey, PooledTunnel};
+pub use stream::H2Stream;
 pub use terminate::{ConnectTerminate, Decision, Policy, TunnelRequest};
 
 pub use crate::addr::{Authority, AuthorityError};
@@ -101,6 +104,9 @@ pub fn refusal_for_status(status: StatusCode) -> Refusal {
 }
 
 /// Why a CONNECT tunnel could not be opened.
+///
+/// The HTTP errors inside are a `hyper::Error` (HTTP/1.1) or an `h2::Error` (HTTP/2);
+/// downcast the source to inspect them.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TunnelError {
@@ -114,7 +120,7 @@ pub enum TunnelError {
         context: &'static str,
         /// The HTTP error.
         #[source]
-        source: hyper::Error,
+        source: crate::BoxError,
     },
     /// The proxy answered something other than 200.
     #[error("proxy refused the tunnel with {status}")]
@@ -127,14 +133,14 @@ pub enum TunnelError {
     },
     /// The request or the upgrade failed.
     #[error("CONNECT request failed")]
-    Request(#[source] hyper::Error),
+    Request(#[source] crate::BoxError),
     /// The proxy closed the connection without answering.
     #[error(
         "the proxy closed the connection without answering the CONNECT; on a new TLS \
          connection this usually means it rejected our client certificate (TLS 1.3 servers \
          report that only after the handshake)"
     )]
-    PeerClosed(#[source] hyper::Error),
+    PeerClosed(#[source] crate::BoxError),
     /// Building the request failed (invalid header value, authority).
     #[error("invalid CONNECT request")]
     InvalidRequest(#[source] http::Error),

@@ -1,4 +1,5 @@
-//! Pooled, multiplexed HTTP/2 CONNECT: many tunnels per connection (ztunnel's pool).
+//! Pooled, multiplexed HTTP/2 CONNECT: many tunnels per connection (ztunnel's pool), on
+//! the `h2` crate directly so that each tunnel is an [`H2Stream`] that can be reset.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -10,17 +11,16 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use h2::client::SendRequest;
 use http::{Method, Request, StatusCode};
-use http_body_util::Empty;
-use hyper::client::conn::http2::SendRequest;
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tower::{Service, ServiceExt};
 use tracing::debug;
 
+use super::keepalive;
+use super::stream::H2Stream;
 use super::{ConnectAuthority, ConnectHeaders, ConnectResponse, TunnelError};
-use crate::conn::{Conn, Io};
+use crate::conn::{Abort, Conn, Io};
 use crate::{BoxError, Target};
 
 /// Target metadata: which pooled connections a tunnel may share. Tunnels with equal keys
@@ -32,9 +32,8 @@ pub struct PoolKey(pub String);
 /// HTTP/2 client settings; defaults follow ztunnel's HBONE client.
 #[derive(Debug, Clone)]
 pub struct H2Settings {
-    /// Most tunnels per connection. Keep it at or below the peer's
-    /// MAX_CONCURRENT_STREAMS (ztunnel advertises 200, Envoy 100): above it, extra streams
-    /// wait for a free slot on that connection instead of opening another.
+    /// Most tunnels per connection; the peer's MAX_CONCURRENT_STREAMS (ztunnel advertises
+    /// 200, Envoy 100) caps it further once its SETTINGS arrived.
     pub max_streams_per_connection: usize,
     /// Per-stream flow-control window.
     pub stream_window: u32,
@@ -74,7 +73,12 @@ impl Default for H2Settings {
 /// * Concurrent first tunnels to one key share one handshake (a per-key dial lock).
 /// * Closed or `GOAWAY`'d connections are skipped; a tunnel that fails because its
 ///   connection went away is retried once on a fresh one.
-/// * Idle connections close after `idle_timeout`; PING keepalive drops dead ones.
+/// * Idle connections close after `idle_timeout`; PING keepalive drops dead ones (a PING
+///   unanswered for the keepalive timeout closes the connection and fails its tunnels).
+/// * Each tunnel is a [`PooledTunnel`] over an [`H2Stream`]: shutting it down sends
+///   `END_STREAM`; its connection's metadata carries its [`Abort`] handle, so a
+///   [`tcp::Relay`](crate::tcp::Relay) whose other side failed makes it end with
+///   `RST_STREAM(CONNECT_ERROR)`, and a peer's `RST_STREAM(CONNECT_ERROR)` reads as a reset.
 ///
 /// The dialled address is the [`Target`]'s; the `:authority` requested is its
 /// [`ConnectAuthority`] (default: the same). [`H2ConnectPool::unpooled`] gives every
@@ -124,7 +128,7 @@ struct Shared {
 }
 
 struct PooledConn {
-    sender: SendRequest<Empty<Bytes>>,
+    sender: SendRequest<Bytes>,
     active: AtomicUsize,
     closed: Arc<AtomicBool>,
     idle_since: Mutex<Instant>,
@@ -132,15 +136,24 @@ struct PooledConn {
 }
 
 impl PooledConn {
+    /// Whether new streams may go on this connection: its task still runs and it has
+    /// neither received a GOAWAY nor failed (h2 then refuses new streams at once).
     fn usable(&self) -> bool {
-        !self.closed.load(Ordering::Acquire) && !self.sender.is_closed()
+        if self.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut probe = self.sender.clone();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        !matches!(probe.poll_ready(&mut cx), Poll::Ready(Err(_)))
     }
 
-    /// Claims one stream slot, if the connection has one.
+    /// Claims one stream slot, if the connection has one: at most `cap`, and at most the
+    /// peer's MAX_CONCURRENT_STREAMS.
     fn reserve(self: &Arc<Self>, cap: usize) -> Option<StreamGuard> {
         if !self.usable() {
             return None;
         }
+        let cap = cap.min(self.sender.current_max_send_streams());
         let mut n = self.active.load(Ordering::Acquire);
         loop {
             if n >= cap {
@@ -257,34 +270,40 @@ where
             .map_err(|e| TunnelError::Connect(e.into()))?;
         let (io, metadata) = conn.into_parts();
         let s = &self.settings;
-        let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+        let mut builder = h2::client::Builder::new();
         builder
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(s.stream_window)
-            .initial_connection_window_size(s.connection_window)
-            .adaptive_window(false)
-            .max_frame_size(s.max_frame_size)
+            .enable_push(false)
+            .initial_window_size(keepalive::window(s.stream_window))
+            .initial_connection_window_size(keepalive::window(s.connection_window))
+            .max_frame_size(keepalive::frame_size(s.max_frame_size))
             .max_header_list_size(s.max_header_list_size)
-            .max_send_buf_size(s.stream_window as usize)
-            .keep_alive_interval(s.keepalive.map(|k| k.0))
-            .keep_alive_while_idle(true);
-        if let Some((_, timeout)) = s.keepalive {
-            builder.keep_alive_timeout(timeout);
-        }
-        let (sender, connection) = builder
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(|source| TunnelError::Handshake {
-                context:
-                    "HTTP/2 handshake with the proxy failed (if it closed right after the TLS \
+            .max_send_buffer_size(s.stream_window as usize);
+        let (sender, mut connection) =
+            builder
+                .handshake::<_, Bytes>(io)
+                .await
+                .map_err(|source| TunnelError::Handshake {
+                    context:
+                        "HTTP/2 handshake with the proxy failed (if it closed right after the TLS \
                       handshake, it may have rejected our client certificate)",
-                source,
-            })?;
+                    source: source.into(),
+                })?;
         let closed = Arc::new(AtomicBool::new(false));
         let done = closed.clone();
+        let ping_pong = connection.ping_pong();
+        let keepalive = s.keepalive;
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                debug!(error = %e, "pooled HTTP/2 connection ended");
+            let keepalive = keepalive::maybe_keepalive(ping_pong, keepalive);
+            tokio::select! {
+                result = &mut connection => {
+                    if let Err(e) = result {
+                        debug!(error = %e, "pooled HTTP/2 connection ended");
+                    }
+                }
+                failure = keepalive => {
+                    // Dropping the connection fails its streams: their relays reset.
+                    debug!(error = %failure, "pooled HTTP/2 connection dropped");
+                }
             }
             done.store(true, Ordering::Release);
         });
@@ -350,45 +369,51 @@ where
                 .method(Method::CONNECT)
                 .uri(authority.to_string())
                 .version(http::Version::HTTP_2)
-                .body(Empty::<Bytes>::new())
+                .body(())
                 .map_err(TunnelError::InvalidRequest)?;
             req.headers_mut().extend(headers.0.clone());
-            let mut sender = conn.sender.clone();
+            let sender = conn.sender.clone();
             let sent = async {
-                sender.ready().await?;
-                sender.send_request(req).await
+                let mut sender = sender.ready().await?;
+                // No END_STREAM: the request's DATA frames are the tunnel's upstream bytes.
+                let (response, send) = sender.send_request(req, false)?;
+                Ok::<_, h2::Error>((response.await?, send))
             };
-            let response = match tokio::time::timeout(self.settings.response_timeout, sent).await {
-                Err(_) => return Err(TunnelError::Timeout(self.settings.response_timeout)),
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) => {
-                    // GOAWAY or a dead connection: that connection is done; try once more.
-                    let gone = !conn.usable() || e.is_closed() || e.is_canceled();
-                    if gone {
-                        conn.closed.store(true, Ordering::Release);
+            let (response, send) =
+                match tokio::time::timeout(self.settings.response_timeout, sent).await {
+                    Err(_) => return Err(TunnelError::Timeout(self.settings.response_timeout)),
+                    Ok(Ok(r)) => r,
+                    Ok(Err(e)) => {
+                        // GOAWAY, a dead connection, or a stream the server refused unseen
+                        // (REFUSED_STREAM): safe to try once more, on another connection.
+                        let gone = !conn.usable() || e.is_go_away() || e.is_io();
+                        if gone {
+                            conn.closed.store(true, Ordering::Release);
+                        }
+                        let retry = gone || e.reason() == Some(h2::Reason::REFUSED_STREAM);
+                        if retry && attempt == 1 {
+                            debug!(error = %e, "stream not opened; retrying on a fresh connection");
+                            continue;
+                        }
+                        return Err(if gone {
+                            TunnelError::PeerClosed(e.into())
+                        } else {
+                            TunnelError::Request(e.into())
+                        });
                     }
-                    if gone && attempt == 1 {
-                        debug!(error = %e, "pooled connection unusable; retrying on a fresh one");
-                        continue;
-                    }
-                    return Err(if gone {
-                        TunnelError::PeerClosed(e)
-                    } else {
-                        TunnelError::Request(e)
-                    });
-                }
-            };
+                };
             if response.status() != StatusCode::OK {
+                // Dropping `send` and the response cancels the stream (RST_STREAM(CANCEL)).
                 return Err(TunnelError::refused(response.status()));
             }
-            let response_headers = response.headers().clone();
-            let upgraded = hyper::upgrade::on(response)
-                .await
-                .map_err(TunnelError::Request)?;
+            let (parts, recv) = response.into_parts();
+            let abort = Abort::new();
             let mut metadata = conn.metadata.clone();
-            metadata.insert(ConnectResponse(response_headers));
+            metadata.insert(ConnectResponse(parts.headers));
+            // This tunnel's reset handle replaces any of the connection it runs over.
+            metadata.insert(abort.clone());
             let tunnel = PooledTunnel {
-                io: TokioIo::new(upgraded),
+                io: H2Stream::with_abort(send, recv, abort),
                 _guard: guard,
             };
             return Ok(Conn::from_parts(tunnel, metadata));
@@ -424,15 +449,28 @@ where
     }
 }
 
-/// A tunnel opened by [`H2ConnectPool`]: the stream's bytes, holding its pool slot.
+/// A tunnel opened by [`H2ConnectPool`]: the stream's bytes ([`H2Stream`]), holding its
+/// pool slot. Its [`Conn`] metadata carries the stream's [`Abort`] handle.
 pub struct PooledTunnel {
-    io: TokioIo<Upgraded>,
+    io: H2Stream,
     _guard: StreamGuard,
+}
+
+impl PooledTunnel {
+    /// The HTTP/2 stream.
+    pub fn stream(&self) -> &H2Stream {
+        &self.io
+    }
+
+    /// Resets the tunnel now with `RST_STREAM(CONNECT_ERROR)` (see [`H2Stream::abort`]).
+    pub fn abort(&mut self) {
+        self.io.abort();
+    }
 }
 
 impl std::fmt::Debug for PooledTunnel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PooledTunnel")
+        f.debug_tuple("PooledTunnel").field(&self.io).finish()
     }
 }
 

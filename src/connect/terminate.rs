@@ -1,4 +1,11 @@
 //! The inbound side: serve HTTP on a connection and turn each CONNECT into a tunnel.
+//!
+//! HTTP/1.1 is served by hyper (a tunnel is the upgraded connection). HTTP/2 is served with
+//! the `h2` crate directly, so a tunnel is an [`H2Stream`] that can end with
+//! `RST_STREAM(CONNECT_ERROR)` when its upstream resets (hyper's upgraded HTTP/2 streams
+//! only end with `END_STREAM`). A connection's protocol is told by its first bytes, the
+//! HTTP/2 preface, unless only one protocol is enabled. Both paths share the request checks
+//! and the admission-driven answer.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -8,18 +15,24 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::RecvStream;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::AsyncReadExt;
+use tokio::sync::oneshot;
 use tower::{Service, ServiceExt};
 use tracing::{debug, info_span, Instrument};
 
-use super::deferred::DeferredIo;
-use super::{status_for, Outer, TunnelInfo};
+use super::deferred::{DeferredIo, StreamSender};
+use super::stream::H2Stream;
+use super::{keepalive, status_for, Outer, TunnelInfo};
 use crate::addr::Authority;
-use crate::conn::{box_inbound, Admission, BoxInbound, BoxIo, Conn, ConnectionId, Io};
+use crate::conn::{
+    box_inbound, Abort, Admission, BoxInbound, BoxIo, Conn, ConnectionId, Io, PrefixedIo, Refusal,
+};
 use crate::{drain, BoxError};
 
 /// A policy's verdict on one tunnel.
@@ -208,37 +221,34 @@ impl ConnectTerminate {
         self.admission_timeout = timeout;
         self
     }
+}
 
-    fn builder(&self) -> auto::Builder<TokioExecutor> {
-        let s = &self.settings;
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(s.header_read_timeout)
-            .max_buf_size((s.max_header_list_size as usize).max(8192));
-        let mut h2 = builder.http2();
-        h2.timer(TokioTimer::new())
-            .initial_stream_window_size(s.stream_window)
-            .initial_connection_window_size(s.connection_window)
-            .adaptive_window(false)
-            .max_frame_size(s.max_frame_size)
-            .max_concurrent_streams(s.max_concurrent_streams)
-            .max_header_list_size(s.max_header_list_size)
-            .max_pending_accept_reset_streams(20)
-            .keep_alive_interval(s.keepalive.map(|k| k.0));
-        if let Some((_, timeout)) = s.keepalive {
-            h2.keep_alive_timeout(timeout);
+/// The first bytes of every HTTP/2 connection (RFC 9113 §3.4).
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads until the bytes either are the HTTP/2 preface or cannot be; returns the stream with
+/// those bytes put back and whether it speaks HTTP/2. `None`: closed before sending a byte.
+async fn sniff<I: Io>(mut io: I) -> std::io::Result<Option<(PrefixedIo<I>, bool)>> {
+    let mut buf = [0u8; PREFACE.len()];
+    let mut n = 0;
+    while n < buf.len() {
+        let read = io.read(&mut buf[n..]).await?;
+        if read == 0 {
+            if n == 0 {
+                return Ok(None);
+            }
+            break;
         }
-        if s.extended_connect {
-            h2.enable_connect_protocol();
-        }
-        match (s.http1, s.http2) {
-            (true, false) => builder.http1_only(),
-            (false, true) => builder.http2_only(),
-            _ => builder,
+        n += read;
+        if buf[..n] != PREFACE[..n] {
+            break;
         }
     }
+    let is_h2 = buf[..n] == PREFACE[..];
+    Ok(Some((
+        PrefixedIo::new(Bytes::copy_from_slice(&buf[..n]), io),
+        is_h2,
+    )))
 }
 
 impl<I: Io> Service<Conn<I>> for ConnectTerminate {
@@ -258,23 +268,32 @@ impl<I: Io> Service<Conn<I>> for ConnectTerminate {
                 .get::<drain::Watch>()
                 .cloned()
                 .unwrap_or_else(drain::Watch::never);
+            let settings = this.settings.clone();
             let handler = Handler {
-                terminate: this.clone(),
+                terminate: this,
                 outer: Arc::new(metadata),
             };
-            let builder = this.builder();
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), handler);
-            tokio::pin!(connection);
-            let result = tokio::select! {
-                r = connection.as_mut() => r,
-                () = watch.signaled() => {
-                    // GOAWAY (HTTP/2) or `Connection: close` (HTTP/1), then let open
-                    // tunnels finish; the accept loop enforces the deadline.
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
+            let (io, h2) = match (settings.http1, settings.http2) {
+                (false, true) => (PrefixedIo::new(Bytes::new(), io), true),
+                (true, false) => (PrefixedIo::new(Bytes::new(), io), false),
+                _ => match tokio::time::timeout(settings.header_read_timeout, sniff(io)).await {
+                    Err(_) => {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "no request on the connection in time",
+                        )
+                        .into())
+                    }
+                    Ok(Err(e)) => return Err(e.into()),
+                    Ok(Ok(None)) => return Ok(()),
+                    Ok(Ok(Some(sniffed))) => sniffed,
+                },
             };
-            result.map_err(|e| -> BoxError { e })
+            if h2 {
+                handler.serve_h2(io, watch).await
+            } else {
+                handler.serve_h1(io, watch).await
+            }
         })
     }
 }
@@ -286,93 +305,92 @@ struct Handler {
     outer: Arc<http::Extensions>,
 }
 
-type Reply = Response<Full<Bytes>>;
-
-fn reply(version: http::Version, status: StatusCode, why: &'static str) -> Reply {
-    // HTTP/2 errors are a HEADERS frame with END_STREAM, as ztunnel sends them; HTTP/1
-    // clients get a one-line reason.
-    let body = if version == http::Version::HTTP_2 {
-        Bytes::new()
-    } else {
-        Bytes::from(format!("{why}\n"))
-    };
-    let mut resp = Response::new(Full::new(body));
-    *resp.status_mut() = status;
-    resp
+/// What the checks need of a CONNECT request, whichever protocol carried it.
+struct Head<'a> {
+    method: &'a Method,
+    uri: &'a http::Uri,
+    headers: &'a http::HeaderMap,
+    protocol: Option<String>,
+    version: http::Version,
 }
 
-impl hyper::service::Service<Request<Incoming>> for Handler {
-    type Response = Reply;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Reply, Infallible>> + Send>>;
+/// A tunnel refused before it opened: the status, and a reason for HTTP/1 bodies.
+type Refused = (StatusCode, &'static str);
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move { Ok(this.handle(req).await) })
+/// A tunnel handed to the inner service, waiting for it to be admitted.
+struct Pending {
+    authority: Authority,
+    decision: oneshot::Receiver<Result<(), Refusal>>,
+    stream_tx: StreamSender,
+}
+
+impl Pending {
+    /// The sender for the tunnel's stream once the inner service admitted it.
+    async fn admitted(self, timeout: Duration) -> Result<StreamSender, Refused> {
+        match tokio::time::timeout(timeout, self.decision).await {
+            Ok(Ok(Ok(()))) => Ok(self.stream_tx),
+            Ok(Ok(Err(refusal))) => {
+                debug!(tunnel.authority = %self.authority, ?refusal, "tunnel refused");
+                Err((status_for(refusal), "upstream refused the tunnel"))
+            }
+            Ok(Err(_)) => Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                "tunnel closed before it was admitted",
+            )),
+            Err(_) => Err((
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream did not answer in time",
+            )),
+        }
     }
 }
 
 impl Handler {
-    async fn handle(self, req: Request<Incoming>) -> Reply {
-        let version = req.version();
+    /// The checks both protocols share (method, RFC 9113 §8.5 form, authority, depth,
+    /// policy); then the tunnel goes to the inner service, whose admission decides the
+    /// answer. `abort` is the tunnel stream's reset handle, if it has one.
+    fn start(&self, head: Head<'_>, abort: Option<Abort>) -> Result<Pending, Refused> {
         let t = &self.terminate;
-        if req.method() != Method::CONNECT {
-            debug!(method = %req.method(), "not a CONNECT request");
-            return reply(version, t.non_connect, "only CONNECT is served here");
+        if head.method != Method::CONNECT {
+            debug!(method = %head.method, "not a CONNECT request");
+            return Err((t.non_connect, "only CONNECT is served here"));
         }
-        let protocol = req
-            .extensions()
-            .get::<hyper::ext::Protocol>()
-            .map(|p| p.as_str().to_owned());
         // RFC 9113 §8.5: a plain CONNECT has only :method and :authority.
-        if protocol.is_none()
-            && (req.uri().scheme().is_some() || req.uri().path_and_query().is_some())
+        if head.protocol.is_none()
+            && (head.uri.scheme().is_some() || head.uri.path_and_query().is_some())
         {
-            return reply(
-                version,
+            return Err((
                 StatusCode::BAD_REQUEST,
                 "CONNECT must not carry :scheme or :path",
-            );
+            ));
         }
-        let Some(authority) = req.uri().authority().map(|a| Authority::parse(a.as_str())) else {
-            return reply(
-                version,
+        let Some(authority) = head.uri.authority().map(|a| Authority::parse(a.as_str())) else {
+            return Err((
                 StatusCode::BAD_REQUEST,
                 "CONNECT needs an authority (host:port)",
-            );
+            ));
         };
-        let authority = match authority {
-            Ok(a) => a,
-            Err(e) => {
-                debug!(error = %e, "bad CONNECT authority");
-                return reply(
-                    version,
-                    StatusCode::BAD_REQUEST,
-                    "invalid CONNECT authority",
-                );
-            }
-        };
+        let authority = authority.map_err(|e| {
+            debug!(error = %e, "bad CONNECT authority");
+            (StatusCode::BAD_REQUEST, "invalid CONNECT authority")
+        })?;
         let depth = super::lookup::<TunnelInfo>(&self.outer)
             .map_or(0, |t| t.depth)
             .saturating_add(1);
         if depth > t.max_depth {
             debug!(depth, "tunnel nesting too deep");
-            return reply(
-                version,
-                StatusCode::LOOP_DETECTED,
-                "tunnel nesting too deep",
-            );
+            return Err((StatusCode::LOOP_DETECTED, "tunnel nesting too deep"));
         }
         if let Some(policy) = &t.policy {
             let request = TunnelRequest {
                 authority: &authority,
-                headers: req.headers(),
-                protocol: protocol.as_deref(),
+                headers: head.headers,
+                protocol: head.protocol.as_deref(),
                 connection: &self.outer,
             };
             if let Decision::Deny(status) = policy(&request) {
                 debug!(tunnel.authority = %authority, %status, "tunnel denied by policy");
-                return reply(version, status, "tunnel denied by policy");
+                return Err((status, "tunnel denied by policy"));
             }
         }
 
@@ -382,14 +400,17 @@ impl Handler {
         let id = ConnectionId::next();
         metadata.insert(TunnelInfo {
             authority: authority.clone(),
-            version,
-            protocol,
-            headers: req.headers().clone(),
+            version: head.version,
+            protocol: head.protocol,
+            headers: head.headers.clone(),
             depth,
         });
         metadata.insert(Outer(self.outer.clone()));
         metadata.insert(admission);
         metadata.insert(id);
+        if let Some(abort) = abort {
+            metadata.insert(abort);
+        }
         if let Some(watch) = self.outer.get::<drain::Watch>() {
             metadata.insert(watch.clone());
         }
@@ -404,9 +425,52 @@ impl Handler {
             }
             .instrument(span),
         );
+        Ok(Pending {
+            authority,
+            decision,
+            stream_tx,
+        })
+    }
 
-        match tokio::time::timeout(t.admission_timeout, decision).await {
-            Ok(Ok(Ok(()))) => {
+    // ----- HTTP/1.1 (hyper) -----
+
+    async fn serve_h1<I: Io>(self, io: I, watch: drain::Watch) -> Result<(), BoxError> {
+        let s = self.terminate.settings.clone();
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(s.header_read_timeout)
+            .max_buf_size((s.max_header_list_size as usize).max(8192));
+        let connection = builder
+            .serve_connection(TokioIo::new(io), self)
+            .with_upgrades();
+        tokio::pin!(connection);
+        let result = tokio::select! {
+            r = connection.as_mut() => r,
+            () = watch.signaled() => {
+                // `Connection: close` after the current request; open tunnels go on, the
+                // accept loop enforces the deadline.
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+        };
+        result.map_err(Into::into)
+    }
+
+    async fn handle_h1(self, req: Request<Incoming>) -> Reply {
+        let head = Head {
+            method: req.method(),
+            uri: req.uri(),
+            headers: req.headers(),
+            protocol: None,
+            version: req.version(),
+        };
+        let admitted = match self.start(head, None) {
+            Ok(pending) => pending.admitted(self.terminate.admission_timeout).await,
+            Err(refused) => Err(refused),
+        };
+        match admitted {
+            Ok(stream_tx) => {
                 let upgrade = hyper::upgrade::on(req);
                 tokio::spawn(async move {
                     let stream = upgrade
@@ -417,20 +481,125 @@ impl Handler {
                 });
                 Response::new(Full::new(Bytes::new()))
             }
-            Ok(Ok(Err(refusal))) => {
-                debug!(tunnel.authority = %authority, ?refusal, "tunnel refused");
-                reply(version, status_for(refusal), "upstream refused the tunnel")
+            Err((status, why)) => {
+                // HTTP/1 clients get a one-line reason.
+                let mut resp = Response::new(Full::new(Bytes::from(format!("{why}\n"))));
+                *resp.status_mut() = status;
+                resp
             }
-            Ok(Err(_)) => reply(
-                version,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "tunnel closed before it was admitted",
-            ),
-            Err(_) => reply(
-                version,
-                StatusCode::GATEWAY_TIMEOUT,
-                "upstream did not answer in time",
-            ),
         }
+    }
+
+    // ----- HTTP/2 (h2) -----
+
+    async fn serve_h2<I: Io>(self, io: I, watch: drain::Watch) -> Result<(), BoxError> {
+        let s = self.terminate.settings.clone();
+        let mut builder = h2::server::Builder::new();
+        builder
+            .initial_window_size(keepalive::window(s.stream_window))
+            .initial_connection_window_size(keepalive::window(s.connection_window))
+            .max_frame_size(keepalive::frame_size(s.max_frame_size))
+            .max_concurrent_streams(s.max_concurrent_streams)
+            .max_header_list_size(s.max_header_list_size)
+            // Rapid reset (CVE-2023-44487): GOAWAY after this many streams reset unaccepted.
+            .max_pending_accept_reset_streams(20);
+        if s.extended_connect {
+            builder.enable_connect_protocol();
+        }
+        let handshake = builder.handshake::<_, Bytes>(io);
+        let mut connection = match tokio::time::timeout(s.header_read_timeout, handshake).await {
+            Ok(connection) => connection?,
+            Err(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no HTTP/2 preface in time",
+                )
+                .into())
+            }
+        };
+        let keepalive = keepalive::maybe_keepalive(connection.ping_pong(), s.keepalive);
+        tokio::pin!(keepalive);
+        let mut draining = false;
+        loop {
+            tokio::select! {
+                next = connection.accept() => match next {
+                    Some(Ok((req, respond))) => {
+                        tokio::spawn(self.clone().handle_h2(req, respond).in_current_span());
+                    }
+                    Some(Err(e)) => return Err(e.into()),
+                    None => return Ok(()),
+                },
+                () = watch.signaled(), if !draining => {
+                    // GOAWAY; open tunnels go on (accept() returns None once they are
+                    // done), the accept loop enforces the deadline.
+                    draining = true;
+                    connection.graceful_shutdown();
+                }
+                failure = &mut keepalive => {
+                    debug!(error = %failure, "HTTP/2 keepalive failed; closing the connection");
+                    return Err(failure.into());
+                }
+            }
+        }
+    }
+
+    async fn handle_h2(self, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+        let (parts, body) = req.into_parts();
+        let head = Head {
+            method: &parts.method,
+            uri: &parts.uri,
+            headers: &parts.headers,
+            protocol: parts
+                .extensions
+                .get::<h2::ext::Protocol>()
+                .map(|p| p.as_str().to_owned()),
+            version: http::Version::HTTP_2,
+        };
+        let abort = Abort::new();
+        let admitted = match self.start(head, Some(abort.clone())) {
+            Ok(pending) => {
+                let timeout = self.terminate.admission_timeout;
+                tokio::select! {
+                    admitted = pending.admitted(timeout) => admitted,
+                    // The client gave up (RST_STREAM) while the inner service connected:
+                    // dropping the stream sender fails the tunnel's I/O, which resets it.
+                    _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => {
+                        debug!("client reset the CONNECT stream before it was answered");
+                        return;
+                    }
+                }
+            }
+            Err(refused) => Err(refused),
+        };
+        match admitted {
+            Ok(stream_tx) => match respond.send_response(Response::new(()), false) {
+                Ok(send) => {
+                    let stream = H2Stream::with_abort(send, body, abort);
+                    let _ = stream_tx.send(Ok(BoxIo::new(stream)));
+                }
+                Err(e) => {
+                    let _ = stream_tx.send(Err(std::io::Error::other(e)));
+                }
+            },
+            Err((status, _)) => {
+                // A HEADERS frame with END_STREAM, as ztunnel sends errors.
+                let mut resp = Response::new(());
+                *resp.status_mut() = status;
+                let _ = respond.send_response(resp, true);
+            }
+        }
+    }
+}
+
+type Reply = Response<Full<Bytes>>;
+
+impl hyper::service::Service<Request<Incoming>> for Handler {
+    type Response = Reply;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Reply, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { Ok(this.handle_h1(req).await) })
     }
 }

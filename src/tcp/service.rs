@@ -8,8 +8,8 @@ use std::time::Duration;
 use tower::{Service, ServiceExt};
 use tracing::debug;
 
-use super::relay::{relay_with, RelayConfig, RelayError};
-use crate::conn::{refusal_for, Admission, Conn, Io, Metadata, Refusal};
+use super::relay::{relay_with, RelayConfig, RelayError, Side};
+use crate::conn::{refusal_for, Abort, Admission, Conn, Io, Metadata, Refusal};
 use crate::{BoxError, Target};
 
 /// Relays each connection to an upstream chosen from its metadata.
@@ -22,6 +22,11 @@ use crate::{BoxError, Target};
 /// [`Admission`], the relay admits it only after the upstream connected, and otherwise
 /// refuses with the reason (so an HBONE client gets 503 for a refused upstream, not 200
 /// followed by a close).
+///
+/// When one side fails (a reset, an I/O error), the other side is reset too: a TCP socket
+/// with `SO_LINGER 0`, a stream that is not a socket (an HTTP/2 tunnel) through the
+/// [`Abort`] handle in its connection's metadata. A clean end on both sides closes both
+/// cleanly (FIN, `END_STREAM`).
 ///
 /// ```
 /// use proxystack::conn::Metadata;
@@ -173,9 +178,21 @@ where
             if let Some(a) = &admission {
                 a.admit();
             }
+            // Streams that are not sockets are reset through their metadata's handle.
+            let down_abort = conn.get::<Abort>().cloned();
+            let up_abort = upstream.get::<Abort>().cloned();
             let (mut down, _) = conn.into_parts();
             let (mut up, _) = upstream.into_parts();
             let stats = relay_any(&mut down, &mut up, &config).await;
+            if let Err(RelayError::Io { side, .. }) = &stats.result {
+                let healthy = match side {
+                    Side::Downstream => &up_abort,
+                    Side::Upstream => &down_abort,
+                };
+                if let Some(abort) = healthy {
+                    abort.abort();
+                }
+            }
             debug!(
                 upstream = %name,
                 bytes.up = stats.bytes_up,
