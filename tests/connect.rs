@@ -12,7 +12,7 @@ use common::*;
 use http::StatusCode;
 use proptest::prelude::*;
 use proxystack::conn::Metadata;
-use proxystack::conn::{BoxInbound, BoxIo};
+use proxystack::conn::{Abort, BoxInbound, BoxIo};
 use proxystack::connect::{
     ConnectAuthority, ConnectTerminate, Decision, H2ConnectPool, H2Settings, Http1ConnectConnector,
     TunnelError, TunnelInfo,
@@ -454,21 +454,26 @@ async fn goaway_mid_use_moves_new_tunnels_to_a_new_connection() {
     assert_eq!(&buf, b"uno");
 }
 
-/// An upstream reset ends the HTTP/2 tunnel at once. Like ztunnel (#1483) it arrives as
-/// END_STREAM: hyper's upgraded streams cannot send RST_STREAM with a chosen code (see
-/// the CHANGELOG's known limitations).
-#[tokio::test]
-async fn upstream_reset_ends_the_h2_tunnel_promptly() {
+/// An upstream that accepts one connection, waits, then resets it.
+async fn resetting_upstream(after: Duration) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream = listener.local_addr().unwrap();
     tokio::spawn(async move {
         let (s, _) = listener.accept().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(after).await;
         socket2::SockRef::from(&s)
             .set_linger(Some(Duration::ZERO))
             .unwrap();
         drop(s);
     });
+    upstream
+}
+
+/// An upstream TCP reset becomes RST_STREAM(CONNECT_ERROR) (RFC 9113 §8.5), which the
+/// client reads as a reset, not as a clean end of stream.
+#[tokio::test]
+async fn upstream_reset_reaches_the_h2_client_as_a_reset() {
+    let upstream = resetting_upstream(Duration::from_millis(100)).await;
     let proxy = proxy_to(upstream, |t| t).await;
     let target =
         Target::from(proxy.addr).with(ConnectAuthority(Authority::parse("x.test:1").unwrap()));
@@ -477,8 +482,223 @@ async fn upstream_reset_ends_the_h2_tunnel_promptly() {
         .await
         .unwrap();
     let mut buf = Vec::new();
-    let r = tokio::time::timeout(Duration::from_secs(5), t.read_to_end(&mut buf)).await;
-    assert!(r.is_ok(), "the tunnel must end when its upstream resets");
+    let r = tokio::time::timeout(Duration::from_secs(5), t.read_to_end(&mut buf))
+        .await
+        .expect("the tunnel must end when its upstream resets");
+    let err = r.expect_err("an upstream reset must not read as EOF");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err:?}");
+}
+
+/// The same through a client-side relay: the application's TCP connection is reset.
+#[tokio::test]
+async fn upstream_reset_resets_the_client_application_through_two_relays() {
+    let upstream = resetting_upstream(Duration::from_millis(200)).await;
+    let proxy = proxy_to(upstream, |t| t).await;
+    let client_side = client_relay(proxy.addr).await;
+    let mut app = TcpStream::connect(client_side.addr).await.unwrap();
+    let mut buf = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(5), app.read_to_end(&mut buf))
+        .await
+        .expect("the application connection must end");
+    let err = r.expect_err("an upstream reset must reach the application as a reset");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err:?}");
+}
+
+/// A client-side proxy: plain TCP in, pooled HTTP/2 CONNECT to `proxy` out.
+async fn client_relay(proxy: SocketAddr) -> Running {
+    let pool = H2ConnectPool::new(tcp::TcpConnector::new());
+    let relay = tcp::Relay::new(pool).upstream(move |_: &Metadata| {
+        Some(Target::from(proxy).with(ConnectAuthority(Authority::parse("x.test:1").unwrap())))
+    });
+    start(Server::new(), relay).await
+}
+
+/// An upstream listener whose first accepted connection the test drives.
+async fn one_upstream() -> (SocketAddr, tokio::sync::oneshot::Receiver<TcpStream>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        let _ = tx.send(s);
+    });
+    (addr, rx)
+}
+
+/// Reads until an error, which must come within 5 s (no EOF in between).
+async fn expect_reset(s: &mut TcpStream) -> std::io::Error {
+    let mut buf = [0u8; 1024];
+    let r = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) => return None,
+                Ok(_) => continue,
+                Err(e) => return Some(e),
+            }
+        }
+    })
+    .await
+    .expect("the upstream connection must end");
+    r.expect("the upstream saw a clean EOF, not a reset")
+}
+
+/// A tunnel the client aborts ends with RST_STREAM(CONNECT_ERROR): the server resets its
+/// upstream TCP connection.
+#[tokio::test]
+async fn aborted_tunnel_resets_the_server_upstream() {
+    let (upstream, accepted) = one_upstream().await;
+    let proxy = proxy_to(upstream, |t| t).await;
+    let target =
+        Target::from(proxy.addr).with(ConnectAuthority(Authority::parse("x.test:1").unwrap()));
+    let mut t = H2ConnectPool::new(tcp::TcpConnector::new())
+        .oneshot(target)
+        .await
+        .unwrap();
+    t.write_all(b"hello").await.unwrap();
+    let mut up = accepted.await.unwrap();
+    let mut got = [0u8; 5];
+    up.read_exact(&mut got).await.unwrap();
+    // What a relay does when the other side of the tunnel failed: abort, then drop.
+    t.get::<Abort>().expect("tunnels carry their abort handle").abort();
+    drop(t);
+    let err = expect_reset(&mut up).await;
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err:?}");
+}
+
+/// An application that resets its connection to a client-side relay resets the server's
+/// upstream connection, across the HTTP/2 tunnel between them.
+#[tokio::test]
+async fn client_reset_crosses_the_tunnel_to_the_upstream() {
+    let (upstream, accepted) = one_upstream().await;
+    let proxy = proxy_to(upstream, |t| t).await;
+    let client_side = client_relay(proxy.addr).await;
+    let mut app = TcpStream::connect(client_side.addr).await.unwrap();
+    app.write_all(b"hello").await.unwrap();
+    let mut up = accepted.await.unwrap();
+    let mut got = [0u8; 5];
+    up.read_exact(&mut got).await.unwrap();
+    socket2::SockRef::from(&app)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(app);
+    let err = expect_reset(&mut up).await;
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err:?}");
+}
+
+/// A raw HTTP/2 client opens a tunnel and cancels it with RST_STREAM(CANCEL). Like ztunnel
+/// (REFERENCE §2.7), CANCEL reads as the end of the client's data: the upstream sees a clean
+/// EOF (FIN). Whatever it sends afterwards finds the stream gone, and then it is reset.
+#[tokio::test]
+async fn cancel_from_a_raw_h2_client_is_eof_upstream_then_reset() {
+    let (upstream, accepted) = one_upstream().await;
+    let proxy = proxy_to(upstream, |t| t).await;
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut h2 = h2.ready().await.unwrap();
+    let req = http::Request::builder()
+        .method("CONNECT")
+        .uri("x.test:1")
+        .body(())
+        .unwrap();
+    let (response, mut send) = h2.send_request(req, false).unwrap();
+    assert_eq!(response.await.unwrap().status(), StatusCode::OK);
+    send.send_data(bytes::Bytes::from_static(b"hello"), false)
+        .unwrap();
+    let mut up = accepted.await.unwrap();
+    let mut got = [0u8; 5];
+    up.read_exact(&mut got).await.unwrap();
+    send.send_reset(h2::Reason::CANCEL);
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), up.read(&mut buf))
+        .await
+        .expect("the upstream must see the end")
+        .expect("CANCEL reads as EOF upstream, not as a reset");
+    assert_eq!(n, 0);
+    // The upstream answers; the tunnel is gone, so the proxy resets it.
+    let failed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Err(e) = up.write_all(b"late").await {
+                return e;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("writes after the cancel must fail");
+    assert!(
+        matches!(
+            failed.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+        ),
+        "{failed:?}"
+    );
+}
+
+/// A CONNECT proxy whose relay results are reported on `results`.
+async fn recording_proxy(
+    upstream: SocketAddr,
+) -> (Running, tokio::sync::mpsc::UnboundedReceiver<Result<(), String>>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let relay = relay_to(upstream);
+    let recorded = service_fn(move |conn: Conn<BoxIo>| {
+        let (relay, tx) = (relay.clone(), tx.clone());
+        async move {
+            let r = relay.oneshot(conn).await;
+            let _ = tx.send(r.as_ref().map(|_| ()).map_err(|e| format!("{e:?}")));
+            r
+        }
+    });
+    (
+        start(Server::new(), ConnectTerminate::new(recorded)).await,
+        rx,
+    )
+}
+
+/// END_STREAM ↔ FIN in both directions and in either order, with no reset anywhere: the
+/// server's relay ends cleanly and every reader sees a plain EOF.
+#[tokio::test]
+async fn end_stream_and_fin_map_both_ways() {
+    // The client finishes first.
+    let (upstream, accepted) = one_upstream().await;
+    let (proxy, mut results) = recording_proxy(upstream).await;
+    let target =
+        Target::from(proxy.addr).with(ConnectAuthority(Authority::parse("x.test:1").unwrap()));
+    let pool = H2ConnectPool::new(tcp::TcpConnector::new());
+    let mut t = pool.clone().oneshot(target.clone()).await.unwrap();
+    t.write_all(b"ping").await.unwrap();
+    t.shutdown().await.unwrap(); // END_STREAM
+    let mut up = accepted.await.unwrap();
+    let mut got = Vec::new();
+    up.read_to_end(&mut got).await.unwrap(); // FIN
+    assert_eq!(got, b"ping");
+    up.write_all(b"pong").await.unwrap();
+    up.shutdown().await.unwrap(); // FIN
+    let mut got = Vec::new();
+    t.read_to_end(&mut got).await.unwrap(); // END_STREAM
+    assert_eq!(got, b"pong");
+    let relay = tokio::time::timeout(Duration::from_secs(5), results.recv()).await;
+    assert_eq!(relay.unwrap(), Some(Ok(())));
+
+    // The upstream finishes first; the client keeps sending after it read EOF.
+    let (upstream, accepted) = one_upstream().await;
+    let (proxy, mut results) = recording_proxy(upstream).await;
+    let target =
+        Target::from(proxy.addr).with(ConnectAuthority(Authority::parse("x.test:1").unwrap()));
+    let mut t = pool.oneshot(target).await.unwrap();
+    let mut up = accepted.await.unwrap();
+    up.write_all(b"banner").await.unwrap();
+    up.shutdown().await.unwrap(); // FIN
+    let mut got = Vec::new();
+    t.read_to_end(&mut got).await.unwrap(); // END_STREAM
+    assert_eq!(got, b"banner");
+    t.write_all(b"after").await.unwrap();
+    t.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    up.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"after");
+    let relay = tokio::time::timeout(Duration::from_secs(5), results.recv()).await;
+    assert_eq!(relay.unwrap(), Some(Ok(())));
 }
 
 #[tokio::test]
