@@ -733,3 +733,103 @@ async fn address_filter_refuses_forbidden_destinations_with_403() {
         assert!(got.contains(want), "{authority}: {got}");
     }
 }
+
+const SETTINGS: u8 = 4;
+const HEADERS: u8 = 1;
+const PING: u8 = 6;
+const ACK: u8 = 1;
+
+/// An HTTP/2 server written frame by frame that answers every CONNECT with 200 but never
+/// answers a PING. Reports the PINGs it got once the client closed the connection.
+async fn server_ignoring_pings() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<usize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut preface = [0u8; 24];
+                s.read_exact(&mut preface).await.unwrap();
+                assert_eq!(preface, H2_PREFACE);
+                s.write_all(&h2_frame(SETTINGS, 0, 0, &[])).await.unwrap();
+                let mut pings = 0;
+                while let Some(f) = read_h2_frame(&mut s).await {
+                    match f.kind {
+                        SETTINGS if f.flags & ACK == 0 => {
+                            let _ = s.write_all(&h2_frame(SETTINGS, ACK, 0, &[])).await;
+                        }
+                        // `:status: 200` (HPACK static index 8), END_HEADERS.
+                        HEADERS => {
+                            let _ = s.write_all(&h2_frame(HEADERS, 0x4, f.stream, &[0x88])).await;
+                        }
+                        PING if f.flags & ACK == 0 => pings += 1,
+                        _ => {}
+                    }
+                }
+                let _ = tx.send(pings);
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// PING keepalive: a peer that stops answering PINGs is dropped after the timeout, and its
+/// tunnels fail (an error, not EOF, so relays reset their applications).
+#[tokio::test]
+async fn pool_drops_a_connection_whose_peer_never_answers_pings() {
+    let (addr, mut closed) = server_ignoring_pings().await;
+    let pool = H2ConnectPool::with_settings(
+        tcp::TcpConnector::new(),
+        H2Settings {
+            keepalive: Some((Duration::from_millis(100), Duration::from_millis(300))),
+            ..Default::default()
+        },
+    );
+    let target = Target::from(addr).with(ConnectAuthority(Authority::parse("x.test:1").unwrap()));
+    let mut t = pool.clone().oneshot(target.clone()).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), t.read(&mut buf))
+        .await
+        .expect("the tunnel must fail once the keepalive gives up");
+    assert!(read.is_err(), "a dropped connection is not a clean EOF: {read:?}");
+    assert!(started.elapsed() >= Duration::from_millis(300), "{:?}", started.elapsed());
+    let pings = tokio::time::timeout(Duration::from_secs(5), closed.recv())
+        .await
+        .expect("the client must close the connection")
+        .unwrap();
+    assert!(pings >= 1, "the client sent no PING");
+    // The next tunnel needs a new connection.
+    let _next = pool.clone().oneshot(target).await.unwrap();
+    assert_eq!(pool.connections_dialled(), 2);
+}
+
+/// The terminator's keepalive: a client that never answers PINGs is disconnected.
+#[tokio::test]
+async fn terminator_drops_a_client_that_never_answers_pings() {
+    let echo = echo_server().await;
+    let proxy = proxy_to(echo, |t| {
+        t.h2_keepalive(Some((Duration::from_millis(100), Duration::from_millis(300))))
+    })
+    .await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(H2_PREFACE).await.unwrap();
+    s.write_all(&h2_frame(SETTINGS, 0, 0, &[])).await.unwrap();
+    let pings = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut pings = 0;
+        while let Some(f) = read_h2_frame(&mut s).await {
+            match f.kind {
+                SETTINGS if f.flags & ACK == 0 => {
+                    let _ = s.write_all(&h2_frame(SETTINGS, ACK, 0, &[])).await;
+                }
+                PING if f.flags & ACK == 0 => pings += 1,
+                _ => {}
+            }
+        }
+        pings
+    })
+    .await
+    .expect("the server must close a connection whose PINGs go unanswered");
+    assert!(pings >= 1);
+}

@@ -417,3 +417,114 @@ async fn connect_with_scheme_and_path_is_rejected() {
         "a malformed CONNECT must not dial"
     );
 }
+
+/// A TLS connection to an HBONE server with the client's mesh certificate, for raw HTTP/2.
+async fn hbone_tls_to(
+    ca: &DemoCa,
+    server: SocketAddr,
+) -> proxystack::Conn<impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> {
+    let tls = proxystack::tls::TlsConnector::new(tcp::TcpConnector::new(), ca.roots())
+        .client_cert(ca.workload_cert("default", "client"))
+        .unwrap()
+        .alpn(["h2"])
+        .sni(proxystack::tls::SniMode::None)
+        .expect_identities([id("default", "server")]);
+    tls.oneshot(Target::from(server)).await.unwrap()
+}
+
+/// The server's SETTINGS and connection window are ztunnel's (REFERENCE §2.10), read as raw
+/// frames: MAX_CONCURRENT_STREAMS 200, INITIAL_WINDOW_SIZE 4 MiB, MAX_FRAME_SIZE 1 MiB,
+/// MAX_HEADER_LIST_SIZE 64 KiB, then a WINDOW_UPDATE raising the connection window to 16 MiB.
+#[tokio::test]
+async fn server_advertises_ztunnels_settings_on_the_wire() {
+    let ca = DemoCa::new(TD);
+    let app = echo_server().await;
+    let (server, _) = hbone_server(&ca, app, |i| i).await;
+    let mut io = hbone_tls_to(&ca, server.addr).await;
+    io.write_all(H2_PREFACE).await.unwrap();
+    io.write_all(&h2_frame(4, 0, 0, &[])).await.unwrap();
+    let (mut settings, mut window_update) = (None, None);
+    while settings.is_none() || window_update.is_none() {
+        let f = tokio::time::timeout(Duration::from_secs(5), read_h2_frame(&mut io))
+            .await
+            .unwrap()
+            .expect("the server closed before its SETTINGS");
+        match (f.kind, f.stream) {
+            (4, 0) if f.flags & 1 == 0 => settings = Some(h2_settings(&f.payload)),
+            (8, 0) => {
+                let p = &f.payload;
+                window_update = Some(u32::from_be_bytes([p[0], p[1], p[2], p[3]]) & 0x7fff_ffff);
+            }
+            _ => {}
+        }
+    }
+    let settings = settings.unwrap();
+    let value = |id: u16| settings.iter().find(|(i, _)| *i == id).map(|(_, v)| *v);
+    assert_eq!(value(0x3), Some(200), "MAX_CONCURRENT_STREAMS in {settings:?}");
+    assert_eq!(value(0x4), Some(4 << 20), "INITIAL_WINDOW_SIZE in {settings:?}");
+    assert_eq!(value(0x5), Some(1 << 20), "MAX_FRAME_SIZE in {settings:?}");
+    assert_eq!(value(0x6), Some(64 << 10), "MAX_HEADER_LIST_SIZE in {settings:?}");
+    assert_eq!(value(0x8), None, "extended CONNECT is off by default");
+    assert_eq!(65_535 + window_update.unwrap(), 16 << 20, "connection window");
+}
+
+/// The same settings as the h2 crate, as a client, sees them: the peer's stream limit, and
+/// a stream that may send exactly 4 MiB before a WINDOW_UPDATE (the stream window, within a
+/// connection window larger than the default 64 KiB).
+#[tokio::test]
+async fn server_settings_as_an_h2_client_sees_them() {
+    let ca = DemoCa::new(TD);
+    let app = echo_server().await;
+    let (server, _) = hbone_server(&ca, app, |i| i).await;
+    let io = hbone_tls_to(&ca, server.addr).await;
+    let (h2, connection) = h2::client::Builder::new()
+        .max_send_buffer_size(16 << 20)
+        .handshake::<_, bytes::Bytes>(io)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let mut h2 = h2.ready().await.unwrap();
+    let req = http::Request::builder()
+        .method("CONNECT")
+        .uri(format!("127.0.0.1:{}", app.port()))
+        .body(())
+        .unwrap();
+    let (response, mut send) = h2.send_request(req, false).unwrap();
+    assert_eq!(response.await.unwrap().status(), StatusCode::OK);
+    // The SETTINGS frame came before the response.
+    assert_eq!(h2.current_max_send_streams(), 200);
+    send.reserve_capacity(8 << 20);
+    let capacity = tokio::time::timeout(Duration::from_secs(5), async {
+        while send.capacity() < 4 << 20 {
+            std::future::poll_fn(|cx| send.poll_capacity(cx)).await;
+        }
+        send.capacity()
+    })
+    .await
+    .expect("the stream window must open to 4 MiB");
+    assert_eq!(capacity, 4 << 20, "INITIAL_WINDOW_SIZE");
+}
+
+/// An application reset travels back over HBONE as RST_STREAM(CONNECT_ERROR) and reaches
+/// the client as a reset (ztunnel turns it into a FIN, #1483).
+#[tokio::test]
+async fn app_reset_reaches_the_hbone_client_as_a_reset() {
+    let ca = DemoCa::new(TD);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+    });
+    let (server, _) = hbone_server(&ca, app, |i| i).await;
+    let mut t = client(&ca).oneshot(target(server.addr, app)).await.unwrap();
+    let mut buf = Vec::new();
+    let err = tokio::time::timeout(Duration::from_secs(5), t.read_to_end(&mut buf))
+        .await
+        .expect("the tunnel must end")
+        .expect_err("a reset is not EOF");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err:?}");
+}
