@@ -559,7 +559,9 @@ async fn aborted_tunnel_resets_the_server_upstream() {
     let mut got = [0u8; 5];
     up.read_exact(&mut got).await.unwrap();
     // What a relay does when the other side of the tunnel failed: abort, then drop.
-    t.get::<Abort>().expect("tunnels carry their abort handle").abort();
+    t.get::<Abort>()
+        .expect("tunnels carry their abort handle")
+        .abort();
     drop(t);
     let err = expect_reset(&mut up).await;
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err:?}");
@@ -638,7 +640,10 @@ async fn cancel_from_a_raw_h2_client_is_eof_upstream_then_reset() {
 /// A CONNECT proxy whose relay results are reported on `results`.
 async fn recording_proxy(
     upstream: SocketAddr,
-) -> (Running, tokio::sync::mpsc::UnboundedReceiver<Result<(), String>>) {
+) -> (
+    Running,
+    tokio::sync::mpsc::UnboundedReceiver<Result<(), String>>,
+) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let relay = relay_to(upstream);
     let recorded = service_fn(move |conn: Conn<BoxIo>| {
@@ -761,7 +766,9 @@ async fn server_ignoring_pings() -> (SocketAddr, tokio::sync::mpsc::UnboundedRec
                         }
                         // `:status: 200` (HPACK static index 8), END_HEADERS.
                         HEADERS => {
-                            let _ = s.write_all(&h2_frame(HEADERS, 0x4, f.stream, &[0x88])).await;
+                            let _ = s
+                                .write_all(&h2_frame(HEADERS, 0x4, f.stream, &[0x88]))
+                                .await;
                         }
                         PING if f.flags & ACK == 0 => pings += 1,
                         _ => {}
@@ -793,8 +800,15 @@ async fn pool_drops_a_connection_whose_peer_never_answers_pings() {
     let read = tokio::time::timeout(Duration::from_secs(5), t.read(&mut buf))
         .await
         .expect("the tunnel must fail once the keepalive gives up");
-    assert!(read.is_err(), "a dropped connection is not a clean EOF: {read:?}");
-    assert!(started.elapsed() >= Duration::from_millis(300), "{:?}", started.elapsed());
+    assert!(
+        read.is_err(),
+        "a dropped connection is not a clean EOF: {read:?}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
     let pings = tokio::time::timeout(Duration::from_secs(5), closed.recv())
         .await
         .expect("the client must close the connection")
@@ -810,7 +824,10 @@ async fn pool_drops_a_connection_whose_peer_never_answers_pings() {
 async fn terminator_drops_a_client_that_never_answers_pings() {
     let echo = echo_server().await;
     let proxy = proxy_to(echo, |t| {
-        t.h2_keepalive(Some((Duration::from_millis(100), Duration::from_millis(300))))
+        t.h2_keepalive(Some((
+            Duration::from_millis(100),
+            Duration::from_millis(300),
+        )))
     })
     .await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
@@ -832,4 +849,85 @@ async fn terminator_drops_a_client_that_never_answers_pings() {
     .await
     .expect("the server must close a connection whose PINGs go unanswered");
     assert!(pings >= 1);
+}
+
+/// Drain on HTTP/2: GOAWAY, the open tunnel keeps working, and the connection closes as
+/// soon as its last tunnel ends (well before the drain deadline).
+#[tokio::test]
+async fn drain_lets_open_h2_tunnels_finish_then_closes() {
+    let echo = echo_server().await;
+    let mut proxy = proxy_to(echo, |t| t).await;
+    let target =
+        Target::from(proxy.addr).with(ConnectAuthority(Authority::parse("echo.test:7").unwrap()));
+    let mut t = H2ConnectPool::new(tcp::TcpConnector::new())
+        .oneshot(target)
+        .await
+        .unwrap();
+    t.write_all(b"before").await.unwrap();
+    let mut got = [0u8; 6];
+    t.read_exact(&mut got).await.unwrap();
+    proxy.signal.take().unwrap().start();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    t.write_all(b"during").await.unwrap();
+    t.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"during");
+    t.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    t.read_to_end(&mut rest).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), proxy.task)
+        .await
+        .expect("serve returns once the drained connection's last tunnel ended")
+        .unwrap()
+        .unwrap();
+}
+
+/// Extended CONNECT (RFC 8441) over the h2 server: advertised when enabled, and the
+/// `:protocol` reaches the tunnel's metadata.
+#[tokio::test]
+async fn extended_connect_carries_its_protocol() {
+    let echo = echo_server().await;
+    let seen = Arc::new(Mutex::new(None));
+    let s2 = seen.clone();
+    let relay = tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |c: &Metadata| {
+        *s2.lock().unwrap() = c.get::<TunnelInfo>().and_then(|t| t.protocol.clone());
+        Some(Target::from(echo))
+    });
+    let proxy = start(
+        Server::new(),
+        ConnectTerminate::new(relay).extended_connect(true),
+    )
+    .await;
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (h2, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut h2 = h2.ready().await.unwrap();
+    // The server's SETTINGS must have arrived before an extended CONNECT may be sent.
+    for _ in 0..100 {
+        if h2.is_extended_connect_protocol_enabled() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(h2.is_extended_connect_protocol_enabled());
+    let mut req = http::Request::builder()
+        .method("CONNECT")
+        .uri("http://chat.test:80/room")
+        .body(())
+        .unwrap();
+    req.extensions_mut()
+        .insert(h2::ext::Protocol::from_static("websocket"));
+    let (response, mut send) = h2.send_request(req, false).unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    send.send_data(bytes::Bytes::from_static(b"frame"), true)
+        .unwrap();
+    let mut body = response.into_body();
+    let mut got = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        got.extend_from_slice(&chunk);
+    }
+    assert_eq!(got, b"frame");
+    assert_eq!(seen.lock().unwrap().as_deref(), Some("websocket"));
 }

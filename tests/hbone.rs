@@ -460,12 +460,28 @@ async fn server_advertises_ztunnels_settings_on_the_wire() {
     }
     let settings = settings.unwrap();
     let value = |id: u16| settings.iter().find(|(i, _)| *i == id).map(|(_, v)| *v);
-    assert_eq!(value(0x3), Some(200), "MAX_CONCURRENT_STREAMS in {settings:?}");
-    assert_eq!(value(0x4), Some(4 << 20), "INITIAL_WINDOW_SIZE in {settings:?}");
+    assert_eq!(
+        value(0x3),
+        Some(200),
+        "MAX_CONCURRENT_STREAMS in {settings:?}"
+    );
+    assert_eq!(
+        value(0x4),
+        Some(4 << 20),
+        "INITIAL_WINDOW_SIZE in {settings:?}"
+    );
     assert_eq!(value(0x5), Some(1 << 20), "MAX_FRAME_SIZE in {settings:?}");
-    assert_eq!(value(0x6), Some(64 << 10), "MAX_HEADER_LIST_SIZE in {settings:?}");
+    assert_eq!(
+        value(0x6),
+        Some(64 << 10),
+        "MAX_HEADER_LIST_SIZE in {settings:?}"
+    );
     assert_eq!(value(0x8), None, "extended CONNECT is off by default");
-    assert_eq!(65_535 + window_update.unwrap(), 16 << 20, "connection window");
+    assert_eq!(
+        65_535 + window_update.unwrap(),
+        16 << 20,
+        "connection window"
+    );
 }
 
 /// The same settings as the h2 crate, as a client, sees them: the peer's stream limit, and

@@ -121,8 +121,8 @@ impl std::fmt::Debug for H2Stream {
 
 impl Drop for H2Stream {
     fn drop(&mut self) {
-        // Bytes received but never read still hold connection-level window: give it back,
-        // or the connection would shrink with every stream dropped mid-read.
+        // Bytes received but never read still hold connection-level window: give it back
+        // now rather than when h2 forgets the stream.
         if !self.buf.is_empty() {
             let _ = self.recv.flow_control().release_capacity(self.buf.len());
         }
@@ -276,6 +276,148 @@ impl AsyncWrite for H2Stream {
                 Poll::Ready(reset) => Err(reset_error(reset)),
                 Poll::Pending => Err(to_io(e)),
             }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// Opens a CONNECT stream on `h2` and waits for the answer.
+    async fn open(h2: h2::client::SendRequest<Bytes>) -> H2Stream {
+        let mut h2 = h2.ready().await.unwrap();
+        let req = http::Request::builder()
+            .method("CONNECT")
+            .uri("x.test:1")
+            .body(())
+            .unwrap();
+        let (response, send) = h2.send_request(req, false).unwrap();
+        H2Stream::new(send, response.await.unwrap().into_body())
+    }
+
+    /// An in-memory HTTP/2 connection with h2's default settings (64 KiB - 1 windows): the
+    /// client's request sender and the server side of each stream it opens.
+    async fn connection() -> (
+        h2::client::SendRequest<Bytes>,
+        tokio::sync::mpsc::UnboundedReceiver<H2Stream>,
+    ) {
+        let (client_io, server_io) = tokio::io::duplex(1 << 20);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server_io).await.unwrap();
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                let send = respond
+                    .send_response(http::Response::new(()), false)
+                    .unwrap();
+                let _ = tx.send(H2Stream::new(send, req.into_body()));
+            }
+        });
+        let (h2, conn) = h2::client::handshake(client_io).await.unwrap();
+        tokio::spawn(conn);
+        (h2, rx)
+    }
+
+    /// One stream: (client side, server side).
+    async fn pair() -> (H2Stream, H2Stream) {
+        let (h2, mut accepted) = connection().await;
+        let client = open(h2).await;
+        (client, accepted.recv().await.unwrap())
+    }
+
+    const WINDOW: usize = 65_535;
+
+    /// Writes until a write stalls for 200 ms; returns the bytes accepted.
+    async fn write_until_stalled(s: &mut H2Stream) -> usize {
+        let chunk = [7u8; 8192];
+        let mut total = 0;
+        while let Ok(r) = tokio::time::timeout(Duration::from_millis(200), s.write(&chunk)).await {
+            total += r.unwrap();
+        }
+        total
+    }
+
+    #[tokio::test]
+    async fn writes_stop_at_the_peer_window_until_it_reads() {
+        let (mut client, mut server) = pair().await;
+        // Only granted capacity is sent: nothing piles up beyond the window.
+        assert_eq!(write_until_stalled(&mut client).await, WINDOW);
+        let mut got = vec![0u8; WINDOW];
+        server.read_exact(&mut got).await.unwrap();
+        // Reading released the capacity: the writer may go on.
+        assert!(write_until_stalled(&mut client).await > 0);
+    }
+
+    #[tokio::test]
+    async fn a_peer_reset_fails_a_write_waiting_for_capacity() {
+        let (mut client, mut server) = pair().await;
+        write_until_stalled(&mut client).await;
+        let blocked = tokio::spawn(async move { client.write_all(&[1u8; 1024]).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        server.abort();
+        let err = tokio::time::timeout(Duration::from_secs(5), blocked)
+            .await
+            .expect("the reset must wake the writer")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn shutdown_is_end_stream_and_reads_as_eof() {
+        let (mut client, mut server) = pair().await;
+        client.write_all(b"last words").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"last words");
+        // The other direction is still open.
+        server.write_all(b"reply").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"reply");
+        assert!(client.write(b"x").await.is_err(), "write after shutdown");
+    }
+
+    #[tokio::test]
+    async fn dropping_an_aborted_stream_is_a_reset_and_a_plain_drop_is_eof() {
+        let (client, mut server) = pair().await;
+        client.abort_handle().abort();
+        drop(client);
+        let err = server.read(&mut [0u8; 8]).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err:?}");
+
+        // Dropped without shutdown and without abort: RST_STREAM(CANCEL), read as EOF…
+        let (client, mut server) = pair().await;
+        drop(client);
+        assert_eq!(server.read(&mut [0u8; 8]).await.unwrap(), 0);
+        // …and the peer's writes now fail.
+        let err = server.write_all(b"anyone?").await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe, "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn streams_dropped_mid_read_do_not_shrink_the_connection_window() {
+        let (h2, mut accepted) = connection().await;
+        // Each stream sends a full window (the whole 64 KiB connection window) that the
+        // server reads one byte of before dropping the stream: if the unread bytes stayed
+        // charged to the connection, the next stream could not send.
+        for _ in 0..4 {
+            let mut client = open(h2.clone()).await;
+            let mut server = accepted.recv().await.unwrap();
+            let sent =
+                tokio::time::timeout(Duration::from_secs(5), client.write_all(&[3u8; WINDOW]))
+                    .await;
+            assert!(sent.is_ok(), "connection window leaked");
+            let mut one = [0u8; 1];
+            server.read_exact(&mut one).await.unwrap();
+            drop(server);
+            drop(client);
         }
     }
 }
