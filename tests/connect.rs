@@ -469,6 +469,53 @@ async fn resetting_upstream(after: Duration) -> SocketAddr {
     upstream
 }
 
+/// An upstream that resets every connection it accepts after `after`.
+async fn always_resetting_upstream(after: Duration) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                socket2::SockRef::from(&s)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+            });
+        }
+    });
+    upstream
+}
+
+/// Nested tunnels pass a reset on: the innermost HTTP/2 stream is reset, and an HTTP/1.1
+/// tunnel inside an HTTP/2 one resets the HTTP/2 stream that carries it.
+#[tokio::test]
+async fn upstream_reset_crosses_nested_tunnels() {
+    let upstream = always_resetting_upstream(Duration::from_millis(100)).await;
+    let graph = nesting_graph(upstream);
+    let proxy = start(
+        Server::new(),
+        graph.map_request(|c: Conn<TcpStream>| c.boxed()),
+    )
+    .await;
+    for hops in [
+        vec![Hop::H2, Hop::H2],
+        vec![Hop::H1, Hop::H2],
+        vec![Hop::H2, Hop::H1],
+    ] {
+        let mut conn = open_nested(proxy.addr, &hops).await;
+        let mut buf = Vec::new();
+        let err = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut buf))
+            .await
+            .expect("the nested tunnel must end")
+            .expect_err("a reset is not EOF");
+        assert_eq!(
+            err.kind(),
+            std::io::ErrorKind::ConnectionReset,
+            "{hops:?}: {err:?}"
+        );
+    }
+}
+
 /// An upstream TCP reset becomes RST_STREAM(CONNECT_ERROR) (RFC 9113 §8.5), which the
 /// client reads as a reset, not as a clean end of stream.
 #[tokio::test]

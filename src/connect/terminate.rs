@@ -465,7 +465,10 @@ impl Handler {
             protocol: None,
             version: req.version(),
         };
-        let admitted = match self.start(head, None) {
+        // An HTTP/1.1 tunnel is the whole connection it arrived on (hyper cannot reset it):
+        // if that connection is itself a resettable stream, aborting the tunnel aborts it.
+        let carrier = self.outer.get::<Abort>().cloned();
+        let admitted = match self.start(head, carrier) {
             Ok(pending) => pending.admitted(self.terminate.admission_timeout).await,
             Err(refused) => Err(refused),
         };
