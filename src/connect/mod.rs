@@ -10,11 +10,26 @@
 //!   has *admitted* the tunnel ([`Admission`](crate::conn::Admission)): `tcp::Relay` does
 //!   so after its upstream connected; a refusal becomes `502/503/504`, a policy denial
 //!   `401/403`, a malformed request or authority `400`.
+//!   A connection speaks HTTP/2 if it starts with the HTTP/2 preface, else HTTP/1.1
+//!   (unless one of them is switched off).
 //! * [`H2ConnectPool`] opens tunnels as streams of pooled, multiplexed HTTP/2 connections
 //!   over any connector; [`Http1ConnectConnector`] opens one through an HTTP/1.1 proxy.
 //!
-//! On the wire: FIN ↔ `END_STREAM`; a reset tunnel resets its stream. Not here: CONNECT-UDP
-//! (RFC 9298), HTTP/3, proxy authentication schemes beyond a static header.
+//! HTTP/2 is spoken with the `h2` crate directly, on both sides, so that each tunnel is an
+//! [`H2Stream`] with RFC 9113 §8.5's mapping: FIN ↔ `END_STREAM`, TCP reset ↔
+//! `RST_STREAM(CONNECT_ERROR)`, both ways. A relay whose other side failed aborts the
+//! tunnel through the [`Abort`](crate::conn::Abort) handle in its metadata (the stream then
+//! ends with `CONNECT_ERROR`); a received `CONNECT_ERROR` reads as a reset
+//! ([`ConnectionReset`](std::io::ErrorKind::ConnectionReset)), so the relay resets its TCP
+//! side. A received `RST_STREAM(NO_ERROR|CANCEL)` reads as EOF, as ztunnel does; a tunnel
+//! dropped without shutdown or abort sends `RST_STREAM(CANCEL)`. Both sides send PINGs
+//! (default every 10 s, 20 s to answer) and drop a connection whose peer stopped answering;
+//! the terminator answers a drain with `GOAWAY` and lets open tunnels finish. HTTP/1.1 is
+//! hyper's: its tunnels can only end with a FIN, except that one running inside an HTTP/2
+//! tunnel aborts that tunnel.
+//!
+//! Not here: CONNECT-UDP (RFC 9298), HTTP/3, proxy authentication schemes beyond a static
+//! header.
 //!
 //! [`Conn<BoxIo>`]: crate::Conn
 

@@ -13,6 +13,11 @@
 //!   next hop). [`HboneTarget`] builds the target: next hop, `:authority`, identities and
 //!   the request headers ztunnel sends.
 //!
+//! On the wire, unlike ztunnel (#1483), a reset is not turned into a FIN: an application's
+//! TCP reset travels as `RST_STREAM(CONNECT_ERROR)` and resets the application connection
+//! on the other side (see [`connect`](crate::connect)); `END_STREAM` ↔ FIN as usual, and a
+//! received `RST_STREAM(CANCEL)` is read as a FIN, as ztunnel sends it.
+//!
 //! Double HBONE is the same types nested: an unpooled HBONE connector whose TCP layer is
 //! replaced by a pooled HBONE connector to the gateway ([`Connector::through`]).
 //!

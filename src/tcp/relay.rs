@@ -6,7 +6,9 @@
 //!   direction keeps flowing until it, too, ends.
 //! * A read or write error on one side → the other side is **reset** (`SO_LINGER 0`, so
 //!   dropping it sends RST, not FIN) when it is a TCP socket; an abort never looks like a
-//!   clean end to the other peer.
+//!   clean end to the other peer. Streams that are not sockets (HTTP/2 tunnels) are reset
+//!   by [`Relay`](super::Relay) through the [`Abort`](crate::conn::Abort) handle in their
+//!   connection's metadata.
 //! * Buffers are bounded: each direction starts with a small buffer and grows (×16, up to
 //!   [`RelayConfig::max_buffer`]) only after a read fills it, so an idle relay costs about
 //!   2 KiB of buffers and a busy one copies in large chunks. Nothing is read while the
