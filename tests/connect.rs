@@ -978,3 +978,69 @@ async fn extended_connect_carries_its_protocol() {
     assert_eq!(got, b"frame");
     assert_eq!(seen.lock().unwrap().as_deref(), Some("websocket"));
 }
+
+/// curl as an HTTP/2 CONNECT client (`--proxy-http2`, curl ≥ 8.1) through a TLS proxy whose
+/// ALPN offers h2: TLS terminate → ConnectTerminate → relay to an HTTP origin.
+#[cfg(all(feature = "tls", feature = "demo-certs"))]
+#[tokio::test]
+async fn curl_as_h2_connect_client_when_supported() {
+    let help = std::process::Command::new("curl")
+        .args(["--help", "all"])
+        .output();
+    let supported =
+        help.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--proxy-http2"));
+    if !supported {
+        println!("SKIPPED: installed curl has no --proxy-http2 (needs curl 8.1+)");
+        return;
+    }
+    use proxystack::tls::{demo::DemoCa, ServerConfigBuilder, TerminateLayer};
+    let origin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin_addr = origin.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = origin.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nover2",
+                    )
+                    .await;
+            });
+        }
+    });
+    let ca = DemoCa::new("example.org");
+    let tls = ServerConfigBuilder::new()
+        .default_cert(ca.server_cert(&["localhost", "127.0.0.1"]))
+        .alpn(["h2"])
+        .build()
+        .unwrap();
+    let svc = tower::ServiceBuilder::new()
+        .layer(TerminateLayer::new(tls))
+        .service(ConnectTerminate::new(relay_to(origin_addr)).http2_only());
+    let proxy = start(Server::new(), svc).await;
+    let ca_file =
+        std::env::temp_dir().join(format!("proxystack-connect-h2-{}.pem", std::process::id()));
+    std::fs::write(&ca_file, ca.root_pem()).unwrap();
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            "--proxy-http2",
+            "-p",
+            "--proxy-cacert",
+        ])
+        .arg(&ca_file)
+        .args(["-x", &format!("https://127.0.0.1:{}", proxy.addr.port())])
+        .arg(format!("http://origin.test:{}/", origin_addr.port()))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"over2");
+}
