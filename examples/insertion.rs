@@ -3,16 +3,14 @@
 //! comes back from the last of them and leaves re-encapsulated in HBONE to its destination.
 //!
 //! ```text
-//!                       ┌─────────────────────── this proxy ───────────────────────┐
-//!  HBONE client ──────▶ │ ingress (:15008)  hbone::Inbound → tcp::Relay over        │
-//!  mTLS, CONNECT D      │                   ProxyProtocolConnector ─────────────────┼──▶ proxy A
-//!                       │                                                           │   (accept-proxy,
-//!                       │ egress (:15009)   ProxyProtocolLayer (trusted: the chain) │    send-proxy-v2)
-//!                       │   ◀───────────────────────────────────────────────────────┼─── proxy A
-//!                       │   more proxies? ──PROXY v2 (next flow token)──────────────┼──▶ proxy B ─┐
-//!                       │   ◀───────────────────────────────────────────────────────┼─────────────┘
-//!                       │   last one: hbone::Connector ── mTLS, CONNECT D ──────────┼──▶ destination
-//!                       └───────────────────────────────────────────────────────────┘
+//! HBONE client ──▶ ingress :15008   hbone::Inbound → tcp::Relay over
+//! (mTLS, CONNECT D)                 ProxyProtocolConnector ── PROXY v2 ─▶ proxy A
+//!                                                                         │ accept-proxy
+//!                  egress :15009 ◀── PROXY v2 ────────────────────────────┘ send-proxy-v2
+//!                   ProxyProtocolLayer (trusted: the chain's sources)
+//!                   another proxy? ── PROXY v2, next flow token ────────▶ proxy B
+//!                  egress :15009 ◀── PROXY v2 ────────────────────────────┘
+//!                   last one: hbone::Connector ── mTLS, CONNECT D ──────▶ destination
 //! ```
 //!
 //! ```text
@@ -59,13 +57,14 @@
 //! through every inserted proxy, without end. Three rules stop it:
 //!
 //! 1. **Traffic that went through an insertion chain is not inserted again.** The egress
-//!    side authenticates with this proxy's own identity and sends `x-proxystack-insertions:
-//!    <n+1>` on every CONNECT it opens. The ingress side refuses (401, nothing dialled) a
-//!    tunnel whose client identity is its own, or whose count is `max_insertions` (default
-//!    1) or more. The identity check needs no cooperation from anyone and cannot be forged
-//!    without our key; the count also stops loops between two insertion proxies with
-//!    different identities, and a client can only use it to get itself refused, never to
-//!    skip the chain. Two legitimate insertion domains in a row need `max_insertions = 2`.
+//!    side authenticates with this proxy's own identity and sends
+//!    `x-proxystack-insertions: <n+1>` on every CONNECT it opens. The ingress side refuses
+//!    (401, nothing dialled) a tunnel whose client identity is its own, or whose count has
+//!    reached `max_insertions` (default: 1). The identity check needs no cooperation and
+//!    cannot be forged without our key; the count also stops loops between two insertion
+//!    proxies with different identities, and a client can only use it to get itself
+//!    refused, never to skip the chain. Two legitimate insertion domains in a row need
+//!    `max_insertions = 2`.
 //! 2. **A flow comes back at most once per inserted proxy, in order.** Flow tokens are
 //!    single-use, expire, and record which proxy the flow was sent to; the egress side only
 //!    continues flows it minted, so a proxy wired back to itself or to an earlier one ends
@@ -1170,14 +1169,14 @@ impl HaproxyChild {
         &self.dir
     }
 
-    /// Waits (bounded) until `addr` accepts connections; fails if haproxy exits.
+    /// Waits (bounded) until something listens on `addr`; fails if haproxy exits.
     pub async fn wait_ready(&mut self, addr: SocketAddr, within: Duration) -> Result<(), String> {
         let deadline = Instant::now() + within;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(format!("haproxy exited with {status}"));
             }
-            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            if is_listening(addr).await {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -1186,6 +1185,28 @@ impl HaproxyChild {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// Whether a socket listens on `addr`. On Linux this reads `/proc/net/tcp{,6}` instead of
+/// connecting: a probe connection without a PROXY header would make haproxy log an error.
+async fn is_listening(addr: SocketAddr) -> bool {
+    let port = format!(":{:04X} ", addr.port());
+    let mut found_table = false;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        found_table = true;
+        // Fields: sl local_address rem_address st …; st 0A is LISTEN.
+        if text.lines().any(|l| {
+            let mut f = l.split_whitespace().skip(1);
+            let (local, st) = (f.next().unwrap_or_default(), f.nth(1).unwrap_or_default());
+            format!("{local} ").ends_with(&port) && st == "0A"
+        }) {
+            return true;
+        }
+    }
+    !found_table && tokio::net::TcpStream::connect(addr).await.is_ok()
 }
 
 impl Drop for HaproxyChild {
@@ -1330,9 +1351,6 @@ async fn main() {
     drop(children);
 }
 
-/// The demo's destination: authority, its HBONE server's address.
-type DemoDestination = (Authority, SocketAddr);
-
 /// Demo certificates, an echo app behind an HBONE server, and the plan: ingress
 /// 127.0.0.1:15008, egress 127.0.0.1:15009, proxies `a` (127.0.0.1:17001) and `b`
 /// (127.0.0.1:17002), one destination `echo.default.svc.cluster.local:7000` (VIP
@@ -1341,7 +1359,7 @@ async fn demo_plan(
     drain: Duration,
     watch: &Watch,
     servers: &mut Vec<JoinHandle<std::io::Result<()>>>,
-) -> (Plan, proxystack::tls::demo::DemoCa, DemoDestination) {
+) -> (Plan, proxystack::tls::demo::DemoCa, Authority) {
     let ca = proxystack::tls::demo::DemoCa::new("cluster.local");
     let app = support::demo_echo_backend().await;
     let to_app = tcp::Relay::new(tcp::TcpConnector::new())
@@ -1381,7 +1399,7 @@ async fn demo_plan(
             service: None,
         }],
     };
-    (plan, ca, (authority, dest_addr))
+    (plan, ca, authority)
 }
 
 /// The demo's HBONE client side on 127.0.0.1:15001: plain TCP in, HBONE (as
@@ -1390,7 +1408,7 @@ async fn demo_client(
     ca: &proxystack::tls::demo::DemoCa,
     ingress: SocketAddr,
     state: &Insertion,
-    (authority, _): DemoDestination,
+    authority: Authority,
     drain: Duration,
     watch: &Watch,
 ) -> (SocketAddr, Arc<ServeStats>, JoinHandle<std::io::Result<()>>) {
