@@ -110,6 +110,15 @@ pub async fn run_until_signal(
 /// Serves `/ready` (200 once called) and `/metrics` (Prometheus text) from `stats`.
 /// Returns the bound address.
 pub async fn admin(addr: SocketAddr, stats: Vec<(String, Arc<ServeStats>)>) -> SocketAddr {
+    admin_with(addr, stats, Arc::new(String::new)).await
+}
+
+/// Like [`admin`], with `extra()` (more Prometheus text) appended to `/metrics`.
+pub async fn admin_with(
+    addr: SocketAddr,
+    stats: Vec<(String, Arc<ServeStats>)>,
+    extra: Arc<dyn Fn() -> String + Send + Sync>,
+) -> SocketAddr {
     let listener = match TcpListener::bind(addr).await {
         Ok(l) => l,
         Err(e) => fail(format!("cannot listen on admin address {addr}: {e}")),
@@ -121,7 +130,7 @@ pub async fn admin(addr: SocketAddr, stats: Vec<(String, Arc<ServeStats>)>) -> S
                 continue;
             };
             let stats = stats.clone();
-            tokio::spawn(serve_admin(stream, stats));
+            tokio::spawn(serve_admin(stream, stats, extra.clone()));
         }
     });
     bound
@@ -130,13 +139,15 @@ pub async fn admin(addr: SocketAddr, stats: Vec<(String, Arc<ServeStats>)>) -> S
 fn serve_admin(
     stream: tokio::net::TcpStream,
     stats: Vec<(String, Arc<ServeStats>)>,
+    extra: Arc<dyn Fn() -> String + Send + Sync>,
 ) -> impl Future<Output = ()> {
     let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
         let stats = stats.clone();
+        let extra = extra.clone();
         async move {
             let (status, body) = match req.uri().path() {
                 "/ready" => (StatusCode::OK, "ready\n".to_string()),
-                "/metrics" => (StatusCode::OK, metrics(&stats)),
+                "/metrics" => (StatusCode::OK, metrics(&stats) + &extra()),
                 _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
             };
             let mut resp = Response::new(Full::new(Bytes::from(body)));
