@@ -78,6 +78,45 @@ impl fmt::Debug for BoxIo {
     }
 }
 
+/// Implements `AsyncWrite` for a wrapper by passing every call to one field: wrappers
+/// that only change how bytes are *read* (replay, inspection) write straight through.
+macro_rules! delegate_write {
+    ($ty:ty, $field:tt $(, $gen:ident : $bound:path)?) => {
+        impl$(<$gen: $bound>)? tokio::io::AsyncWrite for $ty {
+            fn poll_write(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::pin::Pin::new(&mut self.get_mut().$field).poll_write(cx, buf)
+            }
+            fn poll_write_vectored(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                bufs: &[std::io::IoSlice<'_>],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::pin::Pin::new(&mut self.get_mut().$field).poll_write_vectored(cx, bufs)
+            }
+            fn is_write_vectored(&self) -> bool {
+                self.$field.is_write_vectored()
+            }
+            fn poll_flush(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.get_mut().$field).poll_flush(cx)
+            }
+            fn poll_shutdown(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.get_mut().$field).poll_shutdown(cx)
+            }
+        }
+    };
+}
+pub(crate) use delegate_write;
+
 macro_rules! delegate_io {
     ($ty:ty, $field:tt $(, $gen:ident : $bound:path)?) => {
         impl$(<$gen: $bound>)? AsyncRead for $ty {
@@ -89,36 +128,16 @@ macro_rules! delegate_io {
                 Pin::new(&mut self.get_mut().$field).poll_read(cx, buf)
             }
         }
-        impl$(<$gen: $bound>)? AsyncWrite for $ty {
-            fn poll_write(
-                self: Pin<&mut Self>,
-                cx: &mut Context<'_>,
-                buf: &[u8],
-            ) -> Poll<io::Result<usize>> {
-                Pin::new(&mut self.get_mut().$field).poll_write(cx, buf)
-            }
-            fn poll_write_vectored(
-                self: Pin<&mut Self>,
-                cx: &mut Context<'_>,
-                bufs: &[io::IoSlice<'_>],
-            ) -> Poll<io::Result<usize>> {
-                Pin::new(&mut self.get_mut().$field).poll_write_vectored(cx, bufs)
-            }
-            fn is_write_vectored(&self) -> bool {
-                self.$field.is_write_vectored()
-            }
-            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-                Pin::new(&mut self.get_mut().$field).poll_flush(cx)
-            }
-            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-                Pin::new(&mut self.get_mut().$field).poll_shutdown(cx)
-            }
-        }
+        delegate_write!($ty, $field $(, $gen: $bound)?);
     };
 }
 
 delegate_io!(BoxIo, 0);
 delegate_io!(Conn<I>, io, I: Io);
+
+/// `AsyncWrite + Unpin`, as one bound for the delegation macros.
+pub(crate) trait AsyncWriteUnpin: AsyncWrite + Unpin {}
+impl<T: AsyncWrite + Unpin> AsyncWriteUnpin for T {}
 
 /// A stream that first replays bytes already read from it (by a peek or detection layer),
 /// then continues with the stream itself. Writes go straight through.
@@ -169,31 +188,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for PrefixedIo<I> {
     }
 }
 
-impl<I: AsyncWrite + Unpin> AsyncWrite for PrefixedIo<I> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-}
+delegate_write!(PrefixedIo<I>, io, I: AsyncWriteUnpin);
 
 /// Connection metadata: one value per type ([`PeerAddr`], `Sni`, `PeerIdentity`…). Routing
 /// closures (`Relay::upstream`, `Steer`) receive it, so they read like
