@@ -115,6 +115,7 @@ macro_rules! delegate_write {
         }
     };
 }
+#[cfg_attr(not(feature = "http"), allow(unused_imports))]
 pub(crate) use delegate_write;
 
 macro_rules! delegate_io {
