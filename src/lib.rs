@@ -8,12 +8,19 @@
 //! ```text
 //!  level            inbound (accepting) side            outbound (connecting) side
 //!  ───────────────  ──────────────────────────────────  ────────────────────────────
+//!  HBONE            hbone::Inbound                      hbone::Connector (pooled mTLS + H2 CONNECT)
+//!  CONNECT          connect::ConnectTerminate           connect::H2ConnectPool<C>,
+//!                                                       connect::Http1ConnectConnector<C>
 //!  HTTP/1 + HTTP/2  http::HttpServer, http::Forward     (pooled inside http::Forward)
 //!  detection        detect::DetectLayer, detect::Router
 //!  PROXY protocol   proxy_protocol::ProxyProtocolLayer  proxy_protocol::ProxyProtocolConnector<C>
 //!  TLS              tls::PeekLayer, tls::TerminateLayer tls::TlsConnector<C>
 //!  TCP (L4)         serve(), tcp::Relay                 tcp::TcpConnector
+//!  glue             steer::Steer, recursive::Recursive
 //! ```
+//!
+//! A terminated tunnel is a new [`Conn`] that re-enters an inbound service — usually the
+//! same graph (see [`recursive::Recursive`]) — so tunnels nest to any (bounded) depth.
 //!
 //! Everything is a [`tower::Service`] of one of two shapes:
 //!
