@@ -53,10 +53,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use clap::Parser;
-use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http::{Request, StatusCode};
 use proxystack::addr::{Cidr, Host};
 use proxystack::conn::Metadata;
 use proxystack::hbone::{self, HboneTarget};
@@ -88,7 +86,7 @@ struct Args {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct File {
+struct Config {
     listener: Vec<Listener>,
     #[serde(default)]
     tls: TlsFiles,
@@ -166,129 +164,103 @@ struct Passthrough {
     backend: Target,
 }
 
-/// Everything resolved: certificates loaded (or made up by the demo).
-struct Gateway {
-    listeners: Vec<Listener>,
-    certs: Vec<(Vec<String>, CertKey)>,
-    unknown_sni: Unknown,
-    routes: Vec<Route>,
-    passthrough: HashMap<String, Target>,
-    mesh: Option<(CertKey, Arc<RootCertStore>)>,
-}
+/// Certificates by server name, loaded (or made up by the demo).
+type Certs = Vec<(Vec<String>, CertKey)>;
+/// The gateway's mesh identity and roots, for HBONE backends.
+type Mesh = Option<(CertKey, Arc<RootCertStore>)>;
 
 impl Route {
     /// How well this route matches, or `None`: (host specificity, prefix length).
     fn score(&self, host: &str, path: &str) -> Option<(u8, usize)> {
-        let rank = match self.host.strip_prefix('*') {
-            _ if self.host.eq_ignore_ascii_case(host) => 2,
+        let pattern = self.host.to_ascii_lowercase();
+        let rank = match pattern.strip_prefix('*') {
+            None if pattern == host => 2,
+            Some(suffix) if suffix.starts_with('.') && host.ends_with(suffix) => 1,
             Some("") => 0,
-            Some(suffix)
-                if suffix.starts_with('.')
-                    && host.len() > suffix.len()
-                    && host
-                        .to_ascii_lowercase()
-                        .ends_with(&suffix.to_ascii_lowercase()) =>
-            {
-                1
-            }
             _ => return None,
         };
-        let p = &self.path_prefix;
-        let on_boundary = path == p
-            || (path.starts_with(p.as_str())
-                && (p.ends_with('/') || path[p.len()..].starts_with('/')));
-        on_boundary.then_some((rank, p.len()))
+        let p = self.path_prefix.as_str();
+        let rest = path.strip_prefix(p)?;
+        (rest.is_empty() || p.ends_with('/') || rest.starts_with('/')).then_some((rank, p.len()))
     }
 
-    fn target(&self, me: Option<&SpiffeId>) -> Target {
+    /// Plain TCP, or HBONE with the backend's identity pinned and ours presented.
+    fn target(&self, me: Option<&SpiffeId>) -> Option<Target> {
         let Some(id) = &self.identity else {
-            return Target::from(self.backend.clone());
+            return Some(Target::from(self.backend.clone()));
         };
-        // Validated at load: an HBONE backend has an IP or an explicit next hop.
-        let next_hop = self
-            .next_hop
-            .or_else(|| Some(SocketAddr::new(self.backend.canonical_ip()?, hbone::PORT)));
-        let next_hop = next_hop.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], hbone::PORT)));
+        let default_hop = || Some(SocketAddr::new(self.backend.canonical_ip()?, hbone::PORT));
+        let next_hop = self.next_hop.or_else(default_hop)?;
         let mut t = HboneTarget::new(next_hop, self.backend.clone(), [id.clone()]);
         if let Some(me) = me {
             t = t.source_identity(me.clone());
         }
-        t.into_target()
-            .with(PoolKey(self.backend.to_string().into()))
+        // Requests to two backends behind one next hop must not share a connection.
+        Some(
+            t.into_target()
+                .with(PoolKey(self.backend.to_string().into())),
+        )
     }
 }
 
-/// The host the request is for, without the port.
+/// The host a request is for (`:authority` or `Host`), lower case, without the port.
 fn request_host(req: &Request<Incoming>) -> Option<String> {
-    let raw = match req.uri().authority() {
-        Some(a) => a.as_str().to_string(),
+    let authority = match req.uri().authority() {
+        Some(a) => a.clone(),
         None => req
             .headers()
             .get(http::header::HOST)?
             .to_str()
             .ok()?
-            .to_string(),
+            .parse()
+            .ok()?,
     };
-    let host = match raw.parse::<http::uri::Authority>() {
-        Ok(a) => a
+    Some(
+        authority
             .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string(),
-        Err(_) => return None,
-    };
-    Some(host.to_ascii_lowercase())
-}
-
-fn text(status: StatusCode, body: &'static str) -> Response<proxystack::http::BoxBody> {
-    let body = Full::new(Bytes::from_static(body.as_bytes())).map_err(|never| match never {});
-    let mut resp = Response::new(body.boxed_unsync());
-    *resp.status_mut() = status;
-    resp
+            .trim_matches(['[', ']'])
+            .to_ascii_lowercase(),
+    )
 }
 
 #[tokio::main]
 async fn main() {
     support::init_tracing();
     let args = Args::parse();
-    let mut gw = match (&args.config, args.demo) {
+    let (mut config, certs, mesh) = match (&args.config, args.demo) {
         (Some(path), false) => load(support::load_config(path)),
         (None, true) => demo().await,
         _ => support::fail("give exactly one of --config FILE or --demo"),
     };
     if !args.listen.is_empty() {
-        if args.listen.len() != gw.listeners.len() {
-            support::fail(format!(
-                "{} --listen addresses for {} listeners",
-                args.listen.len(),
-                gw.listeners.len()
-            ));
+        if args.listen.len() != config.listener.len() {
+            let n = config.listener.len();
+            support::fail(format!("{} --listen for {n} listeners", args.listen.len()));
         }
-        for (l, addr) in gw.listeners.iter_mut().zip(&args.listen) {
+        for (l, addr) in config.listener.iter_mut().zip(&args.listen) {
             l.listen = *addr;
         }
     }
 
     // Outbound: plain TCP, or HBONE with the gateway's identity for mesh backends.
-    let me = gw
-        .mesh
+    let me = mesh
         .as_ref()
         .and_then(|(c, _)| c.spiffe_ids().into_iter().next());
     let connector = MeshConnector {
-        hbone: gw.mesh.clone().map(|(cert, roots)| {
+        hbone: mesh.map(|(cert, roots)| {
             hbone::Connector::hbone(cert, roots)
                 .unwrap_or_else(|e| support::fail(format!("HBONE client TLS: {e}")))
         }),
         tcp: tcp::TcpConnector::new().connect_timeout(Duration::from_secs(5)),
     };
-    let routes = Arc::new(gw.routes.clone());
+    let routes = Arc::new(config.route);
     let forward = Forward::new(connector, move |req: &Request<Incoming>| {
         let host = request_host(req)?;
         let best = routes
             .iter()
             .filter_map(|r| Some((r.score(&host, req.uri().path())?, r)))
             .max_by_key(|(s, _)| *s);
-        Some(best?.1.target(me.as_ref()))
+        best?.1.target(me.as_ref())
     })
     .timeout(Some(Duration::from_secs(30)))
     // At the edge the client's forwarding fields are forgeries until proven otherwise.
@@ -304,7 +276,7 @@ async fn main() {
                 .get::<Sni>()
                 .map(|s| s.0.to_ascii_lowercase());
             if sni.is_some() && sni != request_host(&req) {
-                return Ok(text(
+                return Ok(support::plain_response(
                     StatusCode::MISDIRECTED_REQUEST,
                     "misdirected request\n",
                 ));
@@ -320,7 +292,9 @@ async fn main() {
         c.insert(RequestScheme(http::uri::Scheme::HTTPS));
         c
     });
-    let passthrough = Arc::new(std::mem::take(&mut gw.passthrough));
+    let passthrough: HashMap<String, Target> = (config.passthrough.into_iter())
+        .map(|p| (p.sni.to_ascii_lowercase(), p.backend))
+        .collect();
     let by_sni = tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |m: &Metadata| {
         passthrough
             .get(&m.get::<Sni>()?.0.to_ascii_lowercase())
@@ -328,7 +302,7 @@ async fn main() {
     });
 
     let mut servers = support::Servers::new(&args.common);
-    for (i, l) in gw.listeners.iter().enumerate() {
+    for (i, l) in config.listener.iter().enumerate() {
         // PROXY protocol first, on the raw socket; "off" is a pass-through, same types.
         let pp = if l.proxy_protocol.is_empty() {
             ProxyProtocolLayer::off()
@@ -341,7 +315,7 @@ async fn main() {
         let name = format!("listener_{i}");
         match l.tls {
             Mode::Terminate => {
-                let tls = TerminateLayer::new(tls_config(&gw));
+                let tls = TerminateLayer::new(tls_config(&certs, config.tls.unknown_sni));
                 servers.spawn(
                     &name,
                     listener,
@@ -373,14 +347,14 @@ async fn main() {
     }
 }
 
-fn tls_config(gw: &Gateway) -> Arc<proxystack::tls::rustls::ServerConfig> {
+fn tls_config(certs: &Certs, unknown: Unknown) -> Arc<proxystack::tls::rustls::ServerConfig> {
     let mut b = ServerConfigBuilder::new()
         .alpn(["h2", "http/1.1"])
-        .unknown_sni(match gw.unknown_sni {
+        .unknown_sni(match unknown {
             Unknown::Refuse => UnknownSni::Refuse,
             Unknown::Default => UnknownSni::UseDefault,
         });
-    for (i, (names, cert)) in gw.certs.iter().enumerate() {
+    for (i, (names, cert)) in certs.iter().enumerate() {
         if i == 0 {
             b = b.default_cert(cert.clone());
         }
@@ -392,47 +366,29 @@ fn tls_config(gw: &Gateway) -> Arc<proxystack::tls::rustls::ServerConfig> {
         .unwrap_or_else(|e| support::fail(format!("TLS configuration: {e}")))
 }
 
-fn load(file: File) -> Gateway {
-    let mesh = file.identity.as_ref().map(|i| i.load());
-    for r in &file.route {
-        if r.identity.is_some() && mesh.is_none() {
-            support::fail(format!(
-                "route to {} uses HBONE but there is no [identity]",
-                r.backend
-            ));
+fn load(config: Config) -> (Config, Certs, Mesh) {
+    let mesh = config.identity.as_ref().map(|i| i.load());
+    for r in config.route.iter().filter(|r| r.identity.is_some()) {
+        if mesh.is_none() {
+            support::fail(format!("route to {}: HBONE needs [identity]", r.backend));
         }
-        if r.identity.is_some() && r.next_hop.is_none() && !matches!(r.backend.host(), Host::Ip(_))
-        {
+        if r.next_hop.is_none() && !matches!(r.backend.host(), Host::Ip(_)) {
             support::fail(format!(
-                "route to {}: an HBONE backend by name needs next_hop",
+                "route to {}: HBONE by name needs next_hop",
                 r.backend
             ));
         }
     }
-    if file.listener.iter().any(|l| l.tls == Mode::Terminate) && file.tls.cert.is_empty() {
-        support::fail("a listener terminates TLS but [[tls.cert]] is empty");
+    if config.listener.iter().any(|l| l.tls == Mode::Terminate) && config.tls.cert.is_empty() {
+        support::fail("a listener terminates TLS but there is no [[tls.cert]]");
     }
-    let certs = file
-        .tls
-        .cert
-        .iter()
+    let certs = (config.tls.cert.iter())
         .map(|c| {
             let pair = CertKey::from_pem_files(&c.cert.to_string_lossy(), &c.key.to_string_lossy());
             (c.names.clone(), pair.unwrap_or_else(|e| support::fail(e)))
         })
         .collect();
-    Gateway {
-        listeners: file.listener,
-        certs,
-        unknown_sni: file.tls.unknown_sni,
-        routes: file.route,
-        passthrough: file
-            .passthrough
-            .into_iter()
-            .map(|p| (p.sni.to_ascii_lowercase(), p.backend))
-            .collect(),
-        mesh,
-    }
+    (config, certs, mesh)
 }
 
 fn demo_ca_path() -> PathBuf {
@@ -445,7 +401,7 @@ fn demo_ca_path() -> PathBuf {
 /// The demo: `app.example.com` (plain backend, and `/mesh` behind an HBONE endpoint),
 /// `admin.example.com` (its own certificate), `pass.example.com` (TLS passed through to a
 /// backend that terminates it itself).
-async fn demo() -> Gateway {
+async fn demo() -> (Config, Certs, Mesh) {
     let ca = proxystack::tls::demo::DemoCa::new("cluster.local");
     std::fs::write(demo_ca_path(), ca.root_pem()).unwrap_or_else(|e| support::fail(e));
     eprintln!("demo: CA={}", demo_ca_path().display());
@@ -453,74 +409,43 @@ async fn demo() -> Gateway {
     let admin = support::demo_http_backend("hello from admin\n").await;
     let meshed = support::demo_http_backend("hello from a mesh backend, over HBONE\n").await;
     let pod = support::demo_hbone_endpoint(&ca, "default", "api").await;
-    let pass = demo_tls_backend(ca.server_cert(&["pass.example.com"])).await;
-    let route = |host: &str, path_prefix: &str, backend: SocketAddr| Route {
-        host: host.into(),
-        path_prefix: path_prefix.into(),
-        backend: backend.into(),
-        identity: None,
-        next_hop: None,
-    };
-    let mesh_id =
-        SpiffeId::istio("cluster.local", "default", "api").unwrap_or_else(|e| support::fail(e));
-    let listener = |port: u16, tls| Listener {
-        listen: ([127, 0, 0, 1], port).into(),
-        tls,
-        proxy_protocol: Vec::new(),
-    };
-    Gateway {
-        listeners: vec![
-            listener(8443, Mode::Terminate),
-            listener(8080, Mode::None),
-            listener(9443, Mode::Passthrough),
-        ],
-        certs: vec![
-            (
-                vec!["app.example.com".into()],
-                ca.server_cert(&["app.example.com"]),
-            ),
-            (
-                vec!["admin.example.com".into()],
-                ca.server_cert(&["admin.example.com"]),
-            ),
-        ],
-        unknown_sni: Unknown::Refuse,
-        routes: vec![
-            route("app.example.com", "/", app),
-            Route {
-                identity: Some(mesh_id),
-                next_hop: Some(pod),
-                ..route("app.example.com", "/mesh", meshed)
-            },
-            route("admin.example.com", "/", admin),
-        ],
-        passthrough: HashMap::from([("pass.example.com".to_string(), Target::from(pass))]),
-        mesh: Some((ca.workload_cert("istio-system", "gateway"), ca.roots())),
-    }
-}
-
-/// A backend that terminates TLS itself (for the passthrough listener).
-async fn demo_tls_backend(cert: CertKey) -> SocketAddr {
-    let inner =
-        support::demo_http_backend("hello from pass.example.com; TLS passed through\n").await;
-    let tls = ServerConfigBuilder::new()
-        .default_cert(cert)
-        .build()
-        .unwrap_or_else(|e| support::fail(e));
-    let svc = ServiceBuilder::new()
-        .layer(TerminateLayer::new(tls))
-        .service(
-            tcp::Relay::new(tcp::TcpConnector::new())
-                .upstream(move |_: &Metadata| Some(Target::from(inner))),
-        );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap_or_else(|e| support::fail(e));
-    let addr = listener.local_addr().unwrap_or_else(|e| support::fail(e));
-    tokio::spawn(proxystack::serve(
-        listener,
-        svc,
-        proxystack::drain::Watch::never(),
-    ));
-    addr
+    let pass_cert = ca.server_cert(&["pass.example.com"]);
+    let pass = support::demo_tls_backend(
+        pass_cert,
+        "hello from pass.example.com; TLS passed through\n",
+    );
+    let pass = pass.await;
+    let config = format!(
+        r#"
+        [[listener]]
+        listen = "127.0.0.1:8443"
+        tls = "terminate"
+        [[listener]]
+        listen = "127.0.0.1:8080"
+        tls = "none"
+        [[listener]]
+        listen = "127.0.0.1:9443"
+        tls = "passthrough"
+        [[route]]
+        host = "app.example.com"
+        backend = "{app}"
+        [[route]]
+        host = "app.example.com"
+        path_prefix = "/mesh"
+        backend = "{meshed}"
+        identity = "spiffe://cluster.local/ns/default/sa/api"
+        next_hop = "{pod}"
+        [[route]]
+        host = "admin.example.com"
+        backend = "{admin}"
+        [[passthrough]]
+        sni = "pass.example.com"
+        backend = "{pass}"
+        "#
+    );
+    let certs = ["app.example.com", "admin.example.com"]
+        .map(|n| (vec![n.to_string()], ca.server_cert(&[n])));
+    let mesh = (ca.workload_cert("istio-system", "gateway"), ca.roots());
+    let config = toml::from_str(&config).unwrap_or_else(|e| support::fail(e));
+    (config, certs.into(), Some(mesh))
 }

@@ -54,9 +54,10 @@ use proxystack::connect::{lookup, TunnelInfo};
 use proxystack::hbone::{self, HboneTarget, Inbound};
 use proxystack::identity::{PeerIdentity, SpiffeId};
 use proxystack::tls::{rustls::RootCertStore, CertKey};
-use proxystack::{tcp, Authority, Target};
+use proxystack::{tcp, Authority, Conn, Target};
 use serde::Deserialize;
 use support::{IdentityPattern, MeshConnector};
+use tokio::net::TcpStream;
 use tower::ServiceBuilder;
 
 #[derive(Parser, Debug)]
@@ -80,20 +81,11 @@ struct Args {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct File {
-    identity: support::IdentityFiles,
+struct Config {
+    identity: Option<support::IdentityFiles>,
     outbound: OutboundConfig,
     inbound: InboundConfig,
     #[serde(default)]
-    workload: Vec<Workload>,
-}
-
-/// The config with the certificates loaded (or made up, in the demo).
-struct Config {
-    cert: CertKey,
-    roots: Arc<RootCertStore>,
-    outbound: OutboundConfig,
-    inbound: InboundConfig,
     workload: Vec<Workload>,
 }
 
@@ -160,19 +152,16 @@ impl std::str::FromStr for Key {
 async fn main() {
     support::init_tracing();
     let args = Args::parse();
-    let mut config = match (&args.config, args.demo) {
+    let (mut config, cert, roots) = match (&args.config, args.demo) {
         (Some(path), false) => {
-            let file: File = support::load_config(path);
-            let (cert, roots) = file.identity.load();
-            Config {
-                cert,
-                roots,
-                outbound: file.outbound,
-                inbound: file.inbound,
-                workload: file.workload,
-            }
+            let config: Config = support::load_config(path);
+            let Some(files) = &config.identity else {
+                support::fail(format!("{}: [identity] is missing", path.display()));
+            };
+            let (cert, roots) = files.load();
+            (config, cert, roots)
         }
-        (None, true) => demo_config(&args).await,
+        (None, true) => demo(&args).await,
         _ => support::fail("give exactly one of --config FILE or --demo"),
     };
     config.outbound.listen = args.outbound.unwrap_or(config.outbound.listen);
@@ -185,22 +174,22 @@ async fn main() {
     let mut listeners = support::bind_all(&addrs).await;
     let own = support::local_addrs(&listeners);
     if args.demo {
-        demo_fixup(&mut config, &own);
+        // The demo's self call goes to our outbound port, its HBONE to our inbound one.
+        config.outbound.fixed[2].original_dst = own[0];
+        config.workload[0].next_hop = own.last().copied();
     }
-    let inbound = listeners
-        .pop()
-        .unwrap_or_else(|| support::fail("no inbound listener"));
-    let outbound = listeners.remove(0);
+    let (inbound, outbound) = (listeners.remove(own.len() - 1), listeners.remove(0));
 
-    let mut servers = support::Servers::new(&args.common);
     let connector = MeshConnector {
         hbone: Some(
-            hbone::Connector::hbone(config.cert.clone(), config.roots.clone())
+            hbone::Connector::hbone(cert.clone(), roots.clone())
                 .unwrap_or_else(|e| support::fail(format!("HBONE client TLS: {e}"))),
         ),
         tcp: tcp::TcpConnector::new().mark(config.outbound.mark),
     };
-    let relay = tcp::Relay::new(connector).upstream(outbound_route(&config, own.clone()));
+    let me = cert.spiffe_ids().into_iter().next();
+    let relay = tcp::Relay::new(connector).upstream(outbound_route(&config, me, own.clone()));
+    let mut servers = support::Servers::new(&args.common);
     servers.spawn(
         "outbound",
         outbound,
@@ -210,33 +199,28 @@ async fn main() {
     );
     for (i, (listener, f)) in listeners
         .into_iter()
-        .zip(config.outbound.fixed.clone())
+        .zip(&config.outbound.fixed)
         .enumerate()
     {
         // No REDIRECT happened, so say where the connection "was going" ourselves.
+        let dst = OriginalDst(f.original_dst);
         let pretend = ServiceBuilder::new()
-            .map_request(move |mut c: proxystack::Conn<tokio::net::TcpStream>| {
-                c.insert(OriginalDst(f.original_dst));
+            .map_request(move |mut c: Conn<TcpStream>| {
+                c.insert(dst);
                 c
             })
             .service(relay.clone());
         servers.spawn(&format!("outbound_fixed_{i}"), listener, pretend);
     }
-    servers.spawn("inbound", inbound, inbound_service(&config, &own));
+    let inbound_svc = inbound_service(&config, cert, roots, &own);
+    servers.spawn("inbound", inbound, inbound_svc);
     if args.demo {
-        let p = |i: usize| own[i].port();
-        eprintln!(
-            "demo: echo hello | nc -N 127.0.0.1 {}   # mesh workload: HBONE",
-            p(1)
-        );
-        eprintln!(
-            "demo: curl http://127.0.0.1:{}/         # outside the mesh: passthrough",
-            p(2)
-        );
-        eprintln!(
-            "demo: nc -v 127.0.0.1 {}                # self call: closed",
-            p(3)
-        );
+        let [_, mesh, outside, own_port, ..] = own[..] else {
+            unreachable!()
+        };
+        eprintln!("demo: echo hello | nc -N {mesh}  # to a mesh workload: HBONE");
+        eprintln!("demo: curl http://{outside}/     # outside the mesh: passthrough");
+        eprintln!("demo: nc -v {own_port}           # to our own port: closed");
     }
     servers.run(args.common.admin).await;
 }
@@ -244,6 +228,7 @@ async fn main() {
 /// Outbound: where each redirected connection goes (`None` closes it without a dial).
 fn outbound_route(
     config: &Config,
+    me: Option<SpiffeId>,
     own: Vec<SocketAddr>,
 ) -> impl Fn(&Metadata) -> Option<Target> + Clone {
     let table: Arc<HashMap<Key, Workload>> = Arc::new(
@@ -253,7 +238,6 @@ fn outbound_route(
             .map(|w| (w.address, w.clone()))
             .collect(),
     );
-    let me = config.cert.spiffe_ids().into_iter().next();
     let baggage = config.outbound.baggage.clone();
     move |m: &Metadata| {
         let Some(OriginalDst(dst)) = m.get::<OriginalDst>().copied() else {
@@ -299,9 +283,11 @@ fn outbound_route(
 /// then the local app on the port the client asked for.
 fn inbound_service(
     config: &Config,
+    cert: CertKey,
+    roots: Arc<RootCertStore>,
     own: &[SocketAddr],
 ) -> impl tower::Service<
-    proxystack::Conn<tokio::net::TcpStream>,
+    Conn<TcpStream>,
     Response = (),
     Error = impl Into<proxystack::BoxError>,
     Future = impl Send,
@@ -316,13 +302,14 @@ fn inbound_service(
     let allow = config.inbound.allow.clone();
     let mut illegal = hbone::ILLEGAL_PORTS.to_vec();
     illegal.extend(own.iter().map(|a| a.port()));
-    Inbound::new(config.cert.clone(), config.roots.clone())
+    Inbound::new(cert, roots)
         .illegal_ports(illegal)
         .allow(move |req| {
-            let client = lookup::<PeerIdentity>(req.connection);
-            let ok = allow.is_empty() || client.is_some_and(|c| allow.iter().any(|p| p.matches(&c.0)));
+            let client = lookup::<PeerIdentity>(req.connection).map(|p| &p.0);
+            let ok = IdentityPattern::admits(&allow, client);
             if !ok {
-                tracing::info!(client = ?client.map(|c| c.0.as_str()), tunnel.authority = %req.authority, "denied");
+                let client = client.map(SpiffeId::as_str);
+                tracing::info!(client, tunnel.authority = %req.authority, "denied");
             }
             ok
         })
@@ -330,56 +317,45 @@ fn inbound_service(
         .unwrap_or_else(|e| support::fail(format!("inbound TLS: {e}")))
 }
 
-/// The demo: an in-memory CA, loopback apps, and three pretend-redirected listeners.
-/// Destinations that depend on bound ports are filled in by [`demo_fixup`].
-async fn demo_config(args: &Args) -> Config {
+/// The demo: an in-memory CA, an echo app that counts as a mesh workload (with our own
+/// identity; its node proxy is us), an HTTP server outside the mesh, and three listeners
+/// that pretend their connections were redirected (mesh, outside, our own port).
+async fn demo(args: &Args) -> (Config, CertKey, Arc<RootCertStore>) {
     let ca = proxystack::tls::demo::DemoCa::new("cluster.local");
     let echo = support::demo_echo_backend().await;
     let web = support::demo_http_backend("hello from a host outside the mesh\n").await;
-    let me =
-        SpiffeId::istio("cluster.local", "default", "demo").unwrap_or_else(|e| support::fail(e));
     let ephemeral = args.outbound.is_some_and(|a| a.port() == 0);
     let port = |p: u16| if ephemeral { 0 } else { p };
-    let fixed = |p: u16, dst: SocketAddr| Fixed {
-        listen: ([127, 0, 0, 1], port(p)).into(),
-        original_dst: dst,
-    };
-    Config {
-        cert: ca.workload_cert("default", "demo"),
-        roots: ca.roots(),
-        outbound: OutboundConfig {
-            listen: ([127, 0, 0, 1], 15001).into(),
-            mark: None,
-            baggage: Some("k8s.namespace.name=default,service.name=demo".into()),
-            fixed: vec![
-                fixed(15011, echo),
-                fixed(15012, web),
-                fixed(15013, ([127, 0, 0, 1], 15001).into()), // set to our own port below
-            ],
-        },
-        inbound: InboundConfig {
-            listen: ([127, 0, 0, 1], port(hbone::PORT)).into(),
-            app_ip: [127, 0, 0, 1].into(),
-            allow: vec![me
-                .as_str()
-                .parse()
-                .unwrap_or_else(|e: String| support::fail(e))],
-        },
-        // The echo app is "a mesh workload" with our own identity; its HBONE next hop is
-        // our own inbound listener (set below).
-        workload: vec![Workload {
-            address: Key(echo.ip(), Some(echo.port())),
-            identity: Some(me),
-            protocol: Protocol::Hbone,
-            next_hop: None,
-        }],
-    }
-}
-
-/// Points the demo at the ports actually bound: `own` is outbound, fixed…, inbound.
-fn demo_fixup(config: &mut Config, own: &[SocketAddr]) {
-    if let (Some(first), Some(last)) = (own.first(), own.last()) {
-        config.outbound.fixed[2].original_dst = *first;
-        config.workload[0].next_hop = Some(*last);
-    }
+    let me = "spiffe://cluster.local/ns/default/sa/demo";
+    let config = format!(
+        r#"
+        [outbound]
+        listen = "127.0.0.1:15001"
+        baggage = "k8s.namespace.name=default,service.name=demo"
+        [[outbound.fixed]]
+        listen = "127.0.0.1:{}"
+        original_dst = "{echo}"
+        [[outbound.fixed]]
+        listen = "127.0.0.1:{}"
+        original_dst = "{web}"
+        [[outbound.fixed]]
+        listen = "127.0.0.1:{}"
+        original_dst = "127.0.0.1:15001"
+        [inbound]
+        listen = "127.0.0.1:{}"
+        app_ip = "127.0.0.1"
+        allow = ["{me}"]
+        [[workload]]
+        address = "{echo}"
+        identity = "{me}"
+        protocol = "hbone"
+        next_hop = "127.0.0.1:15008"
+        "#,
+        port(15011),
+        port(15012),
+        port(15013),
+        port(hbone::PORT),
+    );
+    let config = toml::from_str(&config).unwrap_or_else(|e| support::fail(e));
+    (config, ca.workload_cert("default", "demo"), ca.roots())
 }

@@ -52,10 +52,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use clap::Parser;
-use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http::{Request, StatusCode};
 use proxystack::conn::Metadata;
 use proxystack::connect::{lookup, TunnelInfo};
 use proxystack::detect::{DetectLayer, Router};
@@ -63,7 +61,7 @@ use proxystack::hbone::{self, HboneHeaders, HboneTarget, Inbound};
 use proxystack::http::{Forward, HttpServer, Incoming, PoolKey};
 use proxystack::identity::{PeerIdentity, SpiffeId};
 use proxystack::steer::Steer;
-use proxystack::tls::CertKey;
+use proxystack::tls::{rustls::RootCertStore, CertKey};
 use proxystack::{tcp, Authority, Target};
 use serde::Deserialize;
 use support::{IdentityPattern, MeshConnector};
@@ -87,9 +85,9 @@ struct Args {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct File {
+struct Config {
     listen: SocketAddr,
-    identity: support::IdentityFiles,
+    identity: Option<support::IdentityFiles>,
     service: Vec<Service>,
 }
 
@@ -214,17 +212,20 @@ impl Rule {
 async fn main() {
     support::init_tracing();
     let args = Args::parse();
-    let (file_listen, cert, roots, services, demo_hops) = match (&args.config, args.demo) {
+    let (config, cert, roots, demo_clients) = match (&args.config, args.demo) {
         (Some(path), false) => {
-            let file: File = support::load_config(path);
-            let (cert, roots) = file.identity.load();
-            (file.listen, cert, roots, file.service, None)
+            let config: Config = support::load_config(path);
+            let Some(files) = &config.identity else {
+                support::fail(format!("{}: [identity] is missing", path.display()));
+            };
+            let (cert, roots) = files.load();
+            (config, cert, roots, None)
         }
         (None, true) => demo::config().await,
         _ => support::fail("give exactly one of --config FILE or --demo"),
     };
-    let listen = args.listen.unwrap_or(file_listen);
-    let table = Arc::new(Table::new(services, &cert));
+    let listen = args.listen.unwrap_or(config.listen);
+    let table = Arc::new(Table::new(config.service, &cert));
     let connector = MeshConnector {
         hbone: Some(
             hbone::Connector::hbone(cert.clone(), roots.clone())
@@ -252,11 +253,12 @@ async fn main() {
             let rules = t.service(req.extensions()).map_or(&[][..], |s| &s.rule[..]);
             let hit = rules.iter().find(|r| r.matches(req.uri().path(), client));
             if hit.is_some_and(|r| r.action == Action::Deny) {
-                tracing::info!(path = req.uri().path(), client = ?client.map(|c| c.as_str()), "denied by L7 rule");
-                let body = Full::new(Bytes::from_static(b"denied by waypoint policy\n"));
-                let mut resp = Response::new(body.map_err(|never| match never {}).boxed_unsync());
-                *resp.status_mut() = StatusCode::FORBIDDEN;
-                return Ok(resp);
+                let (path, client) = (req.uri().path(), client.map(SpiffeId::as_str));
+                tracing::info!(path, client, "denied by L7 rule");
+                return Ok(support::plain_response(
+                    StatusCode::FORBIDDEN,
+                    "denied by waypoint policy\n",
+                ));
             }
             forward.oneshot(req).await
         }
@@ -285,12 +287,13 @@ async fn main() {
         .check_local_ip(false)
         .allow(move |req| {
             let client = lookup::<PeerIdentity>(req.connection).map(|p| &p.0);
-            let ok = t
+            let service = t
                 .by_authority
-                .get(&req.authority.to_string().to_ascii_lowercase())
-                .is_some_and(|s| s.allow.is_empty() || client.is_some_and(|c| s.allow.iter().any(|p| p.matches(c))));
+                .get(&req.authority.to_string().to_ascii_lowercase());
+            let ok = service.is_some_and(|s| IdentityPattern::admits(&s.allow, client));
             if !ok {
-                tracing::info!(tunnel.authority = %req.authority, client = ?client.map(|c| c.as_str()), "tunnel refused");
+                let client = client.map(SpiffeId::as_str);
+                tracing::info!(tunnel.authority = %req.authority, client, "tunnel refused");
             }
             ok
         })
@@ -301,8 +304,8 @@ async fn main() {
     let listener = support::bind_all(&[listen]).await.remove(0);
     let waypoint = listener.local_addr().unwrap_or(listen);
     servers.spawn("waypoint", listener, inbound);
-    if let Some(hops) = demo_hops {
-        demo::clients(&mut servers, waypoint, hops, listen.port() == 0).await;
+    if let Some(clients) = demo_clients {
+        demo::clients(&mut servers, waypoint, clients, listen.port() == 0).await;
     }
     servers.run(args.common.admin).await;
 }
@@ -313,75 +316,45 @@ mod demo {
     /// What the demo clients need: the CA-issued client identity and the waypoint's.
     pub struct Clients {
         cert: CertKey,
-        roots: Arc<proxystack::tls::rustls::RootCertStore>,
+        roots: Arc<RootCertStore>,
         waypoint_id: SpiffeId,
     }
 
-    type Demo = (
-        SocketAddr,
-        CertKey,
-        Arc<proxystack::tls::rustls::RootCertStore>,
-        Vec<Service>,
-        Option<Clients>,
-    );
-
     /// Two services on made-up VIPs: `reviews` (HTTP, behind an HBONE endpoint, `/admin`
     /// denied) and `echo` (declared TCP, plain TCP endpoint).
-    pub async fn config() -> Demo {
+    pub async fn config() -> (Config, CertKey, Arc<RootCertStore>, Option<Clients>) {
         let ca = proxystack::tls::demo::DemoCa::new("cluster.local");
         let web = support::demo_http_backend("hello from reviews, through the waypoint\n").await;
         let echo = support::demo_echo_backend().await;
         let pod = support::demo_hbone_endpoint(&ca, "default", "reviews").await;
-        let id = |sa| {
-            SpiffeId::istio("cluster.local", "default", sa).unwrap_or_else(|e| support::fail(e))
-        };
-        let authority = |s: &str| Authority::parse(s).unwrap_or_else(|e| support::fail(e));
-        let services = vec![
-            Service {
-                addresses: vec![
-                    authority("10.96.0.10:9080"),
-                    authority("reviews.default.svc.cluster.local:9080"),
-                ],
-                protocol: AppProtocol::Auto,
-                allow: Vec::new(),
-                endpoint: vec![Endpoint {
-                    address: web,
-                    identity: Some(id("reviews")),
-                    next_hop: Some(pod),
-                }],
-                rule: vec![Rule {
-                    action: Action::Deny,
-                    path_prefix: Some("/admin".into()),
-                    principal: None,
-                }],
-                next: AtomicUsize::new(0),
-            },
-            Service {
-                addresses: vec![authority("10.96.0.11:7")],
-                protocol: AppProtocol::Tcp,
-                allow: Vec::new(),
-                endpoint: vec![Endpoint {
-                    address: echo,
-                    identity: None,
-                    next_hop: None,
-                }],
-                rule: Vec::new(),
-                next: AtomicUsize::new(0),
-            },
-        ];
+        let config = format!(
+            r#"
+            listen = "127.0.0.1:15008"
+            [[service]]
+            addresses = ["10.96.0.10:9080", "reviews.default.svc.cluster.local:9080"]
+            [[service.endpoint]]
+            address = "{web}"
+            identity = "spiffe://cluster.local/ns/default/sa/reviews"
+            next_hop = "{pod}"
+            [[service.rule]]
+            action = "deny"
+            path_prefix = "/admin"
+            [[service]]
+            addresses = ["10.96.0.11:7"]
+            protocol = "tcp"
+            [[service.endpoint]]
+            address = "{echo}"
+            "#
+        );
+        let config = toml::from_str(&config).unwrap_or_else(|e| support::fail(e));
         let clients = Clients {
             cert: ca.workload_cert("default", "productpage"),
             roots: ca.roots(),
-            waypoint_id: id("waypoint"),
+            waypoint_id: SpiffeId::istio("cluster.local", "default", "waypoint")
+                .unwrap_or_else(|e| support::fail(e)),
         };
-        let listen = ([127, 0, 0, 1], hbone::PORT).into();
-        (
-            listen,
-            ca.workload_cert("default", "waypoint"),
-            ca.roots(),
-            services,
-            Some(clients),
-        )
+        let cert = ca.workload_cert("default", "waypoint");
+        (config, cert, ca.roots(), Some(clients))
     }
 
     /// Plain TCP in, HBONE to the waypoint out, one port per `:authority`: what the

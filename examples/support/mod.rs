@@ -520,4 +520,51 @@ impl IdentityPattern {
             None => id.as_str() == self.0,
         }
     }
+
+    /// An allow list's verdict on a client: an empty list admits every client (mTLS
+    /// already vouched for its trust domain), otherwise one pattern must match.
+    pub fn admits(list: &[Self], client: Option<&proxystack::identity::SpiffeId>) -> bool {
+        list.is_empty() || client.is_some_and(|c| list.iter().any(|p| p.matches(c)))
+    }
+}
+
+/// A short plain-text response in the body type `http::Forward` answers with, for
+/// services that answer some requests themselves (policy denials, misdirected requests).
+#[cfg(feature = "http")]
+pub fn plain_response(
+    status: hyper::StatusCode,
+    text: &'static str,
+) -> Response<proxystack::http::BoxBody> {
+    use http_body_util::BodyExt;
+    let body = Full::new(Bytes::from_static(text.as_bytes())).map_err(|never| match never {});
+    let mut resp = Response::new(body.boxed_unsync());
+    *resp.status_mut() = status;
+    resp
+}
+
+/// A loopback backend that terminates TLS itself (with `cert`) in front of an HTTP
+/// backend answering `body`: the far end of a TLS passthrough route in demos.
+#[cfg(feature = "demo-certs")]
+pub async fn demo_tls_backend(cert: proxystack::tls::CertKey, body: &'static str) -> SocketAddr {
+    let inner = demo_http_backend(body).await;
+    let tls = proxystack::tls::ServerConfigBuilder::new()
+        .default_cert(cert)
+        .build()
+        .unwrap_or_else(|e| fail(e));
+    let svc = tower::ServiceBuilder::new()
+        .layer(proxystack::tls::TerminateLayer::new(tls))
+        .service(
+            proxystack::tcp::Relay::new(proxystack::tcp::TcpConnector::new())
+                .upstream(move |_: &proxystack::Metadata| Some(proxystack::Target::from(inner))),
+        );
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| fail(format!("demo TLS backend: {e}")));
+    let addr = listener.local_addr().unwrap_or_else(|e| fail(e));
+    tokio::spawn(proxystack::serve(
+        listener,
+        svc,
+        proxystack::drain::Watch::never(),
+    ));
+    addr
 }
