@@ -341,6 +341,16 @@ async fn main() {
             ),
         }
     }
+    if args.demo {
+        let [https, http, pass, ..] = servers.addrs()[..] else {
+            unreachable!()
+        };
+        let (ca, p) = (demo_ca_path(), https.port());
+        eprintln!("demo: curl --cacert {} --resolve app.example.com:{p}:127.0.0.1 https://app.example.com:{p}/mesh", ca.display());
+        eprintln!("demo: curl -H 'Host: nope.example.com' http://{http}/   # 404");
+        let p = pass.port();
+        eprintln!("demo: curl --cacert {} --resolve pass.example.com:{p}:127.0.0.1 https://pass.example.com:{p}/", ca.display());
+    }
     servers.run(args.common.admin).await;
     if args.demo {
         let _ = std::fs::remove_file(demo_ca_path());
