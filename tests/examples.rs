@@ -804,3 +804,221 @@ backend = "{backend}"
     assert_eq!(http(gw, "app.example.com", "/hi", ""), None);
     ex.stop();
 }
+
+// ---------------------------------------------------------------------------------------
+// --config with real identity files: the allow rules on the client identity
+
+#[cfg(all(feature = "hbone", feature = "demo-certs"))]
+mod mesh_configs {
+    use super::*;
+    use proxystack::connect::TunnelError;
+    use proxystack::hbone::{self, HboneTarget};
+    use proxystack::identity::SpiffeId;
+    use proxystack::tls::demo::DemoCa;
+    use proxystack::{Authority, BoxIo, Conn};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tower::ServiceExt;
+
+    fn base64(der: &[u8]) -> String {
+        const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = String::new();
+        for chunk in der.chunks(3) {
+            let n = chunk
+                .iter()
+                .enumerate()
+                .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+            for i in 0..4 {
+                out.push(if i <= chunk.len() {
+                    T[(n >> (18 - 6 * i)) as usize & 63] as char
+                } else {
+                    '='
+                });
+            }
+        }
+        out
+    }
+
+    fn pem(label: &str, der: &[u8]) -> String {
+        let b64 = base64(der);
+        let lines: Vec<&str> = b64
+            .as_bytes()
+            .chunks(64)
+            .map(|l| std::str::from_utf8(l).unwrap())
+            .collect();
+        format!(
+            "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+            lines.join("\n")
+        )
+    }
+
+    /// `[identity]` for a config: the workload `ns/sa` of `ca`, written to temp files.
+    fn identity_section(ca: &DemoCa, ns: &str, sa: &str, files: &mut Vec<PathBuf>) -> String {
+        let ck = ca.workload_cert(ns, sa);
+        let cert = temp_file("cert.pem", &pem("CERTIFICATE", ck.chain[0].as_ref()));
+        let key = temp_file("key.pem", &pem("PRIVATE KEY", ck.key.secret_der()));
+        let roots = temp_file("roots.pem", ca.root_pem());
+        let section = format!(
+            "[identity]\ncert = {:?}\nkey = {:?}\nroots = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string(),
+            roots.display().to_string()
+        );
+        files.extend([cert, key, roots]);
+        section
+    }
+
+    fn id(ns: &str, sa: &str) -> SpiffeId {
+        SpiffeId::istio("cluster.local", ns, sa).unwrap()
+    }
+
+    /// Opens an HBONE tunnel as `ns/sa`; the CONNECT status on refusal.
+    async fn tunnel(
+        ca: &DemoCa,
+        (ns, sa): (&str, &str),
+        next_hop: SocketAddr,
+        authority: &str,
+        server: SpiffeId,
+    ) -> Result<Conn<BoxIo>, u16> {
+        let connector = hbone::Connector::hbone(ca.workload_cert(ns, sa), ca.roots()).unwrap();
+        let target = HboneTarget::new(next_hop, Authority::parse(authority).unwrap(), [server])
+            .into_target();
+        match tokio::time::timeout(IO, connector.oneshot(target)).await {
+            Ok(Ok(t)) => Ok(t.boxed()),
+            Ok(Err(TunnelError::Refused { status, .. })) => Err(status.as_u16()),
+            Ok(Err(e)) => panic!("tunnel to {authority}: {e}"),
+            Err(_) => panic!("tunnel to {authority}: no answer within {IO:?}"),
+        }
+    }
+
+    async fn http_in(mut t: Conn<BoxIo>, path: &str) -> (u16, String) {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n");
+        t.write_all(req.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        let _ = tokio::time::timeout(IO, t.read_to_end(&mut raw)).await;
+        parse_response(&raw).unwrap_or((0, String::from_utf8_lossy(&raw).into_owned()))
+    }
+
+    #[tokio::test]
+    async fn sidecar_inbound_allows_by_client_identity() {
+        let ca = DemoCa::new("cluster.local");
+        let mut files = Vec::new();
+        let echo = {
+            // A plain echo app on loopback.
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap();
+            std::thread::spawn(move || {
+                for mut s in l.incoming().map_while(Result::ok) {
+                    std::thread::spawn(move || {
+                        let mut r = s.try_clone().unwrap();
+                        let _ = std::io::copy(&mut r, &mut s);
+                    });
+                }
+            });
+            addr
+        };
+        let config = format!(
+            "{}\n[outbound]\nlisten = \"127.0.0.1:0\"\n[inbound]\nlisten = \"127.0.0.1:0\"\n\
+             app_ip = \"127.0.0.1\"\n\
+             allow = [\"spiffe://cluster.local/ns/default/sa/allowed\", \"spiffe://cluster.local/ns/ops/*\"]\n",
+            identity_section(&ca, "default", "node", &mut files)
+        );
+        files.push(temp_file("sidecar.toml", &config));
+        let started = Example::start("sidecar", &["--config", &files[3].to_string_lossy()]);
+        let Some(mut ex) = started else { return };
+        let [outbound, inbound] = ex.listening(2)[..] else {
+            unreachable!()
+        };
+        files.iter().for_each(|f| drop(std::fs::remove_file(f)));
+        let node = id("default", "node");
+        let app = format!("127.0.0.1:{}", echo.port());
+
+        // §3.1.12: an allowed identity (exact, or by namespace pattern) reaches the app.
+        for client in [("default", "allowed"), ("ops", "anyone")] {
+            let mut t = tunnel(&ca, client, inbound, &app, node.clone())
+                .await
+                .unwrap();
+            t.write_all(b"ping").await.unwrap();
+            let mut got = [0u8; 4];
+            tokio::time::timeout(IO, t.read_exact(&mut got))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(&got, b"ping", "{client:?}");
+        }
+        // Another identity: 401, nothing dialled.
+        let denied = tunnel(&ca, ("default", "other"), inbound, &app, node.clone()).await;
+        assert_eq!(denied.err(), Some(401));
+        // §3.1.11: an authority IP that is not ours → 400; our own port → refused (503).
+        let elsewhere = format!("127.0.0.2:{}", echo.port());
+        let r = tunnel(
+            &ca,
+            ("default", "allowed"),
+            inbound,
+            &elsewhere,
+            node.clone(),
+        )
+        .await;
+        assert_eq!(r.err(), Some(400));
+        let own = format!("127.0.0.1:{}", outbound.port());
+        let r = tunnel(&ca, ("default", "allowed"), inbound, &own, node.clone()).await;
+        assert_eq!(r.err(), Some(503));
+        ex.stderr_line("denied");
+        ex.stop();
+    }
+
+    #[tokio::test]
+    async fn waypoint_policy_uses_the_outer_mtls_identity() {
+        let ca = DemoCa::new("cluster.local");
+        let mut files = Vec::new();
+        let backend = header_echo_server([127, 0, 0, 1]);
+        let config = format!(
+            r#"
+listen = "127.0.0.1:0"
+{}
+[[service]]
+addresses = ["10.96.0.20:80", "api.default.svc.cluster.local:80"]
+allow = ["spiffe://cluster.local/ns/default/*"]
+[[service.endpoint]]
+address = "{backend}"
+[[service.rule]]
+action = "allow"
+path_prefix = "/admin"
+principal = "spiffe://cluster.local/ns/default/sa/admin"
+[[service.rule]]
+action = "deny"
+path_prefix = "/admin"
+"#,
+            identity_section(&ca, "default", "waypoint", &mut files)
+        );
+        files.push(temp_file("waypoint.toml", &config));
+        let started = Example::start("waypoint", &["--config", &files[3].to_string_lossy()]);
+        let Some(mut ex) = started else { return };
+        let waypoint = ex.listening(1)[0];
+        files.iter().for_each(|f| drop(std::fs::remove_file(f)));
+        let wp = id("default", "waypoint");
+        let open = |client, authority| tunnel(&ca, client, waypoint, authority, wp.clone());
+
+        // §3.2.4: the rule sees the principal of the outer mTLS connection.
+        let t = open(("default", "admin"), "10.96.0.20:80").await.unwrap();
+        let (status, body) = http_in(t, "/admin/panel").await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("get /admin/panel"), "{body}");
+        let t = open(("default", "user"), "api.default.svc.cluster.local:80")
+            .await
+            .unwrap();
+        assert_eq!(http_in(t, "/admin/panel").await.0, 403);
+        let t = open(("default", "user"), "10.96.0.20:80").await.unwrap();
+        assert_eq!(http_in(t, "/").await.0, 200);
+        // L4: the service's `allow` → 401 for another namespace; §3.2.2: an address the
+        // waypoint does not serve → refused as well.
+        assert_eq!(
+            open(("other", "user"), "10.96.0.20:80").await.err(),
+            Some(401)
+        );
+        assert_eq!(
+            open(("default", "user"), "10.96.0.21:80").await.err(),
+            Some(401)
+        );
+        ex.stop();
+    }
+}
