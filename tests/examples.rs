@@ -136,10 +136,27 @@ struct Example {
 
 impl Example {
     fn start(name: &str, args: &[&str]) -> Option<Example> {
+        Self::start_with(&[], name, args)
+    }
+
+    /// Starts the example behind a wrapper command (`ip netns exec NS`), which must exec
+    /// it (so that the pid we signal is the example's).
+    fn start_with(wrapper: &[&str], name: &str, args: &[&str]) -> Option<Example> {
         let path = binary(name)?;
-        let mut child = Command::new(path)
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(path);
+                c
+            }
+            None => Command::new(path),
+        };
+        let mut child = command
             .args(args)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -852,7 +869,12 @@ mod mesh_configs {
     }
 
     /// `[identity]` for a config: the workload `ns/sa` of `ca`, written to temp files.
-    fn identity_section(ca: &DemoCa, ns: &str, sa: &str, files: &mut Vec<PathBuf>) -> String {
+    pub(super) fn identity_section(
+        ca: &DemoCa,
+        ns: &str,
+        sa: &str,
+        files: &mut Vec<PathBuf>,
+    ) -> String {
         let ck = ca.workload_cert(ns, sa);
         let cert = temp_file("cert.pem", &pem("CERTIFICATE", ck.chain[0].as_ref()));
         let key = temp_file("key.pem", &pem("PRIVATE KEY", ck.key.secret_der()));
@@ -1018,6 +1040,180 @@ path_prefix = "/admin"
         assert_eq!(
             open(("default", "user"), "10.96.0.21:80").await.err(),
             Some(401)
+        );
+        ex.stop();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// sidecar behind a real iptables REDIRECT (root only; skipped otherwise)
+
+#[cfg(all(feature = "hbone", feature = "demo-certs", target_os = "linux"))]
+mod sidecar_redirect {
+    use super::*;
+
+    /// A network namespace of our own; deleted on drop.
+    struct Netns(String);
+
+    fn sh(args: &[&str]) -> Result<(), String> {
+        let out = Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .map_err(|e| format!("{}: {e}", args[0]))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    impl Netns {
+        fn create() -> Result<Self, String> {
+            let ns = Netns(format!("proxystack-ex-{}", std::process::id()));
+            sh(&["ip", "netns", "add", &ns.0])?;
+            ns.exec(&["ip", "link", "set", "lo", "up"])?;
+            // A "pod" in the mesh and a host outside it, both on the namespace's loopback.
+            ns.exec(&["ip", "addr", "add", "10.203.1.1/32", "dev", "lo"])?;
+            ns.exec(&["ip", "addr", "add", "10.203.1.2/32", "dev", "lo"])?;
+            // The apps' outbound port-80 traffic goes to the sidecar, except the sidecar's
+            // own (marked) passthrough dials. HBONE (port 15008) is never redirected.
+            let rule = |bin: &str| {
+                ns.exec(&[
+                    bin,
+                    "-t",
+                    "nat",
+                    "-A",
+                    "OUTPUT",
+                    "-p",
+                    "tcp",
+                    "-d",
+                    "10.203.1.0/24",
+                    "--dport",
+                    "80",
+                    "-m",
+                    "mark",
+                    "!",
+                    "--mark",
+                    "0x539",
+                    "-j",
+                    "REDIRECT",
+                    "--to-ports",
+                    "15001",
+                ])
+            };
+            rule("iptables")
+                .or_else(|a| rule("iptables-legacy").map_err(|b| format!("{a}; {b}")))?;
+            Ok(ns)
+        }
+
+        fn exec(&self, args: &[&str]) -> Result<(), String> {
+            sh(&[&["ip", "netns", "exec", &self.0][..], args].concat())
+        }
+
+        /// Runs `f` on a thread inside the namespace.
+        fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+            let path = format!("/var/run/netns/{}", self.0);
+            std::thread::spawn(move || {
+                use std::os::fd::AsRawFd;
+                let file = std::fs::File::open(path).unwrap();
+                // SAFETY: setns(2) on a namespace fd we opened; affects only this thread.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .unwrap()
+        }
+    }
+
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            let _ = sh(&["ip", "netns", "delete", &self.0]);
+        }
+    }
+
+    /// An HTTP server answering `body`, bound inside the namespace.
+    fn serve(ns: &Netns, addr: &'static str, body: &'static str) {
+        let listener = ns.run(move || TcpListener::bind(addr).unwrap());
+        std::thread::spawn(move || {
+            for mut s in listener.incoming().map_while(Result::ok) {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf);
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes());
+            }
+        });
+    }
+
+    #[test]
+    fn redirected_traffic_leaves_as_hbone_or_passthrough() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            println!("SKIPPED: needs root (network namespace, iptables)");
+            return;
+        }
+        if binary("sidecar").is_none() {
+            return;
+        }
+        let ns = match Netns::create() {
+            Ok(ns) => ns,
+            Err(e) => {
+                println!("SKIPPED: cannot set up the namespace: {e}");
+                return;
+            }
+        };
+        let ca = proxystack::tls::demo::DemoCa::new("cluster.local");
+        let mut files = Vec::new();
+        let identity = super::mesh_configs::identity_section(&ca, "default", "node", &mut files);
+        let config = format!(
+            r#"{identity}
+[outbound]
+listen = "127.0.0.1:15001"
+mark = 0x539
+[inbound]
+listen = "0.0.0.0:15008"
+app_ip = "127.0.0.1"
+[[workload]]
+address = "10.203.1.1"
+identity = "spiffe://cluster.local/ns/default/sa/node"
+protocol = "hbone"
+"#
+        );
+        files.push(temp_file("sidecar-redirect.toml", &config));
+        // The mesh pod's app listens on the pod's loopback (the inbound side dials it
+        // there); the outside host on its own address.
+        serve(&ns, "127.0.0.1:80", "mesh app via HBONE\n");
+        serve(&ns, "10.203.1.2:80", "outside host, plain TCP\n");
+        let wrapper = ["ip", "netns", "exec", ns.0.as_str()];
+        let cfg = files[3].to_string_lossy().into_owned();
+        let Some(mut ex) = Example::start_with(&wrapper, "sidecar", &["--config", &cfg]) else {
+            return;
+        };
+        ex.listening(2);
+        files.iter().for_each(|f| drop(std::fs::remove_file(f)));
+
+        // §3.1.2 and §3.1.4 through SO_ORIGINAL_DST: the apps dial the real addresses.
+        let answers = ns.run(|| {
+            let get = |ip: &str| http(format!("{ip}:80").parse().unwrap(), ip, "/", "");
+            (get("10.203.1.1"), get("10.203.1.2"))
+        });
+        assert_eq!(
+            answers.0,
+            Some((200, "mesh app via HBONE\n".into())),
+            "{}",
+            ex.stderr()
+        );
+        assert_eq!(
+            answers.1,
+            Some((200, "outside host, plain TCP\n".into())),
+            "{}",
+            ex.stderr()
         );
         ex.stop();
     }
