@@ -18,13 +18,15 @@
 //! order: outbound, each fixed listener, inbound, admin.
 //!
 //! ```toml
+//! mark = 0x539                  # SO_MARK on everything we dial, so the REDIRECT rule
+//!                               # (-m mark ! --mark 0x539 -j REDIRECT --to-ports 15001)
+//!                               # lets our own connections pass
 //! [identity]                    # this node's SPIFFE certificate, key and the mesh roots
 //! cert = "node.pem"
 //! key = "node.key"
 //! roots = "root.pem"
 //! [outbound]
-//! listen = "127.0.0.1:15001"    # iptables: -p tcp -j REDIRECT --to-ports 15001
-//! mark = 0x539                  # SO_MARK on passthrough dials, so the rules can skip them
+//! listen = "127.0.0.1:15001"
 //! baggage = "k8s.namespace.name=default,service.name=productpage"
 //! [[outbound.fixed]]            # optional: pretend-redirected listeners
 //! listen = "127.0.0.1:15011"
@@ -83,6 +85,7 @@ struct Args {
 #[serde(deny_unknown_fields)]
 struct Config {
     identity: Option<support::IdentityFiles>,
+    mark: Option<u32>,
     outbound: OutboundConfig,
     inbound: InboundConfig,
     #[serde(default)]
@@ -93,7 +96,6 @@ struct Config {
 #[serde(deny_unknown_fields)]
 struct OutboundConfig {
     listen: SocketAddr,
-    mark: Option<u32>,
     baggage: Option<String>,
     #[serde(default)]
     fixed: Vec<Fixed>,
@@ -180,12 +182,18 @@ async fn main() {
     }
     let (inbound, outbound) = (listeners.remove(own.len() - 1), listeners.remove(0));
 
+    let unpinned = |w: &Workload| w.protocol == Protocol::Hbone && w.identity.is_none();
+    if let Some(i) = config.workload.iter().position(unpinned) {
+        support::fail(format!("workload[{i}]: HBONE needs an identity to pin"));
+    }
+
+    // Everything we dial carries the mark, or a REDIRECT rule would send it back to us.
+    let tcp = tcp::TcpConnector::new().mark(config.mark);
+    let hbone = hbone::Connector::hbone_with(tcp.clone(), cert.clone(), roots.clone());
+    let hbone = hbone.unwrap_or_else(|e| support::fail(format!("HBONE client TLS: {e}")));
     let connector = MeshConnector {
-        hbone: Some(
-            hbone::Connector::hbone(cert.clone(), roots.clone())
-                .unwrap_or_else(|e| support::fail(format!("HBONE client TLS: {e}"))),
-        ),
-        tcp: tcp::TcpConnector::new().mark(config.outbound.mark),
+        hbone: Some(hbone),
+        tcp,
     };
     let me = cert.spiffe_ids().into_iter().next();
     let relay = tcp::Relay::new(connector).upstream(outbound_route(&config, me, own.clone()));
@@ -293,7 +301,8 @@ fn inbound_service(
     Future = impl Send,
 > + Clone {
     let app_ip = config.inbound.app_ip;
-    let app = tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |m: &Metadata| {
+    let tcp = tcp::TcpConnector::new().mark(config.mark);
+    let app = tcp::Relay::new(tcp).upstream(move |m: &Metadata| {
         Some(Target::from((
             app_ip,
             m.get::<TunnelInfo>()?.authority.port(),

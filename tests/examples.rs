@@ -599,6 +599,40 @@ fn bad_config_exits_non_zero_naming_the_file() {
     }
 }
 
+/// The TOML sample in each example's doc comment is a valid config: running it fails only
+/// later, on the certificate files it names, never with "invalid config".
+#[test]
+fn doc_config_samples_parse() {
+    for name in ["sni_router", "hbone", "sidecar", "waypoint", "gateway"] {
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("examples/{name}.rs"));
+        let source = std::fs::read_to_string(source).unwrap();
+        let sample: Vec<&str> = source
+            .lines()
+            .map_while(|l| l.strip_prefix("//!"))
+            .skip_while(|l| l.trim() != "```toml")
+            .skip(1)
+            .take_while(|l| l.trim() != "```")
+            .map(|l| l.strip_prefix(' ').unwrap_or(l))
+            .collect();
+        assert!(!sample.is_empty(), "{name}: no ```toml sample in the docs");
+        let file = temp_file("sample.toml", &sample.join("\n"));
+        let result = run_to_exit(name, &["--config", &file.to_string_lossy()]);
+        let _ = std::fs::remove_file(&file);
+        let Some((status, stderr)) = result else {
+            continue;
+        };
+        assert!(!status.success(), "{name}: the sample's files do not exist");
+        assert!(
+            !stderr.contains("invalid config"),
+            "{name}: sample rejected:\n{stderr}"
+        );
+        assert!(
+            stderr.contains(".pem"),
+            "{name}: expected a certificate error:\n{stderr}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // connect_proxy: the SSRF policy
 
@@ -1078,8 +1112,8 @@ mod sidecar_redirect {
             // A "pod" in the mesh and a host outside it, both on the namespace's loopback.
             ns.exec(&["ip", "addr", "add", "10.203.1.1/32", "dev", "lo"])?;
             ns.exec(&["ip", "addr", "add", "10.203.1.2/32", "dev", "lo"])?;
-            // The apps' outbound port-80 traffic goes to the sidecar, except the sidecar's
-            // own (marked) passthrough dials. HBONE (port 15008) is never redirected.
+            // Every connection to the two hosts goes to the sidecar, except what the
+            // sidecar dials itself (marked): its passthrough and its HBONE connections.
             let rule = |bin: &str| {
                 ns.exec(&[
                     bin,
@@ -1091,8 +1125,6 @@ mod sidecar_redirect {
                     "tcp",
                     "-d",
                     "10.203.1.0/24",
-                    "--dport",
-                    "80",
                     "-m",
                     "mark",
                     "!",
@@ -1172,10 +1204,10 @@ mod sidecar_redirect {
         let mut files = Vec::new();
         let identity = super::mesh_configs::identity_section(&ca, "default", "node", &mut files);
         let config = format!(
-            r#"{identity}
+            r#"mark = 0x539
+{identity}
 [outbound]
 listen = "127.0.0.1:15001"
-mark = 0x539
 [inbound]
 listen = "0.0.0.0:15008"
 app_ip = "127.0.0.1"
