@@ -345,11 +345,15 @@ async fn main() {
         let [https, http, pass, ..] = servers.addrs()[..] else {
             unreachable!()
         };
-        let (ca, p) = (demo_ca_path(), https.port());
-        eprintln!("demo: curl --cacert {} --resolve app.example.com:{p}:127.0.0.1 https://app.example.com:{p}/mesh", ca.display());
+        let ca = demo_ca_path();
+        let curl = |name: &str, at: SocketAddr, path: &str| {
+            let p = at.port();
+            let (ca, resolve) = (ca.display(), format!("{name}:{p}:127.0.0.1"));
+            eprintln!("demo: curl --cacert {ca} --resolve {resolve} https://{name}:{p}{path}");
+        };
+        curl("app.example.com", https, "/mesh");
+        curl("pass.example.com", pass, "/");
         eprintln!("demo: curl -H 'Host: nope.example.com' http://{http}/   # 404");
-        let p = pass.port();
-        eprintln!("demo: curl --cacert {} --resolve pass.example.com:{p}:127.0.0.1 https://pass.example.com:{p}/", ca.display());
     }
     servers.run(args.common.admin).await;
     if args.demo {

@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! cargo run --example waypoint --features hbone,http,demo-certs -- --demo
-//! curl http://127.0.0.1:15011/          # → HBONE → waypoint (reviews VIP) → HBONE → backend
+//! curl http://127.0.0.1:15011/          # HBONE → waypoint (reviews VIP) → HBONE → backend
 //! curl http://127.0.0.1:15011/admin     # 403 from the waypoint's L7 rule
 //! echo hello | nc -N 127.0.0.1 15012    # echo VIP, declared `tcp`: relayed as bytes
 //! curl http://127.0.0.1:15013/          # unknown authority: tunnel refused (401), closed

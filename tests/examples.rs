@@ -801,6 +801,22 @@ fn gateway_demo_routes_certificates_and_404() {
     let (code, out) = get("admin.example.com", a[0].port(), "/");
     assert_eq!(code, 0, "{out}");
     assert!(out.ends_with("hello from admin\n\n200 2"), "{out}");
+    // §3.3.4: a Host other than the connection's SNI is misdirected (421), not routed.
+    let resolve = format!("app.example.com:{}:127.0.0.1", a[0].port());
+    let url = format!("https://app.example.com:{}/", a[0].port());
+    let (code, out) = curl(&[
+        "--cacert",
+        &ca,
+        "--resolve",
+        &resolve,
+        "-H",
+        "Host: admin.example.com",
+        "-w",
+        "\n%{http_code}",
+        &url,
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.ends_with("\n421"), "{out}");
     // An unknown server name: no certificate, the handshake fails.
     let (code, _) = get("unknown.example.com", a[0].port(), "/");
     assert_ne!(code, 0);
@@ -975,7 +991,8 @@ mod mesh_configs {
         let config = format!(
             "{}\n[outbound]\nlisten = \"127.0.0.1:0\"\n[inbound]\nlisten = \"127.0.0.1:0\"\n\
              app_ip = \"127.0.0.1\"\n\
-             allow = [\"spiffe://cluster.local/ns/default/sa/allowed\", \"spiffe://cluster.local/ns/ops/*\"]\n",
+             allow = [\"spiffe://cluster.local/ns/default/sa/allowed\",\n\
+                      \"spiffe://cluster.local/ns/ops/*\"]\n",
             identity_section(&ca, "default", "node", &mut files)
         );
         files.push(temp_file("sidecar.toml", &config));
