@@ -432,6 +432,26 @@ fn temp_file(tag: &str, contents: &str) -> PathBuf {
     path
 }
 
+/// Temporary files, removed on drop (also when a test fails half-way).
+#[derive(Default)]
+struct TempFiles(Vec<PathBuf>);
+
+impl TempFiles {
+    fn add(&mut self, tag: &str, contents: &str) -> PathBuf {
+        let path = temp_file(tag, contents);
+        self.0.push(path.clone());
+        path
+    }
+}
+
+impl Drop for TempFiles {
+    fn drop(&mut self) {
+        for f in &self.0 {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Every example: demo, one request, SIGTERM
 
@@ -577,10 +597,10 @@ fn bad_config_exits_non_zero_naming_the_file() {
         "gateway",
         "insertion",
     ] {
-        let file = temp_file("bad.toml", "no_such_setting = 1\n");
-        let file_arg = file.to_string_lossy().into_owned();
+        let mut tmp = TempFiles::default();
+        let file_arg = tmp.add("bad.toml", "no_such_setting = 1\n");
+        let file_arg = file_arg.to_string_lossy().into_owned();
         let result = run_to_exit(name, &["--config", &file_arg]);
-        let _ = std::fs::remove_file(&file);
         let Some((status, stderr)) = result else {
             continue;
         };
@@ -615,9 +635,9 @@ fn doc_config_samples_parse() {
             .map(|l| l.strip_prefix(' ').unwrap_or(l))
             .collect();
         assert!(!sample.is_empty(), "{name}: no ```toml sample in the docs");
-        let file = temp_file("sample.toml", &sample.join("\n"));
+        let mut tmp = TempFiles::default();
+        let file = tmp.add("sample.toml", &sample.join("\n"));
         let result = run_to_exit(name, &["--config", &file.to_string_lossy()]);
-        let _ = std::fs::remove_file(&file);
         let Some((status, stderr)) = result else {
             continue;
         };
@@ -830,7 +850,8 @@ fn gateway_demo_routes_certificates_and_404() {
 #[test]
 fn gateway_proxy_protocol_and_edge_headers() {
     let backend = header_echo_server([127, 0, 0, 1]);
-    let config = temp_file(
+    let mut tmp = TempFiles::default();
+    let config = tmp.add(
         "gateway.toml",
         &format!(
             r#"
@@ -848,7 +869,6 @@ backend = "{backend}"
     let started = Example::start("gateway", &["--config", &config.to_string_lossy()]);
     let Some(mut ex) = started else { return };
     let gw = ex.listening(1)[0];
-    let _ = std::fs::remove_file(&config);
     // §3.3.7 + §3.3.5: the client's address comes from the trusted PROXY header, and the
     // forwarding fields the client sent are replaced, not appended to.
     let req = "PROXY TCP4 203.0.113.7 127.0.0.1 40000 80\r\n\
@@ -923,19 +943,18 @@ mod mesh_configs {
         ca: &DemoCa,
         ns: &str,
         sa: &str,
-        files: &mut Vec<PathBuf>,
+        files: &mut TempFiles,
     ) -> String {
         let ck = ca.workload_cert(ns, sa);
-        let cert = temp_file("cert.pem", &pem("CERTIFICATE", ck.chain[0].as_ref()));
-        let key = temp_file("key.pem", &pem("PRIVATE KEY", ck.key.secret_der()));
-        let roots = temp_file("roots.pem", ca.root_pem());
+        let cert = files.add("cert.pem", &pem("CERTIFICATE", ck.chain[0].as_ref()));
+        let key = files.add("key.pem", &pem("PRIVATE KEY", ck.key.secret_der()));
+        let roots = files.add("roots.pem", ca.root_pem());
         let section = format!(
             "[identity]\ncert = {:?}\nkey = {:?}\nroots = {:?}\n",
             cert.display().to_string(),
             key.display().to_string(),
             roots.display().to_string()
         );
-        files.extend([cert, key, roots]);
         section
     }
 
@@ -973,7 +992,7 @@ mod mesh_configs {
     #[tokio::test]
     async fn sidecar_inbound_allows_by_client_identity() {
         let ca = DemoCa::new("cluster.local");
-        let mut files = Vec::new();
+        let mut files = TempFiles::default();
         let echo = {
             // A plain echo app on loopback.
             let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -995,13 +1014,12 @@ mod mesh_configs {
                       \"spiffe://cluster.local/ns/ops/*\"]\n",
             identity_section(&ca, "default", "node", &mut files)
         );
-        files.push(temp_file("sidecar.toml", &config));
-        let started = Example::start("sidecar", &["--config", &files[3].to_string_lossy()]);
+        let config = files.add("sidecar.toml", &config);
+        let started = Example::start("sidecar", &["--config", &config.to_string_lossy()]);
         let Some(mut ex) = started else { return };
         let [outbound, inbound] = ex.listening(2)[..] else {
             unreachable!()
         };
-        files.iter().for_each(|f| drop(std::fs::remove_file(f)));
         let node = id("default", "node");
         let app = format!("127.0.0.1:{}", echo.port());
 
@@ -1042,7 +1060,7 @@ mod mesh_configs {
     #[tokio::test]
     async fn waypoint_policy_uses_the_outer_mtls_identity() {
         let ca = DemoCa::new("cluster.local");
-        let mut files = Vec::new();
+        let mut files = TempFiles::default();
         let backend = header_echo_server([127, 0, 0, 1]);
         let config = format!(
             r#"
@@ -1063,11 +1081,10 @@ path_prefix = "/admin"
 "#,
             identity_section(&ca, "default", "waypoint", &mut files)
         );
-        files.push(temp_file("waypoint.toml", &config));
-        let started = Example::start("waypoint", &["--config", &files[3].to_string_lossy()]);
+        let config = files.add("waypoint.toml", &config);
+        let started = Example::start("waypoint", &["--config", &config.to_string_lossy()]);
         let Some(mut ex) = started else { return };
         let waypoint = ex.listening(1)[0];
-        files.iter().for_each(|f| drop(std::fs::remove_file(f)));
         let wp = id("default", "waypoint");
         let open = |client, authority| tunnel(&ca, client, waypoint, authority, wp.clone());
 
@@ -1218,7 +1235,7 @@ mod sidecar_redirect {
             }
         };
         let ca = proxystack::tls::demo::DemoCa::new("cluster.local");
-        let mut files = Vec::new();
+        let mut files = TempFiles::default();
         let identity = super::mesh_configs::identity_section(&ca, "default", "node", &mut files);
         let config = format!(
             r#"mark = 0x539
@@ -1234,18 +1251,17 @@ identity = "spiffe://cluster.local/ns/default/sa/node"
 protocol = "hbone"
 "#
         );
-        files.push(temp_file("sidecar-redirect.toml", &config));
+        let config = files.add("sidecar-redirect.toml", &config);
         // The mesh pod's app listens on the pod's loopback (the inbound side dials it
         // there); the outside host on its own address.
         serve(&ns, "127.0.0.1:80", "mesh app via HBONE\n");
         serve(&ns, "10.203.1.2:80", "outside host, plain TCP\n");
         let wrapper = ["ip", "netns", "exec", ns.0.as_str()];
-        let cfg = files[3].to_string_lossy().into_owned();
+        let cfg = config.to_string_lossy().into_owned();
         let Some(mut ex) = Example::start_with(&wrapper, "sidecar", &["--config", &cfg]) else {
             return;
         };
         ex.listening(2);
-        files.iter().for_each(|f| drop(std::fs::remove_file(f)));
 
         // §3.1.2 and §3.1.4 through SO_ORIGINAL_DST: the apps dial the real addresses.
         let answers = ns.run(|| {
