@@ -152,9 +152,13 @@ impl Server {
             backoff = Duration::from_millis(5);
             self.configure(&stream);
 
+            // The socket's own address: on a wildcard listener (0.0.0.0, [::]) it is the
+            // address the client dialled, which policies (HBONE's local-IP check) and
+            // PROXY headers need; the listener's address would say 0.0.0.0.
+            let dialled = stream.local_addr().unwrap_or(local);
             let id = ConnectionId::next();
             let mut conn = Conn::new(stream);
-            conn.insert(LocalAddr(local));
+            conn.insert(LocalAddr(dialled));
             conn.insert(PeerAddr(peer));
             conn.insert(id);
             conn.insert(AcceptedAt(Instant::now()));

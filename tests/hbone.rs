@@ -544,3 +544,39 @@ async fn app_reset_reaches_the_hbone_client_as_a_reset() {
         .expect_err("a reset is not EOF");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err:?}");
 }
+
+#[tokio::test]
+async fn wildcard_listener_checks_the_address_the_client_dialled() {
+    // ztunnel listens on 0.0.0.0:15008; the local-IP rule must compare the authority with
+    // the address this connection arrived on, not with the listener's 0.0.0.0.
+    let ca = DemoCa::new(TD);
+    let app = echo_server().await;
+    let relay = tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |c: &Metadata| {
+        Some(Target::from((
+            app.ip(),
+            c.get::<TunnelInfo>()?.authority.port(),
+        )))
+    });
+    let inbound = Inbound::new(ca.workload_cert("default", "server"), ca.roots())
+        .service(relay)
+        .unwrap();
+    let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (_signal, watch) = proxystack::drain::channel();
+    tokio::spawn(async move { Server::new().serve(listener, inbound, watch).await });
+    let dialled: SocketAddr = ([127, 0, 0, 1], port).into();
+    let at = |ip: &str| {
+        HboneTarget::new(
+            dialled,
+            Authority::parse(&format!("{ip}:{}", app.port())).unwrap(),
+            [id("default", "server")],
+        )
+        .into_target()
+    };
+    let mut t = client(&ca).oneshot(at("127.0.0.1")).await.unwrap();
+    assert_eq!(echo_on(&mut t, b"via 0.0.0.0").await, b"via 0.0.0.0");
+    assert_eq!(
+        refused_status(client(&ca), at("127.0.0.2")).await,
+        Some(StatusCode::BAD_REQUEST)
+    );
+}

@@ -281,3 +281,301 @@ where
         .collect();
     run_until_signal(signal, servers).await;
 }
+
+/// Serde helper for config fields of any `FromStr` type (`Authority`, `SpiffeId`, `Cidr`…):
+/// `#[serde(deserialize_with = "support::parse")]`. A bad value fails the whole file with
+/// the parser's message and the TOML position.
+pub fn parse<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    let s = <String as serde::Deserialize>::deserialize(d)?;
+    s.parse()
+        .map_err(|e| serde::de::Error::custom(format!("{s:?}: {e}")))
+}
+
+/// [`parse`] for a list of values.
+pub fn parse_all<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    <Vec<String> as serde::Deserialize>::deserialize(d)?
+        .into_iter()
+        .map(|s| {
+            s.parse()
+                .map_err(|e| serde::de::Error::custom(format!("{s:?}: {e}")))
+        })
+        .collect()
+}
+
+/// [`parse`] for an optional value (use with `#[serde(default)]`).
+pub fn parse_opt<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    parse(d).map(Some)
+}
+
+/// The listeners of one process: each served by its own accept loop (own stats for
+/// `/metrics`), all announced together, all drained together.
+pub struct Servers {
+    drain: std::time::Duration,
+    signal: proxystack::drain::Signal,
+    watch: proxystack::drain::Watch,
+    addrs: Vec<SocketAddr>,
+    stats: Vec<(String, Arc<ServeStats>)>,
+    tasks: Vec<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Servers {
+    /// No listeners yet; `common` gives the drain deadline.
+    pub fn new(common: &Common) -> Self {
+        let (signal, watch) = proxystack::drain::channel();
+        Self {
+            drain: std::time::Duration::from_secs(common.drain_secs),
+            signal,
+            watch,
+            addrs: Vec::new(),
+            stats: Vec::new(),
+            tasks: Vec::new(),
+        }
+    }
+
+    /// Serves `svc` on `listener`; `name` labels its metrics.
+    pub fn spawn<S>(&mut self, name: &str, listener: TcpListener, svc: S)
+    where
+        S: tower::Service<proxystack::Conn<tokio::net::TcpStream>, Response = ()>
+            + Clone
+            + Send
+            + 'static,
+        S::Error: Into<proxystack::BoxError>,
+        S::Future: Send + 'static,
+    {
+        let server = proxystack::Server::new().drain_timeout(self.drain);
+        self.addrs.extend(listener.local_addr().ok());
+        self.stats.push((name.to_string(), server.stats()));
+        let watch = self.watch.clone();
+        self.tasks.push(tokio::spawn(async move {
+            server.serve(listener, svc, watch).await
+        }));
+    }
+
+    /// The bound addresses so far, in the order they were spawned.
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// Starts the admin endpoint (if asked), prints `listening on` for every listener
+    /// (admin last), then runs until SIGTERM/Ctrl-C and drains.
+    pub async fn run(mut self, admin_addr: Option<SocketAddr>) {
+        if let Some(addr) = admin_addr {
+            let bound = admin(addr, self.stats.clone()).await;
+            self.addrs.push(bound);
+        }
+        announce(&self.addrs);
+        drop(self.watch);
+        run_until_signal(self.signal, self.tasks).await;
+    }
+}
+
+/// `[identity]` in the mesh examples' configs: this proxy's SPIFFE certificate chain, its
+/// key and the mesh trust roots, as PEM files.
+#[cfg(feature = "tls")]
+#[derive(serde::Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityFiles {
+    /// Certificate chain (end entity first) with a `spiffe://` URI SAN.
+    pub cert: std::path::PathBuf,
+    /// Private key.
+    pub key: std::path::PathBuf,
+    /// Trust roots.
+    pub roots: std::path::PathBuf,
+}
+
+#[cfg(feature = "tls")]
+impl IdentityFiles {
+    /// Loads the files or exits naming the one that failed.
+    pub fn load(
+        &self,
+    ) -> (
+        proxystack::tls::CertKey,
+        Arc<proxystack::tls::rustls::RootCertStore>,
+    ) {
+        let cert = proxystack::tls::CertKey::from_pem_files(
+            &self.cert.to_string_lossy(),
+            &self.key.to_string_lossy(),
+        )
+        .unwrap_or_else(|e| fail(e));
+        let mut roots = proxystack::tls::rustls::RootCertStore::empty();
+        for root in proxystack::tls::load_pem_certs(&self.roots.to_string_lossy())
+            .unwrap_or_else(|e| fail(e))
+        {
+            roots
+                .add(root)
+                .unwrap_or_else(|e| fail(format!("bad root in {}: {e}", self.roots.display())));
+        }
+        if roots.is_empty() {
+            fail(format!("no certificate in {}", self.roots.display()));
+        }
+        if cert.spiffe_ids().is_empty() {
+            fail(format!("{} has no spiffe:// URI SAN", self.cert.display()));
+        }
+        (cert, Arc::new(roots))
+    }
+}
+
+/// The outbound side of the mesh examples: HBONE for targets built with `HboneTarget`
+/// (they carry a `ConnectAuthority`), plain TCP for everything else. Both answers are boxed
+/// so `Relay` and `Forward` see one connector type.
+#[cfg(feature = "hbone")]
+#[derive(Clone)]
+pub struct MeshConnector {
+    /// The pooled HBONE client; `None` when this proxy has no mesh identity.
+    pub hbone: Option<proxystack::hbone::Connector>,
+    /// Plain TCP.
+    pub tcp: proxystack::tcp::TcpConnector,
+}
+
+#[cfg(feature = "hbone")]
+impl tower::Service<proxystack::Target> for MeshConnector {
+    type Response = proxystack::Conn<proxystack::BoxIo>;
+    type Error = proxystack::BoxError;
+    type Future = std::pin::Pin<
+        Box<dyn Future<Output = Result<Self::Response, proxystack::BoxError>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, target: proxystack::Target) -> Self::Future {
+        use tower::ServiceExt;
+        let hbone = target
+            .get::<proxystack::connect::ConnectAuthority>()
+            .is_some();
+        match (hbone, self.hbone.clone()) {
+            (true, Some(h)) => Box::pin(async move { Ok(h.oneshot(target).await?.boxed()) }),
+            (true, None) => Box::pin(async { Err("HBONE target, but no mesh identity".into()) }),
+            (false, _) => {
+                let tcp = self.tcp.clone();
+                Box::pin(async move { Ok(tcp.oneshot(target).await?.boxed()) })
+            }
+        }
+    }
+}
+
+/// A demo HBONE endpoint (a "pod" with its own node proxy) on loopback: mTLS with the
+/// workload certificate `ns/sa`, tunnels go to `127.0.0.1:<port of :authority>`.
+#[cfg(all(feature = "hbone", feature = "demo-certs"))]
+pub async fn demo_hbone_endpoint(
+    ca: &proxystack::tls::demo::DemoCa,
+    namespace: &str,
+    service_account: &str,
+) -> SocketAddr {
+    use proxystack::connect::TunnelInfo;
+    let app = proxystack::tcp::Relay::new(proxystack::tcp::TcpConnector::new()).upstream(
+        |m: &proxystack::Metadata| {
+            let port = m.get::<TunnelInfo>()?.authority.port();
+            Some(proxystack::Target::from(([127, 0, 0, 1], port)))
+        },
+    );
+    let inbound =
+        proxystack::hbone::Inbound::new(ca.workload_cert(namespace, service_account), ca.roots())
+            .service(app)
+            .unwrap_or_else(|e| fail(format!("demo HBONE endpoint: {e}")));
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| fail(format!("demo HBONE endpoint: {e}")));
+    let addr = listener.local_addr().unwrap_or_else(|e| fail(e));
+    tokio::spawn(proxystack::serve(
+        listener,
+        inbound,
+        proxystack::drain::Watch::never(),
+    ));
+    addr
+}
+
+/// A client-identity pattern for allow rules: an exact SPIFFE ID, or a prefix ending in
+/// `/*` (`spiffe://cluster.local/ns/ops/*` is every service account of namespace `ops`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityPattern(String);
+
+impl std::str::FromStr for IdentityPattern {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        // Validate with the SPIFFE ID parser: a prefix must be a valid ID once completed.
+        let check = match s.strip_suffix('*') {
+            Some(prefix) if prefix.ends_with('/') => format!("{prefix}x"),
+            Some(_) => return Err("`*` is only allowed as a whole last segment (`…/*`)".into()),
+            None => s.to_string(),
+        };
+        proxystack::identity::SpiffeId::parse(&check).map_err(|e| e.to_string())?;
+        Ok(Self(s.to_string()))
+    }
+}
+
+impl IdentityPattern {
+    /// Whether `id` matches.
+    pub fn matches(&self, id: &proxystack::identity::SpiffeId) -> bool {
+        match self.0.strip_suffix('*') {
+            Some(prefix) => id.as_str().starts_with(prefix),
+            None => id.as_str() == self.0,
+        }
+    }
+
+    /// An allow list's verdict on a client: an empty list admits every client (mTLS
+    /// already vouched for its trust domain), otherwise one pattern must match.
+    pub fn admits(list: &[Self], client: Option<&proxystack::identity::SpiffeId>) -> bool {
+        list.is_empty() || client.is_some_and(|c| list.iter().any(|p| p.matches(c)))
+    }
+}
+
+/// A short plain-text response in the body type `http::Forward` answers with, for
+/// services that answer some requests themselves (policy denials, misdirected requests).
+#[cfg(feature = "http")]
+pub fn plain_response(
+    status: hyper::StatusCode,
+    text: &'static str,
+) -> Response<proxystack::http::BoxBody> {
+    use http_body_util::BodyExt;
+    let body = Full::new(Bytes::from_static(text.as_bytes())).map_err(|never| match never {});
+    let mut resp = Response::new(body.boxed_unsync());
+    *resp.status_mut() = status;
+    resp
+}
+
+/// A loopback backend that terminates TLS itself (with `cert`) in front of an HTTP
+/// backend answering `body`: the far end of a TLS passthrough route in demos.
+#[cfg(feature = "demo-certs")]
+pub async fn demo_tls_backend(cert: proxystack::tls::CertKey, body: &'static str) -> SocketAddr {
+    let inner = demo_http_backend(body).await;
+    let tls = proxystack::tls::ServerConfigBuilder::new()
+        .default_cert(cert)
+        .build()
+        .unwrap_or_else(|e| fail(e));
+    let svc = tower::ServiceBuilder::new()
+        .layer(proxystack::tls::TerminateLayer::new(tls))
+        .service(
+            proxystack::tcp::Relay::new(proxystack::tcp::TcpConnector::new())
+                .upstream(move |_: &proxystack::Metadata| Some(proxystack::Target::from(inner))),
+        );
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| fail(format!("demo TLS backend: {e}")));
+    let addr = listener.local_addr().unwrap_or_else(|e| fail(e));
+    tokio::spawn(proxystack::serve(
+        listener,
+        svc,
+        proxystack::drain::Watch::never(),
+    ));
+    addr
+}

@@ -233,11 +233,18 @@ pub type Connector<C = TcpConnector> = H2ConnectPool<TlsConnector<C>>;
 impl Connector {
     /// An HBONE client presenting `cert`, trusting `roots`, dialling over TCP.
     pub fn hbone(cert: CertKey, roots: Arc<RootCertStore>) -> Result<Self, TlsConfigError> {
-        Ok(H2ConnectPool::new(hbone_tls(
-            TcpConnector::new(),
-            cert,
-            roots,
-        )?))
+        Self::hbone_with(TcpConnector::new(), cert, roots)
+    }
+
+    /// The same, dialling with `tcp`: a node proxy behind an iptables `REDIRECT` marks its
+    /// own connections (`TcpConnector::mark`) so the rules let them pass instead of
+    /// sending them back to the proxy.
+    pub fn hbone_with(
+        tcp: TcpConnector,
+        cert: CertKey,
+        roots: Arc<RootCertStore>,
+    ) -> Result<Self, TlsConfigError> {
+        Ok(H2ConnectPool::new(hbone_tls(tcp, cert, roots)?))
     }
 }
 

@@ -1,0 +1,465 @@
+//! An ingress gateway: TLS terminated with the certificate the client's SNI names (ALPN h2
+//! and http/1.1), HTTP routed on Host + path prefix (404 when nothing matches, 421 when the
+//! Host is not the name the TLS connection was made for), edge hardening (the client's
+//! `Forwarded` / `X-Forwarded-*` are replaced, never trusted), an optional TLS passthrough
+//! listener routed by SNI, an optional PROXY protocol requirement per listener (only from
+//! the load balancers' networks), and backends in plain TCP or HBONE.
+//!
+//! ```text
+//! cargo run --example gateway --features hbone,http,proxy-protocol,demo-certs -- --demo
+//! curl --cacert $CA --resolve app.example.com:8443:127.0.0.1 https://app.example.com:8443/
+//! curl --cacert $CA --resolve app.example.com:8443:127.0.0.1 https://app.example.com:8443/mesh
+//! curl -H 'Host: nope.example.com' http://127.0.0.1:8080/       # 404
+//! curl --cacert $CA --resolve pass.example.com:9443:127.0.0.1 https://pass.example.com:9443/
+//! cargo run --example gateway --features hbone,http,proxy-protocol -- --config gateway.toml
+//! ```
+//!
+//! The demo prints `$CA` (its CA certificate, written to a temporary file). `listening on`
+//! order: the config's listeners in order (demo: https 8443, http 8080, passthrough 9443),
+//! then admin; `--listen ADDR`, repeated, replaces their addresses in that order.
+//!
+//! ```toml
+//! [[listener]]
+//! listen = "0.0.0.0:443"
+//! tls = "terminate"                # "terminate", "passthrough" (by SNI) or "none" (HTTP)
+//! proxy_protocol = ["10.0.0.0/24"] # optional: a PROXY header is required, from these only
+//! [tls]
+//! unknown_sni = "refuse"           # or "default": the first certificate
+//! [[tls.cert]]
+//! names = ["app.example.com"]
+//! cert = "app.pem"
+//! key = "app.key"
+//! [[route]]                        # most specific host, then longest path prefix, wins
+//! host = "app.example.com"         # exact, "*.example.com", or "*"
+//! path_prefix = "/api"             # on segment boundaries: /api, /api/x, not /apix
+//! backend = "10.0.0.5:8080"
+//! identity = "spiffe://cluster.local/ns/default/sa/api"  # optional: HBONE, SAN pinned
+//! # next_hop = "10.0.0.5:15008"    # HBONE next hop (default: backend IP, port 15008)
+//! [[passthrough]]
+//! sni = "db.example.com"
+//! backend = "10.0.0.7:5432"
+//! [identity]                       # the gateway's mesh identity, for HBONE backends
+//! cert = "gateway.pem"
+//! key = "gateway.key"
+//! roots = "root.pem"
+//! ```
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use http::{Request, StatusCode};
+use proxystack::addr::{Cidr, Host};
+use proxystack::conn::Metadata;
+use proxystack::hbone::{self, HboneTarget};
+use proxystack::http::{Forward, ForwardedMode, HttpServer, Incoming, PoolKey, RequestScheme};
+use proxystack::identity::SpiffeId;
+use proxystack::proxy_protocol::ProxyProtocolLayer;
+use proxystack::tls::rustls::RootCertStore;
+use proxystack::tls::{CertKey, PeekLayer, ServerConfigBuilder, Sni, TerminateLayer, UnknownSni};
+use proxystack::{tcp, Authority, Conn, Target};
+use serde::Deserialize;
+use support::MeshConnector;
+use tower::{ServiceBuilder, ServiceExt};
+
+#[derive(Parser, Debug)]
+#[command(about = "Ingress gateway: TLS by SNI, Host/path routing, edge hardening, HBONE backends")]
+struct Args {
+    /// TOML config (see the example's docs).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Zero-config run on loopback with demo certificates and backends.
+    #[arg(long)]
+    demo: bool,
+    /// Replaces the listeners' addresses, in config order (repeatable).
+    #[arg(long, value_name = "ADDR")]
+    listen: Vec<SocketAddr>,
+    #[command(flatten)]
+    common: support::Common,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    listener: Vec<Listener>,
+    #[serde(default)]
+    tls: TlsFiles,
+    #[serde(default)]
+    route: Vec<Route>,
+    #[serde(default)]
+    passthrough: Vec<Passthrough>,
+    identity: Option<support::IdentityFiles>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Listener {
+    listen: SocketAddr,
+    tls: Mode,
+    #[serde(default, deserialize_with = "support::parse_all")]
+    proxy_protocol: Vec<Cidr>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum Mode {
+    Terminate,
+    Passthrough,
+    None,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct TlsFiles {
+    #[serde(default)]
+    unknown_sni: Unknown,
+    #[serde(default)]
+    cert: Vec<CertFiles>,
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum Unknown {
+    #[default]
+    Refuse,
+    Default,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CertFiles {
+    names: Vec<String>,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct Route {
+    host: String,
+    #[serde(default = "slash")]
+    path_prefix: String,
+    #[serde(deserialize_with = "support::parse")]
+    backend: Authority,
+    #[serde(default, deserialize_with = "support::parse_opt")]
+    identity: Option<SpiffeId>,
+    next_hop: Option<SocketAddr>,
+}
+
+fn slash() -> String {
+    "/".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Passthrough {
+    sni: String,
+    #[serde(deserialize_with = "support::parse")]
+    backend: Target,
+}
+
+/// Certificates by server name, loaded (or made up by the demo).
+type Certs = Vec<(Vec<String>, CertKey)>;
+/// The gateway's mesh identity and roots, for HBONE backends.
+type Mesh = Option<(CertKey, Arc<RootCertStore>)>;
+
+impl Route {
+    /// How well this route matches, or `None`: (host specificity, prefix length).
+    fn score(&self, host: &str, path: &str) -> Option<(u8, usize)> {
+        let pattern = self.host.to_ascii_lowercase();
+        let rank = match pattern.strip_prefix('*') {
+            None if pattern == host => 2,
+            Some(suffix) if suffix.starts_with('.') && host.ends_with(suffix) => 1,
+            Some("") => 0,
+            _ => return None,
+        };
+        let p = self.path_prefix.as_str();
+        let rest = path.strip_prefix(p)?;
+        (rest.is_empty() || p.ends_with('/') || rest.starts_with('/')).then_some((rank, p.len()))
+    }
+
+    /// Plain TCP, or HBONE with the backend's identity pinned and ours presented.
+    fn target(&self, me: Option<&SpiffeId>) -> Option<Target> {
+        let Some(id) = &self.identity else {
+            return Some(Target::from(self.backend.clone()));
+        };
+        let default_hop = || Some(SocketAddr::new(self.backend.canonical_ip()?, hbone::PORT));
+        let next_hop = self.next_hop.or_else(default_hop)?;
+        let mut t = HboneTarget::new(next_hop, self.backend.clone(), [id.clone()]);
+        if let Some(me) = me {
+            t = t.source_identity(me.clone());
+        }
+        // Requests to two backends behind one next hop must not share a connection.
+        Some(
+            t.into_target()
+                .with(PoolKey(self.backend.to_string().into())),
+        )
+    }
+}
+
+/// The host a request is for (`:authority` or `Host`), lower case, without the port.
+fn request_host(req: &Request<Incoming>) -> Option<String> {
+    let authority = match req.uri().authority() {
+        Some(a) => a.clone(),
+        None => req
+            .headers()
+            .get(http::header::HOST)?
+            .to_str()
+            .ok()?
+            .parse()
+            .ok()?,
+    };
+    Some(
+        authority
+            .host()
+            .trim_matches(['[', ']'])
+            .to_ascii_lowercase(),
+    )
+}
+
+#[tokio::main]
+async fn main() {
+    support::init_tracing();
+    let args = Args::parse();
+    let (mut config, certs, mesh) = match (&args.config, args.demo) {
+        (Some(path), false) => load(support::load_config(path)),
+        (None, true) => demo().await,
+        _ => support::fail("give exactly one of --config FILE or --demo"),
+    };
+    if !args.listen.is_empty() {
+        if args.listen.len() != config.listener.len() {
+            let n = config.listener.len();
+            support::fail(format!("{} --listen for {n} listeners", args.listen.len()));
+        }
+        for (l, addr) in config.listener.iter_mut().zip(&args.listen) {
+            l.listen = *addr;
+        }
+    }
+
+    // Outbound: plain TCP, or HBONE with the gateway's identity for mesh backends.
+    let me = mesh
+        .as_ref()
+        .and_then(|(c, _)| c.spiffe_ids().into_iter().next());
+    let connector = MeshConnector {
+        hbone: mesh.map(|(cert, roots)| {
+            hbone::Connector::hbone(cert, roots)
+                .unwrap_or_else(|e| support::fail(format!("HBONE client TLS: {e}")))
+        }),
+        tcp: tcp::TcpConnector::new().connect_timeout(Duration::from_secs(5)),
+    };
+    let routes = Arc::new(config.route);
+    let forward = Forward::new(connector, move |req: &Request<Incoming>| {
+        let host = request_host(req)?;
+        let best = routes
+            .iter()
+            .filter_map(|r| Some((r.score(&host, req.uri().path())?, r)))
+            .max_by_key(|(s, _)| *s);
+        best?.1.target(me.as_ref())
+    })
+    .timeout(Some(Duration::from_secs(30)))
+    // At the edge the client's forwarding fields are forgeries until proven otherwise.
+    .forwarded(ForwardedMode::Overwrite)
+    .x_forwarded(ForwardedMode::Overwrite);
+    let edge = tower::service_fn(move |mut req: Request<Incoming>| {
+        let forward = forward.clone();
+        async move {
+            // HTTP/2 connection reuse: a request for a host other than the one the TLS
+            // connection (and its certificate) was made for must not be routed.
+            let sni = req
+                .extensions()
+                .get::<Sni>()
+                .map(|s| s.0.to_ascii_lowercase());
+            if sni.is_some() && sni != request_host(&req) {
+                return Ok(support::plain_response(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "misdirected request\n",
+                ));
+            }
+            for name in ["x-forwarded-host", "x-forwarded-port", "x-real-ip"] {
+                req.headers_mut().remove(name);
+            }
+            forward.oneshot(req).await
+        }
+    });
+    let http = HttpServer::new(edge).header_read_timeout(Some(Duration::from_secs(10)));
+    let https = http.clone().map_request(|mut c: Conn<proxystack::BoxIo>| {
+        c.insert(RequestScheme(http::uri::Scheme::HTTPS));
+        c
+    });
+    let passthrough: HashMap<String, Target> = (config.passthrough.into_iter())
+        .map(|p| (p.sni.to_ascii_lowercase(), p.backend))
+        .collect();
+    let by_sni = tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |m: &Metadata| {
+        passthrough
+            .get(&m.get::<Sni>()?.0.to_ascii_lowercase())
+            .cloned()
+    });
+
+    let mut servers = support::Servers::new(&args.common);
+    for (i, l) in config.listener.iter().enumerate() {
+        // PROXY protocol first, on the raw socket; "off" is a pass-through, same types.
+        let pp = if l.proxy_protocol.is_empty() {
+            ProxyProtocolLayer::off()
+        } else {
+            ProxyProtocolLayer::required()
+                .trusted_sources(l.proxy_protocol.iter().copied().collect())
+                .peer_addr_from_header(true)
+        };
+        let listener = support::bind_all(&[l.listen]).await.remove(0);
+        let name = format!("listener_{i}");
+        match l.tls {
+            Mode::Terminate => {
+                let tls = TerminateLayer::new(tls_config(&certs, config.tls.unknown_sni));
+                servers.spawn(
+                    &name,
+                    listener,
+                    ServiceBuilder::new()
+                        .layer(pp)
+                        .layer(tls)
+                        .service(https.clone()),
+                );
+            }
+            Mode::None => servers.spawn(
+                &name,
+                listener,
+                ServiceBuilder::new().layer(pp).service(http.clone()),
+            ),
+            // Peek at the ClientHello, relay it untouched; no SNI or not TLS → closed.
+            Mode::Passthrough => servers.spawn(
+                &name,
+                listener,
+                ServiceBuilder::new()
+                    .layer(pp)
+                    .layer(PeekLayer::new())
+                    .service(by_sni.clone()),
+            ),
+        }
+    }
+    if args.demo {
+        let [https, http, pass, ..] = servers.addrs()[..] else {
+            unreachable!()
+        };
+        let ca = demo_ca_path();
+        let curl = |name: &str, at: SocketAddr, path: &str| {
+            let p = at.port();
+            let (ca, resolve) = (ca.display(), format!("{name}:{p}:127.0.0.1"));
+            eprintln!("demo: curl --cacert {ca} --resolve {resolve} https://{name}:{p}{path}");
+        };
+        curl("app.example.com", https, "/mesh");
+        curl("pass.example.com", pass, "/");
+        eprintln!("demo: curl -H 'Host: nope.example.com' http://{http}/   # 404");
+    }
+    servers.run(args.common.admin).await;
+    if args.demo {
+        let _ = std::fs::remove_file(demo_ca_path());
+    }
+}
+
+fn tls_config(certs: &Certs, unknown: Unknown) -> Arc<proxystack::tls::rustls::ServerConfig> {
+    let mut b = ServerConfigBuilder::new()
+        .alpn(["h2", "http/1.1"])
+        .unknown_sni(match unknown {
+            Unknown::Refuse => UnknownSni::Refuse,
+            Unknown::Default => UnknownSni::UseDefault,
+        });
+    for (i, (names, cert)) in certs.iter().enumerate() {
+        if i == 0 {
+            b = b.default_cert(cert.clone());
+        }
+        for name in names {
+            b = b.cert_for(name, cert.clone());
+        }
+    }
+    b.build()
+        .unwrap_or_else(|e| support::fail(format!("TLS configuration: {e}")))
+}
+
+fn load(config: Config) -> (Config, Certs, Mesh) {
+    let mesh = config.identity.as_ref().map(|i| i.load());
+    for r in config.route.iter().filter(|r| r.identity.is_some()) {
+        if mesh.is_none() {
+            support::fail(format!("route to {}: HBONE needs [identity]", r.backend));
+        }
+        if r.next_hop.is_none() && !matches!(r.backend.host(), Host::Ip(_)) {
+            support::fail(format!(
+                "route to {}: HBONE by name needs next_hop",
+                r.backend
+            ));
+        }
+    }
+    if config.listener.iter().any(|l| l.tls == Mode::Terminate) && config.tls.cert.is_empty() {
+        support::fail("a listener terminates TLS but there is no [[tls.cert]]");
+    }
+    let certs = (config.tls.cert.iter())
+        .map(|c| {
+            let pair = CertKey::from_pem_files(&c.cert.to_string_lossy(), &c.key.to_string_lossy());
+            (c.names.clone(), pair.unwrap_or_else(|e| support::fail(e)))
+        })
+        .collect();
+    (config, certs, mesh)
+}
+
+fn demo_ca_path() -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "proxystack-gateway-demo-ca-{}.pem",
+        std::process::id()
+    ))
+}
+
+/// The demo: `app.example.com` (plain backend, and `/mesh` behind an HBONE endpoint),
+/// `admin.example.com` (its own certificate), `pass.example.com` (TLS passed through to a
+/// backend that terminates it itself).
+async fn demo() -> (Config, Certs, Mesh) {
+    let ca = proxystack::tls::demo::DemoCa::new("cluster.local");
+    std::fs::write(demo_ca_path(), ca.root_pem()).unwrap_or_else(|e| support::fail(e));
+    eprintln!("demo: CA={}", demo_ca_path().display());
+    let app = support::demo_http_backend("hello from app\n").await;
+    let admin = support::demo_http_backend("hello from admin\n").await;
+    let meshed = support::demo_http_backend("hello from a mesh backend, over HBONE\n").await;
+    let pod = support::demo_hbone_endpoint(&ca, "default", "api").await;
+    let pass_cert = ca.server_cert(&["pass.example.com"]);
+    let pass = support::demo_tls_backend(
+        pass_cert,
+        "hello from pass.example.com; TLS passed through\n",
+    );
+    let pass = pass.await;
+    let config = format!(
+        r#"
+        [[listener]]
+        listen = "127.0.0.1:8443"
+        tls = "terminate"
+        [[listener]]
+        listen = "127.0.0.1:8080"
+        tls = "none"
+        [[listener]]
+        listen = "127.0.0.1:9443"
+        tls = "passthrough"
+        [[route]]
+        host = "app.example.com"
+        backend = "{app}"
+        [[route]]
+        host = "app.example.com"
+        path_prefix = "/mesh"
+        backend = "{meshed}"
+        identity = "spiffe://cluster.local/ns/default/sa/api"
+        next_hop = "{pod}"
+        [[route]]
+        host = "admin.example.com"
+        backend = "{admin}"
+        [[passthrough]]
+        sni = "pass.example.com"
+        backend = "{pass}"
+        "#
+    );
+    let certs = ["app.example.com", "admin.example.com"]
+        .map(|n| (vec![n.to_string()], ca.server_cert(&[n])));
+    let mesh = (ca.workload_cert("istio-system", "gateway"), ca.roots());
+    let config = toml::from_str(&config).unwrap_or_else(|e| support::fail(e));
+    (config, certs.into(), Some(mesh))
+}

@@ -1,0 +1,370 @@
+//! A node proxy in the shape of Istio ambient's ztunnel: apps' outbound TCP (redirected to
+//! port 15001) leaves as HBONE when the destination is in the mesh, as plain TCP when it is
+//! not; HBONE arriving on 15008 is let in to the local app if the client identity is allowed.
+//! The Kubernetes inputs (pods, services, policies) are a static config file.
+//!
+//! ```text
+//! cargo run --example sidecar --features hbone,demo-certs -- --demo
+//! echo hello | nc -N 127.0.0.1 15011   # "to a mesh workload": HBONE to our own 15008, echo app
+//! curl http://127.0.0.1:15012/         # "to a host outside the mesh": plain TCP passthrough
+//! nc -v 127.0.0.1 15013                # "to our own port 15001": a self call, closed at once
+//! cargo run --example sidecar --features hbone -- --config sidecar.toml
+//! ```
+//!
+//! Without iptables there is no original destination to recover, so the demo adds three
+//! listeners that *pretend* every connection was redirected from a fixed destination
+//! (`[[outbound.fixed]]` below; useful in labs too). With `--outbound 127.0.0.1:0` (and
+//! `--inbound 127.0.0.1:0`) every demo port is ephemeral. `listening on` lines come in this
+//! order: outbound, each fixed listener, inbound, admin.
+//!
+//! ```toml
+//! mark = 0x539                  # SO_MARK on everything we dial, so the REDIRECT rule
+//!                               # (-m mark ! --mark 0x539 -j REDIRECT --to-ports 15001)
+//!                               # lets our own connections pass
+//! [identity]                    # this node's SPIFFE certificate, key and the mesh roots
+//! cert = "node.pem"
+//! key = "node.key"
+//! roots = "root.pem"
+//! [outbound]
+//! listen = "127.0.0.1:15001"
+//! baggage = "k8s.namespace.name=default,service.name=productpage"
+//! [[outbound.fixed]]            # optional: pretend-redirected listeners
+//! listen = "127.0.0.1:15011"
+//! original_dst = "10.0.0.2:9080"
+//! [inbound]
+//! listen = "0.0.0.0:15008"
+//! app_ip = "127.0.0.1"          # tunnels reach this IP; only the port comes from :authority
+//! allow = ["spiffe://cluster.local/ns/default/sa/productpage", "spiffe://cluster.local/ns/ops/*"]
+//! [[workload]]                  # destinations in the mesh (IP, or IP:port for one port)
+//! address = "10.0.0.2"
+//! identity = "spiffe://cluster.local/ns/default/sa/reviews"   # SAN the peer must present
+//! protocol = "hbone"            # or "tcp": known, but reached in plain TCP
+//! # next_hop = "10.0.0.9:15008" # a waypoint in front of a service VIP (default: IP:15008)
+//! ```
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Parser;
+use proxystack::conn::{Metadata, OriginalDst, PeerAddr};
+use proxystack::connect::{lookup, TunnelInfo};
+use proxystack::hbone::{self, HboneTarget, Inbound};
+use proxystack::identity::{PeerIdentity, SpiffeId};
+use proxystack::tls::{rustls::RootCertStore, CertKey};
+use proxystack::{tcp, Authority, Conn, Target};
+use serde::Deserialize;
+use support::{IdentityPattern, MeshConnector};
+use tokio::net::TcpStream;
+use tower::ServiceBuilder;
+
+#[derive(Parser, Debug)]
+#[command(about = "ztunnel-shaped node proxy: outbound HBONE or passthrough, inbound HBONE")]
+struct Args {
+    /// TOML config (see the example's docs).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Zero-config run on loopback: demo certificates, echo and HTTP apps, pretend ports.
+    #[arg(long)]
+    demo: bool,
+    /// Outbound (redirected) listener; overrides the config.
+    #[arg(long, value_name = "ADDR")]
+    outbound: Option<SocketAddr>,
+    /// Inbound HBONE listener; overrides the config.
+    #[arg(long, value_name = "ADDR")]
+    inbound: Option<SocketAddr>,
+    #[command(flatten)]
+    common: support::Common,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    identity: Option<support::IdentityFiles>,
+    mark: Option<u32>,
+    outbound: OutboundConfig,
+    inbound: InboundConfig,
+    #[serde(default)]
+    workload: Vec<Workload>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutboundConfig {
+    listen: SocketAddr,
+    baggage: Option<String>,
+    #[serde(default)]
+    fixed: Vec<Fixed>,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct Fixed {
+    listen: SocketAddr,
+    original_dst: SocketAddr,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InboundConfig {
+    listen: SocketAddr,
+    app_ip: IpAddr,
+    #[serde(default, deserialize_with = "support::parse_all")]
+    allow: Vec<IdentityPattern>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum Protocol {
+    Hbone,
+    Tcp,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct Workload {
+    #[serde(deserialize_with = "support::parse")]
+    address: Key,
+    #[serde(default, deserialize_with = "support::parse_opt")]
+    identity: Option<SpiffeId>,
+    protocol: Protocol,
+    next_hop: Option<SocketAddr>,
+}
+
+/// A workload table key: an IP (every port) or an IP:port.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct Key(IpAddr, Option<u16>);
+
+impl std::str::FromStr for Key {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match (s.parse::<SocketAddr>(), s.parse::<IpAddr>()) {
+            (Ok(a), _) => Ok(Key(a.ip(), Some(a.port()))),
+            (_, Ok(ip)) => Ok(Key(ip, None)),
+            _ => Err("expected IP or IP:port".into()),
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    support::init_tracing();
+    let args = Args::parse();
+    let (mut config, cert, roots) = match (&args.config, args.demo) {
+        (Some(path), false) => {
+            let config: Config = support::load_config(path);
+            let Some(files) = &config.identity else {
+                support::fail(format!("{}: [identity] is missing", path.display()));
+            };
+            let (cert, roots) = files.load();
+            (config, cert, roots)
+        }
+        (None, true) => demo(&args).await,
+        _ => support::fail("give exactly one of --config FILE or --demo"),
+    };
+    config.outbound.listen = args.outbound.unwrap_or(config.outbound.listen);
+    config.inbound.listen = args.inbound.unwrap_or(config.inbound.listen);
+
+    // Bind everything first: our own ports take part in the routing decisions below.
+    let mut addrs = vec![config.outbound.listen];
+    addrs.extend(config.outbound.fixed.iter().map(|f| f.listen));
+    addrs.push(config.inbound.listen);
+    let mut listeners = support::bind_all(&addrs).await;
+    let own = support::local_addrs(&listeners);
+    if args.demo {
+        // The demo's self call goes to our outbound port, its HBONE to our inbound one.
+        config.outbound.fixed[2].original_dst = own[0];
+        config.workload[0].next_hop = own.last().copied();
+    }
+    let (inbound, outbound) = (listeners.remove(own.len() - 1), listeners.remove(0));
+
+    let unpinned = |w: &Workload| w.protocol == Protocol::Hbone && w.identity.is_none();
+    if let Some(i) = config.workload.iter().position(unpinned) {
+        support::fail(format!("workload[{i}]: HBONE needs an identity to pin"));
+    }
+
+    // Everything we dial carries the mark, or a REDIRECT rule would send it back to us.
+    let tcp = tcp::TcpConnector::new().mark(config.mark);
+    let hbone = hbone::Connector::hbone_with(tcp.clone(), cert.clone(), roots.clone());
+    let hbone = hbone.unwrap_or_else(|e| support::fail(format!("HBONE client TLS: {e}")));
+    let connector = MeshConnector {
+        hbone: Some(hbone),
+        tcp,
+    };
+    let me = cert.spiffe_ids().into_iter().next();
+    let relay = tcp::Relay::new(connector).upstream(outbound_route(&config, me, own.clone()));
+    let mut servers = support::Servers::new(&args.common);
+    servers.spawn(
+        "outbound",
+        outbound,
+        ServiceBuilder::new()
+            .layer(tcp::OriginalDstLayer::new())
+            .service(relay.clone()),
+    );
+    for (i, (listener, f)) in listeners
+        .into_iter()
+        .zip(&config.outbound.fixed)
+        .enumerate()
+    {
+        // No REDIRECT happened, so say where the connection "was going" ourselves.
+        let dst = OriginalDst(f.original_dst);
+        let pretend = ServiceBuilder::new()
+            .map_request(move |mut c: Conn<TcpStream>| {
+                c.insert(dst);
+                c
+            })
+            .service(relay.clone());
+        servers.spawn(&format!("outbound_fixed_{i}"), listener, pretend);
+    }
+    let inbound_svc = inbound_service(&config, cert, roots, &own);
+    servers.spawn("inbound", inbound, inbound_svc);
+    if args.demo {
+        let [_, mesh, outside, own_port, ..] = own[..] else {
+            unreachable!()
+        };
+        eprintln!("demo: echo hello | nc -N {mesh}  # to a mesh workload: HBONE");
+        eprintln!("demo: curl http://{outside}/     # outside the mesh: passthrough");
+        eprintln!("demo: nc -v {own_port}           # to our own port: closed");
+    }
+    servers.run(args.common.admin).await;
+}
+
+/// Outbound: where each redirected connection goes (`None` closes it without a dial).
+fn outbound_route(
+    config: &Config,
+    me: Option<SpiffeId>,
+    own: Vec<SocketAddr>,
+) -> impl Fn(&Metadata) -> Option<Target> + Clone {
+    let table: Arc<HashMap<Key, Workload>> = Arc::new(
+        config
+            .workload
+            .iter()
+            .map(|w| (w.address, w.clone()))
+            .collect(),
+    );
+    let baggage = config.outbound.baggage.clone();
+    move |m: &Metadata| {
+        let Some(OriginalDst(dst)) = m.get::<OriginalDst>().copied() else {
+            tracing::debug!("no original destination (not redirected); closing");
+            return None;
+        };
+        // A connection to one of our own ports on loopback would come straight back here.
+        let ip = dst.ip().to_canonical();
+        if own.iter().any(|o| o.port() == dst.port())
+            && (ip.is_loopback() || ip.is_unspecified() || own.iter().any(|o| o.ip() == ip))
+        {
+            tracing::warn!(%dst, "self call; closing without dialling");
+            return None;
+        }
+        let workload = table
+            .get(&Key(ip, Some(dst.port())))
+            .or_else(|| table.get(&Key(ip, None)));
+        match workload {
+            Some(w) if w.protocol == Protocol::Hbone => {
+                let next_hop = w.next_hop.unwrap_or(SocketAddr::new(ip, hbone::PORT));
+                let mut t = HboneTarget::new(next_hop, Authority::from(dst), w.identity.clone());
+                if let Some(id) = &me {
+                    t = t.source_identity(id.clone());
+                }
+                if let Some(PeerAddr(client)) = m.get::<PeerAddr>() {
+                    t = t.forwarded_for(*client);
+                }
+                if let Some(b) = &baggage {
+                    t = t.baggage(b.clone());
+                }
+                tracing::debug!(%dst, %next_hop, "mesh destination: HBONE");
+                Some(t.into_target())
+            }
+            _ => {
+                tracing::debug!(%dst, "not in the mesh: passthrough");
+                Some(Target::from(dst))
+            }
+        }
+    }
+}
+
+/// Inbound: mTLS + CONNECT (hbone::Inbound), an allow rule on the client identity (401),
+/// then the local app on the port the client asked for.
+fn inbound_service(
+    config: &Config,
+    cert: CertKey,
+    roots: Arc<RootCertStore>,
+    own: &[SocketAddr],
+) -> impl tower::Service<
+    Conn<TcpStream>,
+    Response = (),
+    Error = impl Into<proxystack::BoxError>,
+    Future = impl Send,
+> + Clone {
+    let app_ip = config.inbound.app_ip;
+    let tcp = tcp::TcpConnector::new().mark(config.mark);
+    let app = tcp::Relay::new(tcp).upstream(move |m: &Metadata| {
+        Some(Target::from((
+            app_ip,
+            m.get::<TunnelInfo>()?.authority.port(),
+        )))
+    });
+    let allow = config.inbound.allow.clone();
+    let mut illegal = hbone::ILLEGAL_PORTS.to_vec();
+    illegal.extend(own.iter().map(|a| a.port()));
+    Inbound::new(cert, roots)
+        .illegal_ports(illegal)
+        .allow(move |req| {
+            let client = lookup::<PeerIdentity>(req.connection).map(|p| &p.0);
+            let ok = IdentityPattern::admits(&allow, client);
+            if !ok {
+                let client = client.map(SpiffeId::as_str);
+                tracing::info!(client, tunnel.authority = %req.authority, "denied");
+            }
+            ok
+        })
+        .service(app)
+        .unwrap_or_else(|e| support::fail(format!("inbound TLS: {e}")))
+}
+
+/// The demo: an in-memory CA, an echo app that counts as a mesh workload (with our own
+/// identity; its node proxy is us), an HTTP server outside the mesh, and three listeners
+/// that pretend their connections were redirected (mesh, outside, our own port).
+async fn demo(args: &Args) -> (Config, CertKey, Arc<RootCertStore>) {
+    let ca = proxystack::tls::demo::DemoCa::new("cluster.local");
+    let echo = support::demo_echo_backend().await;
+    let web = support::demo_http_backend("hello from a host outside the mesh\n").await;
+    let ephemeral = args.outbound.is_some_and(|a| a.port() == 0);
+    let port = |p: u16| if ephemeral { 0 } else { p };
+    let me = "spiffe://cluster.local/ns/default/sa/demo";
+    let config = format!(
+        r#"
+        [outbound]
+        listen = "127.0.0.1:15001"
+        baggage = "k8s.namespace.name=default,service.name=demo"
+        [[outbound.fixed]]
+        listen = "127.0.0.1:{}"
+        original_dst = "{echo}"
+        [[outbound.fixed]]
+        listen = "127.0.0.1:{}"
+        original_dst = "{web}"
+        [[outbound.fixed]]
+        listen = "127.0.0.1:{}"
+        original_dst = "127.0.0.1:15001"
+        [inbound]
+        listen = "127.0.0.1:{}"
+        app_ip = "127.0.0.1"
+        allow = ["{me}"]
+        [[workload]]
+        address = "{echo}"
+        identity = "{me}"
+        protocol = "hbone"
+        next_hop = "127.0.0.1:15008"
+        "#,
+        port(15011),
+        port(15012),
+        port(15013),
+        port(hbone::PORT),
+    );
+    let config = toml::from_str(&config).unwrap_or_else(|e| support::fail(e));
+    (config, ca.workload_cert("default", "demo"), ca.roots())
+}

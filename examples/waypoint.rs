@@ -1,0 +1,397 @@
+//! A waypoint in the shape of Istio ambient's: it accepts only HBONE (port 15008), picks the
+//! service by the tunnel's `:authority` (refusing anything it does not serve, so it is no
+//! open relay), detects HTTP inside the tunnel to apply L7 rules (deny → 403) and balance
+//! per request, relays other protocols as bytes, and re-encapsulates to the service's
+//! endpoints in HBONE or plain TCP. The client identity from the outer mTLS drives policy.
+//!
+//! ```text
+//! cargo run --example waypoint --features hbone,http,demo-certs -- --demo
+//! curl http://127.0.0.1:15011/          # HBONE → waypoint (reviews VIP) → HBONE → backend
+//! curl http://127.0.0.1:15011/admin     # 403 from the waypoint's L7 rule
+//! echo hello | nc -N 127.0.0.1 15012    # echo VIP, declared `tcp`: relayed as bytes
+//! curl http://127.0.0.1:15013/          # unknown authority: tunnel refused (401), closed
+//! cargo run --example waypoint --features hbone,http -- --config waypoint.toml
+//! ```
+//!
+//! The demo ports 15011–15013 are in-process HBONE *clients* standing in for the callers'
+//! node proxies (`sidecar` with a `next_hop` to the waypoint does the same). `listening
+//! on` order: the waypoint, the demo clients, admin; `--listen 127.0.0.1:0` makes every demo
+//! port ephemeral.
+//!
+//! ```toml
+//! listen = "0.0.0.0:15008"
+//! [identity]                       # the waypoint's SPIFFE certificate, key, mesh roots
+//! cert = "waypoint.pem"
+//! key = "waypoint.key"
+//! roots = "root.pem"
+//! [[service]]
+//! addresses = ["10.96.0.10:9080", "reviews.default.svc.cluster.local:9080"]
+//! protocol = "auto"                # detect HTTP (else bytes); "tcp": never sniff
+//! allow = ["spiffe://cluster.local/ns/default/*"]   # L4: who may use it at all (else 401)
+//! [[service.endpoint]]
+//! address = "10.0.1.5:9080"
+//! identity = "spiffe://cluster.local/ns/default/sa/reviews"  # HBONE to 10.0.1.5:15008
+//! [[service.endpoint]]
+//! address = "10.0.1.6:9080"        # no identity: plain TCP
+//! [[service.rule]]                 # L7, first match wins, no match allows
+//! action = "allow"
+//! path_prefix = "/admin"
+//! principal = "spiffe://cluster.local/ns/ops/*"
+//! [[service.rule]]
+//! action = "deny"                  # → 403
+//! path_prefix = "/admin"
+//! ```
+
+#[path = "support/mod.rs"]
+mod support;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use http::{Request, StatusCode};
+use proxystack::conn::Metadata;
+use proxystack::connect::{lookup, TunnelInfo};
+use proxystack::detect::{DetectLayer, Router};
+use proxystack::hbone::{self, HboneHeaders, HboneTarget, Inbound};
+use proxystack::http::{Forward, HttpServer, Incoming, PoolKey};
+use proxystack::identity::{PeerIdentity, SpiffeId};
+use proxystack::steer::Steer;
+use proxystack::tls::{rustls::RootCertStore, CertKey};
+use proxystack::{tcp, Authority, Target};
+use serde::Deserialize;
+use support::{IdentityPattern, MeshConnector};
+use tower::{ServiceBuilder, ServiceExt};
+
+#[derive(Parser, Debug)]
+#[command(about = "Istio-shaped waypoint: HBONE in, L7 policy, HBONE or TCP to endpoints")]
+struct Args {
+    /// TOML config (see the example's docs).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Zero-config run on loopback with demo certificates, backends and HBONE clients.
+    #[arg(long)]
+    demo: bool,
+    /// HBONE listener; overrides the config.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    #[command(flatten)]
+    common: support::Common,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    listen: SocketAddr,
+    identity: Option<support::IdentityFiles>,
+    service: Vec<Service>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Service {
+    #[serde(deserialize_with = "support::parse_all")]
+    addresses: Vec<Authority>,
+    #[serde(default)]
+    protocol: AppProtocol,
+    #[serde(default, deserialize_with = "support::parse_all")]
+    allow: Vec<IdentityPattern>,
+    endpoint: Vec<Endpoint>,
+    #[serde(default)]
+    rule: Vec<Rule>,
+    #[serde(skip)]
+    next: AtomicUsize,
+}
+
+#[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum AppProtocol {
+    #[default]
+    Auto,
+    Tcp,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Endpoint {
+    address: SocketAddr,
+    #[serde(default, deserialize_with = "support::parse_opt")]
+    identity: Option<SpiffeId>,
+    next_hop: Option<SocketAddr>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Rule {
+    action: Action,
+    path_prefix: Option<String>,
+    #[serde(default, deserialize_with = "support::parse_opt")]
+    principal: Option<IdentityPattern>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum Action {
+    Allow,
+    Deny,
+}
+
+/// The services by every address they answer to, and who we are.
+struct Table {
+    by_authority: HashMap<String, Arc<Service>>,
+    me: Option<SpiffeId>,
+}
+
+impl Table {
+    fn new(services: Vec<Service>, cert: &CertKey) -> Self {
+        let mut by_authority = HashMap::new();
+        for s in services {
+            if s.endpoint.is_empty() {
+                support::fail(format!("service {:?} has no endpoint", s.addresses));
+            }
+            let s = Arc::new(s);
+            for a in &s.addresses {
+                by_authority.insert(a.to_string().to_ascii_lowercase(), s.clone());
+            }
+        }
+        let me = cert.spiffe_ids().into_iter().next();
+        Self { by_authority, me }
+    }
+
+    /// The service a tunnel (or a request inside it) is for.
+    fn service(&self, m: &Metadata) -> Option<&Arc<Service>> {
+        let authority = m.get::<TunnelInfo>()?.authority.to_string();
+        self.by_authority.get(&authority.to_ascii_lowercase())
+    }
+
+    /// The next endpoint of `s` (round robin): HBONE with its identity pinned, or TCP.
+    fn endpoint(&self, s: &Service, m: &Metadata) -> Target {
+        let ep = &s.endpoint[s.next.fetch_add(1, Ordering::Relaxed) % s.endpoint.len()];
+        let Some(id) = &ep.identity else {
+            return Target::from(ep.address);
+        };
+        let next_hop = ep
+            .next_hop
+            .unwrap_or(SocketAddr::new(ep.address.ip(), hbone::PORT));
+        let mut t = HboneTarget::new(next_hop, Authority::from(ep.address), [id.clone()]);
+        if let Some(me) = &self.me {
+            t = t.source_identity(me.clone());
+        }
+        // Pass on what the caller's node proxy said about the original client.
+        if let Some(h) = m.get::<HboneHeaders>() {
+            if let Some(client) = h.forwarded_for {
+                t = t.forwarded_for(client);
+            }
+            let baggage: Vec<String> = h.baggage.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            if !baggage.is_empty() {
+                t = t.baggage(baggage.join(","));
+            }
+        }
+        // HTTP connections to two endpoints behind one next hop must not be shared.
+        t.into_target().with(PoolKey(ep.address.to_string().into()))
+    }
+}
+
+impl Rule {
+    fn matches(&self, path: &str, client: Option<&SpiffeId>) -> bool {
+        self.path_prefix
+            .as_ref()
+            .is_none_or(|p| path.starts_with(p.as_str()))
+            && self
+                .principal
+                .as_ref()
+                .is_none_or(|p| client.is_some_and(|c| p.matches(c)))
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    support::init_tracing();
+    let args = Args::parse();
+    let (config, cert, roots, demo_clients) = match (&args.config, args.demo) {
+        (Some(path), false) => {
+            let config: Config = support::load_config(path);
+            let Some(files) = &config.identity else {
+                support::fail(format!("{}: [identity] is missing", path.display()));
+            };
+            let (cert, roots) = files.load();
+            (config, cert, roots, None)
+        }
+        (None, true) => demo::config().await,
+        _ => support::fail("give exactly one of --config FILE or --demo"),
+    };
+    let listen = args.listen.unwrap_or(config.listen);
+    let table = Arc::new(Table::new(config.service, &cert));
+    let connector = MeshConnector {
+        hbone: Some(
+            hbone::Connector::hbone(cert.clone(), roots.clone())
+                .unwrap_or_else(|e| support::fail(format!("HBONE client TLS: {e}"))),
+        ),
+        tcp: tcp::TcpConnector::new().connect_timeout(Duration::from_secs(5)),
+    };
+
+    // Bytes: one endpoint per connection.
+    let t = table.clone();
+    let l4 = tcp::Relay::new(connector.clone())
+        .upstream(move |m: &Metadata| Some(t.endpoint(t.service(m)?, m)));
+
+    // HTTP: rules first (the client identity is the outer mTLS peer), then one endpoint
+    // per request.
+    let t = table.clone();
+    let forward = Forward::new(connector, move |req: &Request<Incoming>| {
+        Some(t.endpoint(t.service(req.extensions())?, req.extensions()))
+    });
+    let t = table.clone();
+    let l7 = tower::service_fn(move |req: Request<Incoming>| {
+        let (forward, t) = (forward.clone(), t.clone());
+        async move {
+            let client = lookup::<PeerIdentity>(req.extensions()).map(|p| &p.0);
+            let rules = t.service(req.extensions()).map_or(&[][..], |s| &s.rule[..]);
+            let hit = rules.iter().find(|r| r.matches(req.uri().path(), client));
+            if hit.is_some_and(|r| r.action == Action::Deny) {
+                let (path, client) = (req.uri().path(), client.map(SpiffeId::as_str));
+                tracing::info!(path, client, "denied by L7 rule");
+                return Ok(support::plain_response(
+                    StatusCode::FORBIDDEN,
+                    "denied by waypoint policy\n",
+                ));
+            }
+            forward.oneshot(req).await
+        }
+    });
+    let http = HttpServer::new(l7);
+    // Sniff with a short timeout: a server-first protocol on an `auto` port pays it once.
+    let detect = ServiceBuilder::new()
+        .layer(DetectLayer::new().timeout(Some(Duration::from_millis(500))))
+        .service(
+            Router::new()
+                .http1(http.clone())
+                .http2(http)
+                .opaque(l4.clone()),
+        );
+    let t = table.clone();
+    let per_tunnel = Steer::by(
+        move |m: &Metadata| t.service(m).is_some_and(|s| s.protocol == AppProtocol::Tcp),
+        l4,
+        detect,
+    );
+
+    // HBONE in: the authority must name a served service and the client pass its `allow`
+    // (else 401, nothing dialled). Many addresses are served, so no local-IP check.
+    let t = table.clone();
+    let inbound = Inbound::new(cert, roots)
+        .check_local_ip(false)
+        .allow(move |req| {
+            let client = lookup::<PeerIdentity>(req.connection).map(|p| &p.0);
+            let service = t
+                .by_authority
+                .get(&req.authority.to_string().to_ascii_lowercase());
+            let ok = service.is_some_and(|s| IdentityPattern::admits(&s.allow, client));
+            if !ok {
+                let client = client.map(SpiffeId::as_str);
+                tracing::info!(tunnel.authority = %req.authority, client, "tunnel refused");
+            }
+            ok
+        })
+        .service(per_tunnel)
+        .unwrap_or_else(|e| support::fail(format!("inbound TLS: {e}")));
+
+    let mut servers = support::Servers::new(&args.common);
+    let listener = support::bind_all(&[listen]).await.remove(0);
+    let waypoint = listener.local_addr().unwrap_or(listen);
+    servers.spawn("waypoint", listener, inbound);
+    if let Some(clients) = demo_clients {
+        demo::clients(&mut servers, waypoint, clients, listen.port() == 0).await;
+    }
+    servers.run(args.common.admin).await;
+}
+
+mod demo {
+    use super::*;
+
+    /// What the demo clients need: the CA-issued client identity and the waypoint's.
+    pub struct Clients {
+        cert: CertKey,
+        roots: Arc<RootCertStore>,
+        waypoint_id: SpiffeId,
+    }
+
+    /// Two services on made-up VIPs: `reviews` (HTTP, behind an HBONE endpoint, `/admin`
+    /// denied) and `echo` (declared TCP, plain TCP endpoint).
+    pub async fn config() -> (Config, CertKey, Arc<RootCertStore>, Option<Clients>) {
+        let ca = proxystack::tls::demo::DemoCa::new("cluster.local");
+        let web = support::demo_http_backend("hello from reviews, through the waypoint\n").await;
+        let echo = support::demo_echo_backend().await;
+        let pod = support::demo_hbone_endpoint(&ca, "default", "reviews").await;
+        let config = format!(
+            r#"
+            listen = "127.0.0.1:15008"
+            [[service]]
+            addresses = ["10.96.0.10:9080", "reviews.default.svc.cluster.local:9080"]
+            [[service.endpoint]]
+            address = "{web}"
+            identity = "spiffe://cluster.local/ns/default/sa/reviews"
+            next_hop = "{pod}"
+            [[service.rule]]
+            action = "deny"
+            path_prefix = "/admin"
+            [[service]]
+            addresses = ["10.96.0.11:7"]
+            protocol = "tcp"
+            [[service.endpoint]]
+            address = "{echo}"
+            "#
+        );
+        let config = toml::from_str(&config).unwrap_or_else(|e| support::fail(e));
+        let clients = Clients {
+            cert: ca.workload_cert("default", "productpage"),
+            roots: ca.roots(),
+            waypoint_id: SpiffeId::istio("cluster.local", "default", "waypoint")
+                .unwrap_or_else(|e| support::fail(e)),
+        };
+        let cert = ca.workload_cert("default", "waypoint");
+        (config, cert, ca.roots(), Some(clients))
+    }
+
+    /// Plain TCP in, HBONE to the waypoint out, one port per `:authority`: what the
+    /// callers' node proxies would do.
+    pub async fn clients(
+        servers: &mut support::Servers,
+        waypoint: SocketAddr,
+        c: Clients,
+        ephemeral: bool,
+    ) {
+        let connector = hbone::Connector::hbone(c.cert, c.roots)
+            .unwrap_or_else(|e| support::fail(format!("demo client TLS: {e}")));
+        for (port, authority) in [
+            (15011, "10.96.0.10:9080"),
+            (15012, "10.96.0.11:7"),
+            (15013, "10.96.0.99:80"),
+        ] {
+            let authority = Authority::parse(authority).unwrap_or_else(|e| support::fail(e));
+            let id = c.waypoint_id.clone();
+            let relay = tcp::Relay::new(connector.clone()).upstream(move |m: &Metadata| {
+                let mut t = HboneTarget::new(waypoint, authority.clone(), [id.clone()])
+                    .baggage("k8s.namespace.name=default,service.name=productpage");
+                if let Some(p) = m.get::<proxystack::conn::PeerAddr>() {
+                    t = t.forwarded_for(p.0);
+                }
+                Some(t.into_target())
+            });
+            let addr: SocketAddr = ([127, 0, 0, 1], if ephemeral { 0 } else { port }).into();
+            let listener = support::bind_all(&[addr]).await.remove(0);
+            servers.spawn(&format!("demo_client_{port}"), listener, relay);
+        }
+        let p = |i: usize| servers.addrs()[i].port();
+        eprintln!("demo: curl http://127.0.0.1:{}/  (and /admin → 403)", p(1));
+        eprintln!("demo: echo hello | nc -N 127.0.0.1 {}", p(2));
+        eprintln!(
+            "demo: curl http://127.0.0.1:{}/  (unknown authority: refused)",
+            p(3)
+        );
+    }
+}

@@ -1,0 +1,1285 @@
+//! The example binaries, run the way a user runs them: `--demo` on loopback, one real
+//! request through each, SIGTERM → drained → exit 0; a bad flag or a bad config file →
+//! non-zero exit with a message. Plus a few behaviours of the sidecar, the waypoint and the
+//! gateway (REFERENCE §3) and the CONNECT proxy's SSRF policy.
+//!
+//! `cargo test --test examples` builds only this file, so the first test brings the example
+//! binaries up to date (`cargo build --examples` with the same features) and then runs them
+//! from `target/<profile>/examples/`. An example that is not there (not written yet, or its
+//! features are off) is skipped with a printed reason. Every wait is bounded; nothing
+//! leaves loopback.
+#![cfg(unix)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+const STARTUP: Duration = Duration::from_secs(30);
+const EXIT: Duration = Duration::from_secs(15);
+const IO: Duration = Duration::from_secs(10);
+
+/// Demos that bind fixed ports run one at a time.
+fn fixed_ports() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+// ---------------------------------------------------------------------------------------
+// Finding, building and running the binaries
+
+fn enabled_features() -> Vec<&'static str> {
+    let all = [
+        ("tcp", cfg!(feature = "tcp")),
+        ("tls", cfg!(feature = "tls")),
+        ("demo-certs", cfg!(feature = "demo-certs")),
+        ("proxy-protocol", cfg!(feature = "proxy-protocol")),
+        ("detect", cfg!(feature = "detect")),
+        ("http", cfg!(feature = "http")),
+        ("connect", cfg!(feature = "connect")),
+        ("hbone", cfg!(feature = "hbone")),
+    ];
+    all.iter().filter(|(_, on)| *on).map(|(f, _)| *f).collect()
+}
+
+/// `target/<profile>/examples`, after one `cargo build --examples` (a no-op when `cargo
+/// test` built them already) so a stale binary is never tested.
+fn examples_dir() -> Option<&'static Path> {
+    static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().ok()?; // target/<profile>/deps/examples-…
+        let profile_dir = exe.parent()?.parent()?;
+        let target_dir = profile_dir.parent()?;
+        let profile = match profile_dir.file_name()?.to_str()? {
+            "debug" => "dev",
+            "release" => "release",
+            other => {
+                println!("unknown profile directory {other:?}; not building the examples");
+                return Some(profile_dir.join("examples"));
+            }
+        };
+        let started = Instant::now();
+        let mut cargo = Command::new(env!("CARGO"));
+        // What cargo set for this test process describes the package, not the build;
+        // build scripts that watch such variables (ring watches CARGO_MANIFEST_DIR) would
+        // otherwise rebuild on every switch between this build and a shell's.
+        for (key, _) in std::env::vars_os() {
+            let k = key.to_string_lossy();
+            if k.starts_with("CARGO_PKG_")
+                || k.starts_with("CARGO_MANIFEST_")
+                || k.starts_with("CARGO_BIN_")
+                || [
+                    "CARGO_CRATE_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "CARGO_RUSTC_CURRENT_DIR",
+                    "OUT_DIR",
+                ]
+                .contains(&k.as_ref())
+            {
+                cargo.env_remove(&key);
+            }
+        }
+        let out = cargo
+            .args(["build", "--examples", "--profile", profile, "--target-dir"])
+            .arg(target_dir)
+            .args([
+                "--no-default-features",
+                "--features",
+                &enabled_features().join(","),
+            ])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output();
+        match out {
+            Ok(out) if out.status.success() => {
+                println!("examples built in {:?}", started.elapsed());
+            }
+            Ok(out) => panic!(
+                "building the examples failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(e) => println!("cannot run cargo ({e}); using the example binaries as they are"),
+        }
+        Some(profile_dir.join("examples"))
+    })
+    .as_deref()
+}
+
+/// The example's binary, or `None` (with the reason printed).
+fn binary(name: &str) -> Option<PathBuf> {
+    let Some(dir) = examples_dir() else {
+        println!("SKIPPED {name}: cannot locate target/<profile>/examples");
+        return None;
+    };
+    let path = dir.join(name);
+    if path.is_file() {
+        Some(path)
+    } else {
+        println!(
+            "SKIPPED {name}: {} not found (example missing or its features are off)",
+            path.display()
+        );
+        None
+    }
+}
+
+/// A running example: stdout lines arrive on a channel, stderr is collected.
+struct Example {
+    name: String,
+    child: Child,
+    lines: Receiver<String>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Example {
+    fn start(name: &str, args: &[&str]) -> Option<Example> {
+        Self::start_with(&[], name, args)
+    }
+
+    /// Starts the example behind a wrapper command (`ip netns exec NS`), which must exec
+    /// it (so that the pid we signal is the example's).
+    fn start_with(wrapper: &[&str], name: &str, args: &[&str]) -> Option<Example> {
+        let path = binary(name)?;
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(path);
+                c
+            }
+            None => Command::new(path),
+        };
+        let mut child = command
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{name}: cannot start: {e}"));
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = stderr.clone();
+        let mut err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Some(Example {
+            name: name.to_string(),
+            child,
+            lines,
+            stderr,
+        })
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits for `n` `listening on ADDR` lines.
+    fn listening(&mut self, n: usize) -> Vec<SocketAddr> {
+        let deadline = Instant::now() + STARTUP;
+        let mut addrs = Vec::new();
+        while addrs.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(addr) = line.strip_prefix("listening on ") {
+                        addrs.push(
+                            addr.trim().parse().unwrap_or_else(|e| {
+                                panic!("{}: bad line {line:?}: {e}", self.name)
+                            }),
+                        );
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "{}: {} of {n} `listening on` lines after {STARTUP:?}; stderr:\n{}",
+                    self.name,
+                    addrs.len(),
+                    self.stderr()
+                ),
+                Err(RecvTimeoutError::Disconnected) => panic!(
+                    "{}: exited before listening ({:?}); stderr:\n{}",
+                    self.name,
+                    self.child.try_wait(),
+                    self.stderr()
+                ),
+            }
+        }
+        addrs
+    }
+
+    /// Waits (bounded) until stderr contains `needle`; returns the line that does.
+    fn stderr_line(&self, needle: &str) -> String {
+        let deadline = Instant::now() + IO;
+        loop {
+            if let Some(line) = self.stderr().lines().find(|l| l.contains(needle)) {
+                return line.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: no {needle:?} on stderr:\n{}",
+                self.name,
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, then the exit status (bounded).
+    fn terminate(mut self) -> (ExitStatus, String) {
+        // SAFETY: kill(2) on the pid of our own child process, which we have not reaped.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+        let status = wait_bounded(&mut self.child, EXIT)
+            .unwrap_or_else(|| panic!("{}: still running {EXIT:?} after SIGTERM", self.name));
+        std::thread::sleep(Duration::from_millis(50)); // let the stderr thread finish
+        (status, self.stderr())
+    }
+
+    /// SIGTERM and assert a clean drain (exit 0).
+    fn stop(self) {
+        let name = self.name.clone();
+        let (status, stderr) = self.terminate();
+        assert!(
+            status.success(),
+            "{name}: exit {status} after SIGTERM; stderr:\n{stderr}"
+        );
+    }
+}
+
+impl Drop for Example {
+    fn drop(&mut self) {
+        // A failed test must not leave its example running; only our own child is killed.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn wait_bounded(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Runs an example to completion (it is expected to exit on its own) and returns its
+/// status and stderr.
+fn run_to_exit(name: &str, args: &[&str]) -> Option<(ExitStatus, String)> {
+    let path = binary(name)?;
+    let mut child = Command::new(path)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_bounded(&mut child, EXIT);
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{name} {args:?} did not exit within {EXIT:?}");
+    }
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    status.map(|s| (s, stderr))
+}
+
+// ---------------------------------------------------------------------------------------
+// Clients
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect_timeout(&addr, IO).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(IO)).unwrap();
+    s.set_write_timeout(Some(IO)).unwrap();
+    s
+}
+
+/// Writes `data`, half-closes, reads to EOF (or reset: then what arrived before it).
+fn exchange(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
+    exchange_with(addr, data, true)
+}
+
+/// Writes `data`, half-closes if asked (HTTP servers close at once on a half-close, so
+/// HTTP requests are not), reads to EOF or reset.
+fn exchange_with(addr: SocketAddr, data: &[u8], half_close: bool) -> Vec<u8> {
+    let mut s = connect(addr);
+    let _ = s.write_all(data);
+    if half_close {
+        let _ = s.shutdown(Shutdown::Write);
+    }
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// A raw HTTP/1.1 request (with `Connection: close`); status and body. `None` when the
+/// connection closed without a response.
+fn http(addr: SocketAddr, host: &str, path: &str, extra: &str) -> Option<(u16, String)> {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n");
+    parse_response(&exchange_with(addr, req.as_bytes(), false))
+}
+
+fn parse_response(raw: &[u8]) -> Option<(u16, String)> {
+    let text = String::from_utf8_lossy(raw);
+    let status = text.split(' ').nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    Some((status, body))
+}
+
+fn have(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// curl with bounded time; returns (exit code, stdout).
+fn curl(args: &[&str]) -> (i32, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// A loopback HTTP/1.1 server (one thread per connection) that answers with the request
+/// head it received, lower-cased, as the body.
+fn header_echo_server(ip: [u8; 4]) -> SocketAddr {
+    let listener = TcpListener::bind(SocketAddr::from((ip, 0))).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { break };
+            std::thread::spawn(move || {
+                s.set_read_timeout(Some(IO)).unwrap();
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes());
+            });
+        }
+    });
+    addr
+}
+
+fn temp_file(tag: &str, contents: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!(
+        "proxystack-examples-test-{}-{n}-{tag}",
+        std::process::id()
+    ));
+    std::fs::write(&path, contents).unwrap();
+    path
+}
+
+/// Temporary files, removed on drop (also when a test fails half-way).
+#[derive(Default)]
+struct TempFiles(Vec<PathBuf>);
+
+impl TempFiles {
+    fn add(&mut self, tag: &str, contents: &str) -> PathBuf {
+        let path = temp_file(tag, contents);
+        self.0.push(path.clone());
+        path
+    }
+}
+
+impl Drop for TempFiles {
+    fn drop(&mut self) {
+        for f in &self.0 {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Every example: demo, one request, SIGTERM
+
+#[test]
+fn tcp_relay_demo() {
+    let Some(mut ex) = Example::start("tcp_relay", &["--demo", "--listen", "127.0.0.1:0"]) else {
+        return;
+    };
+    let addrs = ex.listening(1);
+    assert_eq!(exchange(addrs[0], b"hello relay"), b"hello relay");
+    ex.stop();
+}
+
+#[test]
+fn sni_router_demo() {
+    if !have("curl") {
+        println!("SKIPPED sni_router_demo: curl not installed");
+        return;
+    }
+    let Some(mut ex) = Example::start("sni_router", &["--demo", "--listen", "127.0.0.1:0"]) else {
+        return;
+    };
+    let port = ex.listening(1)[0].port();
+    let ca = ex.stderr_line("CA written to ");
+    let ca = ca.rsplit(' ').next().unwrap().to_string();
+    let resolve = format!("term.example.com:{port}:127.0.0.1");
+    let url = format!("https://term.example.com:{port}/");
+    let (code, out) = curl(&["--cacert", &ca, "--resolve", &resolve, &url]);
+    assert_eq!(code, 0, "curl failed: {out}\n{}", ex.stderr());
+    assert!(out.contains("terminated by sni_router"), "{out}");
+    ex.stop();
+}
+
+#[test]
+fn hbone_demo() {
+    // Fixed ports: 15001 (client side) and 15008 (server side).
+    let _serial = fixed_ports();
+    let Some(mut ex) = Example::start("hbone", &["--demo", "--drain-secs", "3"]) else {
+        return;
+    };
+    let addrs = ex.listening(2);
+    let client = addrs.iter().find(|a| a.port() == 15001).copied().unwrap();
+    assert_eq!(exchange(client, b"hello hbone"), b"hello hbone");
+    ex.stop();
+}
+
+#[test]
+fn http_proxy_demo() {
+    let Some(mut ex) = Example::start("http_proxy", &["--demo", "--listen", "127.0.0.1:0"]) else {
+        return;
+    };
+    let addr = ex.listening(1)[0];
+    let (status, body) = http(addr, "example.test", "/x", "").expect("a response");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("hello from the demo backend"), "{body}");
+    ex.stop();
+}
+
+#[test]
+fn connect_proxy_demo() {
+    let Some(mut ex) = Example::start("connect_proxy", &["--demo", "--listen", "127.0.0.1:0"])
+    else {
+        return;
+    };
+    let proxy = ex.listening(1)[0];
+    // The demo allows its origin's address, 127.0.0.1; our own origin lives there too.
+    let origin = header_echo_server([127, 0, 0, 1]);
+    let (status, _) = connect_via(proxy, &origin.to_string());
+    assert_eq!(status, 200);
+    ex.stop();
+}
+
+#[test]
+fn insertion_demo() {
+    // Fixed ports (documented: client side on 127.0.0.1:15001).
+    let _serial = fixed_ports();
+    let Some(mut ex) = Example::start("insertion", &["--demo", "--drain-secs", "3"]) else {
+        return;
+    };
+    ex.listening(1);
+    std::thread::sleep(Duration::from_millis(500)); // the other listeners
+    let client: SocketAddr = ([127, 0, 0, 1], 15001).into();
+    assert_eq!(exchange(client, b"hello insertion"), b"hello insertion");
+    ex.stop();
+}
+
+/// `CONNECT authority` on a fresh connection; the status and the open stream.
+fn connect_via(proxy: SocketAddr, authority: &str) -> (u16, TcpStream) {
+    let mut s = connect(proxy);
+    write!(
+        s,
+        "CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    let status = parse_response(&head).map_or(0, |(s, _)| s);
+    (status, s)
+}
+
+// ---------------------------------------------------------------------------------------
+// Bad flags, bad config files
+
+const ALL: [&str; 9] = [
+    "tcp_relay",
+    "sni_router",
+    "hbone",
+    "http_proxy",
+    "connect_proxy",
+    "sidecar",
+    "waypoint",
+    "gateway",
+    "insertion",
+];
+
+#[test]
+fn bad_flag_exits_non_zero_with_a_message() {
+    for name in ALL {
+        let Some((status, stderr)) = run_to_exit(name, &["--no-such-flag"]) else {
+            continue;
+        };
+        assert!(!status.success(), "{name}: exit 0 on a bad flag");
+        assert!(
+            stderr.contains("--no-such-flag"),
+            "{name}: stderr does not name the flag:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn bad_config_exits_non_zero_naming_the_file() {
+    for name in [
+        "sni_router",
+        "hbone",
+        "sidecar",
+        "waypoint",
+        "gateway",
+        "insertion",
+    ] {
+        let mut tmp = TempFiles::default();
+        let file_arg = tmp.add("bad.toml", "no_such_setting = 1\n");
+        let file_arg = file_arg.to_string_lossy().into_owned();
+        let result = run_to_exit(name, &["--config", &file_arg]);
+        let Some((status, stderr)) = result else {
+            continue;
+        };
+        assert!(!status.success(), "{name}: exit 0 on a bad config");
+        assert!(
+            stderr.contains(&file_arg),
+            "{name}: stderr does not name {file_arg}:\n{stderr}"
+        );
+    }
+    // A missing file is named too.
+    if let Some((status, stderr)) =
+        run_to_exit("gateway", &["--config", "/nonexistent/gateway.toml"])
+    {
+        assert!(!status.success());
+        assert!(stderr.contains("/nonexistent/gateway.toml"), "{stderr}");
+    }
+}
+
+/// The TOML sample in each example's doc comment is a valid config: running it fails only
+/// later, on the certificate files it names, never with "invalid config".
+#[test]
+fn doc_config_samples_parse() {
+    for name in ["sni_router", "hbone", "sidecar", "waypoint", "gateway"] {
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("examples/{name}.rs"));
+        let source = std::fs::read_to_string(source).unwrap();
+        let sample: Vec<&str> = source
+            .lines()
+            .map_while(|l| l.strip_prefix("//!"))
+            .skip_while(|l| l.trim() != "```toml")
+            .skip(1)
+            .take_while(|l| l.trim() != "```")
+            .map(|l| l.strip_prefix(' ').unwrap_or(l))
+            .collect();
+        assert!(!sample.is_empty(), "{name}: no ```toml sample in the docs");
+        let mut tmp = TempFiles::default();
+        let file = tmp.add("sample.toml", &sample.join("\n"));
+        let result = run_to_exit(name, &["--config", &file.to_string_lossy()]);
+        let Some((status, stderr)) = result else {
+            continue;
+        };
+        assert!(!status.success(), "{name}: the sample's files do not exist");
+        assert!(
+            !stderr.contains("invalid config"),
+            "{name}: sample rejected:\n{stderr}"
+        );
+        assert!(
+            stderr.contains(".pem"),
+            "{name}: expected a certificate error:\n{stderr}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// connect_proxy: the SSRF policy
+
+#[test]
+fn connect_proxy_refuses_internal_targets() {
+    let Some(mut ex) = Example::start(
+        "connect_proxy",
+        &["--listen", "127.0.0.1:0", "--allow-net", "127.0.0.2/32"],
+    ) else {
+        return;
+    };
+    let proxy = ex.listening(1)[0];
+    let origin = header_echo_server([127, 0, 0, 2]);
+    let port = origin.port();
+    for denied in [
+        format!("127.0.0.1:{port}"),
+        format!("[::1]:{port}"),
+        "169.254.169.254:80".to_string(),
+        format!("localhost:{port}"),
+        proxy.to_string(),
+    ] {
+        let (status, _) = connect_via(proxy, &denied);
+        assert_eq!(status, 403, "CONNECT {denied}");
+    }
+    let (status, mut tunnel) = connect_via(proxy, &origin.to_string());
+    assert_eq!(status, 200);
+    tunnel
+        .write_all(b"GET /through HTTP/1.1\r\nHost: origin\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    let _ = tunnel.read_to_string(&mut resp);
+    assert!(
+        resp.starts_with("HTTP/1.1 200") && resp.contains("get /through"),
+        "{resp}"
+    );
+    ex.stop();
+}
+
+// ---------------------------------------------------------------------------------------
+// sidecar (REFERENCE §3.1)
+
+#[test]
+fn sidecar_demo_mesh_passthrough_and_self_call() {
+    let args = [
+        "--demo",
+        "--outbound",
+        "127.0.0.1:0",
+        "--inbound",
+        "127.0.0.1:0",
+    ];
+    let Some(mut ex) = Example::start(
+        "sidecar",
+        &[&args[..], &["--admin", "127.0.0.1:0"]].concat(),
+    ) else {
+        return;
+    };
+    // outbound, mesh, passthrough, self-call, inbound, admin
+    let a = ex.listening(6);
+    // §3.1.2: a mesh destination goes through HBONE (to our own inbound), bytes intact.
+    assert_eq!(exchange(a[1], b"hello mesh"), b"hello mesh");
+    // §3.1.4: outside the mesh: plain TCP to the original destination.
+    let (status, body) = http(a[2], "example.test", "/", "").expect("a response");
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "hello from a host outside the mesh\n")
+    );
+    // §3.1.1: a redirected connection to our own port is closed without a dial: the
+    // outbound listener (its "destination") never sees a connection.
+    assert_eq!(exchange(a[3], b"loop?"), b"");
+    ex.stderr_line("self call");
+    let (status, metrics) = http(a[5], "admin", "/metrics", "").unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("proxystack_connections_accepted_total{listener=\"outbound\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("proxystack_connections_accepted_total{listener=\"inbound\"} 1"),
+        "{metrics}"
+    );
+    let (status, _) = http(a[5], "admin", "/ready", "").unwrap();
+    assert_eq!(status, 200);
+    ex.stop();
+}
+
+// ---------------------------------------------------------------------------------------
+// waypoint (REFERENCE §3.2)
+
+#[test]
+fn waypoint_demo_l7_deny_and_unknown_authority() {
+    let Some(mut ex) = Example::start("waypoint", &["--demo", "--listen", "127.0.0.1:0"]) else {
+        return;
+    };
+    // waypoint, then the demo HBONE clients: reviews VIP, echo VIP, unknown authority
+    let a = ex.listening(4);
+    let (status, body) = http(a[1], "reviews", "/", "").expect("a response");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("hello from reviews"), "{body}");
+    // §3.2.4: the L7 rule denies /admin with 403, on the same tunnel path.
+    let (status, _) = http(a[1], "reviews", "/admin/x", "").expect("a response");
+    assert_eq!(status, 403);
+    // §3.2.5: a service declared `tcp` is relayed as bytes.
+    assert_eq!(exchange(a[2], b"hello waypoint"), b"hello waypoint");
+    // §3.2.2: an authority it does not serve is refused: the client's tunnel is closed
+    // without an answer, and the waypoint says why.
+    assert_eq!(http(a[3], "x", "/", ""), None);
+    ex.stderr_line("tunnel refused");
+    ex.stop();
+}
+
+// ---------------------------------------------------------------------------------------
+// gateway (REFERENCE §3.3)
+
+#[test]
+fn gateway_demo_routes_certificates_and_404() {
+    let Some(mut ex) = Example::start(
+        "gateway",
+        &[
+            "--demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--listen",
+            "127.0.0.1:0",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    ) else {
+        return;
+    };
+    // https (terminate), http, passthrough
+    let a = ex.listening(3);
+    // §3.3.3: Host + path routing; unknown Host → 404.
+    let (status, body) = http(a[1], "app.example.com", "/", "").expect("a response");
+    assert_eq!((status, body.as_str()), (200, "hello from app\n"));
+    let (status, _) = http(a[1], "nope.example.com", "/", "").expect("a response");
+    assert_eq!(status, 404);
+    // §3.3.6: /mesh goes to a backend over HBONE.
+    let (status, body) = http(a[1], "app.example.com", "/mesh/x", "").expect("a response");
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "hello from a mesh backend, over HBONE\n")
+    );
+    if !have("curl") {
+        println!("SKIPPED the TLS part: curl not installed");
+        return ex.stop();
+    }
+    let ca = ex.stderr_line("demo: CA=");
+    let ca = ca.split_once("CA=").unwrap().1.trim().to_string();
+    let get = |name: &str, port: u16, path: &str| {
+        let resolve = format!("{name}:{port}:127.0.0.1");
+        let url = format!("https://{name}:{port}{path}");
+        curl(&[
+            "--cacert",
+            &ca,
+            "--resolve",
+            &resolve,
+            "-w",
+            "\n%{http_code} %{http_version}",
+            &url,
+        ])
+    };
+    // §3.3.1: each name gets its own certificate (curl checks the name), ALPN h2.
+    let (code, out) = get("app.example.com", a[0].port(), "/");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.ends_with("hello from app\n\n200 2"), "{out}");
+    let (code, out) = get("admin.example.com", a[0].port(), "/");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.ends_with("hello from admin\n\n200 2"), "{out}");
+    // §3.3.4: a Host other than the connection's SNI is misdirected (421), not routed.
+    let resolve = format!("app.example.com:{}:127.0.0.1", a[0].port());
+    let url = format!("https://app.example.com:{}/", a[0].port());
+    let (code, out) = curl(&[
+        "--cacert",
+        &ca,
+        "--resolve",
+        &resolve,
+        "-H",
+        "Host: admin.example.com",
+        "-w",
+        "\n%{http_code}",
+        &url,
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.ends_with("\n421"), "{out}");
+    // An unknown server name: no certificate, the handshake fails.
+    let (code, _) = get("unknown.example.com", a[0].port(), "/");
+    assert_ne!(code, 0);
+    // §3.3.2: passthrough by SNI: the backend's own certificate, end to end.
+    let (code, out) = get("pass.example.com", a[2].port(), "/");
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("TLS passed through"), "{out}");
+    ex.stop();
+}
+
+#[test]
+fn gateway_proxy_protocol_and_edge_headers() {
+    let backend = header_echo_server([127, 0, 0, 1]);
+    let mut tmp = TempFiles::default();
+    let config = tmp.add(
+        "gateway.toml",
+        &format!(
+            r#"
+[[listener]]
+listen = "127.0.0.1:0"
+tls = "none"
+proxy_protocol = ["127.0.0.0/8"]
+
+[[route]]
+host = "*"
+backend = "{backend}"
+"#
+        ),
+    );
+    let started = Example::start("gateway", &["--config", &config.to_string_lossy()]);
+    let Some(mut ex) = started else { return };
+    let gw = ex.listening(1)[0];
+    // §3.3.7 + §3.3.5: the client's address comes from the trusted PROXY header, and the
+    // forwarding fields the client sent are replaced, not appended to.
+    let req = "PROXY TCP4 203.0.113.7 127.0.0.1 40000 80\r\n\
+               GET /hi HTTP/1.1\r\nHost: app.example.com\r\n\
+               X-Forwarded-For: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\n\
+               X-Forwarded-Host: evil.example\r\nConnection: close\r\n\r\n";
+    let (status, body) =
+        parse_response(&exchange_with(gw, req.as_bytes(), false)).expect("a response");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("x-forwarded-for: 203.0.113.7\r\n"), "{body}");
+    assert!(
+        body.contains("forwarded: for=\"203.0.113.7:40000\""),
+        "{body}"
+    );
+    assert!(
+        !body.contains("6.6.6.6") && !body.contains("evil.example"),
+        "{body}"
+    );
+    // Required means required: no header, no service.
+    assert_eq!(http(gw, "app.example.com", "/hi", ""), None);
+    ex.stop();
+}
+
+// ---------------------------------------------------------------------------------------
+// --config with real identity files: the allow rules on the client identity
+
+#[cfg(all(feature = "hbone", feature = "demo-certs"))]
+mod mesh_configs {
+    use super::*;
+    use proxystack::connect::TunnelError;
+    use proxystack::hbone::{self, HboneTarget};
+    use proxystack::identity::SpiffeId;
+    use proxystack::tls::demo::DemoCa;
+    use proxystack::{Authority, BoxIo, Conn};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tower::ServiceExt;
+
+    fn base64(der: &[u8]) -> String {
+        const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = String::new();
+        for chunk in der.chunks(3) {
+            let n = chunk
+                .iter()
+                .enumerate()
+                .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+            for i in 0..4 {
+                out.push(if i <= chunk.len() {
+                    T[(n >> (18 - 6 * i)) as usize & 63] as char
+                } else {
+                    '='
+                });
+            }
+        }
+        out
+    }
+
+    fn pem(label: &str, der: &[u8]) -> String {
+        let b64 = base64(der);
+        let lines: Vec<&str> = b64
+            .as_bytes()
+            .chunks(64)
+            .map(|l| std::str::from_utf8(l).unwrap())
+            .collect();
+        format!(
+            "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+            lines.join("\n")
+        )
+    }
+
+    /// `[identity]` for a config: the workload `ns/sa` of `ca`, written to temp files.
+    pub(super) fn identity_section(
+        ca: &DemoCa,
+        ns: &str,
+        sa: &str,
+        files: &mut TempFiles,
+    ) -> String {
+        let ck = ca.workload_cert(ns, sa);
+        let cert = files.add("cert.pem", &pem("CERTIFICATE", ck.chain[0].as_ref()));
+        let key = files.add("key.pem", &pem("PRIVATE KEY", ck.key.secret_der()));
+        let roots = files.add("roots.pem", ca.root_pem());
+        let section = format!(
+            "[identity]\ncert = {:?}\nkey = {:?}\nroots = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string(),
+            roots.display().to_string()
+        );
+        section
+    }
+
+    fn id(ns: &str, sa: &str) -> SpiffeId {
+        SpiffeId::istio("cluster.local", ns, sa).unwrap()
+    }
+
+    /// Opens an HBONE tunnel as `ns/sa`; the CONNECT status on refusal.
+    async fn tunnel(
+        ca: &DemoCa,
+        (ns, sa): (&str, &str),
+        next_hop: SocketAddr,
+        authority: &str,
+        server: SpiffeId,
+    ) -> Result<Conn<BoxIo>, u16> {
+        let connector = hbone::Connector::hbone(ca.workload_cert(ns, sa), ca.roots()).unwrap();
+        let target = HboneTarget::new(next_hop, Authority::parse(authority).unwrap(), [server])
+            .into_target();
+        match tokio::time::timeout(IO, connector.oneshot(target)).await {
+            Ok(Ok(t)) => Ok(t.boxed()),
+            Ok(Err(TunnelError::Refused { status, .. })) => Err(status.as_u16()),
+            Ok(Err(e)) => panic!("tunnel to {authority}: {e}"),
+            Err(_) => panic!("tunnel to {authority}: no answer within {IO:?}"),
+        }
+    }
+
+    async fn http_in(mut t: Conn<BoxIo>, path: &str) -> (u16, String) {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n");
+        t.write_all(req.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        let _ = tokio::time::timeout(IO, t.read_to_end(&mut raw)).await;
+        parse_response(&raw).unwrap_or((0, String::from_utf8_lossy(&raw).into_owned()))
+    }
+
+    #[tokio::test]
+    async fn sidecar_inbound_allows_by_client_identity() {
+        let ca = DemoCa::new("cluster.local");
+        let mut files = TempFiles::default();
+        let echo = {
+            // A plain echo app on loopback.
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap();
+            std::thread::spawn(move || {
+                for mut s in l.incoming().map_while(Result::ok) {
+                    std::thread::spawn(move || {
+                        let mut r = s.try_clone().unwrap();
+                        let _ = std::io::copy(&mut r, &mut s);
+                    });
+                }
+            });
+            addr
+        };
+        let config = format!(
+            "{}\n[outbound]\nlisten = \"127.0.0.1:0\"\n[inbound]\nlisten = \"127.0.0.1:0\"\n\
+             app_ip = \"127.0.0.1\"\n\
+             allow = [\"spiffe://cluster.local/ns/default/sa/allowed\",\n\
+                      \"spiffe://cluster.local/ns/ops/*\"]\n",
+            identity_section(&ca, "default", "node", &mut files)
+        );
+        let config = files.add("sidecar.toml", &config);
+        let started = Example::start("sidecar", &["--config", &config.to_string_lossy()]);
+        let Some(mut ex) = started else { return };
+        let [outbound, inbound] = ex.listening(2)[..] else {
+            unreachable!()
+        };
+        let node = id("default", "node");
+        let app = format!("127.0.0.1:{}", echo.port());
+
+        // §3.1.12: an allowed identity (exact, or by namespace pattern) reaches the app.
+        for client in [("default", "allowed"), ("ops", "anyone")] {
+            let mut t = tunnel(&ca, client, inbound, &app, node.clone())
+                .await
+                .unwrap();
+            t.write_all(b"ping").await.unwrap();
+            let mut got = [0u8; 4];
+            tokio::time::timeout(IO, t.read_exact(&mut got))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(&got, b"ping", "{client:?}");
+        }
+        // Another identity: 401, nothing dialled.
+        let denied = tunnel(&ca, ("default", "other"), inbound, &app, node.clone()).await;
+        assert_eq!(denied.err(), Some(401));
+        // §3.1.11: an authority IP that is not ours → 400; our own port → refused (503).
+        let elsewhere = format!("127.0.0.2:{}", echo.port());
+        let r = tunnel(
+            &ca,
+            ("default", "allowed"),
+            inbound,
+            &elsewhere,
+            node.clone(),
+        )
+        .await;
+        assert_eq!(r.err(), Some(400));
+        let own = format!("127.0.0.1:{}", outbound.port());
+        let r = tunnel(&ca, ("default", "allowed"), inbound, &own, node.clone()).await;
+        assert_eq!(r.err(), Some(503));
+        ex.stderr_line("denied");
+        ex.stop();
+    }
+
+    #[tokio::test]
+    async fn waypoint_policy_uses_the_outer_mtls_identity() {
+        let ca = DemoCa::new("cluster.local");
+        let mut files = TempFiles::default();
+        let backend = header_echo_server([127, 0, 0, 1]);
+        let config = format!(
+            r#"
+listen = "127.0.0.1:0"
+{}
+[[service]]
+addresses = ["10.96.0.20:80", "api.default.svc.cluster.local:80"]
+allow = ["spiffe://cluster.local/ns/default/*"]
+[[service.endpoint]]
+address = "{backend}"
+[[service.rule]]
+action = "allow"
+path_prefix = "/admin"
+principal = "spiffe://cluster.local/ns/default/sa/admin"
+[[service.rule]]
+action = "deny"
+path_prefix = "/admin"
+"#,
+            identity_section(&ca, "default", "waypoint", &mut files)
+        );
+        let config = files.add("waypoint.toml", &config);
+        let started = Example::start("waypoint", &["--config", &config.to_string_lossy()]);
+        let Some(mut ex) = started else { return };
+        let waypoint = ex.listening(1)[0];
+        let wp = id("default", "waypoint");
+        let open = |client, authority| tunnel(&ca, client, waypoint, authority, wp.clone());
+
+        // §3.2.4: the rule sees the principal of the outer mTLS connection.
+        let t = open(("default", "admin"), "10.96.0.20:80").await.unwrap();
+        let (status, body) = http_in(t, "/admin/panel").await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("get /admin/panel"), "{body}");
+        let t = open(("default", "user"), "api.default.svc.cluster.local:80")
+            .await
+            .unwrap();
+        assert_eq!(http_in(t, "/admin/panel").await.0, 403);
+        let t = open(("default", "user"), "10.96.0.20:80").await.unwrap();
+        assert_eq!(http_in(t, "/").await.0, 200);
+        // L4: the service's `allow` → 401 for another namespace; §3.2.2: an address the
+        // waypoint does not serve → refused as well.
+        assert_eq!(
+            open(("other", "user"), "10.96.0.20:80").await.err(),
+            Some(401)
+        );
+        assert_eq!(
+            open(("default", "user"), "10.96.0.21:80").await.err(),
+            Some(401)
+        );
+        ex.stop();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// sidecar behind a real iptables REDIRECT (root only; skipped otherwise)
+
+#[cfg(all(feature = "hbone", feature = "demo-certs", target_os = "linux"))]
+mod sidecar_redirect {
+    use super::*;
+
+    /// A network namespace of our own; deleted on drop.
+    struct Netns(String);
+
+    fn sh(args: &[&str]) -> Result<(), String> {
+        let out = Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .map_err(|e| format!("{}: {e}", args[0]))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    impl Netns {
+        fn create() -> Result<Self, String> {
+            let ns = Netns(format!("proxystack-ex-{}", std::process::id()));
+            sh(&["ip", "netns", "add", &ns.0])?;
+            ns.exec(&["ip", "link", "set", "lo", "up"])?;
+            // A "pod" in the mesh and a host outside it, both on the namespace's loopback.
+            ns.exec(&["ip", "addr", "add", "10.203.1.1/32", "dev", "lo"])?;
+            ns.exec(&["ip", "addr", "add", "10.203.1.2/32", "dev", "lo"])?;
+            // Every connection to the two hosts goes to the sidecar, except what the
+            // sidecar dials itself (marked): its passthrough and its HBONE connections.
+            let rule = |bin: &str| {
+                ns.exec(&[
+                    bin,
+                    "-t",
+                    "nat",
+                    "-A",
+                    "OUTPUT",
+                    "-p",
+                    "tcp",
+                    "-d",
+                    "10.203.1.0/24",
+                    "-m",
+                    "mark",
+                    "!",
+                    "--mark",
+                    "0x539",
+                    "-j",
+                    "REDIRECT",
+                    "--to-ports",
+                    "15001",
+                ])
+            };
+            rule("iptables")
+                .or_else(|a| rule("iptables-legacy").map_err(|b| format!("{a}; {b}")))?;
+            Ok(ns)
+        }
+
+        fn exec(&self, args: &[&str]) -> Result<(), String> {
+            sh(&[&["ip", "netns", "exec", &self.0][..], args].concat())
+        }
+
+        /// Runs `f` on a thread inside the namespace.
+        fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+            let path = format!("/var/run/netns/{}", self.0);
+            std::thread::spawn(move || {
+                use std::os::fd::AsRawFd;
+                let file = std::fs::File::open(path).unwrap();
+                // SAFETY: setns(2) on a namespace fd we opened; affects only this thread.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+                f()
+            })
+            .join()
+            .unwrap()
+        }
+    }
+
+    impl Drop for Netns {
+        fn drop(&mut self) {
+            let _ = sh(&["ip", "netns", "delete", &self.0]);
+        }
+    }
+
+    /// An HTTP server answering `body`, bound inside the namespace.
+    fn serve(ns: &Netns, addr: &'static str, body: &'static str) {
+        let listener = ns.run(move || TcpListener::bind(addr).unwrap());
+        std::thread::spawn(move || {
+            for mut s in listener.incoming().map_while(Result::ok) {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf);
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes());
+            }
+        });
+    }
+
+    #[test]
+    fn redirected_traffic_leaves_as_hbone_or_passthrough() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            println!("SKIPPED: needs root (network namespace, iptables)");
+            return;
+        }
+        if binary("sidecar").is_none() {
+            return;
+        }
+        let ns = match Netns::create() {
+            Ok(ns) => ns,
+            Err(e) => {
+                println!("SKIPPED: cannot set up the namespace: {e}");
+                return;
+            }
+        };
+        let ca = proxystack::tls::demo::DemoCa::new("cluster.local");
+        let mut files = TempFiles::default();
+        let identity = super::mesh_configs::identity_section(&ca, "default", "node", &mut files);
+        let config = format!(
+            r#"mark = 0x539
+{identity}
+[outbound]
+listen = "127.0.0.1:15001"
+[inbound]
+listen = "0.0.0.0:15008"
+app_ip = "127.0.0.1"
+[[workload]]
+address = "10.203.1.1"
+identity = "spiffe://cluster.local/ns/default/sa/node"
+protocol = "hbone"
+"#
+        );
+        let config = files.add("sidecar-redirect.toml", &config);
+        // The mesh pod's app listens on the pod's loopback (the inbound side dials it
+        // there); the outside host on its own address.
+        serve(&ns, "127.0.0.1:80", "mesh app via HBONE\n");
+        serve(&ns, "10.203.1.2:80", "outside host, plain TCP\n");
+        let wrapper = ["ip", "netns", "exec", ns.0.as_str()];
+        let cfg = config.to_string_lossy().into_owned();
+        let Some(mut ex) = Example::start_with(&wrapper, "sidecar", &["--config", &cfg]) else {
+            return;
+        };
+        ex.listening(2);
+
+        // §3.1.2 and §3.1.4 through SO_ORIGINAL_DST: the apps dial the real addresses.
+        let answers = ns.run(|| {
+            let get = |ip: &str| http(format!("{ip}:80").parse().unwrap(), ip, "/", "");
+            (get("10.203.1.1"), get("10.203.1.2"))
+        });
+        assert_eq!(
+            answers.0,
+            Some((200, "mesh app via HBONE\n".into())),
+            "{}",
+            ex.stderr()
+        );
+        assert_eq!(
+            answers.1,
+            Some((200, "outside host, plain TCP\n".into())),
+            "{}",
+            ex.stderr()
+        );
+        ex.stop();
+    }
+}
