@@ -15,24 +15,12 @@ use criterion::{criterion_group, Criterion, Throughput};
 use proxystack::conn::Metadata;
 use proxystack::tls::demo::DemoCa;
 use proxystack::tls::{ClientAuth, ServerConfigBuilder, SniMode, TerminateLayer, TlsConnector};
-use proxystack::{drain, tcp, Server, Target};
-use support::{get, record};
-use tokio::net::{TcpListener, TcpStream};
+use proxystack::{drain, tcp, Target};
+use support::{get, listen, record};
+use tokio::net::TcpStream;
 use tower::{ServiceBuilder, ServiceExt};
 
 const BULK: usize = 64 << 20;
-
-async fn listen<S>(svc: S, watch: drain::Watch) -> SocketAddr
-where
-    S: tower::Service<proxystack::Conn<TcpStream>, Response = ()> + Clone + Send + 'static,
-    S::Error: Into<proxystack::BoxError>,
-    S::Future: Send + 'static,
-{
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move { Server::new().serve(l, svc, watch).await });
-    addr
-}
 
 fn relay_to(
     upstream: SocketAddr,

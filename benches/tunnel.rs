@@ -16,24 +16,12 @@ use proxystack::connect::{ConnectAuthority, ConnectTerminate, Http1ConnectConnec
 use proxystack::hbone::{self, HboneTarget, Inbound};
 use proxystack::identity::SpiffeId;
 use proxystack::tls::demo::DemoCa;
-use proxystack::{drain, tcp, Authority, Server, Target};
-use support::{get, record, set};
-use tokio::net::{TcpListener, TcpStream};
+use proxystack::{drain, tcp, Authority, Target};
+use support::{get, listen, record, set};
+use tokio::net::TcpStream;
 use tower::ServiceExt;
 
 const BULK: usize = 128 << 20;
-
-async fn listen<S>(svc: S, watch: drain::Watch) -> SocketAddr
-where
-    S: tower::Service<proxystack::Conn<TcpStream>, Response = ()> + Clone + Send + 'static,
-    S::Error: Into<proxystack::BoxError>,
-    S::Future: Send + 'static,
-{
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move { Server::new().serve(l, svc, watch).await });
-    addr
-}
 
 fn benches(c: &mut Criterion) {
     let rt = support::runtime();

@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use proxystack::conn::{BoxIo, LocalAddr, PeerAddr};
+use proxystack::conn::{LocalAddr, PeerAddr};
 use proxystack::identity::{PeerIdentity, SpiffeId};
 use proxystack::proxy_protocol::{
     decode, AcceptError, Command as PpCommand, Decoded, Limits, MissingHeader, ProxiedAddrs,
@@ -19,11 +19,11 @@ use proxystack::proxy_protocol::{
     SendProxyHeader, Version, PP2_TYPE_AUTHORITY, PP2_TYPE_CRC32C,
 };
 use proxystack::Metadata;
-use proxystack::{tcp, Conn, Server, Target};
+use proxystack::{tcp, Server, Target};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
-use tower::{service_fn, ServiceBuilder, ServiceExt};
+use tower::{ServiceBuilder, ServiceExt};
 
 type Meta = http::Extensions;
 
@@ -32,31 +32,6 @@ const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
 // ---------------------------------------------------------------------------------------
 // Harness: a listener with the layer in front of a service that reports metadata and
 // echoes; the layer's errors are reported too.
-
-/// An inbound service that reports the connection's metadata, then echoes to EOF.
-fn capture(
-    tx: mpsc::UnboundedSender<Meta>,
-) -> impl tower::Service<Conn<BoxIo>, Response = (), Error = std::io::Error, Future = impl Send>
-       + Clone
-       + Send
-       + Sync {
-    service_fn(move |conn: Conn<BoxIo>| {
-        let tx = tx.clone();
-        async move {
-            let (mut io, meta) = conn.into_parts();
-            let _ = tx.send(meta);
-            let mut buf = vec![0u8; 4096];
-            loop {
-                let n = io.read(&mut buf).await?;
-                if n == 0 {
-                    break;
-                }
-                io.write_all(&buf[..n]).await?;
-            }
-            io.shutdown().await
-        }
-    })
-}
 
 struct Harness {
     proxy: Running,

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use proxystack::conn::BoxIo;
 use proxystack::conn::Metadata;
 use proxystack::identity::{PeerIdentity, SpiffeId};
 use proxystack::tls::demo::DemoCa;
@@ -17,37 +16,12 @@ use proxystack::tls::{
     Alpn, ClientAuth, ExpectedIdentities, OfferedAlpn, PeekLayer, ServerConfigBuilder, SniMode,
     TerminateLayer, TlsConnector, TlsError, UnknownSni,
 };
-use proxystack::{tcp, Conn, Server, Target};
+use proxystack::{tcp, Server, Target};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
-use tower::{service_fn, ServiceBuilder, ServiceExt};
+use tower::{ServiceBuilder, ServiceExt};
 
 type Meta = http::Extensions;
-
-/// An inbound service that reports the connection's metadata, then echoes.
-fn capture(
-    tx: mpsc::UnboundedSender<Meta>,
-) -> impl tower::Service<Conn<BoxIo>, Response = (), Error = std::io::Error, Future = impl Send>
-       + Clone
-       + Send
-       + Sync {
-    service_fn(move |conn: Conn<BoxIo>| {
-        let tx = tx.clone();
-        async move {
-            let (mut io, meta) = conn.into_parts();
-            let _ = tx.send(meta);
-            let mut buf = vec![0u8; 4096];
-            loop {
-                let n = io.read(&mut buf).await?;
-                if n == 0 {
-                    break;
-                }
-                io.write_all(&buf[..n]).await?;
-            }
-            io.shutdown().await
-        }
-    })
-}
 
 /// Serves TLS termination with `config`, echoing plaintext and reporting metadata.
 async fn terminating_server(

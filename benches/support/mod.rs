@@ -117,3 +117,16 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .build()
         .unwrap()
 }
+
+/// Serves `svc` on an ephemeral loopback port with the crate's accept loop.
+pub async fn listen<S>(svc: S, watch: proxystack::drain::Watch) -> SocketAddr
+where
+    S: tower::Service<proxystack::Conn<TcpStream>, Response = ()> + Clone + Send + 'static,
+    S::Error: Into<proxystack::BoxError>,
+    S::Future: Send + 'static,
+{
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { proxystack::Server::new().serve(l, svc, watch).await });
+    addr
+}

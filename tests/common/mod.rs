@@ -147,3 +147,32 @@ pub fn h2_settings(payload: &[u8]) -> Vec<(u16, u32)> {
         })
         .collect()
 }
+
+/// An inbound service that reports each connection's metadata on `tx`, then echoes to EOF.
+pub fn capture(
+    tx: tokio::sync::mpsc::UnboundedSender<proxystack::Metadata>,
+) -> impl tower::Service<
+    Conn<proxystack::BoxIo>,
+    Response = (),
+    Error = std::io::Error,
+    Future = impl Send,
+> + Clone
+       + Send
+       + Sync {
+    tower::service_fn(move |conn: Conn<proxystack::BoxIo>| {
+        let tx = tx.clone();
+        async move {
+            let (mut io, meta) = conn.into_parts();
+            let _ = tx.send(meta);
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let n = io.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                io.write_all(&buf[..n]).await?;
+            }
+            io.shutdown().await
+        }
+    })
+}
