@@ -228,6 +228,26 @@ impl Rules {
 
 /// The HBONE client: pooled HTTP/2 CONNECT over mutual TLS over TCP (or, for double
 /// HBONE, over another HBONE tunnel).
+///
+/// ```
+/// # #[cfg(feature = "demo-certs")] {
+/// use proxystack::hbone::{self, HboneTarget};
+/// use proxystack::identity::SpiffeId;
+/// use proxystack::tls::demo::DemoCa;
+/// use proxystack::Authority;
+/// let ca = DemoCa::new("cluster.local");
+/// let client = hbone::Connector::hbone(ca.workload_cert("default", "client"), ca.roots()).unwrap();
+/// // Dial the workload's HBONE port, ask for its app port, pin its identity.
+/// let target = HboneTarget::new(
+///     "10.0.0.7:15008".parse().unwrap(),
+///     Authority::parse("10.0.0.7:8080").unwrap(),
+///     [SpiffeId::istio("cluster.local", "default", "reviews").unwrap()],
+/// )
+/// .forwarded_for("10.0.0.3:41234".parse().unwrap())
+/// .into_target();
+/// // `tower::ServiceExt::oneshot(client, target).await` opens the tunnel.
+/// # let _ = (client, target); }
+/// ```
 pub type Connector<C = TcpConnector> = H2ConnectPool<TlsConnector<C>>;
 
 impl Connector {
