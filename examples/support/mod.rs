@@ -51,6 +51,8 @@ pub async fn bind_all(addrs: &[SocketAddr]) -> Vec<TcpListener> {
 
 /// Prints `listening on ADDR` for each bound address; call once all are bound.
 pub fn announce(addrs: &[SocketAddr]) {
+    #[cfg(unix)]
+    install_signal_handlers();
     for addr in addrs {
         println!("listening on {addr}");
     }
@@ -70,23 +72,44 @@ pub fn fail(msg: impl std::fmt::Display) -> ! {
     std::process::exit(2);
 }
 
+/// SIGTERM and SIGINT receivers, created by [`announce`] *before* the `listening on` lines
+/// are printed: a script that signals right after reading them must find the handlers in
+/// place (tokio installs them when a receiver is created, not when it is first polled).
+#[cfg(unix)]
+static SIGNALS: std::sync::Mutex<
+    Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+> = std::sync::Mutex::new(None);
+
+#[cfg(unix)]
+fn install_signal_handlers() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut slot = SIGNALS.lock().unwrap_or_else(|p| p.into_inner());
+    if slot.is_none() {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(term), Ok(int)) => *slot = Some((term, int)),
+            (Err(e), _) | (_, Err(e)) => fail(format!("cannot install signal handlers: {e}")),
+        }
+    }
+}
+
 /// Completes on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => fail(format!("cannot install SIGTERM handler: {e}")),
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+        install_signal_handlers();
+        let taken = SIGNALS.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some((mut term, mut int)) = taken {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    let _ = tokio::signal::ctrl_c().await;
     tracing::info!("shutdown signal received; draining");
 }
 
