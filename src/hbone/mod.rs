@@ -173,6 +173,21 @@ impl Inbound {
             .client_auth(ClientAuth::Required(self.roots.clone()))
             .trust_domains(self.trust_domains.clone())
             .build()?;
+        Ok(TerminateLayer::new(tls).layer(self.tunnels(inner)))
+    }
+
+    /// The CONNECT half of [`service`](Self::service) without TLS: HTTP/2 only, the
+    /// authority, port and policy checks, [`HboneHeaders`] metadata and
+    /// [`configure_connect`](Self::configure_connect). For connections whose TLS is
+    /// terminated by another layer, e.g. in tests and fuzzing; it does not check the client
+    /// certificate, so in front of it something must (the `connection` metadata the policy
+    /// sees is whatever that layer recorded).
+    pub fn tunnels<S>(self, inner: S) -> ConnectTerminate
+    where
+        S: Service<Conn<BoxIo>, Response = ()> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
         let with_headers = inner.map_request(|mut conn: Conn<BoxIo>| {
             if let Some(info) = conn.get::<TunnelInfo>() {
                 let headers = HboneHeaders::parse(&info.headers);
@@ -181,18 +196,18 @@ impl Inbound {
             conn
         });
         let rules = Rules {
-            policy: self.policy.clone(),
+            policy: self.policy,
             check_local_ip: self.check_local_ip,
-            illegal_ports: self.illegal_ports.clone(),
+            illegal_ports: self.illegal_ports,
         };
-        let mut connect = ConnectTerminate::new(with_headers)
+        let connect = ConnectTerminate::new(with_headers)
             .http2_only()
             .non_connect_status(StatusCode::BAD_REQUEST)
             .policy(move |req| rules.decide(req));
-        if let Some(f) = &self.connect {
-            connect = f(connect);
+        match &self.connect {
+            Some(f) => f(connect),
+            None => connect,
         }
-        Ok(TerminateLayer::new(tls).layer(connect))
     }
 }
 
