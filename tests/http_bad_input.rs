@@ -103,6 +103,41 @@ async fn invalid_chunk_size_is_400_and_never_completes_upstream() {
     proxy.shutdown().await;
 }
 
+/// Found by fuzzing (`fuzz/fuzz_targets/http1_server.rs`): chunked bodies that hyper
+/// accepts but the strict guard could not follow (17+ digit sizes, control bytes in chunk
+/// extensions) or ended elsewhere than hyper (a bare LF after the last chunk) turned the
+/// checks off for the rest of the connection, so a request pipelined after them reached
+/// the upstream unchecked.
+#[tokio::test]
+async fn strict_checks_survive_every_chunked_body_hyper_accepts() {
+    let b = backend().await;
+    let proxy = serve_http(HttpServer::new(forward_to(b.addr))).await;
+    // hyper accepts bare LF heads; the guard refuses them.
+    let smuggled = b"GET /smuggled HTTP/1.1\nHost: a\n\n";
+    for body in [
+        &b"00000000000000000005\r\nhello\r\n0\r\n\r\n"[..],
+        b"5;\x01\r\nhello\r\n0\r\n\r\n",
+        b"0\r\n\nX: 1\r\nContent-Length: 32\r\n\r\n",
+    ] {
+        let mut request =
+            b"POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        request.extend_from_slice(body);
+        request.extend_from_slice(smuggled);
+        let (out, _) = raw_exchange(proxy.addr, &request, Duration::from_secs(5)).await;
+        let out = String::from_utf8_lossy(&out);
+        let name = String::from_utf8_lossy(body);
+        assert!(out.contains("HTTP/1.1 400"), "{name}: {out}");
+        assert!(
+            b.seen.heads.load(Ordering::SeqCst) <= 1,
+            "{name}: the upstream saw the smuggled request"
+        );
+        assert_still_serves(proxy.addr).await;
+        b.seen.heads.store(0, Ordering::SeqCst);
+        b.seen.complete.store(0, Ordering::SeqCst);
+    }
+    proxy.shutdown().await;
+}
+
 #[tokio::test]
 async fn h2c_upgrade_is_never_forwarded() {
     let b = backend().await;

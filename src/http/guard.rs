@@ -14,9 +14,10 @@
 //! `400 Bad Request` and closes, in order after any pipelined responses; nothing after the
 //! bad head is read.
 //!
-//! hyper remains the authority on framing: when the guard cannot follow a message (an odd
-//! chunk extension, a head larger than hyper's buffer, an upgrade or `CONNECT` whose bytes
-//! are no longer HTTP, the HTTP/2 preface) it stops checking that connection.
+//! hyper remains the authority on framing: the guard ends every message where hyper's
+//! decoder ends it, and when it cannot follow a message (a chunked body hyper rejects, a
+//! head larger than hyper's buffer, an upgrade or `CONNECT` whose bytes may no longer be
+//! HTTP, the HTTP/2 preface) it stops checking that connection.
 
 use std::io;
 use std::pin::Pin;
@@ -62,10 +63,15 @@ enum Chunk {
     Data(u64),
     DataCr,
     DataLf,
-    /// Trailer section: length of the current line so far.
+    /// Trailer section: length of the current line so far (0: at a line start, where
+    /// `\r` begins the final CRLF).
     Trailer {
         line: usize,
     },
+    /// A trailer line's `\r` was read.
+    TrailerLf,
+    /// The final CRLF's `\r` was read.
+    EndLf,
 }
 
 /// What follows the NUL that replaces a rejected head's last line feed.
@@ -200,18 +206,24 @@ fn head_complete(head: &[u8]) -> bool {
     head.ends_with(b"\n\n") || head.ends_with(b"\n\r\n")
 }
 
+/// One byte of chunked framing. It must end each message exactly where hyper's decoder
+/// does (hyper 1.x `ChunkedState`): a guard that ends a message early or late checks the
+/// wrong bytes as the next head. Where hyper fails the body (and so the connection) the
+/// guard may be laxer, and gives up checking (`None`).
 fn step_chunk(chunk: Chunk, b: u8) -> Option<State> {
     let next = match chunk {
         Chunk::Size { digits, value, ext } => match b {
+            // hyper skips every extension byte up to CR (LF is its error).
             _ if ext => match b {
                 b'\r' => Chunk::SizeLf { value },
-                b'\t' | b' '..=b'~' | 0x80..=0xff => chunk,
-                _ => return None,
+                b'\n' => return None,
+                _ => chunk,
             },
-            b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' if digits < 16 && !ext => {
+            // No digit limit (hyper has none: leading zeros are fine), only overflow.
+            b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
                 let d = u64::from((b as char).to_digit(16)?);
                 Chunk::Size {
-                    digits: digits + 1,
+                    digits: digits.saturating_add(1),
                     value: value.checked_mul(16)?.checked_add(d)?,
                     ext,
                 }
@@ -242,11 +254,22 @@ fn step_chunk(chunk: Chunk, b: u8) -> Option<State> {
             },
             _ => return None,
         },
+        // hyper: trailer lines end with CRLF (a bare LF is part of the line), the section
+        // with an empty line, CRLF.
         Chunk::Trailer { line } => match b {
-            b'\n' if line == 0 => return Some(State::Head),
+            b'\r' if line == 0 => Chunk::EndLf,
+            b'\r' => Chunk::TrailerLf,
+            _ => Chunk::Trailer {
+                line: line.saturating_add(1),
+            },
+        },
+        Chunk::TrailerLf => match b {
             b'\n' => Chunk::Trailer { line: 0 },
-            b'\r' if line == 0 => chunk,
-            _ => Chunk::Trailer { line: line + 1 },
+            _ => return None,
+        },
+        Chunk::EndLf => match b {
+            b'\n' => return Some(State::Head),
+            _ => return None,
         },
     };
     Some(State::Chunked(next))
@@ -439,6 +462,45 @@ mod tests {
             assert_eq!(out.len(), bad.len());
             assert_eq!(out.last(), Some(&0));
         }
+    }
+
+    /// Found with the `http1_server` fuzz target: chunked framing that hyper accepts but
+    /// the guard could not follow (17-digit sizes, control bytes in extensions) or ended
+    /// elsewhere than hyper (a bare LF after the last chunk, which hyper reads as the start
+    /// of a trailer line) turned the checks off, and the next request went unchecked.
+    #[test]
+    fn chunked_framing_ends_where_hyper_ends_it() {
+        let smuggled = b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n";
+        for body in [
+            &b"00000000000000000005\r\nhello\r\n0\r\n\r\n"[..],
+            b"5;\x01\x7f\r\nhello\r\n0\r\n\r\n",
+            b"5\r\nhello\r\n0\r\nX-T: 1\r\nX-U: \n2\r\n\r\n",
+        ] {
+            let mut input =
+                b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+            input.extend_from_slice(body);
+            for chunk in [1, 5, 1000] {
+                let (_, state) = feed_all(&input, chunk);
+                assert_eq!(state, State::Head, "{:?}", String::from_utf8_lossy(body));
+            }
+            input.extend_from_slice(smuggled);
+            let (out, state) = feed_all(&input, 7);
+            assert_eq!(
+                state,
+                State::Rejected(0),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
+            assert_eq!(out.len(), input.len());
+        }
+        // hyper reads this "\nX: 1\r\nContent-Length: 36\r\n" as trailers; taking the bare
+        // LF as the end of the message made the guard skip the next request as a body.
+        let mut input = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
+            0\r\n\nX: 1\r\nContent-Length: 36\r\n\r\n"
+            .to_vec();
+        input.extend_from_slice(smuggled);
+        let (_, state) = feed_all(&input, 3);
+        assert_eq!(state, State::Rejected(0));
     }
 
     #[test]
