@@ -51,9 +51,7 @@ async fn exchange(req: &Request) {
     client.write_all(&req.client_bytes()).await.unwrap();
     let answer = tokio::time::timeout(ANSWER_WITHIN, async {
         loop {
-            let Some(frame) = wire::read_frame(&mut client).await else {
-                return None;
-            };
+            let frame = wire::read_frame(&mut client).await?;
             match answer(&frame) {
                 Some(a) => return Some(a),
                 None => ack(&mut client, &frame).await,

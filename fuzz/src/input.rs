@@ -117,7 +117,7 @@ impl<T: Encode, const MAX: usize> Encode for List<T, MAX> {
 /// The `u32` that makes a derived `Arbitrary` pick variant `index` of `count`.
 pub fn variant(out: &mut Vec<u8>, index: u32, count: u32) {
     assert!(index < count);
-    let x = ((u64::from(index) << 32) + u64::from(count) - 1) / u64::from(count);
+    let x = (u64::from(index) << 32).div_ceil(u64::from(count));
     (x as u32).encode(out);
 }
 

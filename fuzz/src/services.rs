@@ -120,14 +120,10 @@ pub fn tunnel_service(
 }
 
 /// An HTTP service that reads the whole request body and answers 200 with its length.
-pub fn http_ok(
-    req: Request<Incoming>,
-) -> impl std::future::Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send {
-    async move {
-        let len = match req.into_body().collect().await {
-            Ok(body) => body.to_bytes().len().to_string(),
-            Err(_) => "body error".to_owned(),
-        };
-        Ok(Response::new(Full::new(Bytes::from(len))))
-    }
+pub async fn http_ok(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let len = match req.into_body().collect().await {
+        Ok(body) => body.to_bytes().len().to_string(),
+        Err(_) => "body error".to_owned(),
+    };
+    Ok(Response::new(Full::new(Bytes::from(len))))
 }
