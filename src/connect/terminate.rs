@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{Method, Request, Response, StatusCode};
@@ -229,26 +229,26 @@ const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Reads until the bytes either are the HTTP/2 preface or cannot be; returns the stream with
 /// those bytes put back and whether it speaks HTTP/2. `None`: closed before sending a byte.
 async fn sniff<I: Io>(mut io: I) -> std::io::Result<Option<(PrefixedIo<I>, bool)>> {
-    let mut buf = [0u8; PREFACE.len()];
-    let mut n = 0;
-    while n < buf.len() {
-        let read = io.read(&mut buf[n..]).await?;
-        if read == 0 {
-            if n == 0 {
+    let mut seen = BytesMut::with_capacity(PREFACE.len());
+    while seen.len() < PREFACE.len() {
+        // `take` bounds the read to the rest of the preface.
+        if (&mut io)
+            .take(PREFACE.len() as u64 - seen.len() as u64)
+            .read_buf(&mut seen)
+            .await?
+            == 0
+        {
+            if seen.is_empty() {
                 return Ok(None);
             }
             break;
         }
-        n += read;
-        if buf[..n] != PREFACE[..n] {
+        if !PREFACE.starts_with(&seen) {
             break;
         }
     }
-    let is_h2 = buf[..n] == PREFACE[..];
-    Ok(Some((
-        PrefixedIo::new(Bytes::copy_from_slice(&buf[..n]), io),
-        is_h2,
-    )))
+    let is_h2 = seen.as_ref() == PREFACE;
+    Ok(Some((PrefixedIo::new(seen.freeze(), io), is_h2)))
 }
 
 impl<I: Io> Service<Conn<I>> for ConnectTerminate {

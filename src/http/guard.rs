@@ -131,7 +131,8 @@ impl<I> H1Guard<I> {
                     });
                 }
                 State::Chunked(chunk) => {
-                    self.state = match step_chunk(chunk, data[i]) {
+                    let Some(&b) = data.get(i) else { break };
+                    self.state = match step_chunk(chunk, b) {
                         Some(next) => next,
                         None => {
                             debug!("chunked framing not followed; strict checks off for this connection");
@@ -141,7 +142,7 @@ impl<I> H1Guard<I> {
                     i += 1;
                 }
                 State::Head => {
-                    let b = data[i];
+                    let Some(&b) = data.get(i) else { break };
                     i += 1;
                     // Empty lines before a request line are skipped (RFC 9112 §2.2), by
                     // hyper too.
@@ -166,7 +167,9 @@ impl<I> H1Guard<I> {
                             Ok(Framing::Stop) => self.state = State::Passthrough,
                             Err(reason) => {
                                 debug!(reason, "rejecting HTTP/1 request head");
-                                data[i - 1] = 0;
+                                if let Some(last) = data.get_mut(i - 1) {
+                                    *last = 0;
+                                }
                                 self.state = State::Rejected(0);
                                 return i;
                             }
@@ -187,9 +190,9 @@ impl<I> H1Guard<I> {
     /// Appends what fits of the poison tail; once it is all out, reads report EOF.
     fn emit_poison(&mut self, buf: &mut ReadBuf<'_>) {
         if let State::Rejected(sent) = self.state {
-            let rest = &POISON_TAIL[sent.min(POISON_TAIL.len())..];
+            let rest = POISON_TAIL.get(sent..).unwrap_or_default();
             let n = rest.len().min(buf.remaining());
-            buf.put_slice(&rest[..n]);
+            buf.put_slice(rest.get(..n).unwrap_or_default());
             self.state = State::Rejected(sent + n);
         }
     }
@@ -270,22 +273,22 @@ pub(crate) fn check_head(head: &[u8]) -> Result<Framing, &'static str> {
             // The split after the final "\n".
             break;
         }
-        check_line(raw)?;
-        let line = &raw[..raw.len() - 1];
+        let line = check_line(raw)?;
         if line.is_empty() {
             break; // the empty line ending the head
         }
-        if line[0] == b' ' || line[0] == b'\t' {
+        if matches!(line.first(), Some(b' ' | b'\t')) {
             return Err("obsolete line folding");
         }
-        let Some(colon) = line.iter().position(|&b| b == b':') else {
+        let mut parts = line.splitn(2, |&b| b == b':');
+        let name = parts.next().unwrap_or_default();
+        let Some(raw_value) = parts.next() else {
             return Err("field line without colon");
         };
-        let (name, value) = (&line[..colon], &line[colon + 1..]);
         if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
             return Err("invalid field name");
         }
-        let value = trim_ows(value);
+        let value = trim_ows(raw_value);
         if name.eq_ignore_ascii_case(b"content-length") {
             if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
                 return Err("invalid Content-Length");
@@ -301,7 +304,6 @@ pub(crate) fn check_head(head: &[u8]) -> Result<Framing, &'static str> {
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             transfer_encodings += 1;
             // Only the exact coding `chunked`: no lists, no tabs, no look-alikes.
-            let raw_value = &line[colon + 1..];
             let spaced = raw_value.strip_prefix(b" ").unwrap_or(raw_value);
             let spaced = spaced.strip_suffix(b" ").unwrap_or(spaced);
             if !spaced.eq_ignore_ascii_case(b"chunked") {
@@ -334,14 +336,15 @@ pub(crate) fn check_head(head: &[u8]) -> Result<Framing, &'static str> {
     })
 }
 
-fn check_line(line: &[u8]) -> Result<(), &'static str> {
+/// Checks one line of a head and returns it without its CR.
+fn check_line(line: &[u8]) -> Result<&[u8], &'static str> {
     let Some(line) = line.strip_suffix(b"\r") else {
         return Err("bare LF line ending");
     };
     if line.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
         return Err("control character in head");
     }
-    Ok(())
+    Ok(line)
 }
 
 fn trim_ows(mut v: &[u8]) -> &[u8] {
@@ -375,7 +378,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for H1Guard<I> {
         }
         let before = buf.filled().len();
         ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
-        let keep = this.feed(&mut buf.filled_mut()[before..]);
+        let keep = this.feed(buf.filled_mut().get_mut(before..).unwrap_or_default());
         buf.set_filled(before + keep);
         if let State::Rejected(_) = this.state {
             this.emit_poison(buf);

@@ -154,10 +154,10 @@ impl TcpConnector {
             let (allowed, denied): (Vec<_>, Vec<_>) = addrs
                 .into_iter()
                 .partition(|a| self.allow.as_ref().is_none_or(|allow| allow(*a)));
-            if allowed.is_empty() && !denied.is_empty() {
+            if let (true, Some(first)) = (allowed.is_empty(), denied.first()) {
                 let e = io::Error::new(
                     io::ErrorKind::PermissionDenied,
-                    format!("address {} is not allowed", denied[0]),
+                    format!("address {first} is not allowed"),
                 );
                 return Err(err(ConnectErrorKind::Forbidden, e));
             }
