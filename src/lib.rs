@@ -101,6 +101,8 @@ pub mod recursive;
 pub mod serve;
 pub mod steer;
 #[cfg(feature = "tcp")]
+mod task;
+#[cfg(feature = "tcp")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tcp")))]
 pub mod tcp;
 #[cfg(feature = "tls")]

@@ -170,7 +170,7 @@ impl Server {
             let service = service.clone();
             let stats = self.stats.clone();
             tasks.spawn(
-                async move {
+                crate::task::serving(self.stats.clone(), async move {
                     let _permit = permit;
                     let _active = ActiveGuard(&stats);
                     let mut service = service;
@@ -186,7 +186,7 @@ impl Server {
                         stats.errors.fetch_add(1, Ordering::Relaxed);
                         debug!(error = %DisplayChain(&*e), "connection ended with error");
                     }
-                }
+                })
                 .instrument(span),
             );
         }

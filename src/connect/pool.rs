@@ -236,7 +236,7 @@ impl<C> H2ConnectPool<C> {
         }
         let weak: Weak<Shared> = Arc::downgrade(&self.shared);
         let idle = self.settings.idle_timeout;
-        tokio::spawn(async move {
+        crate::task::spawn(async move {
             let period = (idle / 4).max(Duration::from_millis(100));
             loop {
                 tokio::time::sleep(period).await;
@@ -292,7 +292,7 @@ where
         let done = closed.clone();
         let ping_pong = connection.ping_pong();
         let keepalive = s.keepalive;
-        tokio::spawn(async move {
+        crate::task::spawn(async move {
             let keepalive = keepalive::maybe_keepalive(ping_pong, keepalive);
             tokio::select! {
                 result = &mut connection => {

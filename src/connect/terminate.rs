@@ -417,7 +417,7 @@ impl Handler {
         let tunnel = Conn::from_parts(BoxIo::new(io), metadata);
         let span = info_span!("tunnel", id = id.0, tunnel.authority = %authority, depth);
         let inner = t.inner.clone();
-        tokio::spawn(
+        crate::task::spawn(
             async move {
                 if let Err(e) = inner.oneshot(tunnel).await {
                     debug!(error = %crate::serve::DisplayChain(&*e), "tunnel ended with error");
@@ -475,7 +475,7 @@ impl Handler {
         match admitted {
             Ok(stream_tx) => {
                 let upgrade = hyper::upgrade::on(req);
-                tokio::spawn(async move {
+                crate::task::spawn(async move {
                     let stream = upgrade
                         .await
                         .map(|u| BoxIo::new(TokioIo::new(u)))
@@ -527,7 +527,7 @@ impl Handler {
             tokio::select! {
                 next = connection.accept() => match next {
                     Some(Ok((req, respond))) => {
-                        tokio::spawn(self.clone().handle_h2(req, respond).in_current_span());
+                        crate::task::spawn(self.clone().handle_h2(req, respond).in_current_span());
                     }
                     Some(Err(e)) => return Err(e.into()),
                     None => return Ok(()),

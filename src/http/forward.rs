@@ -445,7 +445,7 @@ where
         upstream: hyper::upgrade::OnUpgrade,
     ) {
         let config = self.config.relay.clone();
-        tokio::spawn(async move {
+        crate::task::spawn(async move {
             // The client side completes once hyper has written our 101.
             let (down, up) = tokio::join!(downstream, upstream);
             match (down, up) {

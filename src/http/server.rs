@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use http::{Extensions, Request, Response};
 use hyper::body::{Body, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tower::{Service, ServiceExt};
 use tracing::debug;
@@ -193,9 +193,9 @@ impl<S> HttpServer<S> {
         self
     }
 
-    fn builder(&self) -> auto::Builder<TokioExecutor> {
+    fn builder(&self) -> auto::Builder<crate::task::Executor> {
         let c = &self.config;
-        let mut b = auto::Builder::new(TokioExecutor::new());
+        let mut b = auto::Builder::new(crate::task::Executor);
         b.http1()
             .timer(TokioTimer::new())
             .header_read_timeout(c.header_read_timeout)
