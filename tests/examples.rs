@@ -10,6 +10,7 @@
 //! leaves loopback.
 #![cfg(unix)]
 
+mod common;
 mod examples_common;
 
 use examples_common::*;
@@ -727,87 +728,16 @@ path_prefix = "/admin"
 
 #[cfg(all(feature = "hbone", feature = "demo-certs", target_os = "linux"))]
 mod sidecar_redirect {
+    use super::common::netns::Netns;
     use super::*;
 
-    /// A network namespace of our own; deleted on drop.
-    struct Netns(String);
-
-    fn sh(args: &[&str]) -> Result<(), String> {
-        let out = Command::new(args[0])
-            .args(&args[1..])
-            .output()
-            .map_err(|e| format!("{}: {e}", args[0]))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "{args:?}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
-    }
-
-    impl Netns {
-        fn create() -> Result<Self, String> {
-            let ns = Netns(format!("proxystack-ex-{}", std::process::id()));
-            sh(&["ip", "netns", "add", &ns.0])?;
-            ns.exec(&["ip", "link", "set", "lo", "up"])?;
-            // A "pod" in the mesh and a host outside it, both on the namespace's loopback.
-            ns.exec(&["ip", "addr", "add", "10.203.1.1/32", "dev", "lo"])?;
-            ns.exec(&["ip", "addr", "add", "10.203.1.2/32", "dev", "lo"])?;
-            // Every connection to the two hosts goes to the sidecar, except what the
-            // sidecar dials itself (marked): its passthrough and its HBONE connections.
-            let rule = |bin: &str| {
-                ns.exec(&[
-                    bin,
-                    "-t",
-                    "nat",
-                    "-A",
-                    "OUTPUT",
-                    "-p",
-                    "tcp",
-                    "-d",
-                    "10.203.1.0/24",
-                    "-m",
-                    "mark",
-                    "!",
-                    "--mark",
-                    "0x539",
-                    "-j",
-                    "REDIRECT",
-                    "--to-ports",
-                    "15001",
-                ])
-            };
-            rule("iptables")
-                .or_else(|a| rule("iptables-legacy").map_err(|b| format!("{a}; {b}")))?;
-            Ok(ns)
-        }
-
-        fn exec(&self, args: &[&str]) -> Result<(), String> {
-            sh(&[&["ip", "netns", "exec", &self.0][..], args].concat())
-        }
-
-        /// Runs `f` on a thread inside the namespace.
-        fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-            let path = format!("/var/run/netns/{}", self.0);
-            std::thread::spawn(move || {
-                use std::os::fd::AsRawFd;
-                let file = std::fs::File::open(path).unwrap();
-                // SAFETY: setns(2) on a namespace fd we opened; affects only this thread.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-                f()
-            })
-            .join()
-            .unwrap()
-        }
-    }
-
-    impl Drop for Netns {
-        fn drop(&mut self) {
-            let _ = sh(&["ip", "netns", "delete", &self.0]);
-        }
+    /// The namespace of the test: a "pod" in the mesh and a host outside it, both on its
+    /// loopback; every connection to them goes to the sidecar, except what the sidecar
+    /// dials itself (marked): its passthrough and its HBONE connections.
+    fn mesh_namespace() -> Result<Netns, String> {
+        let ns = Netns::create("ex", &["10.203.1.1/32", "10.203.1.2/32"])?;
+        ns.redirect("10.203.1.0/24", None, 0x539, 15001)?;
+        Ok(ns)
     }
 
     /// An HTTP server answering `body`, bound inside the namespace.
@@ -828,15 +758,14 @@ mod sidecar_redirect {
 
     #[test]
     fn redirected_traffic_leaves_as_hbone_or_passthrough() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
+        if !super::common::netns::is_root() {
             println!("SKIPPED: needs root (network namespace, iptables)");
             return;
         }
         if binary("sidecar").is_none() {
             return;
         }
-        let ns = match Netns::create() {
+        let ns = match mesh_namespace() {
             Ok(ns) => ns,
             Err(e) => {
                 println!("SKIPPED: cannot set up the namespace: {e}");
@@ -865,7 +794,7 @@ protocol = "hbone"
         // there); the outside host on its own address.
         serve(&ns, "127.0.0.1:80", "mesh app via HBONE\n");
         serve(&ns, "10.203.1.2:80", "outside host, plain TCP\n");
-        let wrapper = ["ip", "netns", "exec", ns.0.as_str()];
+        let wrapper = ["ip", "netns", "exec", ns.name()];
         let cfg = config.to_string_lossy().into_owned();
         let Some(mut ex) = Example::start_with(&wrapper, "sidecar", &["--config", &cfg]) else {
             return;

@@ -1,6 +1,9 @@
 //! Helpers shared by the integration tests: real loopback servers, no mocks.
 #![allow(dead_code)]
 
+#[cfg(target_os = "linux")]
+pub mod netns;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
