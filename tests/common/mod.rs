@@ -176,3 +176,85 @@ pub fn capture(
         }
     })
 }
+
+/// A throwaway network namespace (Linux, root): a loopback-only world where a test can give
+/// itself any address (10.0.0.1, 169.254.169.254…) and install iptables rules, and from
+/// which no packet can leave the machine. Deleted on drop.
+#[cfg(target_os = "linux")]
+pub struct Netns(String);
+
+#[cfg(target_os = "linux")]
+impl Netns {
+    /// Creates `proxystack-<tag>-<pid>` with `lo` up and `addrs` (`"10.0.0.1/32"`,
+    /// `"fe80::1/64"`) on it; `Err` with the reason when not root or namespaces are missing.
+    pub fn create(tag: &str, addrs: &[&str]) -> Result<Self, String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("needs root (network namespaces)".into());
+        }
+        let name = format!("proxystack-{tag}-{}", std::process::id());
+        sh(&["ip", "netns", "add", &name])?;
+        let ns = Netns(name);
+        ns.exec(&["ip", "link", "set", "lo", "up"])?;
+        for addr in addrs {
+            ns.exec(&["ip", "addr", "add", addr, "dev", "lo"])?;
+        }
+        Ok(ns)
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, args: &[&str]) -> Result<(), String> {
+        let mut full = vec!["ip", "netns", "exec", &self.0];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+
+    /// Runs `f` to completion on a fresh thread that lives in the namespace, with its own
+    /// current-thread runtime: every socket the future opens is inside.
+    pub fn run<F, Fut, T>(&self, f: F) -> T
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = T>,
+        T: Send + 'static,
+    {
+        let path = format!("/var/run/netns/{}", self.0);
+        std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            let file = std::fs::File::open(&path).unwrap();
+            // SAFETY: setns on a valid namespace fd; affects only the calling thread.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(f())
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = sh(&["ip", "netns", "delete", &self.0]);
+    }
+}
+
+/// Runs a command; `Err` with its stderr when it fails.
+#[cfg(target_os = "linux")]
+pub fn sh(args: &[&str]) -> Result<(), String> {
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| format!("{}: {e}", args[0]))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
