@@ -1456,6 +1456,11 @@ async fn client_aborts_when_the_server_identity_differs() {
         "{server_err}"
     );
     h.assert_nothing_reached_inner();
+    let ok = mesh_client(&ca)
+        .client_cert(ca.workload_cert("ns1", "client"))
+        .unwrap();
+    mtls_attempt(h.addr(), ok).await.unwrap();
+    assert!(h.next_seen().await.get::<PeerIdentity>().is_some());
 }
 
 /// A TLS 1.2-only client against a TLS 1.3-only server (HBONE's): `protocol_version`
