@@ -120,7 +120,7 @@ impl ServerConfigBuilder {
         self
     }
 
-    /// Client certificates must carry a SPIFFE ID in one of these trust domains.
+    /// Client certificates must carry exactly one SPIFFE ID, in one of these trust domains.
     pub fn trust_domains<S: Into<String>>(mut self, domains: impl IntoIterator<Item = S>) -> Self {
         self.trust_domains = domains.into_iter().map(Into::into).collect();
         self

@@ -8,8 +8,10 @@
 //!   server name like a browser would.
 //! * [`TrustDomainClientVerifier`] (server side) additionally requires the client's SPIFFE
 //!   ID to belong to one of the allowed trust domains (ztunnel's `TrustDomainVerifier`).
-//!   It does not authorize a particular identity: that is policy, decided later with the
-//!   [`PeerIdentity`](crate::identity::PeerIdentity) metadata.
+//!   The certificate must carry exactly one SPIFFE ID, as an X.509-SVID does (SPIFFE
+//!   X509-SVID §2): with several, the one checked and the one recorded as the peer's
+//!   identity could differ. It does not authorize a particular identity: that is policy,
+//!   decided later with the [`PeerIdentity`](crate::identity::PeerIdentity) metadata.
 
 use std::sync::Arc;
 
@@ -128,7 +130,8 @@ pub struct TrustDomainClientVerifier {
     trust_domains: Vec<String>,
 }
 
-/// The client's certificate has no SPIFFE ID in an allowed trust domain.
+/// The client's certificate has no SPIFFE ID, several, or one outside the allowed trust
+/// domains.
 #[derive(Debug)]
 struct WrongTrustDomain {
     allowed: Vec<String>,
@@ -139,7 +142,7 @@ impl std::fmt::Display for WrongTrustDomain {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "client certificate has no SPIFFE ID in trust domain [{}]; URI SANs presented: [{}]",
+            "client certificate must carry exactly one SPIFFE ID, in trust domain [{}]; URI SANs presented: [{}]",
             self.allowed.join(", "),
             self.presented.join(", ")
         )
@@ -149,7 +152,8 @@ impl std::fmt::Display for WrongTrustDomain {
 impl std::error::Error for WrongTrustDomain {}
 
 impl TrustDomainClientVerifier {
-    /// Requires, after `inner` accepted the chain, a SPIFFE ID in one of `trust_domains`.
+    /// Requires, after `inner` accepted the chain, exactly one SPIFFE ID, in one of
+    /// `trust_domains`.
     pub fn new(inner: Arc<dyn ClientCertVerifier>, trust_domains: Vec<String>) -> Self {
         Self {
             inner,
@@ -180,9 +184,13 @@ impl ClientCertVerifier for TrustDomainClientVerifier {
         let verified = self
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        let ok = spiffe_ids(end_entity)
-            .iter()
-            .any(|id| self.trust_domains.iter().any(|td| td == id.trust_domain()));
+        // Exactly one: `PeerIdentity` records the first SPIFFE ID, so accepting a
+        // certificate because a later one is in the domain would let the first one, from
+        // any domain the roots sign for, stand as the peer's identity.
+        let ok = match spiffe_ids(end_entity).as_slice() {
+            [id] => self.trust_domains.iter().any(|td| td == id.trust_domain()),
+            _ => false,
+        };
         if !ok {
             let e = WrongTrustDomain {
                 allowed: self.trust_domains.clone(),

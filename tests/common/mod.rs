@@ -60,17 +60,7 @@ where
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (signal, watch) = drain::channel();
-    let stats = server.stats();
-    let task = tokio::spawn(async move { server.serve(listener, svc, watch).await });
-    Running {
-        addr,
-        signal: Some(signal),
-        task,
-        stats,
-    }
+    start_at(SocketAddr::from(([127, 0, 0, 1], 0)), server, svc).await
 }
 
 /// Writes `data` then half-closes; returns everything read until EOF.
@@ -178,4 +168,24 @@ pub fn capture(
             io.shutdown().await
         }
     })
+}
+
+/// Serves `svc` on `addr` (port 0 for an ephemeral one), like [`start`].
+pub async fn start_at<S>(addr: SocketAddr, server: Server, svc: S) -> Running
+where
+    S: Service<Conn<TcpStream>, Response = ()> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (signal, watch) = drain::channel();
+    let stats = server.stats();
+    let task = tokio::spawn(async move { server.serve(listener, svc, watch).await });
+    Running {
+        addr,
+        signal: Some(signal),
+        task,
+        stats,
+    }
 }

@@ -8,9 +8,14 @@ use std::process::Command;
 pub struct Netns(String);
 
 impl Netns {
-    /// Creates `proxystack-{tag}-{pid}` with `lo` up and `addrs` (CIDRs) on `lo`: pretend
-    /// hosts that live on the namespace's loopback device.
+    /// Creates `proxystack-{tag}-{pid}` with `lo` up and `addrs` (`"10.0.0.1/32"`,
+    /// `"fe80::1/64"`) on `lo`: a loopback-only world where a test can give itself any
+    /// address and from which no packet can leave the machine. `Err` with the reason when
+    /// not root or namespaces are missing.
     pub fn create(tag: &str, addrs: &[&str]) -> Result<Self, String> {
+        if !is_root() {
+            return Err("needs root (network namespaces)".into());
+        }
         let ns = Netns(format!("proxystack-{tag}-{}", std::process::id()));
         sh(&["ip", "netns", "add", &ns.0])?;
         ns.exec(&["ip", "link", "set", "lo", "up"])?;
@@ -58,6 +63,23 @@ impl Netns {
     /// Moves the calling thread into the namespace; sockets it creates live there.
     pub fn enter(&self) {
         enter(&self.0);
+    }
+
+    /// Runs the future `f` makes to completion on a new thread inside the namespace, with
+    /// its own current-thread runtime: every socket the future opens is inside.
+    pub fn block_on<F, Fut, T>(&self, f: F) -> T
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = T>,
+        T: Send + 'static,
+    {
+        self.run(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(f())
+        })
     }
 
     /// Runs `f` on a new thread inside the namespace.
