@@ -1463,6 +1463,46 @@ async fn client_aborts_when_the_server_identity_differs() {
     assert!(h.next_seen().await.get::<PeerIdentity>().is_some());
 }
 
+/// A server certificate carrying two SPIFFE IDs, the pinned one second: the client
+/// refuses it like any other mismatch (an SVID has exactly one ID; with two, the one
+/// pinned and the one recorded as the server's identity could differ).
+#[tokio::test]
+async fn client_refuses_a_server_certificate_with_two_spiffe_ids() {
+    let ca = DemoCa::new(TD);
+    let two_ids = client_cert_with(
+        &ca,
+        &[
+            "spiffe://cluster.local/ns/default/sa/other",
+            "spiffe://cluster.local/ns/default/sa/server",
+        ],
+        None,
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let config = ServerConfigBuilder::new()
+        .default_cert(two_ids)
+        .client_auth(ClientAuth::Required(ca.roots()))
+        .trust_domains([TD])
+        .tls13_only()
+        .alpn(["h2"])
+        .build()
+        .unwrap();
+    let mut h = Harness::terminate(terminate(config)).await;
+    let err = mesh_client(&ca)
+        .client_cert(ca.workload_cert("ns1", "client"))
+        .unwrap()
+        .oneshot(Target::from(h.addr()))
+        .await
+        .unwrap_err();
+    let text = rustls_error_in(&err).unwrap();
+    assert!(text.contains("InvalidCertificate(Other("), "{text}");
+    let server_err = h.next_error().await;
+    assert!(
+        server_err.contains("AlertReceived(CertificateUnknown)"),
+        "{server_err}"
+    );
+    h.assert_nothing_reached_inner();
+}
+
 /// A TLS 1.2-only client against a TLS 1.3-only server (HBONE's): `protocol_version`
 /// alert, from rustls and from `openssl s_client -tls1_2`.
 #[tokio::test]

@@ -3,15 +3,17 @@
 //! Both check the chain with webpki against the configured roots; on top of that:
 //!
 //! * [`PinnedServerVerifier`] (client side) ignores DNS names when identities are
-//!   expected and requires one of the server certificate's URI SANs to equal an expected
-//!   SPIFFE ID (ztunnel's `upstream_sans`). Without expected identities it checks the
-//!   server name like a browser would.
+//!   expected and requires the server certificate's one SPIFFE ID to equal an expected
+//!   one (ztunnel's `upstream_sans`). Without expected identities it checks the server
+//!   name like a browser would.
 //! * [`TrustDomainClientVerifier`] (server side) additionally requires the client's SPIFFE
 //!   ID to belong to one of the allowed trust domains (ztunnel's `TrustDomainVerifier`).
-//!   The certificate must carry exactly one SPIFFE ID, as an X.509-SVID does (SPIFFE
-//!   X509-SVID §2): with several, the one checked and the one recorded as the peer's
-//!   identity could differ. It does not authorize a particular identity: that is policy,
-//!   decided later with the [`PeerIdentity`](crate::identity::PeerIdentity) metadata.
+//!   It does not authorize a particular identity: that is policy, decided later with the
+//!   [`PeerIdentity`](crate::identity::PeerIdentity) metadata.
+//!
+//! On both sides the certificate must carry exactly one SPIFFE ID, as an X.509-SVID does
+//! (SPIFFE X509-SVID §2): with several, the one checked and the one recorded as the peer's
+//! identity could differ.
 
 use std::sync::Arc;
 
@@ -73,10 +75,7 @@ impl ServerCertVerifier for PinnedServerVerifier {
         )?;
         if self.expected.is_empty() {
             verify_server_name(&cert, server_name)?;
-        } else if !spiffe_ids(end_entity)
-            .iter()
-            .any(|id| self.expected.contains(id))
-        {
+        } else if !matches!(spiffe_ids(end_entity).as_slice(), [id] if self.expected.contains(id)) {
             let mismatch = IdentityMismatch {
                 expected: self.expected.clone(),
                 presented: uri_sans(end_entity),
