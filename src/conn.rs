@@ -191,6 +191,41 @@ impl<I: AsyncRead + Unpin> AsyncRead for PrefixedIo<I> {
 
 delegate_write!(PrefixedIo<I>, io, I: AsyncWriteUnpin);
 
+/// The first bytes of every HTTP/2 connection (RFC 9113 §3.4).
+#[cfg(any(feature = "http", feature = "connect"))]
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads until the bytes either are the HTTP/2 preface or cannot be; returns the stream with
+/// those bytes put back and whether it speaks HTTP/2. `None`: closed before sending a byte.
+/// Servers run it under their request-head timeout, so a client that sends nothing (or
+/// stops inside the preface) cannot hold a connection forever.
+#[cfg(any(feature = "http", feature = "connect"))]
+pub(crate) async fn sniff_h2_preface<I: Io>(
+    mut io: I,
+) -> io::Result<Option<(PrefixedIo<I>, bool)>> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; H2_PREFACE.len()];
+    let mut n = 0;
+    while n < buf.len() {
+        let read = io.read(&mut buf[n..]).await?;
+        if read == 0 {
+            if n == 0 {
+                return Ok(None);
+            }
+            break;
+        }
+        n += read;
+        if buf[..n] != H2_PREFACE[..n] {
+            break;
+        }
+    }
+    let is_h2 = buf[..n] == H2_PREFACE[..];
+    Ok(Some((
+        PrefixedIo::new(Bytes::copy_from_slice(&buf[..n]), io),
+        is_h2,
+    )))
+}
+
 /// Connection metadata: one value per type ([`PeerAddr`], `Sni`, `PeerIdentity`…). Routing
 /// closures (`Relay::upstream`, `Steer`) receive it, so they read like
 /// `|m: &Metadata| m.get::<OriginalDst>()`.

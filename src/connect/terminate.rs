@@ -21,7 +21,6 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::AsyncReadExt;
 use tokio::sync::oneshot;
 use tower::{Service, ServiceExt};
 use tracing::{debug, info_span, Instrument};
@@ -31,7 +30,8 @@ use super::stream::H2Stream;
 use super::{keepalive, status_for, Outer, TunnelInfo};
 use crate::addr::Authority;
 use crate::conn::{
-    box_inbound, Abort, Admission, BoxInbound, BoxIo, Conn, ConnectionId, Io, PrefixedIo, Refusal,
+    box_inbound, sniff_h2_preface, Abort, Admission, BoxInbound, BoxIo, Conn, ConnectionId, Io,
+    PrefixedIo, Refusal,
 };
 use crate::{drain, BoxError};
 
@@ -223,34 +223,6 @@ impl ConnectTerminate {
     }
 }
 
-/// The first bytes of every HTTP/2 connection (RFC 9113 §3.4).
-const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// Reads until the bytes either are the HTTP/2 preface or cannot be; returns the stream with
-/// those bytes put back and whether it speaks HTTP/2. `None`: closed before sending a byte.
-async fn sniff<I: Io>(mut io: I) -> std::io::Result<Option<(PrefixedIo<I>, bool)>> {
-    let mut buf = [0u8; PREFACE.len()];
-    let mut n = 0;
-    while n < buf.len() {
-        let read = io.read(&mut buf[n..]).await?;
-        if read == 0 {
-            if n == 0 {
-                return Ok(None);
-            }
-            break;
-        }
-        n += read;
-        if buf[..n] != PREFACE[..n] {
-            break;
-        }
-    }
-    let is_h2 = buf[..n] == PREFACE[..];
-    Ok(Some((
-        PrefixedIo::new(Bytes::copy_from_slice(&buf[..n]), io),
-        is_h2,
-    )))
-}
-
 impl<I: Io> Service<Conn<I>> for ConnectTerminate {
     type Response = ();
     type Error = BoxError;
@@ -276,7 +248,7 @@ impl<I: Io> Service<Conn<I>> for ConnectTerminate {
             let (io, h2) = match (settings.http1, settings.http2) {
                 (false, true) => (PrefixedIo::new(Bytes::new(), io), true),
                 (true, false) => (PrefixedIo::new(Bytes::new(), io), false),
-                _ => match tokio::time::timeout(settings.header_read_timeout, sniff(io)).await {
+                _ => match tokio::time::timeout(settings.header_read_timeout, sniff_h2_preface(io)).await {
                     Err(_) => {
                         return Err(std::io::Error::new(
                             std::io::ErrorKind::TimedOut,

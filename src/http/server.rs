@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Extensions, Request, Response};
 use hyper::body::{Body, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -14,7 +15,7 @@ use tower::{Service, ServiceExt};
 use tracing::debug;
 
 use super::guard::H1Guard;
-use crate::conn::{Conn, Io};
+use crate::conn::{sniff_h2_preface, Conn, Io, PrefixedIo};
 use crate::{drain, BoxError};
 
 /// The terminal HTTP service: serves HTTP/1.1 (with upgrades) and HTTP/2 (prior knowledge,
@@ -263,9 +264,41 @@ where
         let service = self.service.clone();
         let strict = self.config.strict_h1;
         let max_head = self.config.max_buf_size;
+        let head_timeout = self.config.header_read_timeout;
         Box::pin(async move {
             let (io, metadata) = conn.into_parts();
             let drain = metadata.get::<drain::Watch>().cloned();
+            // hyper's header timeout starts only once the protocol is told (the HTTP/2
+            // preface or a byte that is not part of it): without this a client that sends
+            // nothing, or part of the preface, holds the connection forever.
+            let io = match head_timeout {
+                Some(limit) => {
+                    let sniffed = tokio::time::timeout(limit, sniff_h2_preface(io));
+                    let sniffed = match &drain {
+                        Some(drain) => tokio::select! {
+                            sniffed = sniffed => sniffed,
+                            () = drain.signaled() => return Ok(()),
+                        },
+                        None => sniffed.await,
+                    };
+                    match sniffed {
+                        Ok(Ok(Some((io, _)))) => io,
+                        Ok(Ok(None)) => return Ok(()),
+                        Ok(Err(e)) => return Err(HttpServerError(e.into())),
+                        Err(_) => {
+                            debug!("no request on the connection in time");
+                            return Err(HttpServerError(
+                                std::io::Error::new(
+                                    std::io::ErrorKind::TimedOut,
+                                    "no request on the connection in time",
+                                )
+                                .into(),
+                            ));
+                        }
+                    }
+                }
+                None => PrefixedIo::new(Bytes::new(), io),
+            };
             let service = WithMetadata {
                 service,
                 metadata: Arc::new(metadata),
