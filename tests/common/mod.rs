@@ -187,10 +187,14 @@ pub struct EchoCount {
 }
 
 /// An [`echo_server`] that counts its open and accepted connections, so a test can tell
-/// how many upstream connections a proxy holds.
+/// how many upstream connections a proxy holds. Its listen backlog is 4096, not tokio's
+/// 128: past the backlog the kernel drops completed handshakes without telling the
+/// client, and an idle one would wait forever.
 pub async fn counting_echo_server() -> (SocketAddr, std::sync::Arc<EchoCount>) {
     use std::sync::atomic::Ordering;
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(4096).unwrap();
     let addr = listener.local_addr().unwrap();
     let count = std::sync::Arc::new(EchoCount::default());
     let c = count.clone();
