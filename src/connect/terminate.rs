@@ -10,7 +10,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -22,6 +22,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 use tower::{Service, ServiceExt};
 use tracing::{debug, info_span, Instrument};
 
@@ -244,6 +245,7 @@ impl<I: Io> Service<Conn<I>> for ConnectTerminate {
             let handler = Handler {
                 terminate: this,
                 outer: Arc::new(metadata),
+                h1_tunnel: Arc::default(),
             };
             let (io, h2) = match (settings.http1, settings.http2) {
                 (false, true) => (PrefixedIo::new(Bytes::new(), io), true),
@@ -277,6 +279,19 @@ impl<I: Io> Service<Conn<I>> for ConnectTerminate {
 struct Handler {
     terminate: ConnectTerminate,
     outer: Arc<http::Extensions>,
+    /// HTTP/1.1: the task of the tunnel this connection turned into. The connection's task
+    /// waits for it, so the accept loop counts the tunnel against its limit and aborts it
+    /// (through [`AbortOnDrop`]) when the drain deadline passes.
+    h1_tunnel: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// What the checks need of a CONNECT request, whichever protocol carried it.
@@ -323,7 +338,11 @@ impl Handler {
     /// The checks both protocols share (method, RFC 9113 §8.5 form, authority, depth,
     /// policy); then the tunnel goes to the inner service, whose admission decides the
     /// answer. `abort` is the tunnel stream's reset handle, if it has one.
-    fn start(&self, head: Head<'_>, abort: Option<Abort>) -> Result<Pending, Refused> {
+    fn start(
+        &self,
+        head: Head<'_>,
+        abort: Option<Abort>,
+    ) -> Result<(Pending, JoinHandle<()>), Refused> {
         let t = &self.terminate;
         if head.method != Method::CONNECT {
             debug!(method = %head.method, "not a CONNECT request");
@@ -391,7 +410,7 @@ impl Handler {
         let tunnel = Conn::from_parts(BoxIo::new(io), metadata);
         let span = info_span!("tunnel", id = id.0, tunnel.authority = %authority, depth);
         let inner = t.inner.clone();
-        tokio::spawn(
+        let task = tokio::spawn(
             async move {
                 if let Err(e) = inner.oneshot(tunnel).await {
                     debug!(error = %crate::serve::DisplayChain(&*e), "tunnel ended with error");
@@ -399,17 +418,21 @@ impl Handler {
             }
             .instrument(span),
         );
-        Ok(Pending {
-            authority,
-            decision,
-            stream_tx,
-        })
+        Ok((
+            Pending {
+                authority,
+                decision,
+                stream_tx,
+            },
+            task,
+        ))
     }
 
     // ----- HTTP/1.1 (hyper) -----
 
     async fn serve_h1<I: Io>(self, io: I, watch: drain::Watch) -> Result<(), BoxError> {
         let s = self.terminate.settings.clone();
+        let tunnel = self.h1_tunnel.clone();
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
@@ -428,6 +451,13 @@ impl Handler {
                 connection.await
             }
         };
+        // A CONNECT ends the HTTP connection; the tunnel goes on in its own task, which
+        // this (the accept loop's) task now waits for.
+        let task = tunnel.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(task) = task {
+            let mut task = AbortOnDrop(task);
+            let _ = (&mut task.0).await;
+        }
         result.map_err(Into::into)
     }
 
@@ -442,12 +472,19 @@ impl Handler {
         // An HTTP/1.1 tunnel is the whole connection it arrived on (hyper cannot reset it):
         // if that connection is itself a resettable stream, aborting the tunnel aborts it.
         let carrier = self.outer.get::<Abort>().cloned();
-        let admitted = match self.start(head, carrier) {
-            Ok(pending) => pending.admitted(self.terminate.admission_timeout).await,
-            Err(refused) => Err(refused),
+        let (admitted, task) = match self.start(head, carrier) {
+            Ok((pending, task)) => (
+                pending.admitted(self.terminate.admission_timeout).await,
+                Some(task),
+            ),
+            Err(refused) => (Err(refused), None),
         };
         match admitted {
             Ok(stream_tx) => {
+                *self
+                    .h1_tunnel
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = task;
                 let upgrade = hyper::upgrade::on(req);
                 tokio::spawn(async move {
                     let stream = upgrade
@@ -534,7 +571,9 @@ impl Handler {
         };
         let abort = Abort::new();
         let admitted = match self.start(head, Some(abort.clone())) {
-            Ok(pending) => {
+            // An HTTP/2 tunnel's task needs no keeping: when the connection goes, so do its
+            // streams, and the tunnel fails.
+            Ok((pending, _task)) => {
                 let timeout = self.terminate.admission_timeout;
                 tokio::select! {
                     admitted = pending.admitted(timeout) => admitted,
