@@ -64,7 +64,8 @@ fn fnv(data: &[u8]) -> u64 {
 // ----- the slow upstream -----
 
 /// An HTTP/1.1 + h2c upstream: `/slow?bytes=N` answers `pattern(N, 7)` once `release` is
-/// set, `/upload` answers `"<len> <fnv>"` of the request body, anything else `ok`.
+/// set, `/upload` answers `"<len> <fnv>"` of the request body, `/ws` switches protocols
+/// (`101`) and echoes, anything else `ok`.
 async fn slow_backend(release: watch::Receiver<bool>) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -72,10 +73,27 @@ async fn slow_backend(release: watch::Receiver<bool>) -> SocketAddr {
         while let Ok((stream, _)) = listener.accept().await {
             let release = release.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                     let mut release = release.clone();
                     async move {
                         let body = match req.uri().path() {
+                            "/ws" => {
+                                let upgrade = hyper::upgrade::on(&mut req);
+                                tokio::spawn(async move {
+                                    if let Ok(up) = upgrade.await {
+                                        let (mut r, mut w) = tokio::io::split(TokioIo::new(up));
+                                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                                        let _ = w.shutdown().await;
+                                    }
+                                });
+                                let resp = Response::builder()
+                                    .status(101)
+                                    .header("connection", "upgrade")
+                                    .header("upgrade", "websocket")
+                                    .body(Full::new(Bytes::new()))
+                                    .unwrap();
+                                return Ok::<_, Infallible>(resp);
+                            }
                             "/slow" => {
                                 let n = req
                                     .uri()
@@ -96,7 +114,7 @@ async fn slow_backend(release: watch::Receiver<bool>) -> SocketAddr {
                     }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                     .await;
             });
         }
@@ -401,6 +419,24 @@ async fn h1_connect(proxy: SocketAddr, authority: SocketAddr) -> TcpStream {
     s
 }
 
+/// An HTTP/1.1 `Upgrade` through the HTTP proxy: the stream, once `101` came back.
+async fn h1_upgrade(proxy: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: drain.test\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).await.unwrap(), 1, "closed before the answer");
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    s
+}
+
 /// Waits until the drain has started.
 async fn drained(mut started: watch::Receiver<bool>) {
     let _ = started.wait_for(|s| *s).await;
@@ -560,6 +596,14 @@ async fn drain_lets_inflight_work_of_every_kind_finish() {
                 .unwrap();
             assert!(has_goaway(&h2.seen), "no GOAWAY on the HTTP/2 connection");
             "h2 streams"
+        });
+    }
+    // An upgraded (WebSocket-style) HTTP/1.1 connection.
+    {
+        let (ready, started, addr) = (ready.clone(), started.clone(), w.http);
+        work.spawn(async move {
+            stream_through(h1_upgrade(addr).await, 10, ready, started).await;
+            "http1 upgrade"
         });
     }
     // CONNECT over HTTP/1.1 and HTTP/2 (GOAWAY), HBONE, and the plain relay.
@@ -729,6 +773,16 @@ async fn drain_deadline_closes_everything_left() {
             let _ = tokio::time::timeout(SOON, response).await.expect("h2 stream ended");
             let _ = tokio::time::timeout(SOON, h2.conn).await.expect("h2 connection closed");
             ("h2 slow stream", since(&t0))
+        });
+    }
+    {
+        let (ready, addr, t0) = (ready.clone(), w.http, t0.clone());
+        work.spawn(async move {
+            let mut s = h1_upgrade(addr).await;
+            exchange(&mut s, b"before").await;
+            ready.send(()).await.unwrap();
+            ends(&mut s).await;
+            ("http1 upgrade", since(&t0))
         });
     }
     {

@@ -34,6 +34,7 @@ use crate::conn::{
     box_inbound, sniff_h2_preface, Abort, Admission, BoxInbound, BoxIo, Conn, ConnectionId, Io,
     PrefixedIo, Refusal,
 };
+use crate::serve::AbortOnDrop;
 use crate::{drain, BoxError};
 
 /// A policy's verdict on one tunnel.
@@ -285,14 +286,6 @@ struct Handler {
     h1_tunnel: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
 
-/// Aborts the task when dropped.
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
 
 /// What the checks need of a CONNECT request, whichever protocol carried it.
 struct Head<'a> {
