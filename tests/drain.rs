@@ -191,11 +191,23 @@ async fn world(drain_timeout: Duration) -> World {
     let inbound = Inbound::new(ca.workload_cert("default", "server"), ca.roots())
         .service(to_app_port)
         .unwrap();
-    let to_echo =
-        tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |_: &Metadata| Some(Target::from(echo)));
+    let to_echo = tcp::Relay::new(tcp::TcpConnector::new())
+        .upstream(move |_: &Metadata| Some(Target::from(echo)));
     let proxies = vec![
-        listen("http", drain_timeout, HttpServer::new(forward), watch.clone()).await,
-        listen("connect", drain_timeout, ConnectTerminate::new(to_authority), watch.clone()).await,
+        listen(
+            "http",
+            drain_timeout,
+            HttpServer::new(forward),
+            watch.clone(),
+        )
+        .await,
+        listen(
+            "connect",
+            drain_timeout,
+            ConnectTerminate::new(to_authority),
+            watch.clone(),
+        )
+        .await,
         listen("hbone", drain_timeout, inbound, watch.clone()).await,
         listen("relay", drain_timeout, to_echo, watch).await,
     ];
@@ -268,7 +280,10 @@ fn has_goaway(seen: &Mutex<Vec<u8>>) -> bool {
         if seen[i + 3] == 0x7 {
             return true;
         }
-        i += 9 + (usize::from(seen[i]) << 16 | usize::from(seen[i + 1]) << 8 | usize::from(seen[i + 2]));
+        i += 9
+            + (usize::from(seen[i]) << 16
+                | usize::from(seen[i + 1]) << 8
+                | usize::from(seen[i + 2]));
     }
     false
 }
@@ -398,7 +413,11 @@ async fn read_response(s: &mut TcpStream) -> (String, Vec<u8>) {
             }
         }
         let n = s.read(&mut chunk).await.unwrap();
-        assert!(n > 0, "closed mid-response: {:?}", String::from_utf8_lossy(&buf));
+        assert!(
+            n > 0,
+            "closed mid-response: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
         buf.extend_from_slice(&chunk[..n]);
     }
 }
@@ -412,10 +431,18 @@ async fn h1_connect(proxy: SocketAddr, authority: SocketAddr) -> TcpStream {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut byte).await.unwrap(), 1, "closed before the answer");
+        assert_eq!(
+            s.read(&mut byte).await.unwrap(),
+            1,
+            "closed before the answer"
+        );
         head.push(byte[0]);
     }
-    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
     s
 }
 
@@ -430,10 +457,18 @@ async fn h1_upgrade(proxy: SocketAddr) -> TcpStream {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut byte).await.unwrap(), 1, "closed before the answer");
+        assert_eq!(
+            s.read(&mut byte).await.unwrap(),
+            1,
+            "closed before the answer"
+        );
         head.push(byte[0]);
     }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
     s
 }
 
@@ -498,18 +533,28 @@ async fn drain_lets_inflight_work_of_every_kind_finish() {
         let (ready, addr) = (ready.clone(), w.http);
         work.spawn(async move {
             let mut s = TcpStream::connect(addr).await.unwrap();
-            s.write_all(b"GET /fast HTTP/1.1\r\nHost: drain.test\r\n\r\n").await.unwrap();
-            let (head, body) = read_response(&mut s).await;
-            assert!(head.starts_with("http/1.1 200") && !head.contains("connection: close"), "{head}");
-            assert_eq!(body, b"ok");
-            let n = 100_000 + usize::from(seed);
-            s.write_all(format!("GET /slow?bytes={n} HTTP/1.1\r\nHost: drain.test\r\n\r\n").as_bytes())
+            s.write_all(b"GET /fast HTTP/1.1\r\nHost: drain.test\r\n\r\n")
                 .await
                 .unwrap();
+            let (head, body) = read_response(&mut s).await;
+            assert!(
+                head.starts_with("http/1.1 200") && !head.contains("connection: close"),
+                "{head}"
+            );
+            assert_eq!(body, b"ok");
+            let n = 100_000 + usize::from(seed);
+            s.write_all(
+                format!("GET /slow?bytes={n} HTTP/1.1\r\nHost: drain.test\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
             ready.send(()).await.unwrap();
             let (head, body) = read_response(&mut s).await;
             assert!(head.starts_with("http/1.1 200"), "{head}");
-            assert!(head.contains("connection: close"), "no Connection: close while draining: {head}");
+            assert!(
+                head.contains("connection: close"),
+                "no Connection: close while draining: {head}"
+            );
             assert!(body == pattern(n, 7), "HTTP/1 body differs");
             let mut rest = Vec::new();
             s.read_to_end(&mut rest).await.unwrap();
@@ -523,8 +568,11 @@ async fn drain_lets_inflight_work_of_every_kind_finish() {
             let body = pattern(6 * CHUNK, 3);
             let mut s = TcpStream::connect(addr).await.unwrap();
             s.write_all(
-                format!("POST /upload HTTP/1.1\r\nHost: drain.test\r\nContent-Length: {}\r\n\r\n", body.len())
-                    .as_bytes(),
+                format!(
+                    "POST /upload HTTP/1.1\r\nHost: drain.test\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                )
+                .as_bytes(),
             )
             .await
             .unwrap();
@@ -537,7 +585,10 @@ async fn drain_lets_inflight_work_of_every_kind_finish() {
             }
             let (head, answer) = read_response(&mut s).await;
             assert!(head.contains("connection: close"), "{head}");
-            assert_eq!(answer, format!("{} {:016x}", body.len(), fnv(&body)).as_bytes());
+            assert_eq!(
+                answer,
+                format!("{} {:016x}", body.len(), fnv(&body)).as_bytes()
+            );
             "http1 slow upload"
         });
     }
@@ -546,7 +597,9 @@ async fn drain_lets_inflight_work_of_every_kind_finish() {
         let (ready, addr) = (ready.clone(), w.http);
         work.spawn(async move {
             let mut s = TcpStream::connect(addr).await.unwrap();
-            s.write_all(b"GET /fast HTTP/1.1\r\nHost: drain.test\r\n\r\n").await.unwrap();
+            s.write_all(b"GET /fast HTTP/1.1\r\nHost: drain.test\r\n\r\n")
+                .await
+                .unwrap();
             read_response(&mut s).await;
             ready.send(()).await.unwrap();
             let mut rest = Vec::new();
@@ -573,7 +626,8 @@ async fn drain_lets_inflight_work_of_every_kind_finish() {
             let upload = pattern(6 * CHUNK, 4);
             let req = Request::post("http://drain.test/upload").body(()).unwrap();
             let (answer, mut send) = h2.request(req, false).await;
-            send.send_data(Bytes::copy_from_slice(&upload[..2 * CHUNK]), false).unwrap();
+            send.send_data(Bytes::copy_from_slice(&upload[..2 * CHUNK]), false)
+                .unwrap();
             ready.send(()).await.unwrap();
             drained(started).await;
             for c in upload[2 * CHUNK..].chunks(CHUNK) {
@@ -584,10 +638,16 @@ async fn drain_lets_inflight_work_of_every_kind_finish() {
             for (n, response) in responses {
                 let response = response.await.unwrap();
                 assert_eq!(response.status(), 200);
-                assert!(h2_body(response.into_body()).await.unwrap() == pattern(n, 7), "h2 body differs");
+                assert!(
+                    h2_body(response.into_body()).await.unwrap() == pattern(n, 7),
+                    "h2 body differs"
+                );
             }
             let answer = h2_body(answer.await.unwrap().into_body()).await.unwrap();
-            assert_eq!(answer, format!("{} {:016x}", upload.len(), fnv(&upload)).as_bytes());
+            assert_eq!(
+                answer,
+                format!("{} {:016x}", upload.len(), fnv(&upload)).as_bytes()
+            );
             drop(h2.send);
             tokio::time::timeout(SOON, h2.conn)
                 .await
@@ -681,7 +741,11 @@ async fn drain_lets_inflight_work_of_every_kind_finish() {
         release.send(true).unwrap();
     });
     for p in &w.proxies {
-        assert!(refused(p.addr).await, "{}: new connections still accepted while draining", p.name);
+        assert!(
+            refused(p.addr).await,
+            "{}: new connections still accepted while draining",
+            p.name
+        );
     }
     let mut done = Vec::new();
     while let Some(finished) = tokio::time::timeout(SOON, work.join_next())
@@ -708,7 +772,12 @@ async fn drain_lets_inflight_work_of_every_kind_finish() {
             s.errors.load(SeqCst),
             s.aborted.load(SeqCst)
         );
-        assert_eq!(s.aborted.load(SeqCst), 0, "{}: work cut before the deadline", p.name);
+        assert_eq!(
+            s.aborted.load(SeqCst),
+            0,
+            "{}: work cut before the deadline",
+            p.name
+        );
         assert_eq!(s.active.load(SeqCst), 0);
     }
     drop(w.hbone);
@@ -745,7 +814,9 @@ async fn drain_deadline_closes_everything_left() {
         let (ready, addr, t0) = (ready.clone(), w.http, t0.clone());
         work.spawn(async move {
             let mut s = TcpStream::connect(addr).await.unwrap();
-            s.write_all(b"GET /slow?bytes=1000 HTTP/1.1\r\nHost: drain.test\r\n\r\n").await.unwrap();
+            s.write_all(b"GET /slow?bytes=1000 HTTP/1.1\r\nHost: drain.test\r\n\r\n")
+                .await
+                .unwrap();
             ready.send(()).await.unwrap();
             ends(&mut s).await;
             ("http1 slow response", since(&t0))
@@ -755,7 +826,9 @@ async fn drain_deadline_closes_everything_left() {
         let (ready, addr) = (ready.clone(), w.http);
         work.spawn(async move {
             let mut s = TcpStream::connect(addr).await.unwrap();
-            s.write_all(b"GET /fast HTTP/1.1\r\nHost: drain.test\r\n\r\n").await.unwrap();
+            s.write_all(b"GET /fast HTTP/1.1\r\nHost: drain.test\r\n\r\n")
+                .await
+                .unwrap();
             read_response(&mut s).await;
             ready.send(()).await.unwrap();
             ends(&mut s).await;
@@ -767,11 +840,17 @@ async fn drain_deadline_closes_everything_left() {
         let (ready, addr, t0) = (ready.clone(), w.http, t0.clone());
         work.spawn(async move {
             let mut h2 = h2_connect(addr).await;
-            let req = Request::get("http://drain.test/slow?bytes=1000").body(()).unwrap();
+            let req = Request::get("http://drain.test/slow?bytes=1000")
+                .body(())
+                .unwrap();
             let (response, _send) = h2.request(req, true).await;
             ready.send(()).await.unwrap();
-            let _ = tokio::time::timeout(SOON, response).await.expect("h2 stream ended");
-            let _ = tokio::time::timeout(SOON, h2.conn).await.expect("h2 connection closed");
+            let _ = tokio::time::timeout(SOON, response)
+                .await
+                .expect("h2 stream ended");
+            let _ = tokio::time::timeout(SOON, h2.conn)
+                .await
+                .expect("h2 connection closed");
             ("h2 slow stream", since(&t0))
         });
     }
@@ -802,7 +881,9 @@ async fn drain_deadline_closes_everything_left() {
             let mut t = H2Tunnel::open(&mut h2, echo).await;
             t.exchange(b"before").await;
             ready.send(()).await.unwrap();
-            let _ = tokio::time::timeout(SOON, h2.conn).await.expect("h2 CONNECT connection closed");
+            let _ = tokio::time::timeout(SOON, h2.conn)
+                .await
+                .expect("h2 CONNECT connection closed");
             ("h2 CONNECT tunnel", since(&t0))
         });
     }
@@ -829,19 +910,29 @@ async fn drain_deadline_closes_everything_left() {
     }
     drop(ready);
     for _ in 0..work.len() {
-        tokio::time::timeout(SOON, ready_rx.recv()).await.unwrap().unwrap();
+        tokio::time::timeout(SOON, ready_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     *t0.lock().unwrap() = Some(Instant::now());
     w.signal.start();
     for p in &w.proxies {
-        assert!(refused(p.addr).await, "{}: new connections accepted while draining", p.name);
+        assert!(
+            refused(p.addr).await,
+            "{}: new connections accepted while draining",
+            p.name
+        );
     }
     while let Some(finished) = work.join_next().await {
         let (kind, after) = finished.unwrap();
         eprintln!("{kind}: closed {after:?} after the drain started");
         if let Some(after) = after {
-            assert!(after >= DEADLINE, "{kind} cut {after:?} into a {DEADLINE:?} drain");
+            assert!(
+                after >= DEADLINE,
+                "{kind} cut {after:?} into a {DEADLINE:?} drain"
+            );
         }
     }
     for p in w.proxies {
@@ -851,8 +942,16 @@ async fn drain_deadline_closes_everything_left() {
             .unwrap()
             .unwrap();
         let s = &p.stats;
-        eprintln!("{}: aborted {} at the deadline", p.name, s.aborted.load(SeqCst));
-        assert!(s.aborted.load(SeqCst) >= 1, "{}: nothing was left to abort?", p.name);
+        eprintln!(
+            "{}: aborted {} at the deadline",
+            p.name,
+            s.aborted.load(SeqCst)
+        );
+        assert!(
+            s.aborted.load(SeqCst) >= 1,
+            "{}: nothing was left to abort?",
+            p.name
+        );
         assert_eq!(s.active.load(SeqCst), 0);
     }
     // The upstream's held answers may go now; nothing may be left open in the proxies.

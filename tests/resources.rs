@@ -60,14 +60,14 @@ fn run(test: impl Future<Output = ()>) {
 }
 
 /// The soft `RLIMIT_NOFILE`.
-fn nofile() -> u64 {
+fn nofile() -> usize {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit fills the struct it is given.
     assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
-    lim.rlim_cur as u64
+    usize::try_from(lim.rlim_cur).unwrap_or(usize::MAX)
 }
 
 /// Raises `RLIMIT_NOFILE` to `want` (soft, and hard if it is lower, which needs
@@ -115,7 +115,7 @@ fn connections(fds_per_conn: usize, reserve: usize) -> Option<usize> {
     match raise_nofile(want as u64) {
         Ok(()) => Some(N),
         Err(why) => {
-            let fit = (nofile() as usize).saturating_sub(open_fds() + reserve) / fds_per_conn;
+            let fit = nofile().saturating_sub(open_fds() + reserve) / fds_per_conn;
             let n = fit.min(N);
             if n < 1_000 {
                 eprintln!("SKIPPED: {why}; only {n} connections would fit");

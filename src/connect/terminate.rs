@@ -286,7 +286,6 @@ struct Handler {
     h1_tunnel: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
 
-
 /// What the checks need of a CONNECT request, whichever protocol carried it.
 struct Head<'a> {
     method: &'a Method,

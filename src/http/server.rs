@@ -84,7 +84,10 @@ pub(crate) struct UpgradeTasks(Arc<Mutex<Vec<JoinHandle<()>>>>);
 
 impl UpgradeTasks {
     pub(crate) fn push(&self, task: JoinHandle<()>) {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).push(task);
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(task);
     }
 
     fn take(&self) -> Vec<JoinHandle<()>> {
