@@ -273,6 +273,18 @@ fn is_per_connection(e: &io::Error) -> bool {
     )
 }
 
+/// Aborts a task when dropped: for a task that must not outlive the (connection) task
+/// that holds the guard.
+#[cfg(any(feature = "http", feature = "connect"))]
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
+
+#[cfg(any(feature = "http", feature = "connect"))]
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Displays an error with its `source()` chain: `a: b: c`.
 pub(crate) struct DisplayChain<'a>(pub &'a (dyn std::error::Error + 'static));
 

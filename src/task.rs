@@ -33,7 +33,7 @@ pub(crate) async fn serving<F: Future<Output = ()>>(stats: Arc<ServeStats>, fut:
 
 /// Spawns `fut` as part of the current connection's work (see the module docs).
 #[cfg(any(feature = "http", feature = "connect"))]
-pub(crate) fn spawn<F>(fut: F)
+pub(crate) fn spawn<F>(fut: F) -> tokio::task::JoinHandle<()>
 where
     F: Future<Output = ()> + Send + 'static,
 {
@@ -47,7 +47,7 @@ where
                 }
             }
         }
-    });
+    })
 }
 
 fn report(stats: Option<&ServeStats>, panic: &(dyn std::any::Any + Send)) {
@@ -74,9 +74,10 @@ where
     F::Output: Send + 'static,
 {
     fn execute(&self, fut: F) {
-        spawn(async move {
+        // hyper does not join what it spawns.
+        drop(spawn(async move {
             fut.await;
-        });
+        }));
     }
 }
 

@@ -22,6 +22,7 @@ use tracing::{debug, warn};
 use super::error::{ErrorOrigin, ForwardError, ForwardErrorKind};
 use super::headers;
 use super::pool::{Pool, PoolConfig};
+use super::server::UpgradeTasks;
 use super::BoxBody;
 use crate::conn::{Conn, Io, PeerAddr};
 use crate::tcp::{relay_with, RelayConfig};
@@ -306,6 +307,7 @@ where
             None
         };
         let downstream_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+        let upgrade_tasks = req.extensions().get::<UpgradeTasks>().cloned();
         let protocol = if upgrade.is_some() {
             UpstreamProtocol::Http1 // upgrades exist only in HTTP/1.1
         } else {
@@ -368,7 +370,10 @@ where
                 ));
             };
             let upstream = hyper::upgrade::on(&mut resp);
-            self.spawn_upgrade_relay(downstream, upstream);
+            let task = self.spawn_upgrade_relay(downstream, upstream);
+            if let Some(tasks) = upgrade_tasks {
+                tasks.push(task);
+            }
             let (mut rparts, _) = resp.into_parts();
             headers::remove_hop_by_hop(&mut rparts.headers, true);
             self.add_via(&mut rparts.headers, Version::HTTP_11);
@@ -443,7 +448,7 @@ where
         &self,
         downstream: hyper::upgrade::OnUpgrade,
         upstream: hyper::upgrade::OnUpgrade,
-    ) {
+    ) -> tokio::task::JoinHandle<()> {
         let config = self.config.relay.clone();
         crate::task::spawn(async move {
             // The client side completes once hyper has written our 101.
@@ -465,7 +470,7 @@ where
                     "upgrade did not complete"
                 ),
             }
-        });
+        })
     }
 }
 

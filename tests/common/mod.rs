@@ -189,3 +189,55 @@ where
         stats,
     }
 }
+
+/// Connections seen by a [`counting_echo_server`].
+#[derive(Debug, Default)]
+pub struct EchoCount {
+    /// Open now.
+    pub live: std::sync::atomic::AtomicUsize,
+    /// Accepted in all.
+    pub accepted: std::sync::atomic::AtomicUsize,
+}
+
+/// An [`echo_server`] that counts its open and accepted connections, so a test can tell
+/// how many upstream connections a proxy holds. Its listen backlog is 4096, not tokio's
+/// 128: past the backlog the kernel drops completed handshakes without telling the
+/// client, and an idle one would wait forever.
+pub async fn counting_echo_server() -> (SocketAddr, std::sync::Arc<EchoCount>) {
+    use std::sync::atomic::Ordering;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(4096).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = std::sync::Arc::new(EchoCount::default());
+    let c = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            c.accepted.fetch_add(1, Ordering::SeqCst);
+            c.live.fetch_add(1, Ordering::SeqCst);
+            let c = c.clone();
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+                drop(s);
+                c.live.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, count)
+}
+
+/// Polls `cond` every 10 ms until it holds or `limit` passes; returns whether it held.
+pub async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
