@@ -166,6 +166,59 @@ async fn slowloris_head_is_cut_off() {
     proxy.shutdown().await;
 }
 
+/// A request body trickling in (slowloris on the body): `HttpServer` itself times only the
+/// head, so the documented defence is tower-http's timeouts in front of `Forward` — the
+/// client gets `408` once the request outlives its deadline, the upstream never sees a
+/// complete body, and the proxy serves the next client.
+#[tokio::test]
+async fn slow_request_body_is_cut_off_by_tower_http_timeouts() {
+    use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
+    let b = backend().await;
+    let upstream = b.addr;
+    let forward = proxystack::http::Forward::new(
+        proxystack::tcp::TcpConnector::new(),
+        move |_: &Request<_>| Some(proxystack::Target::from(upstream)),
+    );
+    let guarded = tower::ServiceBuilder::new()
+        // The whole request (head to last body byte and the answer) within 2 s…
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(2),
+        ))
+        // …and no gap of more than 1 s between body frames.
+        .layer(RequestBodyTimeoutLayer::new(Duration::from_secs(1)))
+        .service(forward);
+    let proxy = serve_http(HttpServer::new(guarded)).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let started = std::time::Instant::now();
+    // One byte every 300 ms: never idle long enough for the body timeout, so the request
+    // deadline has to end it. Bounded: at most 40 bytes (12 s).
+    for _ in 0..40 {
+        if s.write_all(b"x").await.is_err() {
+            break;
+        }
+        let mut buf = [0u8; 512];
+        if let Ok(r) = tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await {
+            answer.extend_from_slice(&buf[..r.unwrap_or(0)]);
+            break;
+        }
+    }
+    assert!(
+        answer.starts_with(b"HTTP/1.1 408"),
+        "after {:?}: {:?}",
+        started.elapsed(),
+        String::from_utf8_lossy(&answer)
+    );
+    assert_eq!(b.seen.complete.load(Ordering::SeqCst), 0);
+    assert_still_serves(proxy.addr).await;
+    proxy.shutdown().await;
+}
+
 // ---- HTTP/2 ----
 
 fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {

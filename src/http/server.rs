@@ -33,6 +33,9 @@ use crate::{drain, BoxError};
 ///   request head and 100 fields (`431` beyond), HTTP/2 at most 100 concurrent streams, a
 ///   64 KiB header list (CONTINUATION floods end in `GOAWAY`), and at most 20 streams
 ///   reset by the client before the server saw them (rapid reset, CVE-2023-44487);
+/// * only the head is timed: for slow bodies put tower-http's `TimeoutLayer` (whole
+///   request, `408`) and `RequestBodyTimeoutLayer` (gap between body frames) in front of
+///   the service, as `tests/http_bad_input.rs` does;
 /// * a strict HTTP/1 head check refuses `Content-Length` + `Transfer-Encoding`, any
 ///   `Transfer-Encoding` other than `chunked`, bare LF, obs-fold, control characters and
 ///   duplicate `Host` with `400` before the service sees the request
