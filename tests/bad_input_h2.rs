@@ -1,0 +1,851 @@
+//! HTTP/2 and HBONE bad inputs (REFERENCE.md §4.2 "HTTP/2 / HBONE", "Lifecycle /
+//! resources" minus drain): malformed CONNECT requests and authorities, stream-lifecycle
+//! abuse, frame floods with bounded memory, HBONE metadata headers, policy flips, certificate
+//! rotation and head-of-line blocking on a pooled connection.
+//!
+//! Targets: `connect::ConnectTerminate` and `hbone::Inbound` (the HTTP/2 CONNECT path, `h2`
+//! directly) and `http::HttpServer` (the hyper HTTP/2 path). Requests are hand-written frames
+//! (`common::RawH2`) so that nothing a well-behaved client library would refuse to send is
+//! out of reach. Each case asserts the exact answer (status, RST_STREAM or GOAWAY code, or
+//! close), that nothing reached an upstream that should not have, and that the server still
+//! serves the next good connection.
+#![cfg(all(feature = "http", feature = "hbone", feature = "demo-certs"))]
+
+mod common;
+mod http_common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{h2_frame, h2f, hpack_int, hpack_literal, hpack_literals, start, RawH2, RssWatch};
+use http::StatusCode;
+use proxystack::conn::{Admission, BoxIo, Metadata, Refusal};
+use proxystack::connect::{ConnectAuthority, ConnectTerminate, Decision, H2ConnectPool, TunnelInfo};
+use proxystack::hbone::{self, HboneHeaders, HboneTarget, Inbound};
+use proxystack::http::HttpServer;
+use proxystack::identity::SpiffeId;
+use proxystack::tls::demo::DemoCa;
+use proxystack::{tcp, Authority, Conn, Server, Target};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tower::{service_fn, ServiceExt};
+
+const TD: &str = "cluster.local";
+const WAIT: Duration = Duration::from_secs(10);
+
+fn id(ns: &str, sa: &str) -> SpiffeId {
+    SpiffeId::istio(TD, ns, sa).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------
+// A capturing upstream: records every byte and how each connection ended, echoes back.
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum End {
+    Open,
+    Eof,
+    Error(std::io::ErrorKind),
+}
+
+#[derive(Debug)]
+struct Log {
+    bytes: Vec<u8>,
+    end: End,
+}
+
+#[derive(Clone)]
+struct Upstream {
+    addr: SocketAddr,
+    conns: Arc<Mutex<Vec<Arc<Mutex<Log>>>>>,
+}
+
+impl Upstream {
+    fn accepted(&self) -> usize {
+        self.conns.lock().unwrap().len()
+    }
+
+    /// Bytes and end of the `i`th accepted connection.
+    fn conn(&self, i: usize) -> (Vec<u8>, End) {
+        let c = self.conns.lock().unwrap()[i].clone();
+        let log = c.lock().unwrap();
+        (log.bytes.clone(), log.end.clone())
+    }
+
+    fn all_bytes(&self) -> Vec<u8> {
+        let conns = self.conns.lock().unwrap();
+        conns
+            .iter()
+            .flat_map(|c| c.lock().unwrap().bytes.clone())
+            .collect()
+    }
+
+    /// Waits until connection `i` has ended (or `WAIT`).
+    async fn ended(&self, i: usize) -> (Vec<u8>, End) {
+        for _ in 0..(WAIT.as_millis() / 20) {
+            if self.accepted() > i {
+                let (bytes, end) = self.conn(i);
+                if end != End::Open {
+                    return (bytes, end);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.conn(i)
+    }
+}
+
+/// An echo upstream on `ip` that logs what it gets.
+async fn capture_upstream_on(ip: [u8; 4]) -> Upstream {
+    let listener = TcpListener::bind(SocketAddr::from((ip, 0))).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns: Arc<Mutex<Vec<Arc<Mutex<Log>>>>> = Arc::default();
+    let c = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let log = Arc::new(Mutex::new(Log {
+                bytes: Vec::new(),
+                end: End::Open,
+            }));
+            c.lock().unwrap().push(log.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) => {
+                            log.lock().unwrap().end = End::Eof;
+                            let _ = s.shutdown().await;
+                            break;
+                        }
+                        Ok(n) => {
+                            log.lock().unwrap().bytes.extend_from_slice(&buf[..n]);
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            log.lock().unwrap().end = End::Error(e.kind());
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Upstream { addr, conns }
+}
+
+async fn capture_upstream() -> Upstream {
+    capture_upstream_on([127, 0, 0, 1]).await
+}
+
+// ---------------------------------------------------------------------------------------
+// Raw requests and verdicts.
+
+/// What the server did with one stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Status(u16),
+    Reset(u32),
+    GoAway(u32),
+    Closed,
+    Silent,
+}
+
+async fn verdict<I>(raw: &mut RawH2<I>, stream: u32) -> Verdict
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    raw.pump_until(WAIT, |s| {
+        s.status.contains_key(&stream) || s.resets.contains_key(&stream) || s.goaway.is_some()
+    })
+    .await;
+    let s = &raw.seen;
+    if let Some(status) = s.status.get(&stream) {
+        Verdict::Status(*status)
+    } else if let Some(code) = s.resets.get(&stream) {
+        Verdict::Reset(*code)
+    } else if let Some((_, code)) = s.goaway {
+        Verdict::GoAway(code)
+    } else if s.closed {
+        Verdict::Closed
+    } else {
+        Verdict::Silent
+    }
+}
+
+fn headers(stream: u32, end_stream: bool, block: &[u8]) -> Vec<u8> {
+    let flags = h2f::END_HEADERS | if end_stream { h2f::END_STREAM } else { 0 };
+    h2_frame(h2f::HEADERS, flags, stream, block)
+}
+
+fn data(stream: u32, end_stream: bool, payload: &[u8]) -> Vec<u8> {
+    let flags = if end_stream { h2f::END_STREAM } else { 0 };
+    h2_frame(h2f::DATA, flags, stream, payload)
+}
+
+fn rst(stream: u32, code: u32) -> Vec<u8> {
+    h2_frame(h2f::RST_STREAM, 0, stream, &code.to_be_bytes())
+}
+
+fn connect_block(authority: &str) -> Vec<u8> {
+    hpack_literals(&[(":method", "CONNECT"), (":authority", authority)])
+}
+
+/// Waits until `stream` has received `n` DATA bytes.
+async fn read_data<I>(raw: &mut RawH2<I>, stream: u32, n: usize) -> Vec<u8>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    raw.pump_until(WAIT, |s| s.data.get(&stream).map_or(0, Vec::len) >= n)
+        .await;
+    raw.seen.data.get(&stream).cloned().unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------
+// HBONE servers over real mutual TLS.
+
+/// What the HBONE server's relay saw.
+#[derive(Default, Clone)]
+struct Seen {
+    dials: Arc<AtomicUsize>,
+    headers: Arc<Mutex<Vec<(HboneHeaders, http::HeaderMap)>>>,
+}
+
+/// The relay behind an HBONE server: IP authorities go to `app`'s IP at the authority's
+/// port (never the authority IP, as ztunnel); host names go through `names` (name → port on
+/// `app`'s IP), unknown names get no upstream.
+fn hbone_relay(
+    app: SocketAddr,
+    names: HashMap<String, u16>,
+    seen: Seen,
+) -> tcp::Relay<tcp::TcpConnector, impl Fn(&Metadata) -> Option<Target> + Clone + Send + Sync> {
+    tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |c: &Metadata| {
+        let info = c.get::<TunnelInfo>()?;
+        if let Some(h) = c.get::<HboneHeaders>() {
+            seen.headers
+                .lock()
+                .unwrap()
+                .push((h.clone(), info.headers.clone()));
+        }
+        let port = match info.authority.host() {
+            proxystack::addr::Host::Ip(_) => info.authority.port(),
+            proxystack::addr::Host::Name(n) => *names.get(n)?,
+        };
+        seen.dials.fetch_add(1, Ordering::SeqCst);
+        Some(Target::from((app.ip(), port)))
+    })
+}
+
+/// An HBONE server on `listener` in front of `app`.
+async fn hbone_on(
+    ca: &DemoCa,
+    listener: TcpListener,
+    app: SocketAddr,
+    names: HashMap<String, u16>,
+    configure: impl FnOnce(Inbound) -> Inbound,
+) -> (SocketAddr, Seen) {
+    let seen = Seen::default();
+    let inbound = configure(Inbound::new(
+        ca.workload_cert("default", "server"),
+        ca.roots(),
+    ))
+    .service(hbone_relay(app, names, seen.clone()))
+    .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (signal, watch) = proxystack::drain::channel();
+    tokio::spawn(async move {
+        let _keep = signal;
+        Server::new().serve(listener, inbound, watch).await
+    });
+    (addr, seen)
+}
+
+async fn hbone_server(
+    ca: &DemoCa,
+    app: SocketAddr,
+    configure: impl FnOnce(Inbound) -> Inbound,
+) -> (SocketAddr, Seen) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    hbone_on(ca, listener, app, HashMap::new(), configure).await
+}
+
+/// A raw HTTP/2 connection to an HBONE server over mutual TLS with a mesh certificate.
+async fn hbone_raw(
+    ca: &DemoCa,
+    server: SocketAddr,
+) -> RawH2<impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> {
+    let tls = proxystack::tls::TlsConnector::new(tcp::TcpConnector::new(), ca.roots())
+        .client_cert(ca.workload_cert("default", "client"))
+        .unwrap()
+        .alpn(["h2"])
+        .sni(proxystack::tls::SniMode::None)
+        .expect_identities([id("default", "server")]);
+    let io = tls.oneshot(Target::from(server)).await.unwrap();
+    RawH2::handshake(io, &[]).await
+}
+
+fn hbone_client(ca: &DemoCa) -> hbone::Connector {
+    hbone::Connector::hbone(ca.workload_cert("default", "client"), ca.roots()).unwrap()
+}
+
+fn hbone_target(server: SocketAddr, authority: &str) -> Target {
+    HboneTarget::new(
+        server,
+        Authority::parse(authority).unwrap(),
+        [id("default", "server")],
+    )
+    .into_target()
+}
+
+/// A good tunnel through the HBONE server still works.
+async fn hbone_still_serves(ca: &DemoCa, server: SocketAddr, app: SocketAddr) {
+    let mut t = hbone_client(ca)
+        .oneshot(hbone_target(server, &format!("127.0.0.1:{}", app.port())))
+        .await
+        .unwrap();
+    t.write_all(b"still here").await.unwrap();
+    let mut got = [0u8; 10];
+    tokio::time::timeout(WAIT, t.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got, b"still here");
+}
+
+// ---------------------------------------------------------------------------------------
+// Plain CONNECT and HTTP servers.
+
+fn relay_counting(
+    to: SocketAddr,
+    dials: Arc<AtomicUsize>,
+) -> tcp::Relay<tcp::TcpConnector, impl Fn(&Metadata) -> Option<Target> + Clone + Send + Sync> {
+    tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |_: &Metadata| {
+        dials.fetch_add(1, Ordering::SeqCst);
+        Some(Target::from(to))
+    })
+}
+
+async fn connect_proxy(
+    up: &Upstream,
+    configure: impl FnOnce(ConnectTerminate) -> ConnectTerminate,
+) -> (common::Running, Arc<AtomicUsize>) {
+    let dials = Arc::new(AtomicUsize::new(0));
+    let terminate = configure(ConnectTerminate::new(relay_counting(up.addr, dials.clone())));
+    (start(Server::new(), terminate).await, dials)
+}
+
+/// A good tunnel through a plain CONNECT proxy still works (a new pooled connection).
+async fn connect_still_serves(proxy: SocketAddr) {
+    let target =
+        Target::from(proxy).with(ConnectAuthority(Authority::parse("echo.test:7").unwrap()));
+    let mut t = H2ConnectPool::new(tcp::TcpConnector::new())
+        .oneshot(target)
+        .await
+        .unwrap();
+    t.write_all(b"still here").await.unwrap();
+    let mut got = [0u8; 10];
+    tokio::time::timeout(WAIT, t.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got, b"still here");
+}
+
+async fn tcp_raw(addr: SocketAddr) -> RawH2<TcpStream> {
+    RawH2::handshake(TcpStream::connect(addr).await.unwrap(), &[]).await
+}
+
+// =======================================================================================
+// CONNECT request shapes and authorities (hbone::Inbound = ConnectTerminate + ztunnel rules)
+
+/// Every malformed CONNECT request and authority of §4.2 against an HBONE server: the exact
+/// answer, nothing dialled, and the server still serves. `[::ffff:127.0.0.1]` is the local
+/// IPv4 address in IPv6 form: the local-IP rule compares canonical addresses, so it is
+/// accepted as the local address (and, as always, only the port is used to dial).
+#[tokio::test]
+async fn hbone_malformed_connect_requests_and_authorities() {
+    common::init_tracing();
+    let ca = DemoCa::new(TD);
+    let app = capture_upstream().await;
+    let (server, seen) = hbone_server(&ca, app.addr, |i| i).await;
+    let port = app.addr.port();
+    let ok = format!("127.0.0.1:{port}");
+    let cases: Vec<(&str, Vec<u8>, Verdict)> = vec![
+        (
+            "GET instead of CONNECT",
+            hpack_literals(&[
+                (":method", "GET"),
+                (":scheme", "https"),
+                (":path", "/"),
+                (":authority", &ok),
+            ]),
+            Verdict::Status(400),
+        ),
+        (
+            "CONNECT with :scheme and :path (RFC 9113 §8.5)",
+            hpack_literals(&[
+                (":method", "CONNECT"),
+                (":scheme", "https"),
+                (":path", "/"),
+                (":authority", &ok),
+            ]),
+            Verdict::Reset(h2f::PROTOCOL_ERROR),
+        ),
+        (
+            "CONNECT with :path only",
+            hpack_literals(&[(":method", "CONNECT"), (":path", "/"), (":authority", &ok)]),
+            Verdict::Reset(h2f::PROTOCOL_ERROR),
+        ),
+        (
+            "CONNECT without :authority",
+            hpack_literals(&[(":method", "CONNECT")]),
+            Verdict::Status(400),
+        ),
+        (
+            "authority without port",
+            connect_block("127.0.0.1"),
+            Verdict::Status(400),
+        ),
+        ("port 0", connect_block("127.0.0.1:0"), Verdict::Status(400)),
+        (
+            "port > 65535",
+            connect_block("127.0.0.1:65536"),
+            Verdict::Status(400),
+        ),
+        (
+            "port with sign",
+            connect_block("127.0.0.1:+80"),
+            Verdict::Status(400),
+        ),
+        (
+            "userinfo",
+            connect_block(&format!("a@127.0.0.1:{port}")),
+            Verdict::Status(400),
+        ),
+        (
+            "userinfo a@b:1",
+            connect_block("a@b:1"),
+            Verdict::Status(400),
+        ),
+        (
+            "unbracketed IPv6",
+            connect_block(&format!("::1:{port}")),
+            Verdict::Reset(h2f::PROTOCOL_ERROR),
+        ),
+        (
+            "IPv6 zone id",
+            connect_block(&format!("[fe80::1%25eth0]:{port}")),
+            Verdict::Status(400),
+        ),
+        (
+            "IPv4-mapped IPv6 of another address",
+            connect_block(&format!("[::ffff:127.0.0.2]:{port}")),
+            Verdict::Status(400),
+        ),
+        (
+            "authority IP is not the local IP",
+            connect_block(&format!("127.0.0.2:{port}")),
+            Verdict::Status(400),
+        ),
+        (
+            "numeric last label (resolver would read it as IPv4)",
+            connect_block(&format!("127.1:{port}")),
+            Verdict::Status(400),
+        ),
+        (
+            "path in the authority",
+            connect_block(&format!("127.0.0.1:{port}/x")),
+            Verdict::Reset(h2f::PROTOCOL_ERROR),
+        ),
+        (
+            "a proxy port (ILLEGAL_PORTS)",
+            connect_block("127.0.0.1:15008"),
+            Verdict::Status(503),
+        ),
+    ];
+    for (name, block, want) in cases {
+        let mut raw = hbone_raw(&ca, server).await;
+        raw.send(&headers(1, false, &block)).await.unwrap();
+        let got = verdict(&mut raw, 1).await;
+        assert_eq!(got, want, "{name}");
+        assert_eq!(seen.dials.load(Ordering::SeqCst), 0, "{name}: dialled");
+        assert_eq!(app.accepted(), 0, "{name}: reached the app");
+        // A refused stream does not take the connection down: a good CONNECT on the same
+        // connection is answered 200.
+        if !matches!(got, Verdict::GoAway(_) | Verdict::Closed) {
+            raw.send(&headers(3, false, &connect_block(&ok))).await.unwrap();
+            assert_eq!(verdict(&mut raw, 3).await, Verdict::Status(200), "{name}");
+            raw.send(&rst(3, h2f::CANCEL)).await.unwrap();
+            seen.dials.store(0, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            app.conns.lock().unwrap().clear();
+        }
+    }
+
+    // The IPv4-mapped form of the local address is the local address.
+    let mut raw = hbone_raw(&ca, server).await;
+    raw.send(&headers(
+        1,
+        false,
+        &connect_block(&format!("[::ffff:127.0.0.1]:{port}")),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(verdict(&mut raw, 1).await, Verdict::Status(200));
+    raw.send(&data(1, false, b"mapped")).await.unwrap();
+    assert_eq!(read_data(&mut raw, 1, 6).await, b"mapped");
+    hbone_still_serves(&ca, server, app.addr).await;
+}
+
+/// Host-name authorities (ztunnel: service FQDN, resolved by the server; unknown → 503).
+/// Here the inner service resolves: a `tcp::Relay` whose upstream function returns `None`
+/// refuses with `Refusal::Unreachable`, which the terminator answers `502`; an inner
+/// service that refuses with `Refusal::Refused` gets ztunnel's `503`. Either way nothing is
+/// dialled.
+#[tokio::test]
+async fn hbone_host_name_authorities_known_and_unknown() {
+    let ca = DemoCa::new(TD);
+    let app = capture_upstream().await;
+    let names = HashMap::from([("reviews.default.svc.cluster.local".to_string(), app.addr.port())]);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (server, seen) = hbone_on(&ca, listener, app.addr, names, |i| i).await;
+    let mut raw = hbone_raw(&ca, server).await;
+    raw.send(&headers(
+        1,
+        false,
+        &connect_block("reviews.default.svc.cluster.local:9080"),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(verdict(&mut raw, 1).await, Verdict::Status(200));
+    raw.send(&data(1, false, b"by name")).await.unwrap();
+    assert_eq!(read_data(&mut raw, 1, 7).await, b"by name");
+    assert_eq!(seen.dials.load(Ordering::SeqCst), 1);
+
+    raw.send(&headers(3, false, &connect_block("unknown.default.svc:9080")))
+        .await
+        .unwrap();
+    assert_eq!(verdict(&mut raw, 3).await, Verdict::Status(502));
+    assert_eq!(seen.dials.load(Ordering::SeqCst), 1, "unknown name dialled");
+    assert_eq!(app.accepted(), 1);
+
+    // ztunnel's answer, from an inner service that says why it refuses.
+    let relay = hbone_relay(app.addr, HashMap::new(), Seen::default());
+    let resolving = service_fn(move |conn: Conn<BoxIo>| {
+        let relay = relay.clone();
+        async move {
+            let known = conn
+                .get::<TunnelInfo>()
+                .is_some_and(|t| matches!(t.authority.host(), proxystack::addr::Host::Ip(_)));
+            if !known {
+                if let Some(a) = conn.get::<Admission>() {
+                    a.refuse(Refusal::Refused);
+                }
+                return Ok(());
+            }
+            relay.oneshot(conn).await.map_err(proxystack::BoxError::from)
+        }
+    });
+    let inbound = Inbound::new(ca.workload_cert("default", "server"), ca.roots())
+        .service(resolving)
+        .unwrap();
+    let proxy = start(Server::new(), inbound).await;
+    let mut raw = hbone_raw(&ca, proxy.addr).await;
+    raw.send(&headers(1, false, &connect_block("unknown.default.svc:9080")))
+        .await
+        .unwrap();
+    assert_eq!(verdict(&mut raw, 1).await, Verdict::Status(503));
+    assert_eq!(app.accepted(), 1);
+    hbone_still_serves(&ca, server, app.addr).await;
+}
+
+/// A tunnel to the HBONE server's own port would loop through it: with that port in
+/// `illegal_ports` it is refused with `503` (ztunnel's answer for its own ports) before
+/// anything is dialled.
+#[tokio::test]
+async fn hbone_authority_port_equal_to_the_proxy_port_is_503() {
+    let ca = DemoCa::new(TD);
+    let app = capture_upstream().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let own = listener.local_addr().unwrap().port();
+    let illegal: Vec<u16> = hbone::ILLEGAL_PORTS.iter().copied().chain([own]).collect();
+    let (server, seen) = hbone_on(&ca, listener, app.addr, HashMap::new(), |i| {
+        i.illegal_ports(illegal)
+    })
+    .await;
+    for port in [own, 15001, 15006, 15008, 15080] {
+        let mut raw = hbone_raw(&ca, server).await;
+        raw.send(&headers(1, false, &connect_block(&format!("127.0.0.1:{port}"))))
+            .await
+            .unwrap();
+        assert_eq!(verdict(&mut raw, 1).await, Verdict::Status(503), "{port}");
+        // The refusal is a HEADERS frame with END_STREAM, as ztunnel sends errors.
+        assert!(raw.seen.ended.contains(&1), "{port}");
+    }
+    assert_eq!(seen.dials.load(Ordering::SeqCst), 0);
+    hbone_still_serves(&ca, server, app.addr).await;
+}
+
+/// Extended CONNECT (`:protocol`, RFC 8441) to a server that did not advertise
+/// SETTINGS_ENABLE_CONNECT_PROTOCOL: a malformed request, reset with PROTOCOL_ERROR by the
+/// codec; nothing is dialled.
+#[tokio::test]
+async fn extended_connect_when_not_advertised_is_reset() {
+    let up = capture_upstream().await;
+    let (proxy, dials) = connect_proxy(&up, |t| t).await;
+    let mut raw = tcp_raw(proxy.addr).await;
+    raw.pump_until(WAIT, |s| !s.settings.is_empty()).await;
+    assert!(
+        !raw.seen.settings.iter().any(|(id, _)| *id == 0x8),
+        "SETTINGS_ENABLE_CONNECT_PROTOCOL advertised: {:?}",
+        raw.seen.settings
+    );
+    let block = hpack_literals(&[
+        (":method", "CONNECT"),
+        (":protocol", "websocket"),
+        (":scheme", "http"),
+        (":path", "/chat"),
+        (":authority", "chat.test:80"),
+    ]);
+    raw.send(&headers(1, false, &block)).await.unwrap();
+    assert_eq!(verdict(&mut raw, 1).await, Verdict::Reset(h2f::PROTOCOL_ERROR));
+    // The connection survives the stream error.
+    raw.send(&headers(3, false, &connect_block("echo.test:7")))
+        .await
+        .unwrap();
+    assert_eq!(verdict(&mut raw, 3).await, Verdict::Status(200));
+    assert_eq!(dials.load(Ordering::SeqCst), 1, "only the plain CONNECT dialled");
+    connect_still_serves(proxy.addr).await;
+}
+
+// =======================================================================================
+// Stream lifecycle on the tunnel
+
+/// A CONNECT proxy whose dials take `delay` (a slow upstream), so the client's frames
+/// arrive before the `200`.
+async fn slow_connect_proxy(
+    up: &Upstream,
+    delay: Duration,
+    configure: impl FnOnce(ConnectTerminate) -> ConnectTerminate,
+) -> (common::Running, Arc<AtomicUsize>) {
+    let dials = Arc::new(AtomicUsize::new(0));
+    let d = dials.clone();
+    let to = up.addr;
+    let slow = service_fn(move |t: Target| async move {
+        tokio::time::sleep(delay).await;
+        tcp::TcpConnector::new().oneshot(t).await
+    });
+    let relay = tcp::Relay::new(slow).upstream(move |_: &Metadata| {
+        d.fetch_add(1, Ordering::SeqCst);
+        Some(Target::from(to))
+    });
+    let terminate = configure(ConnectTerminate::new(relay));
+    (start(Server::new(), terminate).await, dials)
+}
+
+/// DATA sent before the `200` (client early data, which RFC 9113 §8.5 does not allow and
+/// ztunnel's client never sends): it is buffered by flow control, not lost and not
+/// misrouted — once the upstream connected it receives the early bytes first, in order.
+/// If the tunnel is refused instead, the early bytes go nowhere.
+#[tokio::test]
+async fn early_data_before_the_200_is_buffered_in_order_or_dropped_with_the_refusal() {
+    let up = capture_upstream().await;
+    let (proxy, dials) = slow_connect_proxy(&up, Duration::from_millis(300), |t| {
+        t.policy(|req| {
+            if req.authority.port() == 22 {
+                Decision::Deny(StatusCode::FORBIDDEN)
+            } else {
+                Decision::Allow
+            }
+        })
+    })
+    .await;
+    let mut raw = tcp_raw(proxy.addr).await;
+    let mut burst = headers(1, false, &connect_block("echo.test:7"));
+    burst.extend(data(1, false, b"early-1 "));
+    burst.extend(data(1, false, b"early-2 "));
+    raw.send(&burst).await.unwrap();
+    assert_eq!(verdict(&mut raw, 1).await, Verdict::Status(200));
+    assert!(
+        raw.seen.data.get(&1).is_none_or(Vec::is_empty),
+        "nothing before the upstream connected"
+    );
+    raw.send(&data(1, true, b"late")).await.unwrap();
+    assert_eq!(read_data(&mut raw, 1, 20).await, b"early-1 early-2 late");
+    let (bytes, end) = up.ended(0).await;
+    assert_eq!(bytes, b"early-1 early-2 late");
+    assert_eq!(end, End::Eof);
+    raw.pump_until(WAIT, |s| s.ended.contains(&1)).await;
+    assert!(raw.seen.ended.contains(&1), "the upstream's FIN ends the stream");
+
+    // Refused by policy: 403, and the early bytes reach no one.
+    let mut burst = headers(3, false, &connect_block("echo.test:22"));
+    burst.extend(data(3, false, b"secret"));
+    raw.send(&burst).await.unwrap();
+    assert_eq!(verdict(&mut raw, 3).await, Verdict::Status(403));
+    assert_eq!(dials.load(Ordering::SeqCst), 1);
+    assert_eq!(up.accepted(), 1);
+    assert!(!up.all_bytes().windows(6).any(|w| w == b"secret"));
+    connect_still_serves(proxy.addr).await;
+}
+
+/// HEADERS on the tunnel stream after the `200` (nghttp2#2849). Trailers (with END_STREAM)
+/// end the client's direction like a FIN; the other direction keeps working. A second
+/// HEADERS without END_STREAM is malformed (RFC 9113 §8.1): the codec resets the stream
+/// with PROTOCOL_ERROR, and the upstream connection ends (FIN, the H2 side read a clean
+/// end of data before the reset; or reset) — nothing after it is delivered.
+#[tokio::test]
+async fn headers_after_the_200_on_the_tunnel_stream() {
+    let up = capture_upstream().await;
+    let (proxy, _) = connect_proxy(&up, |t| t).await;
+    let mut raw = tcp_raw(proxy.addr).await;
+    raw.send(&headers(1, false, &connect_block("echo.test:7")))
+        .await
+        .unwrap();
+    assert_eq!(verdict(&mut raw, 1).await, Verdict::Status(200));
+    raw.send(&data(1, false, b"before trailers")).await.unwrap();
+    assert_eq!(read_data(&mut raw, 1, 15).await, b"before trailers");
+    raw.send(&headers(1, true, &hpack_literals(&[("x-trailer", "1")])))
+        .await
+        .unwrap();
+    let (bytes, end) = up.ended(0).await;
+    assert_eq!((bytes.as_slice(), end), (&b"before trailers"[..], End::Eof));
+    raw.pump_until(WAIT, |s| s.ended.contains(&1) || s.resets.contains_key(&1))
+        .await;
+    assert!(raw.seen.ended.contains(&1), "{:?}", raw.seen);
+    assert_eq!(raw.seen.resets.get(&1), None);
+
+    // HEADERS without END_STREAM in the middle of the tunnel.
+    raw.send(&headers(3, false, &connect_block("echo.test:7")))
+        .await
+        .unwrap();
+    assert_eq!(verdict(&mut raw, 3).await, Verdict::Status(200));
+    raw.send(&data(3, false, b"one")).await.unwrap();
+    assert_eq!(read_data(&mut raw, 3, 3).await, b"one");
+    let mut bad = headers(3, false, &hpack_literals(&[("x-mid", "1")]));
+    bad.extend(data(3, false, b"after"));
+    raw.send(&bad).await.unwrap();
+    raw.pump_until(WAIT, |s| s.resets.contains_key(&3) || s.goaway.is_some())
+        .await;
+    assert_eq!(raw.seen.resets.get(&3), Some(&h2f::PROTOCOL_ERROR), "{:?}", raw.seen);
+    let (bytes, end) = up.ended(1).await;
+    assert_eq!(bytes, b"one", "nothing after the malformed HEADERS is delivered");
+    assert_ne!(end, End::Open);
+    // The connection is still usable.
+    raw.send(&headers(5, false, &connect_block("echo.test:7")))
+        .await
+        .unwrap();
+    assert_eq!(verdict(&mut raw, 5).await, Verdict::Status(200));
+    connect_still_serves(proxy.addr).await;
+}
+
+/// END_STREAM at once: on the CONNECT HEADERS itself (a tunnel with nothing to send), and
+/// as an empty DATA right after the `200`. Both read as a FIN upstream; the upstream's
+/// bytes still flow back (half-close) and its FIN ends the stream.
+#[tokio::test]
+async fn end_stream_with_the_connect_or_right_after_the_200_is_a_half_close() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // An upstream that reads to EOF, then answers and closes.
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                s.read_to_end(&mut got).await.unwrap();
+                let _ = s
+                    .write_all(format!("read {} bytes", got.len()).as_bytes())
+                    .await;
+            });
+        }
+    });
+    let dials = Arc::new(AtomicUsize::new(0));
+    let proxy = start(
+        Server::new(),
+        ConnectTerminate::new(relay_counting(addr, dials.clone())),
+    )
+    .await;
+    let mut raw = tcp_raw(proxy.addr).await;
+    raw.send(&headers(1, true, &connect_block("x.test:1")))
+        .await
+        .unwrap();
+    assert_eq!(verdict(&mut raw, 1).await, Verdict::Status(200));
+    raw.pump_until(WAIT, |s| s.ended.contains(&1)).await;
+    assert_eq!(raw.seen.data.get(&1).unwrap(), b"read 0 bytes");
+
+    raw.send(&headers(3, false, &connect_block("x.test:1")))
+        .await
+        .unwrap();
+    assert_eq!(verdict(&mut raw, 3).await, Verdict::Status(200));
+    raw.send(&data(3, true, b"")).await.unwrap();
+    raw.pump_until(WAIT, |s| s.ended.contains(&3)).await;
+    assert_eq!(raw.seen.data.get(&3).unwrap(), b"read 0 bytes");
+    assert!(raw.seen.resets.is_empty(), "{:?}", raw.seen.resets);
+    assert_eq!(dials.load(Ordering::SeqCst), 2);
+    // A new connection still gets tunnels.
+    let mut next = tcp_raw(proxy.addr).await;
+    next.send(&headers(1, true, &connect_block("x.test:1")))
+        .await
+        .unwrap();
+    assert_eq!(verdict(&mut next, 1).await, Verdict::Status(200));
+}
+
+/// DATA on a stream right after the client reset it (REFERENCE §4.1, the use-after-free
+/// class of CVE-2026-26311): the bytes after the RST_STREAM never reach the upstream (which
+/// sees a clean end: CANCEL reads as EOF, as in ztunnel), the late DATA is answered with
+/// RST_STREAM(STREAM_CLOSED) or ignored, and the connection keeps working. Also with
+/// HEADERS, RST and DATA in one burst before the `200`.
+#[tokio::test]
+async fn data_right_after_rst_on_the_same_stream_goes_nowhere() {
+    let up = capture_upstream().await;
+    let (proxy, dials) = connect_proxy(&up, |t| t).await;
+    let mut raw = tcp_raw(proxy.addr).await;
+    raw.send(&headers(1, false, &connect_block("echo.test:7")))
+        .await
+        .unwrap();
+    assert_eq!(verdict(&mut raw, 1).await, Verdict::Status(200));
+    raw.send(&data(1, false, b"first")).await.unwrap();
+    assert_eq!(read_data(&mut raw, 1, 5).await, b"first");
+    let mut burst = rst(1, h2f::CANCEL);
+    burst.extend(data(1, false, b"after-rst"));
+    burst.extend(data(1, true, b"more"));
+    raw.send(&burst).await.unwrap();
+    let (bytes, end) = up.ended(0).await;
+    assert_eq!(bytes, b"first");
+    assert_eq!(end, End::Eof);
+    raw.pump_for(Duration::from_millis(300)).await;
+    assert!(
+        matches!(raw.seen.resets.get(&1), None | Some(&h2f::STREAM_CLOSED)),
+        "{:?}",
+        raw.seen.resets
+    );
+    assert_eq!(raw.seen.goaway, None);
+
+    // Before the 200: HEADERS, RST, DATA in one write.
+    let mut burst = headers(3, false, &connect_block("echo.test:7"));
+    burst.extend(rst(3, h2f::CANCEL));
+    burst.extend(data(3, false, b"ghost"));
+    raw.send(&burst).await.unwrap();
+    raw.pump_for(Duration::from_millis(500)).await;
+    assert_eq!(raw.seen.goaway, None);
+    assert!(
+        !up.all_bytes().windows(5).any(|w| w == b"ghost"),
+        "data after RST reached the upstream"
+    );
+    // Whatever the upstream side did with stream 3 (dialled before the reset was read, or
+    // not at all), it is gone: at most one more upstream connection, and it ended.
+    assert!(dials.load(Ordering::SeqCst) <= 2);
+    if up.accepted() == 2 {
+        assert_ne!(up.ended(1).await.1, End::Open);
+    }
+    // The same connection still opens tunnels.
+    raw.send(&headers(5, false, &connect_block("echo.test:7")))
+        .await
+        .unwrap();
+    assert_eq!(verdict(&mut raw, 5).await, Verdict::Status(200));
+    raw.send(&data(5, false, b"alive")).await.unwrap();
+    assert_eq!(read_data(&mut raw, 5, 5).await, b"alive");
+    connect_still_serves(proxy.addr).await;
+}
