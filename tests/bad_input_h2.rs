@@ -25,7 +25,7 @@ use http::StatusCode;
 use proxystack::conn::{Admission, BoxIo, Metadata, Refusal};
 use proxystack::connect::{ConnectAuthority, ConnectTerminate, Decision, H2ConnectPool, TunnelInfo};
 use proxystack::hbone::{self, HboneHeaders, HboneTarget, Inbound};
-use proxystack::http::HttpServer;
+use proxystack::http::{Forward, HttpServer, Incoming};
 use proxystack::identity::SpiffeId;
 use proxystack::tls::demo::DemoCa;
 use proxystack::{tcp, Authority, Conn, Server, Target};
@@ -848,4 +848,495 @@ async fn data_right_after_rst_on_the_same_stream_goes_nowhere() {
     raw.send(&data(5, false, b"alive")).await.unwrap();
     assert_eq!(read_data(&mut raw, 5, 5).await, b"alive");
     connect_still_serves(proxy.addr).await;
+}
+
+// =======================================================================================
+// Floods, against both HTTP/2 servers: hyper's (HttpServer + Forward) and h2's
+// (ConnectTerminate). Serialized, so that one flood's memory does not count for another.
+
+static FLOODS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Upper bound on the RSS growth of this test process (server included) during a flood.
+const RSS_BOUND_MIB: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flavor {
+    /// `HttpServer` (hyper) forwarding to an HTTP backend.
+    Http,
+    /// `ConnectTerminate` (h2) relaying to a TCP echo upstream.
+    Connect,
+}
+
+type Router = Box<dyn Fn(&http::Request<Incoming>) -> Option<Target> + Send + Sync>;
+type HttpFwd = HttpServer<Forward<tcp::TcpConnector, Router>>;
+
+struct FloodTarget {
+    flavor: Flavor,
+    addr: SocketAddr,
+    backend: Option<http_common::Backend>,
+    upstream: Option<Upstream>,
+    _server: Box<dyn std::any::Any + Send>,
+}
+
+impl FloodTarget {
+    async fn http() -> Self {
+        Self::http_with(|s| s).await
+    }
+
+    async fn http_with(configure: impl FnOnce(HttpFwd) -> HttpFwd) -> Self {
+        let b = http_common::backend().await;
+        let to = b.addr;
+        let router: Router = Box::new(move |_: &http::Request<Incoming>| Some(Target::from(to)));
+        let server = configure(HttpServer::new(Forward::new(tcp::TcpConnector::new(), router)));
+        let running = http_common::serve_http(server).await;
+        Self {
+            flavor: Flavor::Http,
+            addr: running.addr,
+            backend: Some(b),
+            upstream: None,
+            _server: Box::new(running),
+        }
+    }
+
+    async fn connect() -> Self {
+        Self::connect_with(|t| t).await
+    }
+
+    async fn connect_with(configure: impl FnOnce(ConnectTerminate) -> ConnectTerminate) -> Self {
+        let up = capture_upstream().await;
+        let (running, _) = connect_proxy(&up, configure).await;
+        Self {
+            flavor: Flavor::Connect,
+            addr: running.addr,
+            backend: None,
+            upstream: Some(up),
+            _server: Box::new(running),
+        }
+    }
+
+    async fn both() -> [Self; 2] {
+        [Self::http().await, Self::connect().await]
+    }
+
+    /// A request whose stream stays open for more frames and is answered `200` at once.
+    fn open_block(&self) -> Vec<u8> {
+        match self.flavor {
+            Flavor::Http => hpack_literals(&[
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":path", "/echo"),
+                (":authority", "a"),
+            ]),
+            Flavor::Connect => connect_block("echo.test:7"),
+        }
+    }
+
+    /// Requests (HTTP) or tunnels (CONNECT) that reached the upstream.
+    fn reached(&self) -> usize {
+        match (&self.backend, &self.upstream) {
+            (Some(b), _) => b.seen.heads.load(Ordering::SeqCst),
+            (_, Some(u)) => u.accepted(),
+            _ => 0,
+        }
+    }
+
+    async fn raw(&self) -> RawH2<TcpStream> {
+        tcp_raw(self.addr).await
+    }
+
+    /// A good request on a new connection is still served.
+    async fn still_serves(&self) {
+        match self.flavor {
+            Flavor::Http => {
+                let mut send = http_common::h2_client(self.addr).await;
+                let req = http::Request::get("http://a/headers")
+                    .body(http_common::empty())
+                    .unwrap();
+                let resp = tokio::time::timeout(WAIT, send.send_request(req))
+                    .await
+                    .expect("answered")
+                    .unwrap();
+                assert_eq!(resp.status(), StatusCode::OK);
+            }
+            Flavor::Connect => connect_still_serves(self.addr).await,
+        }
+    }
+
+    /// A good request on this (flooded) connection is still answered.
+    async fn same_connection_serves<I>(&self, raw: &mut RawH2<I>, stream: u32)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        raw.send(&headers(stream, false, &self.open_block()))
+            .await
+            .unwrap();
+        assert_eq!(
+            verdict(raw, stream).await,
+            Verdict::Status(200),
+            "{:?}",
+            self.flavor
+        );
+        raw.send(&data(stream, true, b"ok")).await.unwrap();
+        assert_eq!(read_data(raw, stream, 2).await, b"ok", "{:?}", self.flavor);
+    }
+}
+
+/// Sends `total` frames made by `frame(i)` in batches; after each batch reads what the
+/// server sent until `caught_up(seen, sent)` holds (so that a flood the server answers
+/// does not deadlock on full socket buffers; `|_, _| true` for floods it does not answer). Stops early at a GOAWAY, a close or a write
+/// error. Returns how many frames were written.
+async fn flood<I>(
+    raw: &mut RawH2<I>,
+    total: usize,
+    batch: usize,
+    frame: impl Fn(usize) -> Vec<u8>,
+    caught_up: impl Fn(&common::H2Seen, usize) -> bool,
+) -> usize
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut sent = 0;
+    while sent < total {
+        let n = batch.min(total - sent);
+        let bytes: Vec<u8> = (sent..sent + n).flat_map(&frame).collect();
+        if raw.send(&bytes).await.is_err() {
+            break;
+        }
+        sent += n;
+        // A short look for a GOAWAY, then as long as it takes to catch up.
+        raw.pump_until(Duration::from_millis(10), |s| s.goaway.is_some())
+            .await;
+        if raw.seen.goaway.is_some() || raw.seen.closed {
+            break;
+        }
+        if !caught_up(&raw.seen, sent) {
+            raw.pump_until(WAIT, |s| s.goaway.is_some() || caught_up(s, sent))
+                .await;
+        }
+    }
+    sent
+}
+
+/// PING flood: every PING is answered (h2 queues at most one PONG and stops reading while
+/// it cannot write it), so the cost is bounded by the socket buffers; h2 has no PING-rate
+/// limit, so there is no GOAWAY. The connection serves requests afterwards.
+#[tokio::test]
+async fn ping_flood_is_answered_with_bounded_memory() {
+    let _serial = FLOODS.lock().await;
+    const N: usize = 100_000;
+    for t in FloodTarget::both().await {
+        let rss = RssWatch::start();
+        let mut raw = t.raw().await;
+        let sent = flood(
+            &mut raw,
+            N,
+            2_000,
+            |i| h2_frame(h2f::PING, 0, 0, &(i as u64).to_be_bytes()),
+            |s, sent| s.pongs + 10_000 >= sent,
+        )
+        .await;
+        raw.pump_until(WAIT, |s| s.pongs >= N).await;
+        assert_eq!((sent, raw.seen.pongs), (N, N), "{:?}", t.flavor);
+        assert_eq!(raw.seen.goaway, None, "{:?}", t.flavor);
+        let growth = rss.peak_growth_mib();
+        println!("{:?}: {N} PINGs, RSS growth {growth} MiB", t.flavor);
+        assert!(growth < RSS_BOUND_MIB, "{:?}: {growth} MiB", t.flavor);
+        t.same_connection_serves(&mut raw, 1).await;
+        t.still_serves().await;
+    }
+}
+
+/// SETTINGS flood, each frame changing INITIAL_WINDOW_SIZE while a stream is open (so that
+/// each one touches every stream): each is acknowledged, in order, with bounded memory and
+/// no GOAWAY (h2 acknowledges one at a time before reading on).
+#[tokio::test]
+async fn settings_flood_is_acknowledged_with_bounded_memory() {
+    let _serial = FLOODS.lock().await;
+    const N: usize = 50_000;
+    for t in FloodTarget::both().await {
+        let rss = RssWatch::start();
+        let mut raw = t.raw().await;
+        raw.pump_until(WAIT, |s| s.settings_acks >= 1).await;
+        raw.send(&headers(1, false, &t.open_block())).await.unwrap();
+        assert_eq!(verdict(&mut raw, 1).await, Verdict::Status(200));
+        let acks_before = raw.seen.settings_acks;
+        let sent = flood(
+            &mut raw,
+            N,
+            2_000,
+            |i| {
+                let window: u32 = 65_535 - (i % 2) as u32;
+                let mut p = 0x4u16.to_be_bytes().to_vec();
+                p.extend_from_slice(&window.to_be_bytes());
+                h2_frame(h2f::SETTINGS, 0, 0, &p)
+            },
+            |s, sent| s.settings_acks - acks_before + 5_000 >= sent,
+        )
+        .await;
+        raw.pump_until(WAIT, |s| s.settings_acks - acks_before >= N)
+            .await;
+        assert_eq!(
+            (sent, raw.seen.settings_acks - acks_before),
+            (N, N),
+            "{:?}",
+            t.flavor
+        );
+        assert_eq!(raw.seen.goaway, None, "{:?}", t.flavor);
+        let growth = rss.peak_growth_mib();
+        println!("{:?}: {N} SETTINGS, RSS growth {growth} MiB", t.flavor);
+        assert!(growth < RSS_BOUND_MIB, "{:?}: {growth} MiB", t.flavor);
+        // The open stream still works.
+        raw.send(&data(1, true, b"still")).await.unwrap();
+        assert_eq!(read_data(&mut raw, 1, 5).await, b"still");
+        t.same_connection_serves(&mut raw, 3).await;
+        t.still_serves().await;
+    }
+}
+
+/// Empty DATA frames without END_STREAM (RUSTSEC-2026-0258, fixed in h2 0.4.16): after at
+/// most 100 of them the connection ends with GOAWAY(ENHANCE_YOUR_CALM).
+#[tokio::test]
+async fn empty_data_frame_flood_gets_goaway_enhance_your_calm() {
+    let _serial = FLOODS.lock().await;
+    const N: usize = 100_000;
+    for t in FloodTarget::both().await {
+        let rss = RssWatch::start();
+        let mut raw = t.raw().await;
+        raw.send(&headers(1, false, &t.open_block())).await.unwrap();
+        assert_eq!(verdict(&mut raw, 1).await, Verdict::Status(200));
+        let sent = flood(
+            &mut raw,
+            N,
+            50,
+            |_| data(1, false, b""),
+            |_, _| true,
+        )
+        .await;
+        raw.pump_until(WAIT, |s| s.goaway.is_some()).await;
+        assert_eq!(
+            raw.seen.goaway.map(|g| g.1),
+            Some(h2f::ENHANCE_YOUR_CALM),
+            "{:?} after {sent} frames",
+            t.flavor
+        );
+        assert!(sent < N, "{:?}: the flood was read to the end", t.flavor);
+        println!("{:?}: GOAWAY after {sent} empty DATA frames", t.flavor);
+        assert!(rss.peak_growth_mib() < RSS_BOUND_MIB);
+        t.still_serves().await;
+    }
+}
+
+/// A header block split into HEADERS + CONTINUATION frames of at most `max` bytes.
+fn header_frames(stream: u32, end_stream: bool, block: &[u8], max: usize) -> Vec<u8> {
+    let chunks: Vec<&[u8]> = block.chunks(max).collect();
+    let mut out = Vec::new();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let last = i + 1 == chunks.len();
+        let end_headers = if last { h2f::END_HEADERS } else { 0 };
+        if i == 0 {
+            let es = if end_stream { h2f::END_STREAM } else { 0 };
+            out.extend(h2_frame(h2f::HEADERS, es | end_headers, stream, chunk));
+        } else {
+            out.extend(h2_frame(h2f::CONTINUATION, end_headers, stream, chunk));
+        }
+    }
+    out
+}
+
+/// HPACK literals too large: a 70 KiB value (over the 64 KiB header list limit) is
+/// answered `431` without reaching the upstream; a 1 MiB value (split over CONTINUATION
+/// frames) ends the connection with GOAWAY (ENHANCE_YOUR_CALM: too many CONTINUATION
+/// frames / header list way too large). Memory stays bounded either way.
+#[tokio::test]
+async fn hpack_huge_literals_get_431_or_goaway() {
+    let _serial = FLOODS.lock().await;
+    for t in FloodTarget::both().await {
+        let rss = RssWatch::start();
+        let mut raw = t.raw().await;
+        let mut block = t.open_block();
+        hpack_literal(&mut block, b"x-big", &vec![b'v'; 70 * 1024]);
+        raw.send(&header_frames(1, true, &block, 16_384))
+            .await
+            .unwrap();
+        assert_eq!(verdict(&mut raw, 1).await, Verdict::Status(431), "{:?}", t.flavor);
+        assert_eq!(t.reached(), 0, "{:?}", t.flavor);
+        // The connection survives the refused stream.
+        t.same_connection_serves(&mut raw, 3).await;
+        let reached = t.reached();
+
+        let mut raw = t.raw().await;
+        let mut block = t.open_block();
+        hpack_literal(&mut block, b"x-huge", &vec![b'v'; 1 << 20]);
+        let _ = raw.send(&header_frames(1, true, &block, 16_384)).await;
+        let v = verdict(&mut raw, 1).await;
+        assert_eq!(v, Verdict::GoAway(h2f::ENHANCE_YOUR_CALM), "{:?}", t.flavor);
+        assert_eq!(t.reached(), reached, "{:?}", t.flavor);
+        let growth = rss.peak_growth_mib();
+        println!("{:?}: huge literals, RSS growth {growth} MiB", t.flavor);
+        assert!(growth < RSS_BOUND_MIB);
+        t.still_serves().await;
+    }
+}
+
+/// Zero-length HPACK entries: an empty value is legal; an empty name fails decoding (h2
+/// ends the connection with GOAWAY(PROTOCOL_ERROR), nothing forwarded). A block of thousands of zero-length-value
+/// entries costs 32 bytes each against the header list limit (RFC 7541 §4.1): 3,000 of
+/// them (12 KiB on the wire) are over the 64 KiB list → `431`, and so are 20,000 spread
+/// over CONTINUATION frames; 200,000 in one frame → GOAWAY.
+#[tokio::test]
+async fn hpack_zero_length_entries() {
+    let _serial = FLOODS.lock().await;
+    for t in FloodTarget::both().await {
+        let rss = RssWatch::start();
+        let mut raw = t.raw().await;
+        let mut ok = t.open_block();
+        hpack_literal(&mut ok, b"x-empty", b"");
+        raw.send(&headers(1, false, &ok)).await.unwrap();
+        assert_eq!(verdict(&mut raw, 1).await, Verdict::Status(200), "{:?}", t.flavor);
+        raw.send(&rst(1, h2f::CANCEL)).await.unwrap();
+        let reached = t.reached();
+
+        let mut many = t.open_block();
+        for _ in 0..3_000 {
+            hpack_literal(&mut many, b"e", b"");
+        }
+        raw.send(&header_frames(3, true, &many, 16_384))
+            .await
+            .unwrap();
+        assert_eq!(verdict(&mut raw, 3).await, Verdict::Status(431), "{:?}", t.flavor);
+        assert_eq!(t.reached(), reached, "{:?}", t.flavor);
+        t.same_connection_serves(&mut raw, 5).await;
+        let reached = t.reached();
+
+        // An empty name fails HPACK decoding itself: h2 ends the connection.
+        for (name, value) in [(&b""[..], &b"v"[..]), (b"", b"")] {
+            let mut raw = t.raw().await;
+            let mut bad = t.open_block();
+            hpack_literal(&mut bad, name, value);
+            raw.send(&headers(1, true, &bad)).await.unwrap();
+            assert_eq!(
+                verdict(&mut raw, 1).await,
+                Verdict::GoAway(h2f::PROTOCOL_ERROR),
+                "{:?}",
+                t.flavor
+            );
+        }
+        assert_eq!(t.reached(), reached, "{:?}", t.flavor);
+
+        // 20,000 of them in 16 KiB frames: h2 stops storing fields once the list is over
+        // the limit, and counts each frame's decoded size against 4x the limit; 4,000
+        // entries per frame stay under that, so this is a 431 too.
+        let mut raw = t.raw().await;
+        let mut flood = t.open_block();
+        for _ in 0..20_000 {
+            hpack_literal(&mut flood, b"e", b"");
+        }
+        raw.send(&header_frames(1, true, &flood, 16_384))
+            .await
+            .unwrap();
+        assert_eq!(verdict(&mut raw, 1).await, Verdict::Status(431), "{:?}", t.flavor);
+        // 200,000 in one frame (6.6 MB decoded): GOAWAY(ENHANCE_YOUR_CALM) where frames
+        // that large are allowed (ConnectTerminate: 1 MiB, as ztunnel), else the frame
+        // itself is refused with FRAME_SIZE_ERROR (hyper's default 16 KiB).
+        let mut raw = t.raw().await;
+        let mut bomb = t.open_block();
+        for _ in 0..200_000 {
+            hpack_literal(&mut bomb, b"e", b"");
+        }
+        let _ = raw.send(&headers(1, true, &bomb)).await;
+        let want = match t.flavor {
+            Flavor::Http => Verdict::GoAway(0x6),
+            Flavor::Connect => Verdict::GoAway(h2f::ENHANCE_YOUR_CALM),
+        };
+        assert_eq!(verdict(&mut raw, 1).await, want, "{:?}", t.flavor);
+        assert_eq!(t.reached(), reached, "{:?}", t.flavor);
+        assert!(rss.peak_growth_mib() < RSS_BOUND_MIB);
+        t.still_serves().await;
+    }
+}
+
+/// HPACK dynamic table abuse: (1) churn — 300 requests on one connection, each inserting
+/// 20 new 200-byte entries (the 4 KiB table evicts all the time) after a table size update
+/// to 0 and back, are all answered; (2) a size update above SETTINGS_HEADER_TABLE_SIZE and
+/// (3) an index past the table end the connection — h2 reports every HPACK decoding
+/// failure as GOAWAY(PROTOCOL_ERROR), where RFC 9113 §4.3 says COMPRESSION_ERROR; (4) the "HPACK bomb" — one entry
+/// referenced 60,000 times (60 KB on the wire, ~4 MB decoded) — ends in GOAWAY.
+#[tokio::test]
+async fn hpack_dynamic_table_churn_and_bombs() {
+    let _serial = FLOODS.lock().await;
+    for t in FloodTarget::both().await {
+        let rss = RssWatch::start();
+        let mut raw = t.raw().await;
+        let value = vec![b'c'; 200];
+        let mut stream = 1;
+        for round in 0..300u32 {
+            // Size update to 0 (evicts everything) and back to 4096, then new entries.
+            let mut block = Vec::new();
+            hpack_int(&mut block, 0x20, 5, 0);
+            hpack_int(&mut block, 0x20, 5, 4096);
+            block.extend(t.open_block());
+            for k in 0..20 {
+                block.push(0x40); // literal with incremental indexing, new name
+                let name = format!("x-churn-{round}-{k}");
+                hpack_int(&mut block, 0, 7, name.len());
+                block.extend_from_slice(name.as_bytes());
+                hpack_int(&mut block, 0, 7, value.len());
+                block.extend_from_slice(&value);
+            }
+            // Reference the newest entry too.
+            block.push(0x80 | 62);
+            raw.send(&headers(stream, true, &block)).await.unwrap();
+            let v = verdict(&mut raw, stream).await;
+            assert_eq!(v, Verdict::Status(200), "{:?} round {round}", t.flavor);
+            stream += 2;
+        }
+        assert_eq!(raw.seen.goaway, None);
+
+        // Size update above the advertised table size.
+        let mut block = Vec::new();
+        hpack_int(&mut block, 0x20, 5, 1 << 20);
+        block.extend(t.open_block());
+        raw.send(&headers(stream, true, &block)).await.unwrap();
+        assert_eq!(
+            verdict(&mut raw, stream).await,
+            Verdict::GoAway(h2f::PROTOCOL_ERROR),
+            "{:?}",
+            t.flavor
+        );
+
+        // An index past the end of the (empty) dynamic table.
+        let mut raw = t.raw().await;
+        let mut block = t.open_block();
+        block.push(0x80 | 70);
+        raw.send(&headers(1, true, &block)).await.unwrap();
+        assert_eq!(
+            verdict(&mut raw, 1).await,
+            Verdict::GoAway(h2f::PROTOCOL_ERROR),
+            "{:?}",
+            t.flavor
+        );
+
+        // One 60-byte entry, then 60,000 one-byte references to it.
+        let reached = t.reached();
+        let mut raw = t.raw().await;
+        let mut block = t.open_block();
+        block.push(0x40);
+        hpack_int(&mut block, 0, 7, 6);
+        block.extend_from_slice(b"x-bomb");
+        hpack_int(&mut block, 0, 7, 60);
+        block.extend_from_slice(&[b'b'; 60]);
+        block.extend(std::iter::repeat_n(0x80 | 62, 60_000));
+        let _ = raw.send(&header_frames(1, true, &block, 16_384)).await;
+        assert_eq!(
+            verdict(&mut raw, 1).await,
+            Verdict::GoAway(h2f::ENHANCE_YOUR_CALM),
+            "{:?}",
+            t.flavor
+        );
+        assert_eq!(t.reached(), reached, "{:?}", t.flavor);
+        let growth = rss.peak_growth_mib();
+        println!("{:?}: HPACK churn and bombs, RSS growth {growth} MiB", t.flavor);
+        assert!(growth < RSS_BOUND_MIB);
+        t.still_serves().await;
+    }
 }

@@ -280,6 +280,7 @@ pub struct RawH2<I> {
     pub auto_window: bool,
     /// The server's HPACK dynamic table, as far as `:status` values go (newest first).
     table: Vec<u16>,
+    rbuf: bytes::BytesMut,
 }
 
 impl<I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> RawH2<I> {
@@ -299,6 +300,7 @@ impl<I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> RawH2<I> {
             auto_pong: true,
             auto_window: true,
             table: Vec::new(),
+            rbuf: bytes::BytesMut::with_capacity(64 * 1024),
         }
     }
 
@@ -308,14 +310,21 @@ impl<I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> RawH2<I> {
     }
 
     /// Reads frames until `done` holds, the connection ends, or `wait` passes; returns
-    /// whether `done` holds.
+    /// whether `done` holds. Frames are parsed out of an internal buffer, so a `wait` that
+    /// expires mid-frame loses nothing.
     pub async fn pump_until(&mut self, wait: Duration, done: impl Fn(&H2Seen) -> bool) -> bool {
         let deadline = tokio::time::Instant::now() + wait;
-        while !done(&self.seen) && !self.seen.closed {
-            match tokio::time::timeout_at(deadline, read_h2_frame(&mut self.io)).await {
+        loop {
+            while let Some(f) = self.take_frame() {
+                self.on_frame(f).await;
+            }
+            if done(&self.seen) || self.seen.closed {
+                break;
+            }
+            match tokio::time::timeout_at(deadline, self.io.read_buf(&mut self.rbuf)).await {
                 Err(_) => break,
-                Ok(None) => self.seen.closed = true,
-                Ok(Some(f)) => self.on_frame(f).await,
+                Ok(Ok(0)) | Ok(Err(_)) => self.seen.closed = true,
+                Ok(Ok(_)) => {}
             }
         }
         done(&self.seen)
@@ -324,6 +333,22 @@ impl<I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> RawH2<I> {
     /// Reads frames for `wait` (or until the connection ends).
     pub async fn pump_for(&mut self, wait: Duration) {
         self.pump_until(wait, |_| false).await;
+    }
+
+    /// One complete frame from the read buffer.
+    fn take_frame(&mut self) -> Option<RawFrame> {
+        let head = self.rbuf.get(..9)?;
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        if self.rbuf.len() < 9 + len {
+            return None;
+        }
+        let f = self.rbuf.split_to(9 + len);
+        Some(RawFrame {
+            kind: f[3],
+            flags: f[4],
+            stream: u32::from_be_bytes([f[5], f[6], f[7], f[8]]) & 0x7fff_ffff,
+            payload: f[9..].to_vec(),
+        })
     }
 
     async fn on_frame(&mut self, f: RawFrame) {
