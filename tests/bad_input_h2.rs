@@ -1340,3 +1340,426 @@ async fn hpack_dynamic_table_churn_and_bombs() {
         t.still_serves().await;
     }
 }
+
+/// Flow-control windows pushed past 2^31−1 (RFC 9113 §6.9.1): on the connection → GOAWAY
+/// FLOW_CONTROL_ERROR; on a stream → RST_STREAM FLOW_CONTROL_ERROR (the connection lives
+/// on). SETTINGS_INITIAL_WINDOW_SIZE above the maximum → GOAWAY PROTOCOL_ERROR (h2 rejects
+/// the SETTINGS frame as malformed; RFC 9113 §6.5.2 names FLOW_CONTROL_ERROR). A zero
+/// increment is GOAWAY PROTOCOL_ERROR, on a stream too.
+#[tokio::test]
+async fn window_update_overflow_and_zero_increment() {
+    let _serial = FLOODS.lock().await;
+    let max = 0x7fff_ffffu32.to_be_bytes();
+    for t in FloodTarget::both().await {
+        let reached = t.reached();
+        // Connection window: 65,535 + (2^31 − 1) overflows.
+        let mut raw = t.raw().await;
+        raw.send(&h2_frame(h2f::WINDOW_UPDATE, 0, 0, &max))
+            .await
+            .unwrap();
+        raw.pump_until(WAIT, |s| s.goaway.is_some()).await;
+        assert_eq!(
+            raw.seen.goaway.map(|g| g.1),
+            Some(h2f::FLOW_CONTROL_ERROR),
+            "{:?}",
+            t.flavor
+        );
+
+        // Stream window.
+        let mut raw = t.raw().await;
+        raw.send(&headers(1, false, &t.open_block())).await.unwrap();
+        assert_eq!(verdict(&mut raw, 1).await, Verdict::Status(200));
+        raw.send(&h2_frame(h2f::WINDOW_UPDATE, 0, 1, &max))
+            .await
+            .unwrap();
+        raw.pump_until(WAIT, |s| s.resets.contains_key(&1) || s.goaway.is_some())
+            .await;
+        assert_eq!(
+            raw.seen.resets.get(&1),
+            Some(&h2f::FLOW_CONTROL_ERROR),
+            "{:?}: {:?}",
+            t.flavor,
+            raw.seen
+        );
+        assert_eq!(raw.seen.goaway, None);
+        t.same_connection_serves(&mut raw, 3).await;
+        // A zero increment, on a stream or on the connection: h2 ends the connection
+        // (RFC 9113 §6.9 asks only for a stream error in the first case).
+        for stream in [1u32, 0] {
+            let mut raw = t.raw().await;
+            raw.send(&headers(1, false, &t.open_block())).await.unwrap();
+            assert_eq!(verdict(&mut raw, 1).await, Verdict::Status(200));
+            raw.send(&h2_frame(h2f::WINDOW_UPDATE, 0, stream, &[0; 4]))
+                .await
+                .unwrap();
+            raw.pump_until(WAIT, |s| s.goaway.is_some()).await;
+            assert_eq!(
+                raw.seen.goaway.map(|g| g.1),
+                Some(h2f::PROTOCOL_ERROR),
+                "{:?} stream {stream}",
+                t.flavor
+            );
+        }
+
+        // SETTINGS_INITIAL_WINDOW_SIZE = 2^31.
+        let mut raw = RawH2::handshake(
+            TcpStream::connect(t.addr).await.unwrap(),
+            &[(0x4, 0x8000_0000)],
+        )
+        .await;
+        raw.pump_until(WAIT, |s| s.goaway.is_some()).await;
+        assert_eq!(
+            raw.seen.goaway.map(|g| g.1),
+            Some(h2f::PROTOCOL_ERROR),
+            "{:?}",
+            t.flavor
+        );
+        // Only the good requests reached the upstream.
+        assert_eq!(t.reached() - reached, 4, "{:?}", t.flavor);
+        t.still_serves().await;
+    }
+}
+
+/// An upstream that writes as fast as it is allowed to, counting what the proxy took.
+async fn firehose() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicBool>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let written = Arc::new(AtomicUsize::new(0));
+    let ended = Arc::new(AtomicBool::new(false));
+    let (w, e) = (written.clone(), ended.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (w, e) = (w.clone(), e.clone());
+            tokio::spawn(async move {
+                let chunk = vec![b'f'; 64 * 1024];
+                // Bounded: 1 GiB at most.
+                for _ in 0..16_384 {
+                    if s.write_all(&chunk).await.is_err() {
+                        break;
+                    }
+                    w.fetch_add(chunk.len(), Ordering::SeqCst);
+                }
+                e.store(true, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, written, ended)
+}
+
+/// A client that opens a stream and keeps its flow-control window at zero forever
+/// (SETTINGS_INITIAL_WINDOW_SIZE 0, no WINDOW_UPDATE) while the upstream has gigabytes to
+/// send: nothing is sent on the stream, and nothing piles up in the proxy — the upstream
+/// is stopped by backpressure (memory bounded).
+/// * `HttpServer` has no timeout for a stalled response body: the stream stays open until
+///   the client resets it or the connection ends (documented here; the HTTP/2 keepalive
+///   only checks that the client answers PINGs, which this one does). When the window
+///   opens, the body flows: nothing was lost.
+/// * `ConnectTerminate` + `tcp::Relay`: the relay's idle timeout (here 1 s; default 1 h)
+///   ends the stalled tunnel: the stream is reset and the upstream connection closed.
+#[tokio::test]
+async fn zero_window_held_forever_is_bounded() {
+    let _serial = FLOODS.lock().await;
+    let hold = Duration::from_secs(2);
+    let zero_window = [(0x4u16, 0u32)];
+
+    // HttpServer, 1 GiB response.
+    let t = FloodTarget::http().await;
+    let rss = RssWatch::start();
+    let mut raw = RawH2::handshake(TcpStream::connect(t.addr).await.unwrap(), &zero_window).await;
+    let block = hpack_literals(&[
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":path", "/big?bytes=1073741824"),
+        (":authority", "a"),
+    ]);
+    raw.send(&headers(1, true, &block)).await.unwrap();
+    assert_eq!(verdict(&mut raw, 1).await, Verdict::Status(200));
+    raw.pump_for(hold).await;
+    assert_eq!(raw.seen.data.get(&1).map_or(0, Vec::len), 0);
+    assert!(raw.seen.resets.is_empty() && raw.seen.goaway.is_none());
+    let growth = rss.peak_growth_mib();
+    println!("Http: zero window for {hold:?}, RSS growth {growth} MiB");
+    assert!(growth < RSS_BOUND_MIB, "{growth} MiB");
+    // Opening the window lets the body flow.
+    raw.send(&h2_frame(h2f::WINDOW_UPDATE, 0, 1, &(1u32 << 20).to_be_bytes()))
+        .await
+        .unwrap();
+    assert!(read_data(&mut raw, 1, 1 << 20).await.len() >= 1 << 20);
+    raw.send(&rst(1, h2f::CANCEL)).await.unwrap();
+    t.still_serves().await;
+
+    // ConnectTerminate, relay with a 1 s idle timeout.
+    let (up, written, up_ended) = firehose().await;
+    let relay = tcp::Relay::new(tcp::TcpConnector::new())
+        .upstream(move |_: &Metadata| Some(Target::from(up)))
+        .idle_timeout(Some(Duration::from_secs(1)));
+    let proxy = start(Server::new(), ConnectTerminate::new(relay)).await;
+    let rss = RssWatch::start();
+    let mut raw =
+        RawH2::handshake(TcpStream::connect(proxy.addr).await.unwrap(), &zero_window).await;
+    raw.send(&headers(1, false, &connect_block("fire.test:1")))
+        .await
+        .unwrap();
+    assert_eq!(verdict(&mut raw, 1).await, Verdict::Status(200));
+    raw.pump_until(WAIT, |s| s.resets.contains_key(&1) || s.goaway.is_some())
+        .await;
+    assert_eq!(raw.seen.data.get(&1).map_or(0, Vec::len), 0);
+    let reset = raw.seen.resets.get(&1).copied();
+    let taken = written.load(Ordering::SeqCst);
+    let growth = rss.peak_growth_mib();
+    println!(
+        "Connect: zero window, stream reset {reset:?} after the idle timeout; upstream wrote \
+         {} KiB; RSS growth {growth} MiB",
+        taken / 1024
+    );
+    assert_eq!(reset, Some(h2f::CANCEL));
+    assert!(taken < 32 << 20, "the proxy took {taken} bytes");
+    assert!(growth < RSS_BOUND_MIB, "{growth} MiB");
+    for _ in 0..(WAIT.as_millis() / 20) {
+        if up_ended.load(Ordering::SeqCst) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(up_ended.load(Ordering::SeqCst), "upstream connection not closed");
+    assert_eq!(raw.seen.goaway, None, "only the stream ends");
+    // The same connection still opens tunnels (answered 200; the upstream talks first).
+    raw.send(&headers(3, false, &connect_block("fire.test:1")))
+        .await
+        .unwrap();
+    assert_eq!(verdict(&mut raw, 3).await, Verdict::Status(200));
+}
+
+/// More streams than SETTINGS_MAX_CONCURRENT_STREAMS: the extra stream is refused with
+/// RST_STREAM(REFUSED_STREAM) and never reaches the upstream; once a stream closes, a new
+/// one is accepted on the same connection. (HttpServer: 100 by default; ConnectTerminate:
+/// 200 by default, 5 here.)
+#[tokio::test]
+async fn more_than_max_concurrent_streams_is_refused_stream() {
+    let _serial = FLOODS.lock().await;
+    for t in [
+        FloodTarget::http().await,
+        FloodTarget::connect_with(|c| c.h2_max_concurrent_streams(5)).await,
+    ] {
+        let mut raw = t.raw().await;
+        raw.pump_until(WAIT, |s| s.settings.iter().any(|(id, _)| *id == 0x3))
+            .await;
+        let max = raw
+            .seen
+            .settings
+            .iter()
+            .find(|(id, _)| *id == 0x3)
+            .map(|(_, v)| *v)
+            .unwrap();
+        let mut burst = Vec::new();
+        for i in 0..max {
+            burst.extend(headers(1 + 2 * i, false, &t.open_block()));
+        }
+        raw.send(&burst).await.unwrap();
+        let last = 1 + 2 * (max - 1);
+        raw.pump_until(WAIT, |s| (0..max).all(|i| s.status.contains_key(&(1 + 2 * i))))
+            .await;
+        let reached = t.reached();
+        assert_eq!(reached, max as usize, "{:?}", t.flavor);
+        let extra = last + 2;
+        raw.send(&headers(extra, false, &t.open_block())).await.unwrap();
+        assert_eq!(
+            verdict(&mut raw, extra).await,
+            Verdict::Reset(h2f::REFUSED_STREAM),
+            "{:?}",
+            t.flavor
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(t.reached(), reached, "{:?}: the refused stream reached it", t.flavor);
+        // Closing one makes room.
+        raw.send(&rst(1, h2f::CANCEL)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        t.same_connection_serves(&mut raw, extra + 2).await;
+        assert_eq!(raw.seen.goaway, None);
+        t.still_serves().await;
+    }
+}
+
+/// Stream identifiers out of order (RFC 9113 §5.1.1): a lower id after a higher one, a
+/// closed stream reused, an even (server-initiated) id, stream 0 — each a connection error:
+/// GOAWAY(PROTOCOL_ERROR), nothing forwarded for the bad stream.
+#[tokio::test]
+async fn stream_id_regression_and_reuse_are_protocol_errors() {
+    let _serial = FLOODS.lock().await;
+    for t in FloodTarget::both().await {
+        let mut raw = t.raw().await;
+        raw.send(&headers(5, false, &t.open_block())).await.unwrap();
+        assert_eq!(verdict(&mut raw, 5).await, Verdict::Status(200));
+        let reached = t.reached();
+        raw.send(&headers(3, false, &t.open_block())).await.unwrap();
+        assert_eq!(
+            verdict(&mut raw, 3).await,
+            Verdict::GoAway(h2f::PROTOCOL_ERROR),
+            "{:?}: lower id",
+            t.flavor
+        );
+        assert_eq!(raw.seen.goaway.map(|g| g.0), Some(5), "last stream id");
+
+        // Reuse of a stream that is done.
+        let mut raw = t.raw().await;
+        raw.send(&headers(1, false, &t.open_block())).await.unwrap();
+        assert_eq!(verdict(&mut raw, 1).await, Verdict::Status(200));
+        raw.send(&data(1, true, b"x")).await.unwrap();
+        raw.pump_until(WAIT, |s| s.ended.contains(&1)).await;
+        assert!(raw.seen.ended.contains(&1), "{:?}", t.flavor);
+        let reached_reuse = t.reached();
+        raw.send(&headers(1, false, &t.open_block())).await.unwrap();
+        raw.pump_until(WAIT, |s| s.goaway.is_some() || s.resets.contains_key(&1))
+            .await;
+        assert_eq!(
+            raw.seen.goaway.map(|g| g.1),
+            Some(h2f::PROTOCOL_ERROR),
+            "{:?}: reused id",
+            t.flavor
+        );
+        assert_eq!(t.reached(), reached_reuse, "{:?}", t.flavor);
+
+        for (name, stream) in [("even id", 2u32), ("stream 0", 0)] {
+            let mut raw = t.raw().await;
+            raw.send(&headers(stream, false, &t.open_block())).await.unwrap();
+            raw.pump_until(WAIT, |s| s.goaway.is_some()).await;
+            assert_eq!(
+                raw.seen.goaway.map(|g| g.1),
+                Some(h2f::PROTOCOL_ERROR),
+                "{:?}: {name}",
+                t.flavor
+            );
+        }
+        assert_eq!(t.reached(), reached_reuse, "{:?}", t.flavor);
+        let _ = reached;
+        t.still_serves().await;
+    }
+}
+
+/// PRIORITY flood (deprecated by RFC 9113, ignored by h2): 100,000 frames for open, idle
+/// and closed streams cost nothing that lasts — no GOAWAY, bounded memory, and the
+/// connection serves requests afterwards. A PRIORITY that makes a stream depend on itself
+/// is a stream error (RFC 9113 §5.3.1): RST_STREAM(PROTOCOL_ERROR).
+#[tokio::test]
+async fn priority_flood_is_ignored_with_bounded_memory() {
+    let _serial = FLOODS.lock().await;
+    const N: usize = 100_000;
+    for t in FloodTarget::both().await {
+        let rss = RssWatch::start();
+        let mut raw = t.raw().await;
+        raw.send(&headers(1, false, &t.open_block())).await.unwrap();
+        assert_eq!(verdict(&mut raw, 1).await, Verdict::Status(200));
+        let sent = flood(
+            &mut raw,
+            N,
+            5_000,
+            |i| {
+                // Stream: the open one, then ever newer idle ones; dependency: the previous.
+                let stream = if i % 2 == 0 { 1 } else { 3 + 2 * i as u32 };
+                let dep = (stream.saturating_sub(2)).to_be_bytes();
+                let mut p = dep.to_vec();
+                p.push(15);
+                h2_frame(h2f::PRIORITY, 0, stream, &p)
+            },
+            |_, _| true,
+        )
+        .await;
+        raw.pump_for(Duration::from_millis(200)).await;
+        assert_eq!(sent, N, "{:?}", t.flavor);
+        assert_eq!(raw.seen.goaway, None, "{:?}", t.flavor);
+        let growth = rss.peak_growth_mib();
+        println!("{:?}: {N} PRIORITY frames, RSS growth {growth} MiB", t.flavor);
+        assert!(growth < RSS_BOUND_MIB);
+        raw.send(&data(1, true, b"after")).await.unwrap();
+        assert_eq!(read_data(&mut raw, 1, 5).await, b"after");
+        // Self-dependency.
+        let next = 3 + 2 * N as u32;
+        raw.send(&headers(next, false, &t.open_block())).await.unwrap();
+        assert_eq!(verdict(&mut raw, next).await, Verdict::Status(200));
+        let mut p = next.to_be_bytes().to_vec();
+        p.push(15);
+        raw.send(&h2_frame(h2f::PRIORITY, 0, next, &p)).await.unwrap();
+        raw.pump_until(WAIT, |s| s.resets.contains_key(&next) || s.goaway.is_some())
+            .await;
+        assert_eq!(
+            raw.seen.resets.get(&next),
+            Some(&h2f::PROTOCOL_ERROR),
+            "{:?}",
+            t.flavor
+        );
+        assert_eq!(raw.seen.goaway, None, "{:?}", t.flavor);
+        t.still_serves().await;
+    }
+}
+
+/// Rapid reset (CVE-2023-44487) on the CONNECT path: open-then-RST in a loop ends with
+/// GOAWAY(ENHANCE_YOUR_CALM) after ~20 unaccepted resets. Streams that were accepted before
+/// their reset may have dialled; they are bounded by the loop ending, and no upstream
+/// connection is left open.
+#[tokio::test]
+async fn connect_rapid_reset_gets_goaway() {
+    let _serial = FLOODS.lock().await;
+    let up = capture_upstream().await;
+    let (proxy, dials) = connect_proxy(&up, |t| t).await;
+    let rss = RssWatch::start();
+    let mut raw = tcp_raw(proxy.addr).await;
+    let sent = flood(
+        &mut raw,
+        20_000,
+        100,
+        |i| {
+            let stream = 1 + 2 * i as u32;
+            let mut f = headers(stream, false, &connect_block("echo.test:7"));
+            f.extend(rst(stream, h2f::CANCEL));
+            f
+        },
+        |_, _| true,
+    )
+    .await;
+    raw.pump_until(WAIT, |s| s.goaway.is_some()).await;
+    let dialled = dials.load(Ordering::SeqCst);
+    println!("Connect rapid reset: GOAWAY {:?} after {sent} streams, {dialled} dials", raw.seen.goaway);
+    assert_eq!(raw.seen.goaway.map(|g| g.1), Some(h2f::ENHANCE_YOUR_CALM));
+    assert!(sent < 20_000);
+    assert!(rss.peak_growth_mib() < RSS_BOUND_MIB);
+    // Every upstream connection that was opened is closed again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..up.accepted() {
+        assert_ne!(up.ended(i).await.1, End::Open, "upstream connection {i} left open");
+    }
+    connect_still_serves(proxy.addr).await;
+}
+
+/// CONTINUATION flood (CVE-2024-27919 class) on the CONNECT path: HEADERS without
+/// END_HEADERS then endless CONTINUATION frames → GOAWAY (ENHANCE_YOUR_CALM: too many
+/// CONTINUATION frames), the flood is not read to the end, nothing is dialled.
+#[tokio::test]
+async fn connect_continuation_flood_gets_goaway() {
+    let _serial = FLOODS.lock().await;
+    let up = capture_upstream().await;
+    let (proxy, dials) = connect_proxy(&up, |t| t).await;
+    let rss = RssWatch::start();
+    let mut raw = tcp_raw(proxy.addr).await;
+    raw.send(&h2_frame(h2f::HEADERS, 0, 1, &connect_block("echo.test:7")))
+        .await
+        .unwrap();
+    let sent = flood(
+        &mut raw,
+        4_096,
+        16,
+        |i| {
+            let mut block = Vec::new();
+            hpack_literal(&mut block, format!("x-flood-{i}").as_bytes(), &[b'v'; 8000]);
+            h2_frame(h2f::CONTINUATION, 0, 1, &block)
+        },
+        |_, _| true,
+    )
+    .await;
+    raw.pump_until(WAIT, |s| s.goaway.is_some()).await;
+    println!("Connect CONTINUATION flood: GOAWAY {:?} after {sent} frames", raw.seen.goaway);
+    assert_eq!(raw.seen.goaway.map(|g| g.1), Some(h2f::ENHANCE_YOUR_CALM));
+    assert!(sent < 4_096);
+    assert_eq!(dials.load(Ordering::SeqCst), 0);
+    assert!(rss.peak_growth_mib() < RSS_BOUND_MIB);
+    connect_still_serves(proxy.addr).await;
+}
