@@ -1763,3 +1763,205 @@ async fn connect_continuation_flood_gets_goaway() {
     assert!(rss.peak_growth_mib() < RSS_BOUND_MIB);
     connect_still_serves(proxy.addr).await;
 }
+
+// =======================================================================================
+// HBONE metadata headers: forwarded, baggage, traceparent, x-forwarded-network
+
+fn with_fields(authority: &str, fields: &[(&[u8], &[u8])]) -> Vec<u8> {
+    let mut block = connect_block(authority);
+    for (name, value) in fields {
+        hpack_literal(&mut block, name, value);
+    }
+    block
+}
+
+/// Oversized, non-ASCII and malformed metadata never break the tunnel and are never
+/// half-used: a value that does not parse is dropped (`None` / no entries), a list over the
+/// 64 KiB header limit is refused with `431` before anything is dialled. `baggage` is
+/// parsed to at most 64 entries. `x-forwarded-network` is not interpreted at all (ztunnel
+/// derives "came through a gateway" from it; here it stays an opaque request header in
+/// `TunnelInfo::headers`), so forging it grants nothing.
+#[tokio::test]
+async fn hbone_metadata_headers_oversized_non_ascii_and_malformed() {
+    let ca = DemoCa::new(TD);
+    let app = capture_upstream().await;
+    let (server, seen) = hbone_server(&ca, app.addr, |i| i).await;
+    let authority = format!("127.0.0.1:{}", app.addr.port());
+    let big_baggage: String = (0..2_000)
+        .map(|i| format!("k{i}=v{i}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    assert!(big_baggage.len() > 16 << 10 && big_baggage.len() < 60 << 10);
+    let big_forwarded = format!(
+        "for=\"10.1.2.3:4567\";host=reviews.default.svc, {}",
+        "for=\"10.9.9.9:1\", ".repeat(1_000)
+    );
+    let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    type Check = fn(&HboneHeaders, &http::HeaderMap) -> bool;
+    let cases: Vec<(&str, Vec<(&[u8], Vec<u8>)>, Verdict, Check)> = vec![
+        (
+            "baggage > 16 KiB",
+            vec![(b"baggage", big_baggage.clone().into_bytes())],
+            Verdict::Status(200),
+            |h, _| h.baggage.len() == 64 && h.baggage[0] == ("k0".into(), "v0".into()),
+        ),
+        (
+            "forwarded > 16 KiB: first element only",
+            vec![(b"forwarded", big_forwarded.clone().into_bytes())],
+            Verdict::Status(200),
+            |h, _| {
+                h.forwarded_for == Some("10.1.2.3:4567".parse().unwrap())
+                    && h.forwarded_host.as_deref() == Some("reviews.default.svc")
+            },
+        ),
+        (
+            "traceparent > 16 KiB",
+            vec![(b"traceparent", format!("{tp}{}", "0".repeat(20_000)).into_bytes())],
+            Verdict::Status(200),
+            |h, _| h.traceparent.is_none(),
+        ),
+        (
+            "metadata list > 64 KiB",
+            vec![
+                (b"baggage", big_baggage.clone().into_bytes()),
+                (b"forwarded", big_forwarded.clone().into_bytes()),
+                (b"x-pad", vec![b'p'; 40_000]),
+            ],
+            Verdict::Status(431),
+            |_, _| true,
+        ),
+        (
+            "non-ASCII baggage",
+            vec![(b"baggage", "k8s.namespace.name=d\u{e9}faut,service.name=x".into())],
+            Verdict::Status(200),
+            |h, _| h.baggage.is_empty(),
+        ),
+        (
+            "non-ASCII forwarded",
+            vec![(b"forwarded", "for=\"10.1.2.3:4567\";host=r\u{e9}views".into())],
+            Verdict::Status(200),
+            |h, _| h.forwarded_for.is_none() && h.forwarded_host.is_none(),
+        ),
+        (
+            "non-ASCII traceparent",
+            vec![(b"traceparent", format!("{}\u{e9}", &tp[..54]).into_bytes())],
+            Verdict::Status(200),
+            |h, _| h.traceparent.is_none(),
+        ),
+        (
+            "traceparent 54 characters",
+            vec![(b"traceparent", tp[..54].into())],
+            Verdict::Status(200),
+            |h, _| h.traceparent.is_none(),
+        ),
+        (
+            "traceparent 56 characters",
+            vec![(b"traceparent", format!("{tp}0").into_bytes())],
+            Verdict::Status(200),
+            |h, _| h.traceparent.is_none(),
+        ),
+        (
+            "traceparent not hex",
+            vec![(b"traceparent", tp.replace('a', "g").into_bytes())],
+            Verdict::Status(200),
+            |h, _| h.traceparent.is_none(),
+        ),
+        (
+            "traceparent upper-case hex",
+            vec![(b"traceparent", tp.to_uppercase().into_bytes())],
+            Verdict::Status(200),
+            |h, _| h.traceparent.is_none(),
+        ),
+        (
+            "traceparent version ff",
+            vec![(b"traceparent", format!("ff{}", &tp[2..]).into_bytes())],
+            Verdict::Status(200),
+            |h, _| h.traceparent.is_none(),
+        ),
+        (
+            "traceparent well-formed",
+            vec![(b"traceparent", tp.into())],
+            Verdict::Status(200),
+            |h, _| {
+                h.traceparent.is_some_and(|t| {
+                    t.trace_id == 0x0af7651916cd43dd8448eb211c80319c && t.flags == 1
+                })
+            },
+        ),
+        (
+            "forged x-forwarded-network",
+            vec![(b"x-forwarded-network", b"attacker-net".to_vec())],
+            Verdict::Status(200),
+            |h, raw| {
+                *h == HboneHeaders::default()
+                    && raw.get("x-forwarded-network").is_some_and(|v| v == "attacker-net")
+            },
+        ),
+    ];
+    for (name, fields, want, check) in cases {
+        let fields: Vec<(&[u8], &[u8])> = fields.iter().map(|(n, v)| (*n, v.as_slice())).collect();
+        let mut raw = hbone_raw(&ca, server).await;
+        let before = seen.dials.load(Ordering::SeqCst);
+        raw.send(&header_frames(1, false, &with_fields(&authority, &fields), 65_536))
+            .await
+            .unwrap();
+        assert_eq!(verdict(&mut raw, 1).await, want, "{name}");
+        if want == Verdict::Status(200) {
+            raw.send(&data(1, false, b"tunnel ok")).await.unwrap();
+            assert_eq!(read_data(&mut raw, 1, 9).await, b"tunnel ok", "{name}");
+            let (parsed, raw_headers) = seen.headers.lock().unwrap().last().cloned().unwrap();
+            assert!(check(&parsed, &raw_headers), "{name}: {parsed:?}");
+        } else {
+            assert_eq!(seen.dials.load(Ordering::SeqCst), before, "{name}: dialled");
+        }
+    }
+    hbone_still_serves(&ca, server, app.addr).await;
+}
+
+/// `forwarded` quoted-string edge cases (RFC 7239 §4, RFC 9110 §5.6.4), through
+/// `HboneHeaders::parse`: a quoted value is one value whatever `;` or `,` it contains, an
+/// unterminated quote or a repeated parameter makes the element malformed (dropped, never
+/// half-used), escapes are honoured, parameter names are case-insensitive.
+#[test]
+fn forwarded_quoted_string_edge_cases() {
+    let parse = |v: &str| {
+        let mut h = http::HeaderMap::new();
+        h.insert("forwarded", http::HeaderValue::from_str(v).unwrap());
+        let p = HboneHeaders::parse(&h);
+        (
+            p.forwarded_for.map(|a| a.to_string()),
+            p.forwarded_host,
+        )
+    };
+    let some = |a: &str| Some(a.to_string());
+    let cases: &[(&str, (Option<String>, Option<String>))] = &[
+        ("for=\"10.1.2.3:4567\"", (some("10.1.2.3:4567"), None)),
+        ("For=\"10.1.2.3:4567\";HOST=a.svc", (some("10.1.2.3:4567"), some("a.svc"))),
+        ("for=\"[::1]:80\";host=\"a.svc\"", (some("[::1]:80"), some("a.svc"))),
+        // A `;` or `,` inside quotes belongs to the value: no host parameter here, and the
+        // value is not an address.
+        ("for=\"10.1.2.3:4567;host=evil.example\"", (None, None)),
+        ("for=\"10.1.2.3:4567,for=6.6.6.6:1\"", (None, None)),
+        // The second element is another hop: only the first counts.
+        ("for=\"10.1.2.3:4567\", for=\"6.6.6.6:1\";host=evil", (some("10.1.2.3:4567"), None)),
+        // Unterminated quote: malformed.
+        ("for=\"10.1.2.3:4567", (None, None)),
+        ("for=\"10.1.2.3:4567;host=a.svc", (None, None)),
+        // Escaped quotes stay inside the value.
+        ("for=\"\\\"10.1.2.3:4567\\\"\"", (None, None)),
+        ("for=\"10.1.2.3:4567\";host=\"a\\.svc\"", (some("10.1.2.3:4567"), some("a.svc"))),
+        // A parameter twice in one element: which one is meant is ambiguous.
+        ("for=\"10.1.2.3:4567\";for=\"6.6.6.6:1\"", (None, None)),
+        ("host=a.svc;for=\"10.1.2.3:4567\";host=b.svc", (None, None)),
+        // Not a host name.
+        ("for=\"10.1.2.3:4567\";host=\"a b\"", (some("10.1.2.3:4567"), None)),
+        ("for=unknown;host=a.svc", (None, some("a.svc"))),
+        ("for=_hidden", (None, None)),
+        ("", (None, None)),
+        ("\"", (None, None)),
+        (";;,,", (None, None)),
+    ];
+    for (value, want) in cases {
+        assert_eq!(&parse(value), want, "{value:?}");
+    }
+}
