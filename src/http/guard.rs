@@ -15,8 +15,11 @@
 //! bad head is read.
 //!
 //! hyper remains the authority on framing: when the guard cannot follow a message (an odd
-//! chunk extension, a head larger than hyper's buffer, an upgrade or `CONNECT` whose bytes
-//! are no longer HTTP, the HTTP/2 preface) it stops checking that connection.
+//! chunk size, a head larger than hyper's buffer, an upgrade or `CONNECT` whose bytes are no
+//! longer HTTP, the HTTP/2 preface) it stops checking that connection. A chunk extension
+//! with a control character in it is not "odd" but invalid: the connection's input ends
+//! there (hyper sees a truncated body and the client gets `400`), so that a tolerated
+//! malformation cannot switch the checks off for requests pipelined behind it.
 
 use std::io;
 use std::pin::Pin;
@@ -206,7 +209,10 @@ fn step_chunk(chunk: Chunk, b: u8) -> Option<State> {
             _ if ext => match b {
                 b'\r' => Chunk::SizeLf { value },
                 b'\t' | b' '..=b'~' | 0x80..=0xff => chunk,
-                _ => return None,
+                // A control character in an extension: hyper would skip it (extensions are
+                // not forwarded), but a message that lenient parsers disagree on ends the
+                // connection rather than turning the checks off for what follows.
+                _ => return Some(State::Rejected(POISON_TAIL.len())),
             },
             b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' if digits < 16 && !ext => {
                 let d = u64::from((b as char).to_digit(16)?);
@@ -438,6 +444,17 @@ mod tests {
             assert_eq!(state, State::Rejected(0), "{:?}", String::from_utf8_lossy(bad));
             assert_eq!(out.len(), bad.len());
             assert_eq!(out.last(), Some(&0));
+        }
+    }
+
+    #[test]
+    fn control_character_in_a_chunk_extension_ends_the_input() {
+        let input = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
+            5;e\0x\r\nhello\r\n0\r\n\r\nGET / HTTP/1.1\nHost: a\n\n";
+        for chunk in [1, 3, 1000] {
+            let (out, state) = feed_all(input, chunk);
+            assert_eq!(state, State::Rejected(POISON_TAIL.len()), "chunk {chunk}");
+            assert!(out.ends_with(b"5;e\0"), "chunk {chunk}: {out:?}");
         }
     }
 
