@@ -23,7 +23,9 @@ use std::time::Duration;
 use common::{h2_frame, h2f, hpack_int, hpack_literal, hpack_literals, start, RawH2, RssWatch};
 use http::StatusCode;
 use proxystack::conn::{Admission, BoxIo, Metadata, Refusal};
-use proxystack::connect::{ConnectAuthority, ConnectTerminate, Decision, H2ConnectPool, TunnelInfo};
+use proxystack::connect::{
+    ConnectAuthority, ConnectTerminate, Decision, H2ConnectPool, TunnelInfo,
+};
 use proxystack::hbone::{self, HboneHeaders, HboneTarget, Inbound};
 use proxystack::http::{Forward, HttpServer, Incoming};
 use proxystack::identity::SpiffeId;
@@ -333,7 +335,10 @@ async fn connect_proxy(
     configure: impl FnOnce(ConnectTerminate) -> ConnectTerminate,
 ) -> (common::Running, Arc<AtomicUsize>) {
     let dials = Arc::new(AtomicUsize::new(0));
-    let terminate = configure(ConnectTerminate::new(relay_counting(up.addr, dials.clone())));
+    let terminate = configure(ConnectTerminate::new(relay_counting(
+        up.addr,
+        dials.clone(),
+    )));
     (start(Server::new(), terminate).await, dials)
 }
 
@@ -476,7 +481,9 @@ async fn hbone_malformed_connect_requests_and_authorities() {
         // A refused stream does not take the connection down: a good CONNECT on the same
         // connection is answered 200.
         if !matches!(got, Verdict::GoAway(_) | Verdict::Closed) {
-            raw.send(&headers(3, false, &connect_block(&ok))).await.unwrap();
+            raw.send(&headers(3, false, &connect_block(&ok)))
+                .await
+                .unwrap();
             assert_eq!(verdict(&mut raw, 3).await, Verdict::Status(200), "{name}");
             raw.send(&rst(3, h2f::CANCEL)).await.unwrap();
             seen.dials.store(0, Ordering::SeqCst);
@@ -509,7 +516,10 @@ async fn hbone_malformed_connect_requests_and_authorities() {
 async fn hbone_host_name_authorities_known_and_unknown() {
     let ca = DemoCa::new(TD);
     let app = capture_upstream().await;
-    let names = HashMap::from([("reviews.default.svc.cluster.local".to_string(), app.addr.port())]);
+    let names = HashMap::from([(
+        "reviews.default.svc.cluster.local".to_string(),
+        app.addr.port(),
+    )]);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (server, seen) = hbone_on(&ca, listener, app.addr, names, |i| i).await;
     let mut raw = hbone_raw(&ca, server).await;
@@ -525,9 +535,13 @@ async fn hbone_host_name_authorities_known_and_unknown() {
     assert_eq!(read_data(&mut raw, 1, 7).await, b"by name");
     assert_eq!(seen.dials.load(Ordering::SeqCst), 1);
 
-    raw.send(&headers(3, false, &connect_block("unknown.default.svc:9080")))
-        .await
-        .unwrap();
+    raw.send(&headers(
+        3,
+        false,
+        &connect_block("unknown.default.svc:9080"),
+    ))
+    .await
+    .unwrap();
     assert_eq!(verdict(&mut raw, 3).await, Verdict::Status(502));
     assert_eq!(seen.dials.load(Ordering::SeqCst), 1, "unknown name dialled");
     assert_eq!(app.accepted(), 1);
@@ -546,7 +560,10 @@ async fn hbone_host_name_authorities_known_and_unknown() {
                 }
                 return Ok(());
             }
-            relay.oneshot(conn).await.map_err(proxystack::BoxError::from)
+            relay
+                .oneshot(conn)
+                .await
+                .map_err(proxystack::BoxError::from)
         }
     });
     let inbound = Inbound::new(ca.workload_cert("default", "server"), ca.roots())
@@ -554,9 +571,13 @@ async fn hbone_host_name_authorities_known_and_unknown() {
         .unwrap();
     let proxy = start(Server::new(), inbound).await;
     let mut raw = hbone_raw(&ca, proxy.addr).await;
-    raw.send(&headers(1, false, &connect_block("unknown.default.svc:9080")))
-        .await
-        .unwrap();
+    raw.send(&headers(
+        1,
+        false,
+        &connect_block("unknown.default.svc:9080"),
+    ))
+    .await
+    .unwrap();
     assert_eq!(verdict(&mut raw, 1).await, Verdict::Status(503));
     assert_eq!(app.accepted(), 1);
     hbone_still_serves(&ca, server, app.addr).await;
@@ -578,9 +599,13 @@ async fn hbone_authority_port_equal_to_the_proxy_port_is_503() {
     .await;
     for port in [own, 15001, 15006, 15008, 15080] {
         let mut raw = hbone_raw(&ca, server).await;
-        raw.send(&headers(1, false, &connect_block(&format!("127.0.0.1:{port}"))))
-            .await
-            .unwrap();
+        raw.send(&headers(
+            1,
+            false,
+            &connect_block(&format!("127.0.0.1:{port}")),
+        ))
+        .await
+        .unwrap();
         assert_eq!(verdict(&mut raw, 1).await, Verdict::Status(503), "{port}");
         // The refusal is a HEADERS frame with END_STREAM, as ztunnel sends errors.
         assert!(raw.seen.ended.contains(&1), "{port}");
@@ -611,13 +636,20 @@ async fn extended_connect_when_not_advertised_is_reset() {
         (":authority", "chat.test:80"),
     ]);
     raw.send(&headers(1, false, &block)).await.unwrap();
-    assert_eq!(verdict(&mut raw, 1).await, Verdict::Reset(h2f::PROTOCOL_ERROR));
+    assert_eq!(
+        verdict(&mut raw, 1).await,
+        Verdict::Reset(h2f::PROTOCOL_ERROR)
+    );
     // The connection survives the stream error.
     raw.send(&headers(3, false, &connect_block("echo.test:7")))
         .await
         .unwrap();
     assert_eq!(verdict(&mut raw, 3).await, Verdict::Status(200));
-    assert_eq!(dials.load(Ordering::SeqCst), 1, "only the plain CONNECT dialled");
+    assert_eq!(
+        dials.load(Ordering::SeqCst),
+        1,
+        "only the plain CONNECT dialled"
+    );
     connect_still_serves(proxy.addr).await;
 }
 
@@ -679,7 +711,10 @@ async fn early_data_before_the_200_is_buffered_in_order_or_dropped_with_the_refu
     assert_eq!(bytes, b"early-1 early-2 late");
     assert_eq!(end, End::Eof);
     raw.pump_until(WAIT, |s| s.ended.contains(&1)).await;
-    assert!(raw.seen.ended.contains(&1), "the upstream's FIN ends the stream");
+    assert!(
+        raw.seen.ended.contains(&1),
+        "the upstream's FIN ends the stream"
+    );
 
     // Refused by policy: 403, and the early bytes reach no one.
     let mut burst = headers(3, false, &connect_block("echo.test:22"));
@@ -730,9 +765,17 @@ async fn headers_after_the_200_on_the_tunnel_stream() {
     raw.send(&bad).await.unwrap();
     raw.pump_until(WAIT, |s| s.resets.contains_key(&3) || s.goaway.is_some())
         .await;
-    assert_eq!(raw.seen.resets.get(&3), Some(&h2f::PROTOCOL_ERROR), "{:?}", raw.seen);
+    assert_eq!(
+        raw.seen.resets.get(&3),
+        Some(&h2f::PROTOCOL_ERROR),
+        "{:?}",
+        raw.seen
+    );
     let (bytes, end) = up.ended(1).await;
-    assert_eq!(bytes, b"one", "nothing after the malformed HEADERS is delivered");
+    assert_eq!(
+        bytes, b"one",
+        "nothing after the malformed HEADERS is delivered"
+    );
     assert_ne!(end, End::Open);
     // The connection is still usable.
     raw.send(&headers(5, false, &connect_block("echo.test:7")))
@@ -887,7 +930,10 @@ impl FloodTarget {
         let b = http_common::backend().await;
         let to = b.addr;
         let router: Router = Box::new(move |_: &http::Request<Incoming>| Some(Target::from(to)));
-        let server = configure(HttpServer::new(Forward::new(tcp::TcpConnector::new(), router)));
+        let server = configure(HttpServer::new(Forward::new(
+            tcp::TcpConnector::new(),
+            router,
+        )));
         let running = http_common::serve_http(server).await;
         Self {
             flavor: Flavor::Http,
@@ -1104,14 +1150,7 @@ async fn empty_data_frame_flood_gets_goaway_enhance_your_calm() {
         let mut raw = t.raw().await;
         raw.send(&headers(1, false, &t.open_block())).await.unwrap();
         assert_eq!(verdict(&mut raw, 1).await, Verdict::Status(200));
-        let sent = flood(
-            &mut raw,
-            N,
-            50,
-            |_| data(1, false, b""),
-            |_, _| true,
-        )
-        .await;
+        let sent = flood(&mut raw, N, 50, |_| data(1, false, b""), |_, _| true).await;
         raw.pump_until(WAIT, |s| s.goaway.is_some()).await;
         assert_eq!(
             raw.seen.goaway.map(|g| g.1),
@@ -1158,7 +1197,12 @@ async fn hpack_huge_literals_get_431_or_goaway() {
         raw.send(&header_frames(1, true, &block, 16_384))
             .await
             .unwrap();
-        assert_eq!(verdict(&mut raw, 1).await, Verdict::Status(431), "{:?}", t.flavor);
+        assert_eq!(
+            verdict(&mut raw, 1).await,
+            Verdict::Status(431),
+            "{:?}",
+            t.flavor
+        );
         assert_eq!(t.reached(), 0, "{:?}", t.flavor);
         // The connection survives the refused stream.
         t.same_connection_serves(&mut raw, 3).await;
@@ -1192,7 +1236,12 @@ async fn hpack_zero_length_entries() {
         let mut ok = t.open_block();
         hpack_literal(&mut ok, b"x-empty", b"");
         raw.send(&headers(1, false, &ok)).await.unwrap();
-        assert_eq!(verdict(&mut raw, 1).await, Verdict::Status(200), "{:?}", t.flavor);
+        assert_eq!(
+            verdict(&mut raw, 1).await,
+            Verdict::Status(200),
+            "{:?}",
+            t.flavor
+        );
         raw.send(&rst(1, h2f::CANCEL)).await.unwrap();
         let reached = t.reached();
 
@@ -1203,7 +1252,12 @@ async fn hpack_zero_length_entries() {
         raw.send(&header_frames(3, true, &many, 16_384))
             .await
             .unwrap();
-        assert_eq!(verdict(&mut raw, 3).await, Verdict::Status(431), "{:?}", t.flavor);
+        assert_eq!(
+            verdict(&mut raw, 3).await,
+            Verdict::Status(431),
+            "{:?}",
+            t.flavor
+        );
         assert_eq!(t.reached(), reached, "{:?}", t.flavor);
         t.same_connection_serves(&mut raw, 5).await;
         let reached = t.reached();
@@ -1234,7 +1288,12 @@ async fn hpack_zero_length_entries() {
         raw.send(&header_frames(1, true, &flood, 16_384))
             .await
             .unwrap();
-        assert_eq!(verdict(&mut raw, 1).await, Verdict::Status(431), "{:?}", t.flavor);
+        assert_eq!(
+            verdict(&mut raw, 1).await,
+            Verdict::Status(431),
+            "{:?}",
+            t.flavor
+        );
         // 200,000 in one frame (6.6 MB decoded): GOAWAY(ENHANCE_YOUR_CALM) where frames
         // that large are allowed (ConnectTerminate: 1 MiB, as ztunnel), else the frame
         // itself is refused with FRAME_SIZE_ERROR (hyper's default 16 KiB).
@@ -1335,7 +1394,10 @@ async fn hpack_dynamic_table_churn_and_bombs() {
         );
         assert_eq!(t.reached(), reached, "{:?}", t.flavor);
         let growth = rss.peak_growth_mib();
-        println!("{:?}: HPACK churn and bombs, RSS growth {growth} MiB", t.flavor);
+        println!(
+            "{:?}: HPACK churn and bombs, RSS growth {growth} MiB",
+            t.flavor
+        );
         assert!(growth < RSS_BOUND_MIB);
         t.still_serves().await;
     }
@@ -1481,9 +1543,14 @@ async fn zero_window_held_forever_is_bounded() {
     println!("Http: zero window for {hold:?}, RSS growth {growth} MiB");
     assert!(growth < RSS_BOUND_MIB, "{growth} MiB");
     // Opening the window lets the body flow.
-    raw.send(&h2_frame(h2f::WINDOW_UPDATE, 0, 1, &(1u32 << 20).to_be_bytes()))
-        .await
-        .unwrap();
+    raw.send(&h2_frame(
+        h2f::WINDOW_UPDATE,
+        0,
+        1,
+        &(1u32 << 20).to_be_bytes(),
+    ))
+    .await
+    .unwrap();
     assert!(read_data(&mut raw, 1, 1 << 20).await.len() >= 1 << 20);
     raw.send(&rst(1, h2f::CANCEL)).await.unwrap();
     t.still_serves().await;
@@ -1521,7 +1588,10 @@ async fn zero_window_held_forever_is_bounded() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(up_ended.load(Ordering::SeqCst), "upstream connection not closed");
+    assert!(
+        up_ended.load(Ordering::SeqCst),
+        "upstream connection not closed"
+    );
     assert_eq!(raw.seen.goaway, None, "only the stream ends");
     // The same connection still opens tunnels (answered 200; the upstream talks first).
     raw.send(&headers(3, false, &connect_block("fire.test:1")))
@@ -1557,12 +1627,16 @@ async fn more_than_max_concurrent_streams_is_refused_stream() {
         }
         raw.send(&burst).await.unwrap();
         let last = 1 + 2 * (max - 1);
-        raw.pump_until(WAIT, |s| (0..max).all(|i| s.status.contains_key(&(1 + 2 * i))))
-            .await;
+        raw.pump_until(WAIT, |s| {
+            (0..max).all(|i| s.status.contains_key(&(1 + 2 * i)))
+        })
+        .await;
         let reached = t.reached();
         assert_eq!(reached, max as usize, "{:?}", t.flavor);
         let extra = last + 2;
-        raw.send(&headers(extra, false, &t.open_block())).await.unwrap();
+        raw.send(&headers(extra, false, &t.open_block()))
+            .await
+            .unwrap();
         assert_eq!(
             verdict(&mut raw, extra).await,
             Verdict::Reset(h2f::REFUSED_STREAM),
@@ -1570,7 +1644,12 @@ async fn more_than_max_concurrent_streams_is_refused_stream() {
             t.flavor
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(t.reached(), reached, "{:?}: the refused stream reached it", t.flavor);
+        assert_eq!(
+            t.reached(),
+            reached,
+            "{:?}: the refused stream reached it",
+            t.flavor
+        );
         // Closing one makes room.
         raw.send(&rst(1, h2f::CANCEL)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1621,7 +1700,9 @@ async fn stream_id_regression_and_reuse_are_protocol_errors() {
 
         for (name, stream) in [("even id", 2u32), ("stream 0", 0)] {
             let mut raw = t.raw().await;
-            raw.send(&headers(stream, false, &t.open_block())).await.unwrap();
+            raw.send(&headers(stream, false, &t.open_block()))
+                .await
+                .unwrap();
             raw.pump_until(WAIT, |s| s.goaway.is_some()).await;
             assert_eq!(
                 raw.seen.goaway.map(|g| g.1),
@@ -1668,17 +1749,24 @@ async fn priority_flood_is_ignored_with_bounded_memory() {
         assert_eq!(sent, N, "{:?}", t.flavor);
         assert_eq!(raw.seen.goaway, None, "{:?}", t.flavor);
         let growth = rss.peak_growth_mib();
-        println!("{:?}: {N} PRIORITY frames, RSS growth {growth} MiB", t.flavor);
+        println!(
+            "{:?}: {N} PRIORITY frames, RSS growth {growth} MiB",
+            t.flavor
+        );
         assert!(growth < RSS_BOUND_MIB);
         raw.send(&data(1, true, b"after")).await.unwrap();
         assert_eq!(read_data(&mut raw, 1, 5).await, b"after");
         // Self-dependency.
         let next = 3 + 2 * N as u32;
-        raw.send(&headers(next, false, &t.open_block())).await.unwrap();
+        raw.send(&headers(next, false, &t.open_block()))
+            .await
+            .unwrap();
         assert_eq!(verdict(&mut raw, next).await, Verdict::Status(200));
         let mut p = next.to_be_bytes().to_vec();
         p.push(15);
-        raw.send(&h2_frame(h2f::PRIORITY, 0, next, &p)).await.unwrap();
+        raw.send(&h2_frame(h2f::PRIORITY, 0, next, &p))
+            .await
+            .unwrap();
         raw.pump_until(WAIT, |s| s.resets.contains_key(&next) || s.goaway.is_some())
             .await;
         assert_eq!(
@@ -1718,14 +1806,21 @@ async fn connect_rapid_reset_gets_goaway() {
     .await;
     raw.pump_until(WAIT, |s| s.goaway.is_some()).await;
     let dialled = dials.load(Ordering::SeqCst);
-    println!("Connect rapid reset: GOAWAY {:?} after {sent} streams, {dialled} dials", raw.seen.goaway);
+    println!(
+        "Connect rapid reset: GOAWAY {:?} after {sent} streams, {dialled} dials",
+        raw.seen.goaway
+    );
     assert_eq!(raw.seen.goaway.map(|g| g.1), Some(h2f::ENHANCE_YOUR_CALM));
     assert!(sent < 20_000);
     assert!(rss.peak_growth_mib() < RSS_BOUND_MIB);
     // Every upstream connection that was opened is closed again.
     tokio::time::sleep(Duration::from_millis(500)).await;
     for i in 0..up.accepted() {
-        assert_ne!(up.ended(i).await.1, End::Open, "upstream connection {i} left open");
+        assert_ne!(
+            up.ended(i).await.1,
+            End::Open,
+            "upstream connection {i} left open"
+        );
     }
     connect_still_serves(proxy.addr).await;
 }
@@ -1756,7 +1851,10 @@ async fn connect_continuation_flood_gets_goaway() {
     )
     .await;
     raw.pump_until(WAIT, |s| s.goaway.is_some()).await;
-    println!("Connect CONTINUATION flood: GOAWAY {:?} after {sent} frames", raw.seen.goaway);
+    println!(
+        "Connect CONTINUATION flood: GOAWAY {:?} after {sent} frames",
+        raw.seen.goaway
+    );
     assert_eq!(raw.seen.goaway.map(|g| g.1), Some(h2f::ENHANCE_YOUR_CALM));
     assert!(sent < 4_096);
     assert_eq!(dials.load(Ordering::SeqCst), 0);
@@ -1816,7 +1914,10 @@ async fn hbone_metadata_headers_oversized_non_ascii_and_malformed() {
         ),
         (
             "traceparent > 16 KiB",
-            vec![(b"traceparent", format!("{tp}{}", "0".repeat(20_000)).into_bytes())],
+            vec![(
+                b"traceparent",
+                format!("{tp}{}", "0".repeat(20_000)).into_bytes(),
+            )],
             Verdict::Status(200),
             |h, _| h.traceparent.is_none(),
         ),
@@ -1832,13 +1933,19 @@ async fn hbone_metadata_headers_oversized_non_ascii_and_malformed() {
         ),
         (
             "non-ASCII baggage",
-            vec![(b"baggage", "k8s.namespace.name=d\u{e9}faut,service.name=x".into())],
+            vec![(
+                b"baggage",
+                "k8s.namespace.name=d\u{e9}faut,service.name=x".into(),
+            )],
             Verdict::Status(200),
             |h, _| h.baggage.is_empty(),
         ),
         (
             "non-ASCII forwarded",
-            vec![(b"forwarded", "for=\"10.1.2.3:4567\";host=r\u{e9}views".into())],
+            vec![(
+                b"forwarded",
+                "for=\"10.1.2.3:4567\";host=r\u{e9}views".into(),
+            )],
             Verdict::Status(200),
             |h, _| h.forwarded_for.is_none() && h.forwarded_host.is_none(),
         ),
@@ -1894,7 +2001,9 @@ async fn hbone_metadata_headers_oversized_non_ascii_and_malformed() {
             Verdict::Status(200),
             |h, raw| {
                 *h == HboneHeaders::default()
-                    && raw.get("x-forwarded-network").is_some_and(|v| v == "attacker-net")
+                    && raw
+                        .get("x-forwarded-network")
+                        .is_some_and(|v| v == "attacker-net")
             },
         ),
     ];
@@ -1902,9 +2011,14 @@ async fn hbone_metadata_headers_oversized_non_ascii_and_malformed() {
         let fields: Vec<(&[u8], &[u8])> = fields.iter().map(|(n, v)| (*n, v.as_slice())).collect();
         let mut raw = hbone_raw(&ca, server).await;
         let before = seen.dials.load(Ordering::SeqCst);
-        raw.send(&header_frames(1, false, &with_fields(&authority, &fields), 65_536))
-            .await
-            .unwrap();
+        raw.send(&header_frames(
+            1,
+            false,
+            &with_fields(&authority, &fields),
+            65_536,
+        ))
+        .await
+        .unwrap();
         assert_eq!(verdict(&mut raw, 1).await, want, "{name}");
         if want == Verdict::Status(200) {
             raw.send(&data(1, false, b"tunnel ok")).await.unwrap();
@@ -1928,33 +2042,45 @@ fn forwarded_quoted_string_edge_cases() {
         let mut h = http::HeaderMap::new();
         h.insert("forwarded", http::HeaderValue::from_str(v).unwrap());
         let p = HboneHeaders::parse(&h);
-        (
-            p.forwarded_for.map(|a| a.to_string()),
-            p.forwarded_host,
-        )
+        (p.forwarded_for.map(|a| a.to_string()), p.forwarded_host)
     };
     let some = |a: &str| Some(a.to_string());
     let cases: &[(&str, (Option<String>, Option<String>))] = &[
         ("for=\"10.1.2.3:4567\"", (some("10.1.2.3:4567"), None)),
-        ("For=\"10.1.2.3:4567\";HOST=a.svc", (some("10.1.2.3:4567"), some("a.svc"))),
-        ("for=\"[::1]:80\";host=\"a.svc\"", (some("[::1]:80"), some("a.svc"))),
+        (
+            "For=\"10.1.2.3:4567\";HOST=a.svc",
+            (some("10.1.2.3:4567"), some("a.svc")),
+        ),
+        (
+            "for=\"[::1]:80\";host=\"a.svc\"",
+            (some("[::1]:80"), some("a.svc")),
+        ),
         // A `;` or `,` inside quotes belongs to the value: no host parameter here, and the
         // value is not an address.
         ("for=\"10.1.2.3:4567;host=evil.example\"", (None, None)),
         ("for=\"10.1.2.3:4567,for=6.6.6.6:1\"", (None, None)),
         // The second element is another hop: only the first counts.
-        ("for=\"10.1.2.3:4567\", for=\"6.6.6.6:1\";host=evil", (some("10.1.2.3:4567"), None)),
+        (
+            "for=\"10.1.2.3:4567\", for=\"6.6.6.6:1\";host=evil",
+            (some("10.1.2.3:4567"), None),
+        ),
         // Unterminated quote: malformed.
         ("for=\"10.1.2.3:4567", (None, None)),
         ("for=\"10.1.2.3:4567;host=a.svc", (None, None)),
         // Escaped quotes stay inside the value.
         ("for=\"\\\"10.1.2.3:4567\\\"\"", (None, None)),
-        ("for=\"10.1.2.3:4567\";host=\"a\\.svc\"", (some("10.1.2.3:4567"), some("a.svc"))),
+        (
+            "for=\"10.1.2.3:4567\";host=\"a\\.svc\"",
+            (some("10.1.2.3:4567"), some("a.svc")),
+        ),
         // A parameter twice in one element: which one is meant is ambiguous.
         ("for=\"10.1.2.3:4567\";for=\"6.6.6.6:1\"", (None, None)),
         ("host=a.svc;for=\"10.1.2.3:4567\";host=b.svc", (None, None)),
         // Not a host name.
-        ("for=\"10.1.2.3:4567\";host=\"a b\"", (some("10.1.2.3:4567"), None)),
+        (
+            "for=\"10.1.2.3:4567\";host=\"a b\"",
+            (some("10.1.2.3:4567"), None),
+        ),
         ("for=unknown;host=a.svc", (None, some("a.svc"))),
         ("for=_hidden", (None, None)),
         ("", (None, None)),
@@ -1980,8 +2106,10 @@ async fn policy_flip_applies_to_new_streams_on_a_live_connection() {
     let app = capture_upstream().await;
     let allowed = Arc::new(AtomicBool::new(true));
     let a = allowed.clone();
-    let (server, seen) =
-        hbone_server(&ca, app.addr, move |i| i.allow(move |_| a.load(Ordering::SeqCst))).await;
+    let (server, seen) = hbone_server(&ca, app.addr, move |i| {
+        i.allow(move |_| a.load(Ordering::SeqCst))
+    })
+    .await;
     let connector = hbone_client(&ca);
     let target = hbone_target(server, &format!("127.0.0.1:{}", app.addr.port()));
     let mut open = connector.clone().oneshot(target.clone()).await.unwrap();
@@ -1992,10 +2120,20 @@ async fn policy_flip_applies_to_new_streams_on_a_live_connection() {
     allowed.store(false, Ordering::SeqCst);
     let err = connector.clone().oneshot(target.clone()).await.unwrap_err();
     assert!(
-        matches!(err, proxystack::connect::TunnelError::Refused { status: StatusCode::UNAUTHORIZED, .. }),
+        matches!(
+            err,
+            proxystack::connect::TunnelError::Refused {
+                status: StatusCode::UNAUTHORIZED,
+                ..
+            }
+        ),
         "{err:?}"
     );
-    assert_eq!(seen.dials.load(Ordering::SeqCst), 1, "a denied tunnel dialled");
+    assert_eq!(
+        seen.dials.load(Ordering::SeqCst),
+        1,
+        "a denied tunnel dialled"
+    );
     // The open tunnel is not re-evaluated.
     open.write_all(b"two").await.unwrap();
     open.read_exact(&mut buf).await.unwrap();
@@ -2006,7 +2144,11 @@ async fn policy_flip_applies_to_new_streams_on_a_live_connection() {
     again.write_all(b"three").await.unwrap();
     let mut buf = [0u8; 5];
     again.read_exact(&mut buf).await.unwrap();
-    assert_eq!(connector.connections_dialled(), 1, "all on one pooled connection");
+    assert_eq!(
+        connector.connections_dialled(),
+        1,
+        "all on one pooled connection"
+    );
 
     // HTTP: a router reading shared state, on one HTTP/2 connection.
     let b = http_common::backend().await;
@@ -2016,9 +2158,11 @@ async fn policy_flip_applies_to_new_streams_on_a_live_connection() {
     let router: Router = Box::new(move |_: &http::Request<Incoming>| {
         o.load(Ordering::SeqCst).then(|| Target::from(to))
     });
-    let proxy =
-        http_common::serve_http(HttpServer::new(Forward::new(tcp::TcpConnector::new(), router)))
-            .await;
+    let proxy = http_common::serve_http(HttpServer::new(Forward::new(
+        tcp::TcpConnector::new(),
+        router,
+    )))
+    .await;
     let mut send = http_common::h2_client(proxy.addr).await;
     for (state, want) in [(true, 200), (false, 404), (true, 200)] {
         on.store(state, Ordering::SeqCst);
@@ -2048,7 +2192,9 @@ async fn certificate_rotation_mid_connection() {
             .service(hbone_relay(app.addr, HashMap::new(), Seen::default()))
             .unwrap()
     };
-    let current = Arc::new(std::sync::RwLock::new(inbound(ca.workload_cert("default", "server"))));
+    let current = Arc::new(std::sync::RwLock::new(inbound(
+        ca.workload_cert("default", "server"),
+    )));
     let c = current.clone();
     let swappable = service_fn(move |conn: Conn<TcpStream>| {
         let svc = c.read().unwrap().clone();
@@ -2069,7 +2215,12 @@ async fn certificate_rotation_mid_connection() {
     };
 
     let pooled = hbone_client(&ca);
-    let first = pooled.clone().oneshot(target.clone()).await.unwrap().boxed();
+    let first = pooled
+        .clone()
+        .oneshot(target.clone())
+        .await
+        .unwrap()
+        .boxed();
     let old_leaf = leaf(&first);
     let first = echo(first, b"before").await;
 
@@ -2077,7 +2228,12 @@ async fn certificate_rotation_mid_connection() {
 
     // The pooled connection still has the old session: a new tunnel on it works and sees
     // the old certificate; the open tunnel keeps working.
-    let second = pooled.clone().oneshot(target.clone()).await.unwrap().boxed();
+    let second = pooled
+        .clone()
+        .oneshot(target.clone())
+        .await
+        .unwrap()
+        .boxed();
     assert_eq!(leaf(&second), old_leaf);
     echo(second, b"same connection").await;
     echo(first, b"still open").await;

@@ -288,7 +288,10 @@ mod tests {
         assert_eq!(parse("for=\"10.1.2.3:4\";for=\"6.6.6.6:1\""), (None, None));
         assert_eq!(
             parse("For=\"10.1.2.3:4\";host=\"a\\.svc\", for=\"6.6.6.6:1\""),
-            (Some("10.1.2.3:4".parse().unwrap()), Some("a.svc".to_string()))
+            (
+                Some("10.1.2.3:4".parse().unwrap()),
+                Some("a.svc".to_string())
+            )
         );
     }
 }

@@ -67,7 +67,8 @@ pub struct RequestScheme(pub Scheme);
 /// * `Host` and `:authority` are kept consistent: an HTTP/1 upstream gets `Host` = the
 ///   request's authority (the absolute-form URI wins over `Host`, RFC 9112 §3.2.2), an
 ///   HTTP/2 upstream gets `:authority` and no `Host`; an HTTP/2 request whose `Host`
-///   disagrees with `:authority` is refused (RFC 9113 §8.3.1);
+///   disagrees with `:authority`, and an authority with userinfo (`user@host`), are
+///   refused (RFC 9113 §8.3.1, RFC 9110 §4.2.4);
 /// * bodies stream both ways with backpressure; nothing is buffered whole;
 /// * an HTTP/1 `Upgrade` (WebSocket…) is passed on, and bytes are relayed only when the
 ///   upstream answers `101`; any other answer is an ordinary response;
@@ -479,17 +480,23 @@ fn request_authority<B>(req: &Request<B>) -> Result<Option<String>, &'static str
     let host = host
         .map(|h| h.to_str().map_err(|_| "invalid Host"))
         .transpose()?;
-    match (req.uri().authority(), host) {
+    let authority = match (req.uri().authority(), host) {
         (Some(a), Some(h))
             if req.version() == Version::HTTP_2 && !a.as_str().eq_ignore_ascii_case(h) =>
         {
-            Err("Host differs from :authority")
+            return Err("Host differs from :authority")
         }
-        (Some(a), _) => Ok(Some(a.as_str().to_string())),
-        (None, Some(h)) if h.parse::<http::uri::Authority>().is_ok() => Ok(Some(h.to_string())),
-        (None, Some(_)) => Err("invalid Host"),
-        (None, None) => Ok(None),
+        (Some(a), _) => a.as_str().to_string(),
+        (None, Some(h)) if h.parse::<http::uri::Authority>().is_ok() => h.to_string(),
+        (None, Some(_)) => return Err("invalid Host"),
+        (None, None) => return Ok(None),
+    };
+    // Userinfo is deprecated in http(s) URIs and an error in a request (RFC 9110 §4.2.4,
+    // RFC 9113 §8.3.1); forwarded, it would become an invalid `Host` carrying credentials.
+    if authority.contains('@') {
+        return Err("userinfo in the authority");
     }
+    Ok(Some(authority))
 }
 
 fn client_scheme(parts: &Parts) -> Scheme {

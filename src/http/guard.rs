@@ -329,6 +329,19 @@ pub(crate) fn check_head(head: &[u8]) -> Result<Framing, &'static str> {
     if hosts > 1 {
         return Err("more than one Host field");
     }
+    // RFC 9112 §3.2: "A server MUST respond with a 400 (Bad Request) status code to any
+    // HTTP/1.1 request message that lacks a Host header field". Enforced where nothing else
+    // names the authority: origin-form (`/path`) and asterisk-form targets; an absolute-form
+    // or authority-form target carries it (and wins over Host, §3.2.2). HTTP/1.0 may omit it.
+    if hosts == 0 {
+        let line = request_line.strip_suffix(b"\r").unwrap_or(request_line);
+        let mut parts = line.split(|&b| b == b' ');
+        let (_, target, version) = (parts.next(), parts.next(), parts.next());
+        let no_authority = target.is_some_and(|t| t.starts_with(b"/") || t == b"*");
+        if no_authority && version == Some(&b"HTTP/1.1"[..]) {
+            return Err("HTTP/1.1 request without Host");
+        }
+    }
     Ok(if upgrade {
         Framing::Stop
     } else if chunked {
@@ -439,6 +452,7 @@ mod tests {
             b"GET / HTTP/1.1\r\nHost: a\0b\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
             b"GET / HTTP/1.1\r\nBad Name: a\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX-No-Host: a\r\n\r\n",
         ] {
             let (out, state) = feed_all(bad, 3);
             assert_eq!(state, State::Rejected(0), "{:?}", String::from_utf8_lossy(bad));
@@ -462,7 +476,9 @@ mod tests {
     fn preface_and_upgrades_stop_checking() {
         assert_eq!(check_head(b"PRI * HTTP/2.0\r\n\r\n"), Ok(Framing::Stop));
         assert_eq!(
-            check_head(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"),
+            check_head(
+                b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"
+            ),
             Ok(Framing::Stop)
         );
         let (_, state) = feed_all(b"CONNECT a:1 HTTP/1.1\r\nHost: a:1\r\n\r\n\0\0\0", 4);

@@ -31,9 +31,9 @@ use crate::{drain, BoxError};
 ///   64 KiB header list (CONTINUATION floods end in `GOAWAY`), and at most 20 streams
 ///   reset by the client before the server saw them (rapid reset, CVE-2023-44487);
 /// * a strict HTTP/1 head check refuses `Content-Length` + `Transfer-Encoding`, any
-///   `Transfer-Encoding` other than `chunked`, bare LF, obs-fold, control characters and
-///   duplicate `Host` with `400` before the service sees the request
-///   ([`HttpServer::strict_http1`]).
+///   `Transfer-Encoding` other than `chunked`, bare LF, obs-fold, control characters,
+///   duplicate `Host` and HTTP/1.1 without `Host` with `400` before the service sees the
+///   request ([`HttpServer::strict_http1`]).
 ///
 /// ```
 /// use proxystack::http::HttpServer;
