@@ -417,3 +417,436 @@ async fn absolute_form_target_wins_over_host() {
     assert_still_serves(proxy.addr).await;
     proxy.shutdown().await;
 }
+
+// =======================================================================================
+// CONNECT over HTTP/1.1
+
+/// A ConnectTerminate over HTTP/1.1 whose tunnels go to `up`, port 22 denied.
+async fn h1_connect_proxy(up: SocketAddr) -> (common::Running, Arc<AtomicUsize>) {
+    let dials = Arc::new(AtomicUsize::new(0));
+    let d = dials.clone();
+    let relay = tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |_: &Metadata| {
+        d.fetch_add(1, Ordering::SeqCst);
+        Some(Target::from(up))
+    });
+    let terminate = ConnectTerminate::new(relay).http1_only().policy(|req| {
+        if req.authority.port() == 22 {
+            Decision::Deny(http::StatusCode::FORBIDDEN)
+        } else {
+            Decision::Allow
+        }
+    });
+    (common::start(Server::new(), terminate).await, dials)
+}
+
+/// A request pipelined behind a CONNECT. Reverse proxy (`Forward`): CONNECT is `405` with
+/// `Connection: close`, and the pipelined request is never read. CONNECT terminator: bytes
+/// after an accepted CONNECT's head are tunnel data (that is what CONNECT means), delivered
+/// to the upstream after the `200`, never parsed as a request; after a refused CONNECT the
+/// next request is parsed on its own (a GET: `405`) and nothing is dialled.
+#[tokio::test]
+async fn requests_pipelined_behind_connect() {
+    let b = backend().await;
+    let proxy = serve_http(HttpServer::new(forward_to(b.addr))).await;
+    let out = exchange(
+        proxy.addr,
+        b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n\
+          GET /headers HTTP/1.1\r\nHost: a\r\n\r\n",
+    )
+    .await;
+    assert_eq!(statuses(&out), [405], "{out}");
+    assert!(
+        out.to_ascii_lowercase().contains("connection: close"),
+        "{out}"
+    );
+    assert_eq!(b.seen.heads.load(Ordering::SeqCst), 0);
+    assert_still_serves(proxy.addr).await;
+    proxy.shutdown().await;
+
+    let up = RawBackend::start().await;
+    let (connect, dials) = h1_connect_proxy(up.addr).await;
+    let out = exchange(
+        connect.addr,
+        b"CONNECT x.test:80 HTTP/1.1\r\nHost: x.test:80\r\n\r\n\
+          GET /inside HTTP/1.1\r\nHost: inside\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(
+        out.ends_with("ok"),
+        "the upstream's answer comes through the tunnel: {out}"
+    );
+    assert_eq!(up.take(), ["GET /inside HTTP/1.1\r\nHost: inside\r\n\r\n"]);
+
+    let (out, _) = raw_exchange(
+        connect.addr,
+        b"CONNECT x.test:22 HTTP/1.1\r\nHost: x.test:22\r\n\r\n\
+          GET /after-refusal HTTP/1.1\r\nHost: inside\r\nConnection: close\r\n\r\n",
+        WAIT,
+    )
+    .await;
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(statuses(&out), [403, 405], "{out}");
+    assert_eq!(dials.load(Ordering::SeqCst), 1);
+    assert!(up.take().is_empty());
+}
+
+/// CONNECT with a body (RFC 9110 §9.3.6: a CONNECT request has no content). Reverse proxy:
+/// `405`, nothing forwarded. CONNECT terminator: hyper takes `Content-Length` /
+/// `Transfer-Encoding` on a CONNECT as its body framing — the declared body is read as
+/// request content and dropped, never relayed — and the tunnel carries only what follows.
+#[tokio::test]
+async fn connect_with_a_body() {
+    let b = backend().await;
+    let proxy = serve_http(HttpServer::new(forward_to(b.addr))).await;
+    let out = exchange(
+        proxy.addr,
+        b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\nContent-Length: 5\r\n\r\nhello",
+    )
+    .await;
+    assert_eq!(statuses(&out), [405], "{out}");
+    assert_eq!(b.seen.heads.load(Ordering::SeqCst), 0);
+    proxy.shutdown().await;
+
+    let up = RawBackend::start().await;
+    let (connect, _) = h1_connect_proxy(up.addr).await;
+    for (name, request) in [
+        (
+            "Content-Length",
+            &b"CONNECT x.test:80 HTTP/1.1\r\nHost: x.test:80\r\nContent-Length: 5\r\n\r\nhello\
+              GET /t HTTP/1.1\r\n\r\n"[..],
+        ),
+        (
+            "chunked",
+            b"CONNECT x.test:80 HTTP/1.1\r\nHost: x.test:80\r\nTransfer-Encoding: chunked\r\n\r\n\
+              5\r\nhello\r\n0\r\n\r\nGET /t HTTP/1.1\r\n\r\n",
+        ),
+    ] {
+        let (out, _) = raw_exchange(connect.addr, request, WAIT).await;
+        let out = String::from_utf8_lossy(&out);
+        // The CONNECT's 200, then the upstream's answer through the tunnel.
+        assert_eq!(statuses(&out), [200, 200], "{name}: {out}");
+        assert_eq!(
+            up.take(),
+            ["GET /t HTTP/1.1\r\n\r\n"],
+            "{name}: body relayed?"
+        );
+    }
+}
+
+// =======================================================================================
+// Paths and forwarding headers
+
+/// Path tricks (`%2F`, `/../`, `//`, `%00`, `/./`, `%2e%2e`, `;`) are forwarded verbatim:
+/// `Forward` does not normalise or decode the target, so the upstream sees exactly what the
+/// client sent. A router or policy that matches on `req.uri().path()` sees the raw form
+/// too — normalise there before matching prefixes (`/x/../admin` is not under `/admin`
+/// textually, but a normalising backend serves `/admin`).
+#[tokio::test]
+async fn path_tricks_are_forwarded_verbatim() {
+    let up = RawBackend::start().await;
+    let seen_paths = Arc::new(Mutex::new(Vec::new()));
+    let s = seen_paths.clone();
+    let to = up.addr;
+    let fwd = proxystack::http::Forward::new(
+        tcp::TcpConnector::new(),
+        move |req: &http::Request<proxystack::http::Incoming>| {
+            s.lock().unwrap().push(req.uri().path().to_string());
+            Some(Target::from(to))
+        },
+    );
+    let proxy = serve_http(HttpServer::new(fwd)).await;
+    for target in [
+        "/a/%2F/b",
+        "/a%2fb",
+        "/x/../admin",
+        "//admin//x",
+        "/a%00b",
+        "/./admin/./x",
+        "/%2e%2e/admin",
+        "/admin;x=1/..;/y",
+        "/a?x=../y&z=%00",
+    ] {
+        let request = format!("GET {target} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+        let out = exchange(proxy.addr, request.as_bytes()).await;
+        assert_eq!(statuses(&out), [200], "{target}: {out}");
+        let head = up.take().pop().unwrap();
+        assert!(
+            head.starts_with(&format!("GET {target} HTTP/1.1\r\n")),
+            "{target} → {head}"
+        );
+        let path = target.split('?').next().unwrap();
+        assert_eq!(seen_paths.lock().unwrap().pop().as_deref(), Some(path));
+    }
+    proxy.shutdown().await;
+}
+
+/// Forwarding headers from an untrusted client. `ForwardedMode::Off` (the default) passes
+/// `Forwarded` / `X-Forwarded-*` through untouched — only right behind a trusted hop;
+/// `Overwrite` replaces `Forwarded`, `X-Forwarded-For` and `X-Forwarded-Proto` (all field
+/// lines of each) with this hop's values; `Append` keeps the client's values and adds
+/// this hop. `X-Forwarded-Host`, `X-Real-IP` and the like are not forwarding headers
+/// `Forward` writes: they pass in every mode (the gateway example removes them itself).
+#[tokio::test]
+async fn forged_forwarding_headers_per_mode() {
+    let up = RawBackend::start().await;
+    let forged = b"GET / HTTP/1.1\r\nHost: a\r\nForwarded: for=6.6.6.6;host=evil\r\n\
+                   X-Forwarded-For: 6.6.6.6\r\nX-Forwarded-For: 7.7.7.7\r\n\
+                   X-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.example\r\n\
+                   X-Real-IP: 6.6.6.6\r\nConnection: close\r\n\r\n";
+    let fwd = |mode| forward_to(up.addr).forwarded(mode).x_forwarded(mode);
+    for mode in [
+        ForwardedMode::Off,
+        ForwardedMode::Overwrite,
+        ForwardedMode::Append,
+    ] {
+        let proxy = serve_http(HttpServer::new(fwd(mode))).await;
+        let out = exchange(proxy.addr, forged).await;
+        assert_eq!(statuses(&out), [200], "{mode:?}: {out}");
+        let head = up.take().pop().unwrap().to_ascii_lowercase();
+        let fields = |name: &str| -> Vec<String> {
+            head.split("\r\n")
+                .filter_map(|l| l.strip_prefix(&format!("{name}: ")))
+                .map(str::to_string)
+                .collect()
+        };
+        // Never rewritten by `Forward`, whatever the mode.
+        assert_eq!(fields("x-forwarded-host"), ["evil.example"], "{mode:?}");
+        assert_eq!(fields("x-real-ip"), ["6.6.6.6"], "{mode:?}");
+        match mode {
+            ForwardedMode::Off => {
+                assert_eq!(fields("forwarded"), ["for=6.6.6.6;host=evil"]);
+                assert_eq!(fields("x-forwarded-for").len(), 2, "{head}");
+                assert_eq!(fields("x-forwarded-proto"), ["https"]);
+            }
+            ForwardedMode::Overwrite => {
+                let f = fields("forwarded");
+                assert_eq!(f.len(), 1, "{head}");
+                assert!(
+                    f[0].starts_with("for=\"127.0.0.1:") && !f[0].contains("evil"),
+                    "{f:?}"
+                );
+                assert_eq!(fields("x-forwarded-for"), ["127.0.0.1"], "{head}");
+                assert_eq!(fields("x-forwarded-proto"), ["http"], "{head}");
+            }
+            ForwardedMode::Append => {
+                let f = fields("forwarded");
+                assert!(
+                    f[0].starts_with("for=6.6.6.6;host=evil, for=\"127.0.0.1:"),
+                    "{f:?}"
+                );
+                assert_eq!(fields("x-forwarded-for"), ["6.6.6.6, 7.7.7.7, 127.0.0.1"]);
+                assert_eq!(
+                    fields("x-forwarded-proto"),
+                    ["https"],
+                    "an existing proto is kept"
+                );
+            }
+        }
+        proxy.shutdown().await;
+    }
+}
+
+// =======================================================================================
+// HTTP/2 → HTTP/1.1 translation
+
+/// One HTTP/2 request with `fields` after the pseudo-fields (GET http://a/headers),
+/// END_STREAM; the verdict for stream 1.
+async fn h2_request(proxy: SocketAddr, fields: &[(&[u8], &[u8])]) -> RawH2<TcpStream> {
+    let mut raw = RawH2::handshake(TcpStream::connect(proxy).await.unwrap(), &[]).await;
+    let mut block = hpack_literals(&[
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":path", "/headers"),
+        (":authority", "a.example"),
+    ]);
+    for (name, value) in fields {
+        hpack_literal(&mut block, name, value);
+    }
+    raw.send(&h2_frame(
+        h2f::HEADERS,
+        h2f::END_HEADERS | h2f::END_STREAM,
+        1,
+        &block,
+    ))
+    .await
+    .unwrap();
+    raw.pump_until(WAIT, |s| {
+        s.ended.contains(&1) || s.resets.contains_key(&1) || s.goaway.is_some()
+    })
+    .await;
+    raw
+}
+
+/// Connection-specific fields are malformed in HTTP/2 (RFC 9113 §8.2.2): `keep-alive`,
+/// `proxy-connection`, `transfer-encoding`, `upgrade` (and `connection`, `te: gzip`, in
+/// `http_bad_input.rs`) reset the stream with PROTOCOL_ERROR before anything is forwarded;
+/// `te: trailers` is allowed and kept. Control characters in a value (NUL, DEL, SOH) never
+/// reach the HTTP/1 upstream either (the connection ends: h2 rejects the value while
+/// decoding). A value with obs-text (bytes ≥ 0x80) is legal and forwarded as is.
+#[tokio::test]
+async fn h2_connection_specific_and_control_fields_are_not_translated() {
+    let b = backend().await;
+    let proxy = serve_http(HttpServer::new(forward_to(b.addr))).await;
+    for (name, value) in [
+        (&b"keep-alive"[..], &b"timeout=5"[..]),
+        (b"proxy-connection", b"keep-alive"),
+        (b"transfer-encoding", b"chunked"),
+        (b"upgrade", b"websocket"),
+    ] {
+        let raw = h2_request(proxy.addr, &[(name, value)]).await;
+        let label = String::from_utf8_lossy(name);
+        assert_eq!(
+            raw.seen.resets.get(&1),
+            Some(&h2f::PROTOCOL_ERROR),
+            "{label}: {:?}",
+            raw.seen
+        );
+        assert_eq!(
+            b.seen.heads.load(Ordering::SeqCst),
+            0,
+            "{label} reached the upstream"
+        );
+    }
+    for (label, value) in [
+        ("NUL", &b"a\0b"[..]),
+        ("DEL", b"a\x7fb"),
+        ("SOH", b"a\x01b"),
+    ] {
+        let raw = h2_request(proxy.addr, &[(b"x-ctl", value)]).await;
+        let refused = raw.seen.resets.get(&1) == Some(&h2f::PROTOCOL_ERROR)
+            || raw.seen.goaway.map(|g| g.1) == Some(h2f::PROTOCOL_ERROR);
+        assert!(refused, "{label}: {:?}", raw.seen);
+        assert!(!raw.seen.status.contains_key(&1), "{label} answered");
+        assert_eq!(
+            b.seen.heads.load(Ordering::SeqCst),
+            0,
+            "{label} reached the upstream"
+        );
+    }
+    let raw = h2_request(
+        proxy.addr,
+        &[(b"te", b"trailers"), (b"x-obs", b"caf\xc3\xa9")],
+    )
+    .await;
+    assert_eq!(raw.seen.status.get(&1), Some(&200), "{:?}", raw.seen);
+    let body = String::from_utf8_lossy(raw.seen.data.get(&1).unwrap()).into_owned();
+    assert!(body.contains("\nte: trailers\n"), "{body}");
+    assert!(body.contains("\nx-obs: caf\u{e9}\n"), "{body}");
+    drop(raw);
+    assert_still_serves(proxy.addr).await;
+    proxy.shutdown().await;
+}
+
+/// `:authority` and `host` in one HTTP/2 request (RFC 9113 §8.3.1): equal (also up to
+/// case) → one `Host` upstream; different → `400`; two `host` fields → `400`; `host`
+/// without `:authority` → used as the authority; `:authority` with userinfo → `400`.
+/// Multiple `cookie` fields (HTTP/2 splits them, RFC 9113 §8.2.3) reach the HTTP/1
+/// upstream joined into one `cookie` line with `; ` (regression: they used to arrive as
+/// several `cookie` lines, which HTTP/1.1 does not allow).
+#[tokio::test]
+async fn h2_authority_host_and_cookie_translation() {
+    let up = RawBackend::start().await;
+    let proxy = serve_http(HttpServer::new(forward_to(up.addr))).await;
+    let request = |authority: Option<&str>, extra: &[(&str, &str)]| {
+        let mut fields = vec![(":method", "GET"), (":scheme", "http"), (":path", "/p")];
+        if let Some(a) = authority {
+            fields.push((":authority", a));
+        }
+        fields.extend_from_slice(extra);
+        hpack_literals(&fields)
+    };
+    let cases: Vec<(&str, Vec<u8>, Option<&str>)> = vec![
+        (
+            "same host",
+            request(Some("a.example"), &[("host", "a.example")]),
+            Some("a.example"),
+        ),
+        (
+            "host differs in case",
+            request(Some("a.example"), &[("host", "A.Example")]),
+            Some("a.example"),
+        ),
+        (
+            "host differs",
+            request(Some("a.example"), &[("host", "b.example")]),
+            None,
+        ),
+        (
+            "two host fields",
+            request(None, &[("host", "a.example"), ("host", "b.example")]),
+            None,
+        ),
+        (
+            "host only",
+            request(None, &[("host", "h.example")]),
+            Some("h.example"),
+        ),
+        ("userinfo", request(Some("u@a.example"), &[]), None),
+    ];
+    for (name, block, want_host) in cases {
+        let mut raw = RawH2::handshake(TcpStream::connect(proxy.addr).await.unwrap(), &[]).await;
+        raw.send(&h2_frame(
+            h2f::HEADERS,
+            h2f::END_HEADERS | h2f::END_STREAM,
+            1,
+            &block,
+        ))
+        .await
+        .unwrap();
+        raw.pump_until(WAIT, |s| s.ended.contains(&1) || s.resets.contains_key(&1))
+            .await;
+        let heads = up.take();
+        match want_host {
+            Some(host) => {
+                assert_eq!(
+                    raw.seen.status.get(&1),
+                    Some(&200),
+                    "{name}: {:?}",
+                    raw.seen
+                );
+                let head = heads[0].to_ascii_lowercase();
+                assert_eq!(head.matches("\r\nhost:").count(), 1, "{name}: {head}");
+                assert!(
+                    head.contains(&format!("\r\nhost: {host}\r\n")),
+                    "{name}: {head}"
+                );
+            }
+            None => {
+                let status = raw.seen.status.get(&1);
+                let reset = raw.seen.resets.get(&1);
+                assert!(
+                    status == Some(&400) || reset == Some(&h2f::PROTOCOL_ERROR),
+                    "{name}: {:?}",
+                    raw.seen
+                );
+                println!("{name} → status {status:?}, reset {reset:?}");
+                assert!(heads.is_empty(), "{name} forwarded: {heads:?}");
+            }
+        }
+    }
+
+    let block = request(
+        Some("a.example"),
+        &[("cookie", "a=1"), ("cookie", "b=2"), ("cookie", "c=3")],
+    );
+    let mut raw = RawH2::handshake(TcpStream::connect(proxy.addr).await.unwrap(), &[]).await;
+    raw.send(&h2_frame(
+        h2f::HEADERS,
+        h2f::END_HEADERS | h2f::END_STREAM,
+        1,
+        &block,
+    ))
+    .await
+    .unwrap();
+    raw.pump_until(WAIT, |s| s.ended.contains(&1)).await;
+    assert_eq!(raw.seen.status.get(&1), Some(&200));
+    let head = up.take().pop().unwrap().to_ascii_lowercase();
+    let cookies: Vec<&str> = head
+        .split("\r\n")
+        .filter_map(|l| l.strip_prefix("cookie: "))
+        .collect();
+    assert_eq!(cookies, ["a=1; b=2; c=3"], "{head}");
+    drop(raw);
+    proxy.shutdown().await;
+}

@@ -69,6 +69,8 @@ pub struct RequestScheme(pub Scheme);
 ///   HTTP/2 upstream gets `:authority` and no `Host`; an HTTP/2 request whose `Host`
 ///   disagrees with `:authority`, and an authority with userinfo (`user@host`), are
 ///   refused (RFC 9113 §8.3.1, RFC 9110 §4.2.4);
+/// * `Cookie` fields an HTTP/2 client split are joined with `; ` for an HTTP/1 upstream
+///   (RFC 9113 §8.2.3);
 /// * bodies stream both ways with backpressure; nothing is buffered whole;
 /// * an HTTP/1 `Upgrade` (WebSocket…) is passed on, and bytes are relayed only when the
 ///   upstream answers `101`; any other answer is an ordinary response;
@@ -328,6 +330,9 @@ where
         headers::remove_hop_by_hop(&mut parts.headers, upgrade.is_some());
         if let Some(protocols) = upgrade {
             parts.headers.insert(header::UPGRADE, protocols);
+        }
+        if protocol == UpstreamProtocol::Http1 {
+            headers::join_cookies(&mut parts.headers);
         }
         self.add_forwarding_headers(&mut parts, authority.as_deref(), &scheme, client_version);
         let authority = authority.unwrap_or_else(|| target.authority().to_string());
