@@ -1896,7 +1896,8 @@ async fn hbone_metadata_headers_oversized_non_ascii_and_malformed() {
     );
     let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     type Check = fn(&HboneHeaders, &http::HeaderMap) -> bool;
-    let cases: Vec<(&str, Vec<(&[u8], Vec<u8>)>, Verdict, Check)> = vec![
+    type Fields = Vec<(&'static [u8], Vec<u8>)>;
+    let cases: Vec<(&str, Fields, Verdict, Check)> = vec![
         (
             "baggage > 16 KiB",
             vec![(b"baggage", big_baggage.clone().into_bytes())],
@@ -2045,7 +2046,8 @@ fn forwarded_quoted_string_edge_cases() {
         (p.forwarded_for.map(|a| a.to_string()), p.forwarded_host)
     };
     let some = |a: &str| Some(a.to_string());
-    let cases: &[(&str, (Option<String>, Option<String>))] = &[
+    type ForAndHost = (Option<String>, Option<String>);
+    let cases: &[(&str, ForAndHost)] = &[
         ("for=\"10.1.2.3:4567\"", (some("10.1.2.3:4567"), None)),
         (
             "For=\"10.1.2.3:4567\";HOST=a.svc",

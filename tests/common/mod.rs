@@ -355,10 +355,15 @@ impl<I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> RawH2<I> {
         let s = &mut self.seen;
         match f.kind {
             h2f::HEADERS => {
-                if s.status.contains_key(&f.stream) {
-                    *s.trailers.entry(f.stream).or_default() += 1;
-                } else if let Some(status) = decode_status(&f.payload, &mut self.table) {
-                    s.status.insert(f.stream, status);
+                match s.status.entry(f.stream) {
+                    std::collections::hash_map::Entry::Occupied(_) => {
+                        *s.trailers.entry(f.stream).or_default() += 1;
+                    }
+                    std::collections::hash_map::Entry::Vacant(slot) => {
+                        if let Some(status) = decode_status(&f.payload, &mut self.table) {
+                            slot.insert(status);
+                        }
+                    }
                 }
                 if f.flags & h2f::END_STREAM != 0 {
                     s.ended.insert(f.stream);
@@ -394,13 +399,11 @@ impl<I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> RawH2<I> {
                     .await;
             }
             h2f::PING if f.flags & h2f::ACK != 0 => s.pongs += 1,
-            h2f::PING => {
-                if self.auto_pong {
-                    let _ = self
-                        .io
-                        .write_all(&h2_frame(h2f::PING, h2f::ACK, 0, &f.payload))
-                        .await;
-                }
+            h2f::PING if self.auto_pong => {
+                let _ = self
+                    .io
+                    .write_all(&h2_frame(h2f::PING, h2f::ACK, 0, &f.payload))
+                    .await;
             }
             h2f::GOAWAY if f.payload.len() >= 8 => {
                 let last = u32::from_be_bytes(f.payload[..4].try_into().unwrap()) & 0x7fff_ffff;
