@@ -2251,7 +2251,7 @@ async fn certificate_rotation_mid_connection() {
     assert_eq!(proxy.stats.accepted.load(Ordering::Relaxed), 2);
 }
 
-/// An upstream for the head-of-line test: `L` → 64 MiB then FIN (bounded), `S` + 5 bytes →
+/// An upstream for the head-of-line test: `L` → 256 MiB then FIN (bounded), `S` + 5 bytes →
 /// those 5 bytes back, then FIN.
 async fn large_and_small_upstream() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -2265,7 +2265,7 @@ async fn large_and_small_upstream() -> SocketAddr {
                 }
                 if kind[0] == b'L' {
                     let chunk = vec![b'l'; 64 * 1024];
-                    for _ in 0..1024 {
+                    for _ in 0..4096 {
                         if s.write_all(&chunk).await.is_err() {
                             return;
                         }
@@ -2355,7 +2355,7 @@ async fn large_and_small_streams_share_a_pooled_connection() {
     }
     println!("large streams read (bytes) while the small ones ran: {totals:?}");
     assert!(
-        totals.iter().all(|&n| n > 0 && n < 64 << 20),
+        totals.iter().all(|&n| n > 0 && n < 256 << 20),
         "every large stream was still streaming: {totals:?}"
     );
     assert_eq!(pool.connections_dialled(), 1, "one pooled connection");
