@@ -4,12 +4,14 @@
 //! the proxy still serves the next good connection.
 #![cfg(feature = "http")]
 
+mod common;
 mod http_common;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use common::hpack_literal;
 use http::{Request, StatusCode};
 use http_common::*;
 use proxystack::http::HttpServer;
@@ -229,31 +231,6 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     f
 }
 
-/// HPACK integer with an `n`-bit prefix (RFC 7541 §5.1).
-fn hpack_int(out: &mut Vec<u8>, first: u8, n: u8, mut v: usize) {
-    let max = (1usize << n) - 1;
-    if v < max {
-        out.push(first | v as u8);
-        return;
-    }
-    out.push(first | max as u8);
-    v -= max;
-    while v >= 128 {
-        out.push((v % 128 + 128) as u8);
-        v /= 128;
-    }
-    out.push(v as u8);
-}
-
-/// A literal field without indexing, new name, no Huffman (RFC 7541 §6.2.2).
-fn literal(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.push(0x00);
-    hpack_int(out, 0, 7, name.len());
-    out.extend_from_slice(name);
-    hpack_int(out, 0, 7, value.len());
-    out.extend_from_slice(value);
-}
-
 /// `GET http://a/` pseudo-fields: static-table :method GET, :scheme http, :path /, and
 /// :authority `a` (literal, indexed name 1).
 fn request_block() -> Vec<u8> {
@@ -307,7 +284,7 @@ async fn h2_malformed_fields_never_reach_the_http1_upstream() {
     for (name, field, value) in cases {
         let mut s = h2_raw(proxy.addr).await;
         let mut block = request_block();
-        literal(&mut block, field, value);
+        hpack_literal(&mut block, field, value);
         s.write_all(&frame(0x1, 0x4 | 0x1, 1, &block))
             .await
             .unwrap(); // END_HEADERS|END_STREAM
@@ -398,7 +375,7 @@ async fn h2_continuation_flood_gets_goaway() {
         let mut sent = 0usize;
         for i in 0..4096 {
             let mut block = Vec::new();
-            literal(&mut block, format!("x-flood-{i}").as_bytes(), &[b'v'; 8000]);
+            hpack_literal(&mut block, format!("x-flood-{i}").as_bytes(), &[b'v'; 8000]);
             if w.write_all(&frame(0x9, 0, 1, &block)).await.is_err() {
                 break;
             }

@@ -89,7 +89,12 @@ async fn panicking_http1_handler_closes_only_its_connection() {
     until(&proxy.stats.panics, 1).await;
     let mut client = http_common::h1_client(proxy.addr).await;
     let ok = client
-        .send_request(Request::get("/").body(http_common::empty()).unwrap())
+        .send_request(
+            Request::get("/")
+                .header("host", "t")
+                .body(http_common::empty())
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(ok.status(), StatusCode::OK);

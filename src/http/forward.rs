@@ -68,7 +68,10 @@ pub struct RequestScheme(pub Scheme);
 /// * `Host` and `:authority` are kept consistent: an HTTP/1 upstream gets `Host` = the
 ///   request's authority (the absolute-form URI wins over `Host`, RFC 9112 §3.2.2), an
 ///   HTTP/2 upstream gets `:authority` and no `Host`; an HTTP/2 request whose `Host`
-///   disagrees with `:authority` is refused (RFC 9113 §8.3.1);
+///   disagrees with `:authority`, and an authority with userinfo (`user@host`), are
+///   refused (RFC 9113 §8.3.1, RFC 9110 §4.2.4);
+/// * `Cookie` fields an HTTP/2 client split are joined with `; ` for an HTTP/1 upstream
+///   (RFC 9113 §8.2.3);
 /// * bodies stream both ways with backpressure; nothing is buffered whole;
 /// * an HTTP/1 `Upgrade` (WebSocket…) is passed on, and bytes are relayed only when the
 ///   upstream answers `101`; any other answer is an ordinary response;
@@ -330,6 +333,9 @@ where
         if let Some(protocols) = upgrade {
             parts.headers.insert(header::UPGRADE, protocols);
         }
+        if protocol == UpstreamProtocol::Http1 {
+            headers::join_cookies(&mut parts.headers);
+        }
         self.add_forwarding_headers(&mut parts, authority.as_deref(), &scheme, client_version);
         let authority = authority.unwrap_or_else(|| target.authority().to_string());
         set_upstream_uri(&mut parts, protocol, &scheme, &authority).map_err(bad)?;
@@ -484,17 +490,23 @@ fn request_authority<B>(req: &Request<B>) -> Result<Option<String>, &'static str
     let host = host
         .map(|h| h.to_str().map_err(|_| "invalid Host"))
         .transpose()?;
-    match (req.uri().authority(), host) {
+    let authority = match (req.uri().authority(), host) {
         (Some(a), Some(h))
             if req.version() == Version::HTTP_2 && !a.as_str().eq_ignore_ascii_case(h) =>
         {
-            Err("Host differs from :authority")
+            return Err("Host differs from :authority")
         }
-        (Some(a), _) => Ok(Some(a.as_str().to_string())),
-        (None, Some(h)) if h.parse::<http::uri::Authority>().is_ok() => Ok(Some(h.to_string())),
-        (None, Some(_)) => Err("invalid Host"),
-        (None, None) => Ok(None),
+        (Some(a), _) => a.as_str().to_string(),
+        (None, Some(h)) if h.parse::<http::uri::Authority>().is_ok() => h.to_string(),
+        (None, Some(_)) => return Err("invalid Host"),
+        (None, None) => return Ok(None),
+    };
+    // Userinfo is deprecated in http(s) URIs and an error in a request (RFC 9110 §4.2.4,
+    // RFC 9113 §8.3.1); forwarded, it would become an invalid `Host` carrying credentials.
+    if authority.contains('@') {
+        return Err("userinfo in the authority");
     }
+    Ok(Some(authority))
 }
 
 fn client_scheme(parts: &Parts) -> Scheme {

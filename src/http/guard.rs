@@ -15,8 +15,11 @@
 //! bad head is read.
 //!
 //! hyper remains the authority on framing: when the guard cannot follow a message (an odd
-//! chunk extension, a head larger than hyper's buffer, an upgrade or `CONNECT` whose bytes
-//! are no longer HTTP, the HTTP/2 preface) it stops checking that connection.
+//! chunk size, a head larger than hyper's buffer, an upgrade or `CONNECT` whose bytes are no
+//! longer HTTP, the HTTP/2 preface) it stops checking that connection. A chunk extension
+//! with a control character in it is not "odd" but invalid: the connection's input ends
+//! there (hyper sees a truncated body and the client gets `400`), so that a tolerated
+//! malformation cannot switch the checks off for requests pipelined behind it.
 
 use std::io;
 use std::pin::Pin;
@@ -209,7 +212,10 @@ fn step_chunk(chunk: Chunk, b: u8) -> Option<State> {
             _ if ext => match b {
                 b'\r' => Chunk::SizeLf { value },
                 b'\t' | b' '..=b'~' | 0x80..=0xff => chunk,
-                _ => return None,
+                // A control character in an extension: hyper would skip it (extensions are
+                // not forwarded), but a message that lenient parsers disagree on ends the
+                // connection rather than turning the checks off for what follows.
+                _ => return Some(State::Rejected(POISON_TAIL.len())),
             },
             b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' if digits < 16 && !ext => {
                 let d = u64::from((b as char).to_digit(16)?);
@@ -325,6 +331,19 @@ pub(crate) fn check_head(head: &[u8]) -> Result<Framing, &'static str> {
     if hosts > 1 {
         return Err("more than one Host field");
     }
+    // RFC 9112 §3.2: "A server MUST respond with a 400 (Bad Request) status code to any
+    // HTTP/1.1 request message that lacks a Host header field". Enforced where nothing else
+    // names the authority: origin-form (`/path`) and asterisk-form targets; an absolute-form
+    // or authority-form target carries it (and wins over Host, §3.2.2). HTTP/1.0 may omit it.
+    if hosts == 0 {
+        let line = request_line.strip_suffix(b"\r").unwrap_or(request_line);
+        let mut parts = line.split(|&b| b == b' ');
+        let (_, target, version) = (parts.next(), parts.next(), parts.next());
+        let no_authority = target.is_some_and(|t| t.starts_with(b"/") || t == b"*");
+        if no_authority && version == Some(&b"HTTP/1.1"[..]) {
+            return Err("HTTP/1.1 request without Host");
+        }
+    }
     Ok(if upgrade {
         Framing::Stop
     } else if chunked {
@@ -436,6 +455,7 @@ mod tests {
             b"GET / HTTP/1.1\r\nHost: a\0b\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
             b"GET / HTTP/1.1\r\nBad Name: a\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX-No-Host: a\r\n\r\n",
         ] {
             let (out, state) = feed_all(bad, 3);
             assert_eq!(state, State::Rejected(0), "{:?}", String::from_utf8_lossy(bad));
@@ -445,10 +465,23 @@ mod tests {
     }
 
     #[test]
+    fn control_character_in_a_chunk_extension_ends_the_input() {
+        let input = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
+            5;e\0x\r\nhello\r\n0\r\n\r\nGET / HTTP/1.1\nHost: a\n\n";
+        for chunk in [1, 3, 1000] {
+            let (out, state) = feed_all(input, chunk);
+            assert_eq!(state, State::Rejected(POISON_TAIL.len()), "chunk {chunk}");
+            assert!(out.ends_with(b"5;e\0"), "chunk {chunk}: {out:?}");
+        }
+    }
+
+    #[test]
     fn preface_and_upgrades_stop_checking() {
         assert_eq!(check_head(b"PRI * HTTP/2.0\r\n\r\n"), Ok(Framing::Stop));
         assert_eq!(
-            check_head(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"),
+            check_head(
+                b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"
+            ),
             Ok(Framing::Stop)
         );
         let (_, state) = feed_all(b"CONNECT a:1 HTTP/1.1\r\nHost: a:1\r\n\r\n\0\0\0", 4);

@@ -9,7 +9,7 @@
 //!   (CVE-2024-27919 class) are on by default. A strict HTTP/1 request-head check rejects
 //!   what hyper alone would accept but a proxy must not forward: `Content-Length` together
 //!   with `Transfer-Encoding`, obfuscated `Transfer-Encoding`, bare LF line ends, duplicate
-//!   `Host` (RFC 9112 §2.2, §6.1, §6.3).
+//!   or (HTTP/1.1) missing `Host` (RFC 9112 §2.2, §3.2, §6.1, §6.3).
 //! * [`Forward`] — a reverse proxy `Service<Request<_>>`: per-request upstream choice,
 //!   any connector (plain TCP, TLS, tunnels), pooled upstream connections (HTTP/1 idle
 //!   reuse, one multiplexed HTTP/2 connection per upstream), hop-by-hop header removal

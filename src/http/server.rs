@@ -37,9 +37,9 @@ use crate::{drain, BoxError};
 ///   request, `408`) and `RequestBodyTimeoutLayer` (gap between body frames) in front of
 ///   the service, as `tests/http_bad_input.rs` does;
 /// * a strict HTTP/1 head check refuses `Content-Length` + `Transfer-Encoding`, any
-///   `Transfer-Encoding` other than `chunked`, bare LF, obs-fold, control characters and
-///   duplicate `Host` with `400` before the service sees the request
-///   ([`HttpServer::strict_http1`]).
+///   `Transfer-Encoding` other than `chunked`, bare LF, obs-fold, control characters,
+///   duplicate `Host` and HTTP/1.1 without `Host` with `400` before the service sees the
+///   request ([`HttpServer::strict_http1`]).
 ///
 /// ```
 /// use proxystack::http::HttpServer;
