@@ -416,6 +416,20 @@ fn waypoint_demo_l7_deny_and_unknown_authority() {
     // §3.2.4: the L7 rule denies /admin with 403, on the same tunnel path.
     let (status, _) = http(a[1], "reviews", "/admin/x", "").expect("a response");
     assert_eq!(status, 403);
+    // …also when the path only resolves to /admin (dot segments, slashes, escapes), and
+    // an encoded separator is refused outright.
+    for dodge in [
+        "/x/../admin",
+        "//admin",
+        "/./admin/",
+        "/%61dmin",
+        "/%2e%2e/admin",
+    ] {
+        let (status, _) = http(a[1], "reviews", dodge, "").expect("a response");
+        assert_eq!(status, 403, "{dodge}");
+    }
+    let (status, _) = http(a[1], "reviews", "/admin%2Fx", "").expect("a response");
+    assert_eq!(status, 400);
     // §3.2.5: a service declared `tcp` is relayed as bytes.
     assert_eq!(exchange(a[2], b"hello waypoint"), b"hello waypoint");
     // §3.2.2: an authority it does not serve is refused: the client's tunnel is closed
