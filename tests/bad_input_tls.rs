@@ -1427,6 +1427,37 @@ async fn mtls_records_non_istio_spiffe_ids_verbatim() {
     }
 }
 
+/// A revoked client certificate (CRL from the mesh CA, `ServerConfigBuilder::crls`) is
+/// refused with `certificate_revoked`; a sibling certificate from the same CA is served.
+/// Revocation applies to new connections: a config built with a newer list replaces the
+/// old one the way certificate rotation does.
+#[tokio::test]
+async fn revoked_client_certificate_is_refused() {
+    let ca = DemoCa::new(TD);
+    let revoked = ca.workload_cert("ns1", "client");
+    let good = ca.workload_cert("ns1", "client");
+    let config = ServerConfigBuilder::new()
+        .default_cert(ca.workload_cert("default", "server"))
+        .client_auth(ClientAuth::Required(ca.roots()))
+        .trust_domains([TD])
+        .crls([ca.crl(&[&revoked]).unwrap()])
+        .tls13_only()
+        .alpn(["h2"])
+        .build()
+        .unwrap();
+    let mut h = Harness::terminate(terminate(config)).await;
+    let refused = mtls_attempt(h.addr(), mesh_client(&ca).client_cert(revoked).unwrap()).await;
+    assert_eq!(
+        refused.unwrap_err(),
+        Some(AlertDescription::CertificateRevoked)
+    );
+    h.assert_nothing_reached_inner();
+    mtls_attempt(h.addr(), mesh_client(&ca).client_cert(good).unwrap())
+        .await
+        .unwrap();
+    assert!(h.next_seen().await.get::<PeerIdentity>().is_some());
+}
+
 /// The server's certificate does not carry the identity the client pinned: the client
 /// aborts with `IdentityMismatch` (naming both) and tells the server `certificate_unknown`;
 /// the server's service never runs.
