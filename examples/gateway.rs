@@ -58,7 +58,9 @@ use http::{Request, StatusCode};
 use proxystack::addr::{Cidr, Host};
 use proxystack::conn::Metadata;
 use proxystack::hbone::{self, HboneTarget};
-use proxystack::http::{Forward, ForwardedMode, HttpServer, Incoming, PoolKey, RequestScheme};
+use proxystack::http::{
+    Forward, ForwardedMode, HttpServer, Incoming, NormalizePathLayer, PoolKey, RequestScheme,
+};
 use proxystack::identity::SpiffeId;
 use proxystack::proxy_protocol::ProxyProtocolLayer;
 use proxystack::tls::rustls::RootCertStore;
@@ -287,6 +289,10 @@ async fn main() {
             forward.oneshot(req).await
         }
     });
+    // Routes and backends see one normal path: `/x/../admin` cannot dodge a route.
+    let edge = ServiceBuilder::new()
+        .layer(NormalizePathLayer)
+        .service(edge);
     let http = HttpServer::new(edge).header_read_timeout(Some(Duration::from_secs(10)));
     let https = http.clone().map_request(|mut c: Conn<proxystack::BoxIo>| {
         c.insert(RequestScheme(http::uri::Scheme::HTTPS));

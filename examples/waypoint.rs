@@ -58,7 +58,7 @@ use proxystack::conn::Metadata;
 use proxystack::connect::{lookup, TunnelInfo};
 use proxystack::detect::{DetectLayer, Router};
 use proxystack::hbone::{self, HboneHeaders, HboneTarget, Inbound};
-use proxystack::http::{Forward, HttpServer, Incoming, PoolKey};
+use proxystack::http::{Forward, HttpServer, Incoming, NormalizePathLayer, PoolKey};
 use proxystack::identity::{PeerIdentity, SpiffeId};
 use proxystack::steer::Steer;
 use proxystack::tls::{rustls::RootCertStore, CertKey};
@@ -263,7 +263,9 @@ async fn main() {
             forward.oneshot(req).await
         }
     });
-    let http = HttpServer::new(l7);
+    // Rules match, and the backend receives, the normalized path: `/x/../admin`, `//admin`
+    // and `/%61dmin` are all `/admin` (encoded separators are refused with 400).
+    let http = HttpServer::new(ServiceBuilder::new().layer(NormalizePathLayer).service(l7));
     // Sniff with a short timeout: a server-first protocol on an `auto` port pays it once.
     let detect = ServiceBuilder::new()
         .layer(DetectLayer::new().timeout(Some(Duration::from_millis(500))))

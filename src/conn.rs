@@ -191,6 +191,37 @@ impl<I: AsyncRead + Unpin> AsyncRead for PrefixedIo<I> {
 
 delegate_write!(PrefixedIo<I>, io, I: AsyncWriteUnpin);
 
+/// The first bytes of every HTTP/2 connection (RFC 9113 §3.4).
+#[cfg(any(feature = "http", feature = "connect"))]
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads until the bytes either are the HTTP/2 preface or cannot be; returns the stream with
+/// those bytes put back and whether it speaks HTTP/2. `None`: closed before sending a byte.
+/// Servers run it under their request-head timeout, so a client that sends nothing (or
+/// stops inside the preface) cannot hold a connection forever.
+#[cfg(any(feature = "http", feature = "connect"))]
+pub(crate) async fn sniff_h2_preface<I: Io>(
+    mut io: I,
+) -> io::Result<Option<(PrefixedIo<I>, bool)>> {
+    use tokio::io::AsyncReadExt;
+    let mut seen = bytes::BytesMut::with_capacity(H2_PREFACE.len());
+    while seen.len() < H2_PREFACE.len() {
+        // `take` bounds the read to the rest of the preface.
+        let rest = (H2_PREFACE.len() - seen.len()) as u64;
+        if (&mut io).take(rest).read_buf(&mut seen).await? == 0 {
+            if seen.is_empty() {
+                return Ok(None);
+            }
+            break;
+        }
+        if !H2_PREFACE.starts_with(&seen) {
+            break;
+        }
+    }
+    let is_h2 = seen.as_ref() == H2_PREFACE;
+    Ok(Some((PrefixedIo::new(seen.freeze(), io), is_h2)))
+}
+
 /// Connection metadata: one value per type ([`PeerAddr`], `Sni`, `PeerIdentity`…). Routing
 /// closures (`Relay::upstream`, `Steer`) receive it, so they read like
 /// `|m: &Metadata| m.get::<OriginalDst>()`.

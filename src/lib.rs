@@ -67,7 +67,13 @@
 #![deny(missing_docs)]
 #![cfg_attr(
     not(test),
-    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::todo)
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::todo,
+        clippy::indexing_slicing
+    )
 )]
 
 pub mod addr;
@@ -94,6 +100,8 @@ pub mod recursive;
 #[cfg(feature = "tcp")]
 pub mod serve;
 pub mod steer;
+#[cfg(feature = "tcp")]
+mod task;
 #[cfg(feature = "tcp")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tcp")))]
 pub mod tcp;

@@ -170,7 +170,7 @@ impl Server {
             let service = service.clone();
             let stats = self.stats.clone();
             tasks.spawn(
-                async move {
+                crate::task::serving(self.stats.clone(), async move {
                     let _permit = permit;
                     let _active = ActiveGuard(&stats);
                     let mut service = service;
@@ -186,7 +186,7 @@ impl Server {
                         stats.errors.fetch_add(1, Ordering::Relaxed);
                         debug!(error = %DisplayChain(&*e), "connection ended with error");
                     }
-                }
+                })
                 .instrument(span),
             );
         }
@@ -271,6 +271,18 @@ fn is_per_connection(e: &io::Error) -> bool {
             | io::ErrorKind::ConnectionRefused
             | io::ErrorKind::Interrupted
     )
+}
+
+/// Aborts a task when dropped: for a task that must not outlive the (connection) task
+/// that holds the guard.
+#[cfg(any(feature = "http", feature = "connect"))]
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
+
+#[cfg(any(feature = "http", feature = "connect"))]
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Displays an error with its `source()` chain: `a: b: c`.

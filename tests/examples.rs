@@ -10,17 +10,16 @@
 //! leaves loopback.
 #![cfg(unix)]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
-use std::time::{Duration, Instant};
+mod common;
+mod examples_common;
 
-const STARTUP: Duration = Duration::from_secs(30);
-const EXIT: Duration = Duration::from_secs(15);
-const IO: Duration = Duration::from_secs(10);
+use examples_common::*;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 /// Demos that bind fixed ports run one at a time.
 fn fixed_ports() -> MutexGuard<'static, ()> {
@@ -29,268 +28,7 @@ fn fixed_ports() -> MutexGuard<'static, ()> {
 }
 
 // ---------------------------------------------------------------------------------------
-// Finding, building and running the binaries
-
-fn enabled_features() -> Vec<&'static str> {
-    let all = [
-        ("tcp", cfg!(feature = "tcp")),
-        ("tls", cfg!(feature = "tls")),
-        ("demo-certs", cfg!(feature = "demo-certs")),
-        ("proxy-protocol", cfg!(feature = "proxy-protocol")),
-        ("detect", cfg!(feature = "detect")),
-        ("http", cfg!(feature = "http")),
-        ("connect", cfg!(feature = "connect")),
-        ("hbone", cfg!(feature = "hbone")),
-    ];
-    all.iter().filter(|(_, on)| *on).map(|(f, _)| *f).collect()
-}
-
-/// `target/<profile>/examples`, after one `cargo build --examples` (a no-op when `cargo
-/// test` built them already) so a stale binary is never tested.
-fn examples_dir() -> Option<&'static Path> {
-    static DIR: OnceLock<Option<PathBuf>> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let exe = std::env::current_exe().ok()?; // target/<profile>/deps/examples-…
-        let profile_dir = exe.parent()?.parent()?;
-        let target_dir = profile_dir.parent()?;
-        let profile = match profile_dir.file_name()?.to_str()? {
-            "debug" => "dev",
-            "release" => "release",
-            other => {
-                println!("unknown profile directory {other:?}; not building the examples");
-                return Some(profile_dir.join("examples"));
-            }
-        };
-        let started = Instant::now();
-        let mut cargo = Command::new(env!("CARGO"));
-        // What cargo set for this test process describes the package, not the build;
-        // build scripts that watch such variables (ring watches CARGO_MANIFEST_DIR) would
-        // otherwise rebuild on every switch between this build and a shell's.
-        for (key, _) in std::env::vars_os() {
-            let k = key.to_string_lossy();
-            if k.starts_with("CARGO_PKG_")
-                || k.starts_with("CARGO_MANIFEST_")
-                || k.starts_with("CARGO_BIN_")
-                || [
-                    "CARGO_CRATE_NAME",
-                    "CARGO_PRIMARY_PACKAGE",
-                    "CARGO_TARGET_TMPDIR",
-                    "CARGO_RUSTC_CURRENT_DIR",
-                    "OUT_DIR",
-                ]
-                .contains(&k.as_ref())
-            {
-                cargo.env_remove(&key);
-            }
-        }
-        let out = cargo
-            .args(["build", "--examples", "--profile", profile, "--target-dir"])
-            .arg(target_dir)
-            .args([
-                "--no-default-features",
-                "--features",
-                &enabled_features().join(","),
-            ])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .output();
-        match out {
-            Ok(out) if out.status.success() => {
-                println!("examples built in {:?}", started.elapsed());
-            }
-            Ok(out) => panic!(
-                "building the examples failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            ),
-            Err(e) => println!("cannot run cargo ({e}); using the example binaries as they are"),
-        }
-        Some(profile_dir.join("examples"))
-    })
-    .as_deref()
-}
-
-/// The example's binary, or `None` (with the reason printed).
-fn binary(name: &str) -> Option<PathBuf> {
-    let Some(dir) = examples_dir() else {
-        println!("SKIPPED {name}: cannot locate target/<profile>/examples");
-        return None;
-    };
-    let path = dir.join(name);
-    if path.is_file() {
-        Some(path)
-    } else {
-        println!(
-            "SKIPPED {name}: {} not found (example missing or its features are off)",
-            path.display()
-        );
-        None
-    }
-}
-
-/// A running example: stdout lines arrive on a channel, stderr is collected.
-struct Example {
-    name: String,
-    child: Child,
-    lines: Receiver<String>,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl Example {
-    fn start(name: &str, args: &[&str]) -> Option<Example> {
-        Self::start_with(&[], name, args)
-    }
-
-    /// Starts the example behind a wrapper command (`ip netns exec NS`), which must exec
-    /// it (so that the pid we signal is the example's).
-    fn start_with(wrapper: &[&str], name: &str, args: &[&str]) -> Option<Example> {
-        let path = binary(name)?;
-        let mut command = match wrapper.split_first() {
-            Some((program, rest)) => {
-                let mut c = Command::new(program);
-                c.args(rest).arg(path);
-                c
-            }
-            None => Command::new(path),
-        };
-        let mut child = command
-            .args(args)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{name}: cannot start: {e}"));
-        let (tx, lines) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = stderr.clone();
-        let mut err = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = err.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-        Some(Example {
-            name: name.to_string(),
-            child,
-            lines,
-            stderr,
-        })
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    /// Waits for `n` `listening on ADDR` lines.
-    fn listening(&mut self, n: usize) -> Vec<SocketAddr> {
-        let deadline = Instant::now() + STARTUP;
-        let mut addrs = Vec::new();
-        while addrs.len() < n {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(addr) = line.strip_prefix("listening on ") {
-                        addrs.push(
-                            addr.trim().parse().unwrap_or_else(|e| {
-                                panic!("{}: bad line {line:?}: {e}", self.name)
-                            }),
-                        );
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => panic!(
-                    "{}: {} of {n} `listening on` lines after {STARTUP:?}; stderr:\n{}",
-                    self.name,
-                    addrs.len(),
-                    self.stderr()
-                ),
-                Err(RecvTimeoutError::Disconnected) => panic!(
-                    "{}: exited before listening ({:?}); stderr:\n{}",
-                    self.name,
-                    self.child.try_wait(),
-                    self.stderr()
-                ),
-            }
-        }
-        addrs
-    }
-
-    /// Waits (bounded) until stderr contains `needle`; returns the line that does.
-    fn stderr_line(&self, needle: &str) -> String {
-        let deadline = Instant::now() + IO;
-        loop {
-            if let Some(line) = self.stderr().lines().find(|l| l.contains(needle)) {
-                return line.to_string();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{}: no {needle:?} on stderr:\n{}",
-                self.name,
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// SIGTERM, then the exit status (bounded).
-    fn terminate(mut self) -> (ExitStatus, String) {
-        // SAFETY: kill(2) on the pid of our own child process, which we have not reaped.
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
-        let status = wait_bounded(&mut self.child, EXIT)
-            .unwrap_or_else(|| panic!("{}: still running {EXIT:?} after SIGTERM", self.name));
-        std::thread::sleep(Duration::from_millis(50)); // let the stderr thread finish
-        (status, self.stderr())
-    }
-
-    /// SIGTERM and assert a clean drain (exit 0).
-    fn stop(self) {
-        let name = self.name.clone();
-        let (status, stderr) = self.terminate();
-        assert!(
-            status.success(),
-            "{name}: exit {status} after SIGTERM; stderr:\n{stderr}"
-        );
-    }
-}
-
-impl Drop for Example {
-    fn drop(&mut self) {
-        // A failed test must not leave its example running; only our own child is killed.
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn wait_bounded(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Some(status);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-}
+// Running the binaries and talking to them (the rest is in examples_common)
 
 /// Runs an example to completion (it is expected to exit on its own) and returns its
 /// status and stderr.
@@ -319,54 +57,9 @@ fn run_to_exit(name: &str, args: &[&str]) -> Option<(ExitStatus, String)> {
     status.map(|s| (s, stderr))
 }
 
-// ---------------------------------------------------------------------------------------
-// Clients
-
-fn connect(addr: SocketAddr) -> TcpStream {
-    let s = TcpStream::connect_timeout(&addr, IO).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    s.set_read_timeout(Some(IO)).unwrap();
-    s.set_write_timeout(Some(IO)).unwrap();
-    s
-}
-
 /// Writes `data`, half-closes, reads to EOF (or reset: then what arrived before it).
 fn exchange(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
     exchange_with(addr, data, true)
-}
-
-/// Writes `data`, half-closes if asked (HTTP servers close at once on a half-close, so
-/// HTTP requests are not), reads to EOF or reset.
-fn exchange_with(addr: SocketAddr, data: &[u8], half_close: bool) -> Vec<u8> {
-    let mut s = connect(addr);
-    let _ = s.write_all(data);
-    if half_close {
-        let _ = s.shutdown(Shutdown::Write);
-    }
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => return out,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-        }
-    }
-}
-
-/// A raw HTTP/1.1 request (with `Connection: close`); status and body. `None` when the
-/// connection closed without a response.
-fn http(addr: SocketAddr, host: &str, path: &str, extra: &str) -> Option<(u16, String)> {
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n");
-    parse_response(&exchange_with(addr, req.as_bytes(), false))
-}
-
-fn parse_response(raw: &[u8]) -> Option<(u16, String)> {
-    let text = String::from_utf8_lossy(raw);
-    let status = text.split(' ').nth(1)?.parse().ok()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    Some((status, body))
 }
 
 fn have(program: &str) -> bool {
@@ -419,37 +112,6 @@ fn header_echo_server(ip: [u8; 4]) -> SocketAddr {
         }
     });
     addr
-}
-
-fn temp_file(tag: &str, contents: &str) -> PathBuf {
-    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let path = std::env::temp_dir().join(format!(
-        "proxystack-examples-test-{}-{n}-{tag}",
-        std::process::id()
-    ));
-    std::fs::write(&path, contents).unwrap();
-    path
-}
-
-/// Temporary files, removed on drop (also when a test fails half-way).
-#[derive(Default)]
-struct TempFiles(Vec<PathBuf>);
-
-impl TempFiles {
-    fn add(&mut self, tag: &str, contents: &str) -> PathBuf {
-        let path = temp_file(tag, contents);
-        self.0.push(path.clone());
-        path
-    }
-}
-
-impl Drop for TempFiles {
-    fn drop(&mut self) {
-        for f in &self.0 {
-            let _ = std::fs::remove_file(f);
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -754,6 +416,20 @@ fn waypoint_demo_l7_deny_and_unknown_authority() {
     // §3.2.4: the L7 rule denies /admin with 403, on the same tunnel path.
     let (status, _) = http(a[1], "reviews", "/admin/x", "").expect("a response");
     assert_eq!(status, 403);
+    // …also when the path only resolves to /admin (dot segments, slashes, escapes), and
+    // an encoded separator is refused outright.
+    for dodge in [
+        "/x/../admin",
+        "//admin",
+        "/./admin/",
+        "/%61dmin",
+        "/%2e%2e/admin",
+    ] {
+        let (status, _) = http(a[1], "reviews", dodge, "").expect("a response");
+        assert_eq!(status, 403, "{dodge}");
+    }
+    let (status, _) = http(a[1], "reviews", "/admin%2Fx", "").expect("a response");
+    assert_eq!(status, 400);
     // §3.2.5: a service declared `tcp` is relayed as bytes.
     assert_eq!(exchange(a[2], b"hello waypoint"), b"hello waypoint");
     // §3.2.2: an authority it does not serve is refused: the client's tunnel is closed
@@ -905,58 +581,6 @@ mod mesh_configs {
     use proxystack::{Authority, BoxIo, Conn};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tower::ServiceExt;
-
-    fn base64(der: &[u8]) -> String {
-        const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-        let mut out = String::new();
-        for chunk in der.chunks(3) {
-            let n = chunk
-                .iter()
-                .enumerate()
-                .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
-            for i in 0..4 {
-                out.push(if i <= chunk.len() {
-                    T[(n >> (18 - 6 * i)) as usize & 63] as char
-                } else {
-                    '='
-                });
-            }
-        }
-        out
-    }
-
-    fn pem(label: &str, der: &[u8]) -> String {
-        let b64 = base64(der);
-        let lines: Vec<&str> = b64
-            .as_bytes()
-            .chunks(64)
-            .map(|l| std::str::from_utf8(l).unwrap())
-            .collect();
-        format!(
-            "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
-            lines.join("\n")
-        )
-    }
-
-    /// `[identity]` for a config: the workload `ns/sa` of `ca`, written to temp files.
-    pub(super) fn identity_section(
-        ca: &DemoCa,
-        ns: &str,
-        sa: &str,
-        files: &mut TempFiles,
-    ) -> String {
-        let ck = ca.workload_cert(ns, sa);
-        let cert = files.add("cert.pem", &pem("CERTIFICATE", ck.chain[0].as_ref()));
-        let key = files.add("key.pem", &pem("PRIVATE KEY", ck.key.secret_der()));
-        let roots = files.add("roots.pem", ca.root_pem());
-        let section = format!(
-            "[identity]\ncert = {:?}\nkey = {:?}\nroots = {:?}\n",
-            cert.display().to_string(),
-            key.display().to_string(),
-            roots.display().to_string()
-        );
-        section
-    }
 
     fn id(ns: &str, sa: &str) -> SpiffeId {
         SpiffeId::istio("cluster.local", ns, sa).unwrap()
@@ -1118,87 +742,16 @@ path_prefix = "/admin"
 
 #[cfg(all(feature = "hbone", feature = "demo-certs", target_os = "linux"))]
 mod sidecar_redirect {
+    use super::common::netns::Netns;
     use super::*;
 
-    /// A network namespace of our own; deleted on drop.
-    struct Netns(String);
-
-    fn sh(args: &[&str]) -> Result<(), String> {
-        let out = Command::new(args[0])
-            .args(&args[1..])
-            .output()
-            .map_err(|e| format!("{}: {e}", args[0]))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "{args:?}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
-    }
-
-    impl Netns {
-        fn create() -> Result<Self, String> {
-            let ns = Netns(format!("proxystack-ex-{}", std::process::id()));
-            sh(&["ip", "netns", "add", &ns.0])?;
-            ns.exec(&["ip", "link", "set", "lo", "up"])?;
-            // A "pod" in the mesh and a host outside it, both on the namespace's loopback.
-            ns.exec(&["ip", "addr", "add", "10.203.1.1/32", "dev", "lo"])?;
-            ns.exec(&["ip", "addr", "add", "10.203.1.2/32", "dev", "lo"])?;
-            // Every connection to the two hosts goes to the sidecar, except what the
-            // sidecar dials itself (marked): its passthrough and its HBONE connections.
-            let rule = |bin: &str| {
-                ns.exec(&[
-                    bin,
-                    "-t",
-                    "nat",
-                    "-A",
-                    "OUTPUT",
-                    "-p",
-                    "tcp",
-                    "-d",
-                    "10.203.1.0/24",
-                    "-m",
-                    "mark",
-                    "!",
-                    "--mark",
-                    "0x539",
-                    "-j",
-                    "REDIRECT",
-                    "--to-ports",
-                    "15001",
-                ])
-            };
-            rule("iptables")
-                .or_else(|a| rule("iptables-legacy").map_err(|b| format!("{a}; {b}")))?;
-            Ok(ns)
-        }
-
-        fn exec(&self, args: &[&str]) -> Result<(), String> {
-            sh(&[&["ip", "netns", "exec", &self.0][..], args].concat())
-        }
-
-        /// Runs `f` on a thread inside the namespace.
-        fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-            let path = format!("/var/run/netns/{}", self.0);
-            std::thread::spawn(move || {
-                use std::os::fd::AsRawFd;
-                let file = std::fs::File::open(path).unwrap();
-                // SAFETY: setns(2) on a namespace fd we opened; affects only this thread.
-                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-                f()
-            })
-            .join()
-            .unwrap()
-        }
-    }
-
-    impl Drop for Netns {
-        fn drop(&mut self) {
-            let _ = sh(&["ip", "netns", "delete", &self.0]);
-        }
+    /// The namespace of the test: a "pod" in the mesh and a host outside it, both on its
+    /// loopback; every connection to them goes to the sidecar, except what the sidecar
+    /// dials itself (marked): its passthrough and its HBONE connections.
+    fn mesh_namespace() -> Result<Netns, String> {
+        let ns = Netns::create("ex", &["10.203.1.1/32", "10.203.1.2/32"])?;
+        ns.redirect("10.203.1.0/24", None, 0x539, 15001)?;
+        Ok(ns)
     }
 
     /// An HTTP server answering `body`, bound inside the namespace.
@@ -1219,15 +772,14 @@ mod sidecar_redirect {
 
     #[test]
     fn redirected_traffic_leaves_as_hbone_or_passthrough() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
+        if !super::common::netns::is_root() {
             println!("SKIPPED: needs root (network namespace, iptables)");
             return;
         }
         if binary("sidecar").is_none() {
             return;
         }
-        let ns = match Netns::create() {
+        let ns = match mesh_namespace() {
             Ok(ns) => ns,
             Err(e) => {
                 println!("SKIPPED: cannot set up the namespace: {e}");
@@ -1236,7 +788,7 @@ mod sidecar_redirect {
         };
         let ca = proxystack::tls::demo::DemoCa::new("cluster.local");
         let mut files = TempFiles::default();
-        let identity = super::mesh_configs::identity_section(&ca, "default", "node", &mut files);
+        let identity = identity_section(&ca, "default", "node", &mut files);
         let config = format!(
             r#"mark = 0x539
 {identity}
@@ -1256,7 +808,7 @@ protocol = "hbone"
         // there); the outside host on its own address.
         serve(&ns, "127.0.0.1:80", "mesh app via HBONE\n");
         serve(&ns, "10.203.1.2:80", "outside host, plain TCP\n");
-        let wrapper = ["ip", "netns", "exec", ns.0.as_str()];
+        let wrapper = ["ip", "netns", "exec", ns.name()];
         let cfg = config.to_string_lossy().into_owned();
         let Some(mut ex) = Example::start_with(&wrapper, "sidecar", &["--config", &cfg]) else {
             return;

@@ -340,19 +340,6 @@ async fn double_hbone_through_a_gateway_that_cannot_read_the_inner_tunnel() {
     let _ = Duration::ZERO;
 }
 
-/// Hand-encodes an HPACK header block of literal fields (no indexing, no Huffman).
-fn hpack_literals(fields: &[(&str, &str)]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (name, value) in fields {
-        out.push(0x00);
-        out.push(name.len() as u8);
-        out.extend_from_slice(name.as_bytes());
-        out.push(value.len() as u8);
-        out.extend_from_slice(value.as_bytes());
-    }
-    out
-}
-
 fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let len = payload.len() as u32;
     let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];

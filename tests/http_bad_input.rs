@@ -4,12 +4,14 @@
 //! the proxy still serves the next good connection.
 #![cfg(feature = "http")]
 
+mod common;
 mod http_common;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use common::hpack_literal;
 use http::{Request, StatusCode};
 use http_common::*;
 use proxystack::http::HttpServer;
@@ -201,6 +203,59 @@ async fn slowloris_head_is_cut_off() {
     proxy.shutdown().await;
 }
 
+/// A request body trickling in (slowloris on the body): `HttpServer` itself times only the
+/// head, so the documented defence is tower-http's timeouts in front of `Forward` — the
+/// client gets `408` once the request outlives its deadline, the upstream never sees a
+/// complete body, and the proxy serves the next client.
+#[tokio::test]
+async fn slow_request_body_is_cut_off_by_tower_http_timeouts() {
+    use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
+    let b = backend().await;
+    let upstream = b.addr;
+    let forward = proxystack::http::Forward::new(
+        proxystack::tcp::TcpConnector::new(),
+        move |_: &Request<_>| Some(proxystack::Target::from(upstream)),
+    );
+    let guarded = tower::ServiceBuilder::new()
+        // The whole request (head to last body byte and the answer) within 2 s…
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(2),
+        ))
+        // …and no gap of more than 1 s between body frames.
+        .layer(RequestBodyTimeoutLayer::new(Duration::from_secs(1)))
+        .service(forward);
+    let proxy = serve_http(HttpServer::new(guarded)).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let started = std::time::Instant::now();
+    // One byte every 300 ms: never idle long enough for the body timeout, so the request
+    // deadline has to end it. Bounded: at most 40 bytes (12 s).
+    for _ in 0..40 {
+        if s.write_all(b"x").await.is_err() {
+            break;
+        }
+        let mut buf = [0u8; 512];
+        if let Ok(r) = tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await {
+            answer.extend_from_slice(&buf[..r.unwrap_or(0)]);
+            break;
+        }
+    }
+    assert!(
+        answer.starts_with(b"HTTP/1.1 408"),
+        "after {:?}: {:?}",
+        started.elapsed(),
+        String::from_utf8_lossy(&answer)
+    );
+    assert_eq!(b.seen.complete.load(Ordering::SeqCst), 0);
+    assert_still_serves(proxy.addr).await;
+    proxy.shutdown().await;
+}
+
 // ---- HTTP/2 ----
 
 fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
@@ -209,31 +264,6 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     f.extend_from_slice(&stream.to_be_bytes());
     f.extend_from_slice(payload);
     f
-}
-
-/// HPACK integer with an `n`-bit prefix (RFC 7541 §5.1).
-fn hpack_int(out: &mut Vec<u8>, first: u8, n: u8, mut v: usize) {
-    let max = (1usize << n) - 1;
-    if v < max {
-        out.push(first | v as u8);
-        return;
-    }
-    out.push(first | max as u8);
-    v -= max;
-    while v >= 128 {
-        out.push((v % 128 + 128) as u8);
-        v /= 128;
-    }
-    out.push(v as u8);
-}
-
-/// A literal field without indexing, new name, no Huffman (RFC 7541 §6.2.2).
-fn literal(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.push(0x00);
-    hpack_int(out, 0, 7, name.len());
-    out.extend_from_slice(name);
-    hpack_int(out, 0, 7, value.len());
-    out.extend_from_slice(value);
 }
 
 /// `GET http://a/` pseudo-fields: static-table :method GET, :scheme http, :path /, and
@@ -289,7 +319,7 @@ async fn h2_malformed_fields_never_reach_the_http1_upstream() {
     for (name, field, value) in cases {
         let mut s = h2_raw(proxy.addr).await;
         let mut block = request_block();
-        literal(&mut block, field, value);
+        hpack_literal(&mut block, field, value);
         s.write_all(&frame(0x1, 0x4 | 0x1, 1, &block))
             .await
             .unwrap(); // END_HEADERS|END_STREAM
@@ -380,7 +410,7 @@ async fn h2_continuation_flood_gets_goaway() {
         let mut sent = 0usize;
         for i in 0..4096 {
             let mut block = Vec::new();
-            literal(&mut block, format!("x-flood-{i}").as_bytes(), &[b'v'; 8000]);
+            hpack_literal(&mut block, format!("x-flood-{i}").as_bytes(), &[b'v'; 8000]);
             if w.write_all(&frame(0x9, 0, 1, &block)).await.is_err() {
                 break;
             }

@@ -7,8 +7,9 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
+
+use common::netns::{self, Netns};
 
 use proxystack::conn::Metadata;
 use proxystack::conn::OriginalDst;
@@ -21,103 +22,21 @@ const MARK: u32 = 0x539;
 const BACKEND: &str = "10.203.0.1:80";
 const RELAY_PORT: u16 = 15001;
 
-struct Netns(String);
-
-impl Netns {
-    fn create() -> Result<Self, String> {
-        let name = format!("proxystack-test-{}", std::process::id());
-        sh(&["ip", "netns", "add", &name])?;
-        let ns = Netns(name);
-        ns.exec(&["ip", "link", "set", "lo", "up"])?;
-        // The pretend remote host lives on the namespace's own loopback device.
-        ns.exec(&["ip", "addr", "add", "10.203.0.1/32", "dev", "lo"])?;
-        Ok(ns)
-    }
-
-    fn exec(&self, args: &[&str]) -> Result<(), String> {
-        let mut full = vec!["ip", "netns", "exec", &self.0];
-        full.extend_from_slice(args);
-        sh(&full)
-    }
-
-    /// Moves the calling thread into the namespace; sockets it creates live there.
-    fn enter(&self) {
-        let f = std::fs::File::open(format!("/var/run/netns/{}", self.0)).unwrap();
-        use std::os::fd::AsRawFd;
-        // SAFETY: setns on a valid namespace fd; affects only the calling thread.
-        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = sh(&["ip", "netns", "delete", &self.0]);
-    }
-}
-
-fn sh(args: &[&str]) -> Result<(), String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .map_err(|e| format!("{}: {e}", args[0]))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{:?}: {}",
-            args,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-fn redirect_rule(ns: &Netns) -> Result<(), String> {
-    let port = RELAY_PORT.to_string();
-    let mark = format!("{MARK:#x}");
-    let rule = |bin: &str| {
-        ns.exec(&[
-            bin,
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-d",
-            "10.203.0.1",
-            "--dport",
-            "80",
-            "-m",
-            "mark",
-            "!",
-            "--mark",
-            &mark,
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            &port,
-        ])
-    };
-    rule("iptables")
-        .or_else(|first| rule("iptables-legacy").map_err(|second| format!("{first}; {second}")))
-}
-
 #[test]
 fn redirected_connection_is_relayed_to_its_original_destination() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !netns::is_root() {
         println!("SKIPPED: transparency test needs root (network namespaces, iptables)");
         return;
     }
-    let ns = match Netns::create() {
+    // The pretend remote host lives on the namespace's own loopback device.
+    let ns = match Netns::create("test", &["10.203.0.1/32"]) {
         Ok(ns) => ns,
         Err(e) => {
             println!("SKIPPED: cannot create a network namespace: {e}");
             return;
         }
     };
-    if let Err(e) = redirect_rule(&ns) {
+    if let Err(e) = ns.redirect("10.203.0.1", Some(80), MARK, RELAY_PORT) {
         println!("SKIPPED: cannot install the iptables REDIRECT rule: {e}");
         return;
     }

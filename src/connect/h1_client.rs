@@ -99,7 +99,7 @@ where
                     context: "HTTP/1.1 handshake with the proxy failed",
                     source: source.into(),
                 })?;
-            tokio::spawn(async move {
+            crate::task::spawn(async move {
                 if let Err(e) = connection.with_upgrades().await {
                     debug!(error = %e, "HTTP/1.1 CONNECT connection ended");
                 }

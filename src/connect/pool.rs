@@ -74,7 +74,9 @@ impl Default for H2Settings {
 /// * Closed or `GOAWAY`'d connections are skipped; a tunnel that fails because its
 ///   connection went away is retried once on a fresh one.
 /// * Idle connections close after `idle_timeout`; PING keepalive drops dead ones (a PING
-///   unanswered for the keepalive timeout closes the connection and fails its tunnels).
+///   unanswered for the keepalive timeout closes the connection and fails its tunnels). A
+///   connection that leaves a CONNECT unanswered for `response_timeout` gets no new
+///   tunnels, so a silently dead peer is left behind even without keepalive.
 /// * Each tunnel is a [`PooledTunnel`] over an [`H2Stream`]: shutting it down sends
 ///   `END_STREAM`; its connection's metadata carries its [`Abort`] handle, so a
 ///   [`tcp::Relay`](crate::tcp::Relay) whose other side failed makes it end with
@@ -236,7 +238,7 @@ impl<C> H2ConnectPool<C> {
         }
         let weak: Weak<Shared> = Arc::downgrade(&self.shared);
         let idle = self.settings.idle_timeout;
-        tokio::spawn(async move {
+        crate::task::spawn(async move {
             let period = (idle / 4).max(Duration::from_millis(100));
             loop {
                 tokio::time::sleep(period).await;
@@ -292,7 +294,7 @@ where
         let done = closed.clone();
         let ping_pong = connection.ping_pong();
         let keepalive = s.keepalive;
-        tokio::spawn(async move {
+        crate::task::spawn(async move {
             let keepalive = keepalive::maybe_keepalive(ping_pong, keepalive);
             tokio::select! {
                 result = &mut connection => {
@@ -381,7 +383,14 @@ where
             };
             let (response, send) =
                 match tokio::time::timeout(self.settings.response_timeout, sent).await {
-                    Err(_) => return Err(TunnelError::Timeout(self.settings.response_timeout)),
+                    Err(_) => {
+                        // No answer at all: the peer may be gone without a trace (a stale
+                        // half-open connection, ztunnel#1637), which only a keepalive PING
+                        // would otherwise reveal. New tunnels go to a fresh connection; the
+                        // ones already open here carry on.
+                        conn.closed.store(true, Ordering::Release);
+                        return Err(TunnelError::Timeout(self.settings.response_timeout));
+                    }
                     Ok(Ok(r)) => r,
                     Ok(Err(e)) => {
                         // GOAWAY, a dead connection, or a stream the server refused unseen

@@ -20,7 +20,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -199,8 +199,7 @@ impl AsyncRead for H2Stream {
             }
         }
         let n = out.remaining().min(this.buf.len());
-        out.put_slice(&this.buf[..n]);
-        this.buf.advance(n);
+        out.put_slice(&this.buf.split_to(n));
         // Handed to the reader: the peer may send this much more.
         let _ = this.recv.flow_control().release_capacity(n);
         Poll::Ready(Ok(()))
@@ -236,10 +235,10 @@ impl AsyncWrite for H2Stream {
             if granted > 0 {
                 let n = granted.min(want);
                 return Poll::Ready(
-                    match this
-                        .send
-                        .send_data(Bytes::copy_from_slice(&buf[..n]), false)
-                    {
+                    match this.send.send_data(
+                        Bytes::copy_from_slice(buf.get(..n).unwrap_or_default()),
+                        false,
+                    ) {
                         Ok(()) => Ok(n),
                         Err(e) => Err(this.send_error(cx, to_io(e))),
                     },

@@ -10,7 +10,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -21,8 +21,8 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::AsyncReadExt;
 use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 use tower::{Service, ServiceExt};
 use tracing::{debug, info_span, Instrument};
 
@@ -31,8 +31,10 @@ use super::stream::H2Stream;
 use super::{keepalive, status_for, Outer, TunnelInfo};
 use crate::addr::Authority;
 use crate::conn::{
-    box_inbound, Abort, Admission, BoxInbound, BoxIo, Conn, ConnectionId, Io, PrefixedIo, Refusal,
+    box_inbound, sniff_h2_preface, Abort, Admission, BoxInbound, BoxIo, Conn, ConnectionId, Io,
+    PrefixedIo, Refusal,
 };
+use crate::serve::AbortOnDrop;
 use crate::{drain, BoxError};
 
 /// A policy's verdict on one tunnel.
@@ -223,34 +225,6 @@ impl ConnectTerminate {
     }
 }
 
-/// The first bytes of every HTTP/2 connection (RFC 9113 §3.4).
-const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// Reads until the bytes either are the HTTP/2 preface or cannot be; returns the stream with
-/// those bytes put back and whether it speaks HTTP/2. `None`: closed before sending a byte.
-async fn sniff<I: Io>(mut io: I) -> std::io::Result<Option<(PrefixedIo<I>, bool)>> {
-    let mut buf = [0u8; PREFACE.len()];
-    let mut n = 0;
-    while n < buf.len() {
-        let read = io.read(&mut buf[n..]).await?;
-        if read == 0 {
-            if n == 0 {
-                return Ok(None);
-            }
-            break;
-        }
-        n += read;
-        if buf[..n] != PREFACE[..n] {
-            break;
-        }
-    }
-    let is_h2 = buf[..n] == PREFACE[..];
-    Ok(Some((
-        PrefixedIo::new(Bytes::copy_from_slice(&buf[..n]), io),
-        is_h2,
-    )))
-}
-
 impl<I: Io> Service<Conn<I>> for ConnectTerminate {
     type Response = ();
     type Error = BoxError;
@@ -272,11 +246,14 @@ impl<I: Io> Service<Conn<I>> for ConnectTerminate {
             let handler = Handler {
                 terminate: this,
                 outer: Arc::new(metadata),
+                h1_tunnel: Arc::default(),
             };
             let (io, h2) = match (settings.http1, settings.http2) {
                 (false, true) => (PrefixedIo::new(Bytes::new(), io), true),
                 (true, false) => (PrefixedIo::new(Bytes::new(), io), false),
-                _ => match tokio::time::timeout(settings.header_read_timeout, sniff(io)).await {
+                _ => match tokio::time::timeout(settings.header_read_timeout, sniff_h2_preface(io))
+                    .await
+                {
                     Err(_) => {
                         return Err(std::io::Error::new(
                             std::io::ErrorKind::TimedOut,
@@ -303,6 +280,10 @@ impl<I: Io> Service<Conn<I>> for ConnectTerminate {
 struct Handler {
     terminate: ConnectTerminate,
     outer: Arc<http::Extensions>,
+    /// HTTP/1.1: the task of the tunnel this connection turned into. The connection's task
+    /// waits for it, so the accept loop counts the tunnel against its limit and aborts it
+    /// (through [`AbortOnDrop`]) when the drain deadline passes.
+    h1_tunnel: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
 
 /// What the checks need of a CONNECT request, whichever protocol carried it.
@@ -349,7 +330,11 @@ impl Handler {
     /// The checks both protocols share (method, RFC 9113 §8.5 form, authority, depth,
     /// policy); then the tunnel goes to the inner service, whose admission decides the
     /// answer. `abort` is the tunnel stream's reset handle, if it has one.
-    fn start(&self, head: Head<'_>, abort: Option<Abort>) -> Result<Pending, Refused> {
+    fn start(
+        &self,
+        head: Head<'_>,
+        abort: Option<Abort>,
+    ) -> Result<(Pending, JoinHandle<()>), Refused> {
         let t = &self.terminate;
         if head.method != Method::CONNECT {
             debug!(method = %head.method, "not a CONNECT request");
@@ -417,7 +402,7 @@ impl Handler {
         let tunnel = Conn::from_parts(BoxIo::new(io), metadata);
         let span = info_span!("tunnel", id = id.0, tunnel.authority = %authority, depth);
         let inner = t.inner.clone();
-        tokio::spawn(
+        let task = crate::task::spawn(
             async move {
                 if let Err(e) = inner.oneshot(tunnel).await {
                     debug!(error = %crate::serve::DisplayChain(&*e), "tunnel ended with error");
@@ -425,17 +410,21 @@ impl Handler {
             }
             .instrument(span),
         );
-        Ok(Pending {
-            authority,
-            decision,
-            stream_tx,
-        })
+        Ok((
+            Pending {
+                authority,
+                decision,
+                stream_tx,
+            },
+            task,
+        ))
     }
 
     // ----- HTTP/1.1 (hyper) -----
 
     async fn serve_h1<I: Io>(self, io: I, watch: drain::Watch) -> Result<(), BoxError> {
         let s = self.terminate.settings.clone();
+        let tunnel = self.h1_tunnel.clone();
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
@@ -454,6 +443,13 @@ impl Handler {
                 connection.await
             }
         };
+        // A CONNECT ends the HTTP connection; the tunnel goes on in its own task, which
+        // this (the accept loop's) task now waits for.
+        let task = tunnel.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(task) = task {
+            let mut task = AbortOnDrop(task);
+            let _ = (&mut task.0).await;
+        }
         result.map_err(Into::into)
     }
 
@@ -468,14 +464,21 @@ impl Handler {
         // An HTTP/1.1 tunnel is the whole connection it arrived on (hyper cannot reset it):
         // if that connection is itself a resettable stream, aborting the tunnel aborts it.
         let carrier = self.outer.get::<Abort>().cloned();
-        let admitted = match self.start(head, carrier) {
-            Ok(pending) => pending.admitted(self.terminate.admission_timeout).await,
-            Err(refused) => Err(refused),
+        let (admitted, task) = match self.start(head, carrier) {
+            Ok((pending, task)) => (
+                pending.admitted(self.terminate.admission_timeout).await,
+                Some(task),
+            ),
+            Err(refused) => (Err(refused), None),
         };
         match admitted {
             Ok(stream_tx) => {
+                *self
+                    .h1_tunnel
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = task;
                 let upgrade = hyper::upgrade::on(req);
-                tokio::spawn(async move {
+                crate::task::spawn(async move {
                     let stream = upgrade
                         .await
                         .map(|u| BoxIo::new(TokioIo::new(u)))
@@ -527,7 +530,7 @@ impl Handler {
             tokio::select! {
                 next = connection.accept() => match next {
                     Some(Ok((req, respond))) => {
-                        tokio::spawn(self.clone().handle_h2(req, respond).in_current_span());
+                        crate::task::spawn(self.clone().handle_h2(req, respond).in_current_span());
                     }
                     Some(Err(e)) => return Err(e.into()),
                     None => return Ok(()),
@@ -560,7 +563,9 @@ impl Handler {
         };
         let abort = Abort::new();
         let admitted = match self.start(head, Some(abort.clone())) {
-            Ok(pending) => {
+            // An HTTP/2 tunnel's task needs no keeping: when the connection goes, so do its
+            // streams, and the tunnel fails.
+            Ok((pending, _task)) => {
                 let timeout = self.terminate.admission_timeout;
                 tokio::select! {
                     admitted = pending.admitted(timeout) => admitted,

@@ -57,15 +57,23 @@ pub fn classify(prefix: &[u8]) -> Verdict {
     }
     // "PRI * HTTP/2.0" is also a syntactically valid HTTP/1 request line, so the preface
     // is checked first and HTTP/1 only once the bytes leave it.
-    let n = prefix.len().min(H2_PREFACE.len());
-    if prefix[..n] == H2_PREFACE[..n] {
-        return if n == H2_PREFACE.len() {
-            Verdict::Known(Protocol::Http2)
-        } else {
-            Verdict::NeedMore
-        };
+    match match_prefix(prefix, H2_PREFACE) {
+        Some(true) => Verdict::Known(Protocol::Http2),
+        Some(false) => Verdict::NeedMore,
+        None => classify_http1(prefix),
     }
-    classify_http1(prefix)
+}
+
+/// How `bytes` relate to `expected`: `Some(true)` when they start with all of it,
+/// `Some(false)` when they are a strict prefix of it (undecided), `None` when they leave it.
+fn match_prefix(bytes: &[u8], expected: &[u8]) -> Option<bool> {
+    if bytes.starts_with(expected) {
+        Some(true)
+    } else if expected.starts_with(bytes) {
+        Some(false)
+    } else {
+        None
+    }
 }
 
 /// The best answer when no more bytes will come (buffer full, timeout or EOF): a request
@@ -91,8 +99,8 @@ fn classify_tls(prefix: &[u8]) -> Verdict {
 /// Where a request-line scan stopped.
 enum Line {
     Done(Verdict),
-    /// Still consistent; the index of the first target byte, if the target has begun.
-    Partial(Option<usize>),
+    /// Still consistent; `true` once the request target has begun.
+    Partial(bool),
 }
 
 fn classify_http1(prefix: &[u8]) -> Verdict {
@@ -103,57 +111,46 @@ fn classify_http1(prefix: &[u8]) -> Verdict {
 }
 
 fn http1_target_started(prefix: &[u8]) -> bool {
-    matches!(scan_request_line(prefix), Line::Partial(Some(_)))
+    matches!(scan_request_line(prefix), Line::Partial(true))
 }
 
 fn scan_request_line(prefix: &[u8]) -> Line {
     const OPAQUE: Line = Line::Done(Verdict::Known(Protocol::Opaque));
-    let mut i = 0;
     // Leading CRLFs (or bare LFs) before the request line.
-    while i < prefix.len() && (prefix[i] == b'\r' || prefix[i] == b'\n') {
-        i += 1;
-        if i > MAX_LEADING_NEWLINES * 2 {
-            return OPAQUE;
-        }
-    }
-    // method = token
-    let method_start = i;
-    while i < prefix.len() && is_tchar(prefix[i]) {
-        i += 1;
-        if i - method_start > MAX_METHOD {
-            return OPAQUE;
-        }
-    }
-    if i == prefix.len() {
-        return Line::Partial(None);
-    }
-    if i == method_start || prefix[i] != b' ' {
+    let newlines = prefix
+        .iter()
+        .take_while(|&&b| b == b'\r' || b == b'\n')
+        .count();
+    if newlines > MAX_LEADING_NEWLINES * 2 {
         return OPAQUE;
     }
-    i += 1;
-    // request-target: visible ASCII, at least one byte.
-    let target_start = i;
-    while i < prefix.len() && (0x21..=0x7e).contains(&prefix[i]) {
-        i += 1;
-    }
-    if i == prefix.len() {
-        return Line::Partial(Some(target_start));
-    }
-    if i == target_start || prefix[i] != b' ' {
+    let rest = prefix.get(newlines..).unwrap_or_default();
+    // method = token, then one space.
+    let method = rest.iter().take_while(|&&b| is_tchar(b)).count();
+    if method > MAX_METHOD {
         return OPAQUE;
     }
-    i += 1;
-    // "HTTP/1."
-    const VERSION: &[u8] = b"HTTP/1.";
-    let rest = &prefix[i..];
-    let n = rest.len().min(VERSION.len());
-    if rest[..n] != VERSION[..n] {
+    let Some((&space, rest)) = rest.get(method..).and_then(<[u8]>::split_first) else {
+        return Line::Partial(false);
+    };
+    if method == 0 || space != b' ' {
         return OPAQUE;
     }
-    if n == VERSION.len() {
-        Line::Done(Verdict::Known(Protocol::Http1))
-    } else {
-        Line::Partial(Some(target_start))
+    // request-target: visible ASCII, at least one byte, then one space.
+    let target = rest
+        .iter()
+        .take_while(|b| (0x21..=0x7e).contains(*b))
+        .count();
+    let Some((&space, rest)) = rest.get(target..).and_then(<[u8]>::split_first) else {
+        return Line::Partial(true);
+    };
+    if target == 0 || space != b' ' {
+        return OPAQUE;
+    }
+    match match_prefix(rest, b"HTTP/1.") {
+        Some(true) => Line::Done(Verdict::Known(Protocol::Http1)),
+        Some(false) => Line::Partial(true),
+        None => OPAQUE,
     }
 }
 
@@ -177,7 +174,7 @@ pub fn check_rechunking(data: &[u8], chunk_lens: &[u8]) -> Result<(), String> {
     while seen < data.len() {
         let step = usize::from(lens.next().copied().unwrap_or(1)).max(1);
         seen = (seen + step).min(data.len());
-        incremental = classify(&data[..seen]);
+        incremental = classify(data.get(..seen).unwrap_or(data));
         if let Verdict::Known(_) = incremental {
             break;
         }
@@ -196,7 +193,7 @@ pub fn check_rechunking(data: &[u8], chunk_lens: &[u8]) -> Result<(), String> {
     // Monotonic: once decided, every extension agrees.
     let mut known = None;
     for end in 0..=data.len() {
-        match (classify(&data[..end]), known) {
+        match (classify(data.get(..end).unwrap_or(data)), known) {
             (Verdict::Known(p), None) => known = Some(p),
             (Verdict::Known(p), Some(k)) if p != k => {
                 return Err(format!(

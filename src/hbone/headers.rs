@@ -99,20 +99,9 @@ impl HboneHeaders {
     pub fn parse(headers: &HeaderMap) -> Self {
         let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
         let mut out = Self::default();
-        if let Some(forwarded) = text("forwarded") {
-            // Only the first element: it describes the hop that made the request.
-            let first = forwarded.split(',').next().unwrap_or_default();
-            for pair in first.split(';') {
-                let Some((k, v)) = pair.trim().split_once('=') else {
-                    continue;
-                };
-                let v = v.trim().trim_matches('"');
-                match k.trim().to_ascii_lowercase().as_str() {
-                    "for" => out.forwarded_for = v.parse().ok(),
-                    "host" if is_host(v) => out.forwarded_host = Some(v.to_owned()),
-                    _ => {}
-                }
-            }
+        if let Some((for_addr, host)) = text("forwarded").and_then(parse_forwarded) {
+            out.forwarded_for = for_addr;
+            out.forwarded_host = host;
         }
         if let Some(baggage) = text("baggage") {
             out.baggage = baggage
@@ -129,6 +118,74 @@ impl HboneHeaders {
         out.traceparent = text("traceparent").and_then(TraceParent::parse);
         out
     }
+}
+
+/// The `for` and `host` parameters of the first `forwarded` element (RFC 7239 §4): the
+/// element describes the hop that made the request. Separators inside a quoted-string
+/// belong to the value; an unterminated quoted-string or a parameter given twice makes the
+/// element malformed (`None`), so that nothing from it is half-used.
+fn parse_forwarded(value: &str) -> Option<(Option<SocketAddr>, Option<String>)> {
+    let (mut for_addr, mut host) = (None, None);
+    let (mut seen_for, mut seen_host) = (false, false);
+    let mut rest = value;
+    loop {
+        let (pair, sep, after) = split_pair(rest)?;
+        if let Some((k, v)) = pair.split_once('=') {
+            let v = unquote(v.trim())?;
+            match k.trim().to_ascii_lowercase().as_str() {
+                "for" if seen_for => return None,
+                "for" => {
+                    seen_for = true;
+                    for_addr = v.parse().ok();
+                }
+                "host" if seen_host => return None,
+                "host" => {
+                    seen_host = true;
+                    host = is_host(&v).then_some(v);
+                }
+                _ => {}
+            }
+        }
+        match sep {
+            Some(';') => rest = after,
+            _ => return Some((for_addr, host)),
+        }
+    }
+}
+
+/// Splits off the next `name=value` pair at the first `;` or `,` outside a quoted-string:
+/// (pair, separator, rest). `None` when a quoted-string is not terminated.
+fn split_pair(s: &str) -> Option<(&str, Option<char>, &str)> {
+    let mut quoted = false;
+    let mut escaped = false;
+    for (i, c) in s.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            ';' | ',' if !quoted => return Some((&s[..i], Some(c), &s[i + 1..])),
+            _ => {}
+        }
+    }
+    (!quoted).then_some((s, None, ""))
+}
+
+/// A token as is, or a quoted-string without its quotes and escapes; `None` if malformed.
+fn unquote(v: &str) -> Option<String> {
+    let Some(inner) = v.strip_prefix('"') else {
+        return (!v.contains('"')).then(|| v.to_owned());
+    };
+    let inner = inner.strip_suffix('"')?;
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => out.push(chars.next()?),
+            '"' => return None,
+            c => out.push(c),
+        }
+    }
+    Some(out)
 }
 
 fn is_token_char(b: u8) -> bool {
@@ -214,5 +271,27 @@ mod tests {
         assert_eq!(p.forwarded_for, None);
         assert_eq!(p.forwarded_host, None);
         assert_eq!(p.baggage, vec![("ok".to_string(), "1".to_string())]);
+    }
+
+    #[test]
+    fn forwarded_quoted_strings_are_one_value() {
+        let parse = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert("forwarded", HeaderValue::from_static(v));
+            let p = HboneHeaders::parse(&h);
+            (p.forwarded_for, p.forwarded_host)
+        };
+        // A `;` inside quotes does not start a `host` parameter.
+        assert_eq!(parse("for=\"10.1.2.3:4;host=evil\""), (None, None));
+        // Unterminated quote, repeated parameter: malformed, nothing used.
+        assert_eq!(parse("for=\"10.1.2.3:4;host=evil"), (None, None));
+        assert_eq!(parse("for=\"10.1.2.3:4\";for=\"6.6.6.6:1\""), (None, None));
+        assert_eq!(
+            parse("For=\"10.1.2.3:4\";host=\"a\\.svc\", for=\"6.6.6.6:1\""),
+            (
+                Some("10.1.2.3:4".parse().unwrap()),
+                Some("a.svc".to_string())
+            )
+        );
     }
 }

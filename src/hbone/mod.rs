@@ -29,6 +29,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::StatusCode;
+use rustls::pki_types::CertificateRevocationListDer;
 use rustls::RootCertStore;
 use tower::{Layer, Service, ServiceExt};
 
@@ -82,6 +83,7 @@ pub struct Inbound {
     cert: CertKey,
     roots: Arc<RootCertStore>,
     trust_domains: Vec<String>,
+    crls: Vec<CertificateRevocationListDer<'static>>,
     policy: Option<PolicyFn>,
     check_local_ip: bool,
     illegal_ports: Vec<u16>,
@@ -110,6 +112,7 @@ impl Inbound {
             cert,
             roots,
             trust_domains,
+            crls: Vec::new(),
             policy: None,
             check_local_ip: true,
             illegal_ports: ILLEGAL_PORTS.to_vec(),
@@ -120,6 +123,16 @@ impl Inbound {
     /// Accept clients from these trust domains instead.
     pub fn trust_domains<S: Into<String>>(mut self, domains: impl IntoIterator<Item = S>) -> Self {
         self.trust_domains = domains.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Refuse client certificates these revocation lists revoke (see
+    /// [`ServerConfigBuilder::crls`]).
+    pub fn crls(
+        mut self,
+        crls: impl IntoIterator<Item = CertificateRevocationListDer<'static>>,
+    ) -> Self {
+        self.crls = crls.into_iter().collect();
         self
     }
 
@@ -172,6 +185,7 @@ impl Inbound {
             .default_cert(self.cert.clone())
             .client_auth(ClientAuth::Required(self.roots.clone()))
             .trust_domains(self.trust_domains.clone())
+            .crls(self.crls.clone())
             .build()?;
         Ok(TerminateLayer::new(tls).layer(self.tunnels(inner)))
     }

@@ -22,6 +22,7 @@ use tracing::{debug, warn};
 use super::error::{ErrorOrigin, ForwardError, ForwardErrorKind};
 use super::headers;
 use super::pool::{Pool, PoolConfig};
+use super::server::UpgradeTasks;
 use super::BoxBody;
 use crate::conn::{Conn, Io, PeerAddr};
 use crate::tcp::{relay_with, RelayConfig};
@@ -67,7 +68,10 @@ pub struct RequestScheme(pub Scheme);
 /// * `Host` and `:authority` are kept consistent: an HTTP/1 upstream gets `Host` = the
 ///   request's authority (the absolute-form URI wins over `Host`, RFC 9112 §3.2.2), an
 ///   HTTP/2 upstream gets `:authority` and no `Host`; an HTTP/2 request whose `Host`
-///   disagrees with `:authority` is refused (RFC 9113 §8.3.1);
+///   disagrees with `:authority`, and an authority with userinfo (`user@host`), are
+///   refused (RFC 9113 §8.3.1, RFC 9110 §4.2.4);
+/// * `Cookie` fields an HTTP/2 client split are joined with `; ` for an HTTP/1 upstream
+///   (RFC 9113 §8.2.3);
 /// * bodies stream both ways with backpressure; nothing is buffered whole;
 /// * an HTTP/1 `Upgrade` (WebSocket…) is passed on, and bytes are relayed only when the
 ///   upstream answers `101`; any other answer is an ordinary response;
@@ -306,6 +310,7 @@ where
             None
         };
         let downstream_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+        let upgrade_tasks = req.extensions().get::<UpgradeTasks>().cloned();
         let protocol = if upgrade.is_some() {
             UpstreamProtocol::Http1 // upgrades exist only in HTTP/1.1
         } else {
@@ -327,6 +332,9 @@ where
         headers::remove_hop_by_hop(&mut parts.headers, upgrade.is_some());
         if let Some(protocols) = upgrade {
             parts.headers.insert(header::UPGRADE, protocols);
+        }
+        if protocol == UpstreamProtocol::Http1 {
+            headers::join_cookies(&mut parts.headers);
         }
         self.add_forwarding_headers(&mut parts, authority.as_deref(), &scheme, client_version);
         let authority = authority.unwrap_or_else(|| target.authority().to_string());
@@ -368,7 +376,10 @@ where
                 ));
             };
             let upstream = hyper::upgrade::on(&mut resp);
-            self.spawn_upgrade_relay(downstream, upstream);
+            let task = self.spawn_upgrade_relay(downstream, upstream);
+            if let Some(tasks) = upgrade_tasks {
+                tasks.push(task);
+            }
             let (mut rparts, _) = resp.into_parts();
             headers::remove_hop_by_hop(&mut rparts.headers, true);
             self.add_via(&mut rparts.headers, Version::HTTP_11);
@@ -443,9 +454,9 @@ where
         &self,
         downstream: hyper::upgrade::OnUpgrade,
         upstream: hyper::upgrade::OnUpgrade,
-    ) {
+    ) -> tokio::task::JoinHandle<()> {
         let config = self.config.relay.clone();
-        tokio::spawn(async move {
+        crate::task::spawn(async move {
             // The client side completes once hyper has written our 101.
             let (down, up) = tokio::join!(downstream, upstream);
             match (down, up) {
@@ -465,7 +476,7 @@ where
                     "upgrade did not complete"
                 ),
             }
-        });
+        })
     }
 }
 
@@ -479,17 +490,23 @@ fn request_authority<B>(req: &Request<B>) -> Result<Option<String>, &'static str
     let host = host
         .map(|h| h.to_str().map_err(|_| "invalid Host"))
         .transpose()?;
-    match (req.uri().authority(), host) {
+    let authority = match (req.uri().authority(), host) {
         (Some(a), Some(h))
             if req.version() == Version::HTTP_2 && !a.as_str().eq_ignore_ascii_case(h) =>
         {
-            Err("Host differs from :authority")
+            return Err("Host differs from :authority")
         }
-        (Some(a), _) => Ok(Some(a.as_str().to_string())),
-        (None, Some(h)) if h.parse::<http::uri::Authority>().is_ok() => Ok(Some(h.to_string())),
-        (None, Some(_)) => Err("invalid Host"),
-        (None, None) => Ok(None),
+        (Some(a), _) => a.as_str().to_string(),
+        (None, Some(h)) if h.parse::<http::uri::Authority>().is_ok() => h.to_string(),
+        (None, Some(_)) => return Err("invalid Host"),
+        (None, None) => return Ok(None),
+    };
+    // Userinfo is deprecated in http(s) URIs and an error in a request (RFC 9110 §4.2.4,
+    // RFC 9113 §8.3.1); forwarded, it would become an invalid `Host` carrying credentials.
+    if authority.contains('@') {
+        return Err("userinfo in the authority");
     }
+    Ok(Some(authority))
 }
 
 fn client_scheme(parts: &Parts) -> Scheme {

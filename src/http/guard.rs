@@ -17,7 +17,10 @@
 //! hyper remains the authority on framing: the guard ends every message where hyper's
 //! decoder ends it, and when it cannot follow a message (a chunked body hyper rejects, a
 //! head larger than hyper's buffer, an upgrade or `CONNECT` whose bytes may no longer be
-//! HTTP, the HTTP/2 preface) it stops checking that connection.
+//! HTTP, the HTTP/2 preface) it stops checking that connection. A chunk extension with a
+//! control character in it is invalid, not merely odd: the connection's input ends there
+//! (hyper sees a truncated body and the client gets `400`), so that a tolerated
+//! malformation cannot switch the checks off for requests pipelined behind it.
 
 use std::io;
 use std::pin::Pin;
@@ -137,7 +140,8 @@ impl<I> H1Guard<I> {
                     });
                 }
                 State::Chunked(chunk) => {
-                    self.state = match step_chunk(chunk, data[i]) {
+                    let Some(&b) = data.get(i) else { break };
+                    self.state = match step_chunk(chunk, b) {
                         Some(next) => next,
                         None => {
                             debug!("chunked framing not followed; strict checks off for this connection");
@@ -147,7 +151,7 @@ impl<I> H1Guard<I> {
                     i += 1;
                 }
                 State::Head => {
-                    let b = data[i];
+                    let Some(&b) = data.get(i) else { break };
                     i += 1;
                     // Empty lines before a request line are skipped (RFC 9112 §2.2), by
                     // hyper too.
@@ -172,7 +176,9 @@ impl<I> H1Guard<I> {
                             Ok(Framing::Stop) => self.state = State::Passthrough,
                             Err(reason) => {
                                 debug!(reason, "rejecting HTTP/1 request head");
-                                data[i - 1] = 0;
+                                if let Some(last) = data.get_mut(i - 1) {
+                                    *last = 0;
+                                }
                                 self.state = State::Rejected(0);
                                 return i;
                             }
@@ -193,9 +199,9 @@ impl<I> H1Guard<I> {
     /// Appends what fits of the poison tail; once it is all out, reads report EOF.
     fn emit_poison(&mut self, buf: &mut ReadBuf<'_>) {
         if let State::Rejected(sent) = self.state {
-            let rest = &POISON_TAIL[sent.min(POISON_TAIL.len())..];
+            let rest = POISON_TAIL.get(sent..).unwrap_or_default();
             let n = rest.len().min(buf.remaining());
-            buf.put_slice(&rest[..n]);
+            buf.put_slice(rest.get(..n).unwrap_or_default());
             self.state = State::Rejected(sent + n);
         }
     }
@@ -216,8 +222,11 @@ fn step_chunk(chunk: Chunk, b: u8) -> Option<State> {
             // hyper skips every extension byte up to CR (LF is its error).
             _ if ext => match b {
                 b'\r' => Chunk::SizeLf { value },
-                b'\n' => return None,
-                _ => chunk,
+                b'\t' | b' '..=b'~' | 0x80..=0xff => chunk,
+                // A control character in an extension: hyper would skip it (extensions are
+                // not forwarded), but a message that lenient parsers disagree on ends the
+                // connection rather than turning the checks off for what follows.
+                _ => return Some(State::Rejected(POISON_TAIL.len())),
             },
             // No digit limit (hyper has none: leading zeros are fine), only overflow.
             b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
@@ -293,22 +302,22 @@ pub(crate) fn check_head(head: &[u8]) -> Result<Framing, &'static str> {
             // The split after the final "\n".
             break;
         }
-        check_line(raw)?;
-        let line = &raw[..raw.len() - 1];
+        let line = check_line(raw)?;
         if line.is_empty() {
             break; // the empty line ending the head
         }
-        if line[0] == b' ' || line[0] == b'\t' {
+        if matches!(line.first(), Some(b' ' | b'\t')) {
             return Err("obsolete line folding");
         }
-        let Some(colon) = line.iter().position(|&b| b == b':') else {
+        let mut parts = line.splitn(2, |&b| b == b':');
+        let name = parts.next().unwrap_or_default();
+        let Some(raw_value) = parts.next() else {
             return Err("field line without colon");
         };
-        let (name, value) = (&line[..colon], &line[colon + 1..]);
         if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
             return Err("invalid field name");
         }
-        let value = trim_ows(value);
+        let value = trim_ows(raw_value);
         if name.eq_ignore_ascii_case(b"content-length") {
             if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
                 return Err("invalid Content-Length");
@@ -324,7 +333,6 @@ pub(crate) fn check_head(head: &[u8]) -> Result<Framing, &'static str> {
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             transfer_encodings += 1;
             // Only the exact coding `chunked`: no lists, no tabs, no look-alikes.
-            let raw_value = &line[colon + 1..];
             let spaced = raw_value.strip_prefix(b" ").unwrap_or(raw_value);
             let spaced = spaced.strip_suffix(b" ").unwrap_or(spaced);
             if !spaced.eq_ignore_ascii_case(b"chunked") {
@@ -346,6 +354,19 @@ pub(crate) fn check_head(head: &[u8]) -> Result<Framing, &'static str> {
     if hosts > 1 {
         return Err("more than one Host field");
     }
+    // RFC 9112 §3.2: "A server MUST respond with a 400 (Bad Request) status code to any
+    // HTTP/1.1 request message that lacks a Host header field". Enforced where nothing else
+    // names the authority: origin-form (`/path`) and asterisk-form targets; an absolute-form
+    // or authority-form target carries it (and wins over Host, §3.2.2). HTTP/1.0 may omit it.
+    if hosts == 0 {
+        let line = request_line.strip_suffix(b"\r").unwrap_or(request_line);
+        let mut parts = line.split(|&b| b == b' ');
+        let (_, target, version) = (parts.next(), parts.next(), parts.next());
+        let no_authority = target.is_some_and(|t| t.starts_with(b"/") || t == b"*");
+        if no_authority && version == Some(&b"HTTP/1.1"[..]) {
+            return Err("HTTP/1.1 request without Host");
+        }
+    }
     Ok(if upgrade {
         Framing::Stop
     } else if chunked {
@@ -357,14 +378,15 @@ pub(crate) fn check_head(head: &[u8]) -> Result<Framing, &'static str> {
     })
 }
 
-fn check_line(line: &[u8]) -> Result<(), &'static str> {
+/// Checks one line of a head and returns it without its CR.
+fn check_line(line: &[u8]) -> Result<&[u8], &'static str> {
     let Some(line) = line.strip_suffix(b"\r") else {
         return Err("bare LF line ending");
     };
     if line.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
         return Err("control character in head");
     }
-    Ok(())
+    Ok(line)
 }
 
 fn trim_ows(mut v: &[u8]) -> &[u8] {
@@ -398,7 +420,7 @@ impl<I: AsyncRead + Unpin> AsyncRead for H1Guard<I> {
         }
         let before = buf.filled().len();
         ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
-        let keep = this.feed(&mut buf.filled_mut()[before..]);
+        let keep = this.feed(buf.filled_mut().get_mut(before..).unwrap_or_default());
         buf.set_filled(before + keep);
         if let State::Rejected(_) = this.state {
             this.emit_poison(buf);
@@ -456,6 +478,7 @@ mod tests {
             b"GET / HTTP/1.1\r\nHost: a\0b\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
             b"GET / HTTP/1.1\r\nBad Name: a\r\n\r\n",
+            b"GET / HTTP/1.1\r\nX-No-Host: a\r\n\r\n",
         ] {
             let (out, state) = feed_all(bad, 3);
             assert_eq!(state, State::Rejected(0), "{:?}", String::from_utf8_lossy(bad));
@@ -465,7 +488,7 @@ mod tests {
     }
 
     /// Found with the `http1_server` fuzz target: chunked framing that hyper accepts but
-    /// the guard could not follow (17-digit sizes, control bytes in extensions) or ended
+    /// the guard could not follow (17-digit sizes, odd extensions) or ended
     /// elsewhere than hyper (a bare LF after the last chunk, which hyper reads as the start
     /// of a trailer line) turned the checks off, and the next request went unchecked.
     #[test]
@@ -473,7 +496,7 @@ mod tests {
         let smuggled = b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n";
         for body in [
             &b"00000000000000000005\r\nhello\r\n0\r\n\r\n"[..],
-            b"5;\x01\x7f\r\nhello\r\n0\r\n\r\n",
+            b"5;ext=\"\xff\"\r\nhello\r\n0\r\n\r\n",
             b"5\r\nhello\r\n0\r\nX-T: 1\r\nX-U: \n2\r\n\r\n",
         ] {
             let mut input =
@@ -504,10 +527,23 @@ mod tests {
     }
 
     #[test]
+    fn control_character_in_a_chunk_extension_ends_the_input() {
+        let input = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
+            5;e\0x\r\nhello\r\n0\r\n\r\nGET / HTTP/1.1\nHost: a\n\n";
+        for chunk in [1, 3, 1000] {
+            let (out, state) = feed_all(input, chunk);
+            assert_eq!(state, State::Rejected(POISON_TAIL.len()), "chunk {chunk}");
+            assert!(out.ends_with(b"5;e\0"), "chunk {chunk}: {out:?}");
+        }
+    }
+
+    #[test]
     fn preface_and_upgrades_stop_checking() {
         assert_eq!(check_head(b"PRI * HTTP/2.0\r\n\r\n"), Ok(Framing::Stop));
         assert_eq!(
-            check_head(b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"),
+            check_head(
+                b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"
+            ),
             Ok(Framing::Stop)
         );
         let (_, state) = feed_all(b"CONNECT a:1 HTTP/1.1\r\nHost: a:1\r\n\r\n\0\0\0", 4);

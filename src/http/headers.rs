@@ -189,6 +189,23 @@ pub(crate) fn set(headers: &mut HeaderMap, name: HeaderName, element: &str) {
     }
 }
 
+/// Joins several `Cookie` fields into one with `; ` (RFC 9113 §8.2.3: HTTP/2 may split the
+/// cookie into many fields, which MUST be joined before entering HTTP/1.1, where a second
+/// `Cookie` line is not allowed, RFC 6265 §5.4).
+pub(crate) fn join_cookies(headers: &mut HeaderMap) {
+    if headers.get_all(header::COOKIE).iter().nth(1).is_none() {
+        return;
+    }
+    let joined: Vec<&[u8]> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect();
+    if let Ok(v) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
 /// Whether any field value starts or ends with whitespace or holds a control character:
 /// malformed in HTTP/2 (RFC 9113 §8.2.1) and never to be forwarded into HTTP/1.
 pub(crate) fn find_bad_value(headers: &HeaderMap) -> Option<&HeaderName> {
@@ -254,6 +271,19 @@ mod tests {
             ("upgrade", "h2c"),
         ]);
         assert!(upgrade_protocols(&h2c).is_none());
+    }
+
+    #[test]
+    fn cookies_are_joined_for_http1() {
+        let mut h = map(&[("cookie", "a=1"), ("cookie", "b=2"), ("x", "y")]);
+        join_cookies(&mut h);
+        assert_eq!(
+            h.get_all("cookie").iter().collect::<Vec<_>>(),
+            [&HeaderValue::from_static("a=1; b=2")]
+        );
+        let mut one = map(&[("cookie", "a=1")]);
+        join_cookies(&mut one);
+        assert_eq!(one["cookie"], "a=1");
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //!   (CVE-2024-27919 class) are on by default. A strict HTTP/1 request-head check rejects
 //!   what hyper alone would accept but a proxy must not forward: `Content-Length` together
 //!   with `Transfer-Encoding`, obfuscated `Transfer-Encoding`, bare LF line ends, duplicate
-//!   `Host` (RFC 9112 §2.2, §6.1, §6.3).
+//!   or (HTTP/1.1) missing `Host` (RFC 9112 §2.2, §3.2, §6.1, §6.3).
 //! * [`Forward`] — a reverse proxy `Service<Request<_>>`: per-request upstream choice,
 //!   any connector (plain TCP, TLS, tunnels), pooled upstream connections (HTTP/1 idle
 //!   reuse, one multiplexed HTTP/2 connection per upstream), hop-by-hop header removal
@@ -17,6 +17,9 @@
 //!   (RFC 9110 §7.6.3), HTTP/1 ↔ HTTP/2 translation with `Host` ↔ `:authority` kept
 //!   consistent (RFC 9113 §8.3.1), streaming bodies with backpressure, HTTP/1 `Upgrade`
 //!   (WebSocket) passthrough on a `101` only, and `502`/`504` for upstream failures.
+//! * [`NormalizePathLayer`] — rewrites request paths (dot segments, duplicate slashes,
+//!   needless escapes; encoded separators refused) so that policies and upstreams see the
+//!   same path: put it in front of any path-based rule.
 //!
 //! Not here (deliberately): caching, retries of requests that reached an upstream, load
 //! balancing (the router picks one [`Target`]), HTTP/3, `CONNECT` (the `connect` level),
@@ -30,6 +33,7 @@ mod error;
 mod forward;
 mod guard;
 mod headers;
+mod path;
 mod pool;
 mod server;
 
@@ -38,6 +42,7 @@ use bytes::Bytes;
 pub use error::{ErrorOrigin, ForwardError, ForwardErrorKind};
 pub use forward::{Forward, ForwardedMode, RequestScheme, UpstreamProtocol};
 pub use hyper::body::Incoming;
+pub use path::{normalize_path, NormalizePath, NormalizePathLayer, PathError};
 pub use pool::PoolKey;
 pub use server::{HttpServer, HttpServerError};
 

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tower::{Service, ServiceExt};
 use tracing::{debug, trace};
 
@@ -212,7 +212,7 @@ where
     fn recycle(&self, key: Key, mut sender: http1::SendRequest<BoxBody>) {
         let pool = self.shared.clone();
         let config = self.config.clone();
-        tokio::spawn(async move {
+        crate::task::spawn(async move {
             if sender.ready().await.is_err() {
                 return; // closed, or upgraded
             }
@@ -242,12 +242,12 @@ where
         let io = TokioIo::new(io);
         match protocol {
             UpstreamProtocol::Http2 => {
-                let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                let (sender, conn) = http2::Builder::new(crate::task::Executor)
                     .timer(TokioTimer::new())
                     .handshake(io)
                     .await
                     .map_err(|e| ForwardError::with(ForwardErrorKind::Upstream, e))?;
-                tokio::spawn(async move {
+                crate::task::spawn(async move {
                     if let Err(e) = conn.await {
                         debug!(error = %e, "upstream HTTP/2 connection ended");
                     }
@@ -260,7 +260,7 @@ where
                     .handshake(io)
                     .await
                     .map_err(|e| ForwardError::with(ForwardErrorKind::Upstream, e))?;
-                tokio::spawn(async move {
+                crate::task::spawn(async move {
                     if let Err(e) = conn.with_upgrades().await {
                         debug!(error = %e, "upstream HTTP/1 connection ended");
                     }

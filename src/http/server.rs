@@ -2,19 +2,22 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Extensions, Request, Response};
 use hyper::body::{Body, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::task::JoinHandle;
 use tower::{Service, ServiceExt};
 use tracing::debug;
 
 use super::guard::H1Guard;
-use crate::conn::{Conn, Io};
+use crate::conn::{sniff_h2_preface, Conn, Io, PrefixedIo};
+use crate::serve::AbortOnDrop;
 use crate::{drain, BoxError};
 
 /// The terminal HTTP service: serves HTTP/1.1 (with upgrades) and HTTP/2 (prior knowledge,
@@ -30,10 +33,13 @@ use crate::{drain, BoxError};
 ///   request head and 100 fields (`431` beyond), HTTP/2 at most 100 concurrent streams, a
 ///   64 KiB header list (CONTINUATION floods end in `GOAWAY`), and at most 20 streams
 ///   reset by the client before the server saw them (rapid reset, CVE-2023-44487);
+/// * only the head is timed: for slow bodies put tower-http's `TimeoutLayer` (whole
+///   request, `408`) and `RequestBodyTimeoutLayer` (gap between body frames) in front of
+///   the service, as `tests/http_bad_input.rs` does;
 /// * a strict HTTP/1 head check refuses `Content-Length` + `Transfer-Encoding`, any
-///   `Transfer-Encoding` other than `chunked`, bare LF, obs-fold, control characters and
-///   duplicate `Host` with `400` before the service sees the request
-///   ([`HttpServer::strict_http1`]).
+///   `Transfer-Encoding` other than `chunked`, bare LF, obs-fold, control characters,
+///   duplicate `Host` and HTTP/1.1 without `Host` with `400` before the service sees the
+///   request ([`HttpServer::strict_http1`]).
 ///
 /// ```
 /// use proxystack::http::HttpServer;
@@ -70,6 +76,26 @@ struct Config {
     h2_max_header_list_size: u32,
     h2_keep_alive_interval: Option<Duration>,
     h2_keep_alive_timeout: Duration,
+}
+
+/// Request metadata from [`HttpServer`]: where [`Forward`](super::Forward) leaves the task
+/// that relays a connection it switched to another protocol (`101`). The connection's task
+/// waits for these, so the accept loop counts an upgraded connection against its limit
+/// and aborts it when the drain deadline passes.
+#[derive(Clone, Default)]
+pub(crate) struct UpgradeTasks(Arc<Mutex<Vec<JoinHandle<()>>>>);
+
+impl UpgradeTasks {
+    pub(crate) fn push(&self, task: JoinHandle<()>) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(task);
+    }
+
+    fn take(&self) -> Vec<JoinHandle<()>> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(PoisonError::into_inner))
+    }
 }
 
 /// Why an HTTP connection ended badly (malformed input, timeouts, I/O errors).
@@ -193,9 +219,9 @@ impl<S> HttpServer<S> {
         self
     }
 
-    fn builder(&self) -> auto::Builder<TokioExecutor> {
+    fn builder(&self) -> auto::Builder<crate::task::Executor> {
         let c = &self.config;
-        let mut b = auto::Builder::new(TokioExecutor::new());
+        let mut b = auto::Builder::new(crate::task::Executor);
         b.http1()
             .timer(TokioTimer::new())
             .header_read_timeout(c.header_read_timeout)
@@ -263,9 +289,43 @@ where
         let service = self.service.clone();
         let strict = self.config.strict_h1;
         let max_head = self.config.max_buf_size;
+        let head_timeout = self.config.header_read_timeout;
         Box::pin(async move {
-            let (io, metadata) = conn.into_parts();
+            let (io, mut metadata) = conn.into_parts();
             let drain = metadata.get::<drain::Watch>().cloned();
+            let upgrades = UpgradeTasks::default();
+            metadata.insert(upgrades.clone());
+            // hyper's header timeout starts only once the protocol is told (the HTTP/2
+            // preface or a byte that is not part of it): without this a client that sends
+            // nothing, or part of the preface, holds the connection forever.
+            let io = match head_timeout {
+                Some(limit) => {
+                    let sniffed = tokio::time::timeout(limit, sniff_h2_preface(io));
+                    let sniffed = match &drain {
+                        Some(drain) => tokio::select! {
+                            sniffed = sniffed => sniffed,
+                            () = drain.signaled() => return Ok(()),
+                        },
+                        None => sniffed.await,
+                    };
+                    match sniffed {
+                        Ok(Ok(Some((io, _)))) => io,
+                        Ok(Ok(None)) => return Ok(()),
+                        Ok(Err(e)) => return Err(HttpServerError(e.into())),
+                        Err(_) => {
+                            debug!("no request on the connection in time");
+                            return Err(HttpServerError(
+                                std::io::Error::new(
+                                    std::io::ErrorKind::TimedOut,
+                                    "no request on the connection in time",
+                                )
+                                .into(),
+                            ));
+                        }
+                    }
+                }
+                None => PrefixedIo::new(Bytes::new(), io),
+            };
             let service = WithMetadata {
                 service,
                 metadata: Arc::new(metadata),
@@ -290,6 +350,12 @@ where
                 }
                 None => conn.await,
             };
+            // Upgraded connections go on in their own tasks; this one waits for them, and
+            // aborts them if it is aborted itself.
+            let upgraded: Vec<AbortOnDrop> = upgrades.take().into_iter().map(AbortOnDrop).collect();
+            for mut task in upgraded {
+                let _ = (&mut task.0).await;
+            }
             result.map_err(HttpServerError)
         })
     }

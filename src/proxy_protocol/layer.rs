@@ -383,7 +383,9 @@ async fn read_start<I: Io>(
         // The codec rejects any header longer than `max`, so the buffer stays bounded;
         // what a read brings past the header is replayed, never lost.
         let want = max.saturating_sub(buf.len()).clamp(1, chunk.len());
-        let read = tokio::time::timeout_at(deadline, io.read(&mut chunk[..want])).await;
+        let read =
+            tokio::time::timeout_at(deadline, io.read(chunk.get_mut(..want).unwrap_or_default()))
+                .await;
         let n = match read {
             Ok(Ok(n)) => n,
             Ok(Err(e)) => return Err(AcceptError::Io(e)),

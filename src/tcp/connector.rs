@@ -123,8 +123,10 @@ impl TcpConnector {
 
     /// Dials only addresses for which `allow` returns true. The check runs on the
     /// *resolved* addresses, right before each connect, so a name cannot smuggle a
-    /// forbidden address past it (SSRF, DNS rebinding). A target with no allowed address
-    /// fails with [`ConnectErrorKind::Forbidden`] (a tunnel answers 403).
+    /// forbidden address past it (SSRF, DNS rebinding). `allow` sees an IPv4-mapped IPv6
+    /// address (`[::ffff:127.0.0.1]`) as the IPv4 address the kernel will reach, so checks
+    /// such as `is_loopback()` apply to it too. A target with no allowed address fails with
+    /// [`ConnectErrorKind::Forbidden`] (a tunnel answers 403).
     pub fn allow_addresses(
         mut self,
         allow: impl Fn(SocketAddr) -> bool + Send + Sync + 'static,
@@ -151,13 +153,16 @@ impl TcpConnector {
                 }
             };
             let mut last = None;
-            let (allowed, denied): (Vec<_>, Vec<_>) = addrs
-                .into_iter()
-                .partition(|a| self.allow.as_ref().is_none_or(|allow| allow(*a)));
-            if allowed.is_empty() && !denied.is_empty() {
+            let (allowed, denied): (Vec<_>, Vec<_>) = addrs.into_iter().partition(|a| {
+                // `[::ffff:127.0.0.1]` reaches 127.0.0.1, but `Ipv6Addr::is_loopback`
+                // says no: judge the address the kernel will actually dial.
+                let canonical = SocketAddr::new(a.ip().to_canonical(), a.port());
+                self.allow.as_ref().is_none_or(|allow| allow(canonical))
+            });
+            if let (true, Some(first)) = (allowed.is_empty(), denied.first()) {
                 let e = io::Error::new(
                     io::ErrorKind::PermissionDenied,
-                    format!("address {} is not allowed", denied[0]),
+                    format!("address {first} is not allowed"),
                 );
                 return Err(err(ConnectErrorKind::Forbidden, e));
             }

@@ -388,13 +388,14 @@ impl Pipe {
                 }
             }
             while self.start < self.end {
-                let chunk = &self.buf[self.start..self.end];
+                let chunk = self.buf.get(self.start..self.end).unwrap_or_default();
                 let n = ready!(Pin::new(&mut *writer).poll_write(cx, chunk))
                     .map_err(PipeError::Write)?;
                 if n == 0 {
                     return Poll::Ready(Err(PipeError::Write(io::ErrorKind::WriteZero.into())));
                 }
-                self.start += n;
+                // A writer claiming more than it was given must not move us past `end`.
+                self.start += n.min(chunk.len());
                 self.need_flush = true;
                 *progressed = true;
             }

@@ -61,7 +61,6 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
-/// Copies `from` → `to` until EOF, then shuts down `to`'s write half.
 /// When a byte last moved, in nanoseconds since the relay started (shared by both
 /// directions without a lock).
 struct Activity {
@@ -80,6 +79,26 @@ impl Activity {
     }
 }
 
+/// Whether a byte or EOF is waiting on `fd`, without taking it (`WouldBlock`: neither).
+fn peek(fd: RawFd) -> io::Result<()> {
+    let mut byte = 0u8;
+    // SAFETY: recv into one valid byte; MSG_PEEK leaves it in the socket.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Copies `from` → `to` until EOF, then shuts down `to`'s write half.
 async fn one_way(
     from: &TcpStream,
     to: &TcpStream,
@@ -90,6 +109,13 @@ async fn one_way(
     loop {
         from.readable().await.map_err(|e| (Side::Downstream, e))?;
         if pipe.is_none() {
+            // tokio reports a freshly accepted socket readable before any byte arrived:
+            // only a byte (or EOF) that is really there is worth a pipe.
+            match from.try_io(Interest::READABLE, || peek(from.as_raw_fd())) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err((Side::Downstream, e)),
+            }
             pipe = Some(Pipe::new().map_err(|e| (Side::Downstream, e))?);
         }
         let Some(p) = &pipe else { continue };

@@ -1,15 +1,18 @@
 //! An in-memory certificate authority for examples and tests (feature `demo-certs`).
 //!
 //! Keys are ECDSA P-256, generated per process and never written anywhere. Do not use for
-//! anything real: there is no revocation, and every process trusts only its own CA.
+//! anything real: every process trusts only its own CA.
 
 use std::sync::Arc;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason,
+    RevokedCertParams, SanType, SerialNumber,
 };
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::{
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, PrivatePkcs8KeyDer,
+};
 use rustls::RootCertStore;
 
 use super::CertKey;
@@ -130,6 +133,38 @@ impl DemoCa {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         self.issue(params)
+    }
+
+    /// A certificate revocation list from this CA revoking `revoked` (certificates it
+    /// issued), for [`ServerConfigBuilder::crls`](super::ServerConfigBuilder::crls).
+    pub fn crl(
+        &self,
+        revoked: &[&CertKey],
+    ) -> Result<CertificateRevocationListDer<'static>, rcgen::Error> {
+        let mut revoked_certs = Vec::new();
+        for cert in revoked {
+            let der = cert
+                .chain
+                .first()
+                .ok_or(rcgen::Error::CouldNotParseCertificate)?;
+            let (_, parsed) = x509_parser::parse_x509_certificate(der)
+                .map_err(|_| rcgen::Error::CouldNotParseCertificate)?;
+            revoked_certs.push(RevokedCertParams {
+                serial_number: SerialNumber::from_slice(parsed.raw_serial()),
+                revocation_time: rcgen::date_time_ymd(2020, 1, 1),
+                reason_code: Some(RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            });
+        }
+        let params = CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2020, 1, 1),
+            next_update: rcgen::date_time_ymd(2100, 1, 1),
+            crl_number: SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.der().clone())
     }
 
     /// Issues a certificate from arbitrary parameters (expired ones, odd SANs…) with a

@@ -14,7 +14,9 @@
 //! * [`demo`] (feature `demo-certs`) makes an in-memory CA for examples and tests.
 //!
 //! Built on rustls with the `ring` provider. Not here: session resumption (off, as in
-//! ztunnel), OCSP stapling, CRLs, ECH, TLS 1.0/1.1.
+//! ztunnel), OCSP stapling, CRLs for *server* certificates (client certificates can be
+//! checked against CRLs: [`ServerConfigBuilder::crls`]), re-checking open connections when
+//! a list changes, ECH, TLS 1.0/1.1.
 
 pub mod client_hello;
 mod connector;

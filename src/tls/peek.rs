@@ -136,7 +136,12 @@ async fn read_hello<I: Io>(
             .max_len
             .saturating_sub(buf.len())
             .clamp(1, chunk.len());
-        let n = match tokio::time::timeout_at(deadline, io.read(&mut chunk[..want])).await {
+        let n = match tokio::time::timeout_at(
+            deadline,
+            io.read(chunk.get_mut(..want).unwrap_or_default()),
+        )
+        .await
+        {
             Ok(Ok(n)) => n,
             Ok(Err(e)) => return Err(TlsError::Handshake(e)),
             Err(_) => return Ok(Peeked::NotTls(TlsError::PeekTimeout(layer.timeout))),

@@ -3,13 +3,17 @@
 //! Both check the chain with webpki against the configured roots; on top of that:
 //!
 //! * [`PinnedServerVerifier`] (client side) ignores DNS names when identities are
-//!   expected and requires one of the server certificate's URI SANs to equal an expected
-//!   SPIFFE ID (ztunnel's `upstream_sans`). Without expected identities it checks the
-//!   server name like a browser would.
+//!   expected and requires the server certificate's one SPIFFE ID to equal an expected
+//!   one (ztunnel's `upstream_sans`). Without expected identities it checks the server
+//!   name like a browser would.
 //! * [`TrustDomainClientVerifier`] (server side) additionally requires the client's SPIFFE
 //!   ID to belong to one of the allowed trust domains (ztunnel's `TrustDomainVerifier`).
 //!   It does not authorize a particular identity: that is policy, decided later with the
 //!   [`PeerIdentity`](crate::identity::PeerIdentity) metadata.
+//!
+//! On both sides the certificate must carry exactly one SPIFFE ID, as an X.509-SVID does
+//! (SPIFFE X509-SVID §2): with several, the one checked and the one recorded as the peer's
+//! identity could differ.
 
 use std::sync::Arc;
 
@@ -71,10 +75,7 @@ impl ServerCertVerifier for PinnedServerVerifier {
         )?;
         if self.expected.is_empty() {
             verify_server_name(&cert, server_name)?;
-        } else if !spiffe_ids(end_entity)
-            .iter()
-            .any(|id| self.expected.contains(id))
-        {
+        } else if !matches!(spiffe_ids(end_entity).as_slice(), [id] if self.expected.contains(id)) {
             let mismatch = IdentityMismatch {
                 expected: self.expected.clone(),
                 presented: uri_sans(end_entity),
@@ -128,7 +129,8 @@ pub struct TrustDomainClientVerifier {
     trust_domains: Vec<String>,
 }
 
-/// The client's certificate has no SPIFFE ID in an allowed trust domain.
+/// The client's certificate has no SPIFFE ID, several, or one outside the allowed trust
+/// domains.
 #[derive(Debug)]
 struct WrongTrustDomain {
     allowed: Vec<String>,
@@ -139,7 +141,7 @@ impl std::fmt::Display for WrongTrustDomain {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "client certificate has no SPIFFE ID in trust domain [{}]; URI SANs presented: [{}]",
+            "client certificate must carry exactly one SPIFFE ID, in trust domain [{}]; URI SANs presented: [{}]",
             self.allowed.join(", "),
             self.presented.join(", ")
         )
@@ -149,7 +151,8 @@ impl std::fmt::Display for WrongTrustDomain {
 impl std::error::Error for WrongTrustDomain {}
 
 impl TrustDomainClientVerifier {
-    /// Requires, after `inner` accepted the chain, a SPIFFE ID in one of `trust_domains`.
+    /// Requires, after `inner` accepted the chain, exactly one SPIFFE ID, in one of
+    /// `trust_domains`.
     pub fn new(inner: Arc<dyn ClientCertVerifier>, trust_domains: Vec<String>) -> Self {
         Self {
             inner,
@@ -180,9 +183,13 @@ impl ClientCertVerifier for TrustDomainClientVerifier {
         let verified = self
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        let ok = spiffe_ids(end_entity)
-            .iter()
-            .any(|id| self.trust_domains.iter().any(|td| td == id.trust_domain()));
+        // Exactly one: `PeerIdentity` records the first SPIFFE ID, so accepting a
+        // certificate because a later one is in the domain would let the first one, from
+        // any domain the roots sign for, stand as the peer's identity.
+        let ok = match spiffe_ids(end_entity).as_slice() {
+            [id] => self.trust_domains.iter().any(|td| td == id.trust_domain()),
+            _ => false,
+        };
         if !ok {
             let e = WrongTrustDomain {
                 allowed: self.trust_domains.clone(),

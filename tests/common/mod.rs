@@ -1,6 +1,9 @@
 //! Helpers shared by the integration tests: real loopback servers, no mocks.
 #![allow(dead_code)]
 
+#[cfg(target_os = "linux")]
+pub mod netns;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -57,17 +60,7 @@ where
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (signal, watch) = drain::channel();
-    let stats = server.stats();
-    let task = tokio::spawn(async move { server.serve(listener, svc, watch).await });
-    Running {
-        addr,
-        signal: Some(signal),
-        task,
-        stats,
-    }
+    start_at(SocketAddr::from(([127, 0, 0, 1], 0)), server, svc).await
 }
 
 /// Writes `data` then half-closes; returns everything read until EOF.
@@ -175,4 +168,461 @@ pub fn capture(
             io.shutdown().await
         }
     })
+}
+
+/// Serves `svc` on `addr` (port 0 for an ephemeral one), like [`start`].
+pub async fn start_at<S>(addr: SocketAddr, server: Server, svc: S) -> Running
+where
+    S: Service<Conn<TcpStream>, Response = ()> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (signal, watch) = drain::channel();
+    let stats = server.stats();
+    let task = tokio::spawn(async move { server.serve(listener, svc, watch).await });
+    Running {
+        addr,
+        signal: Some(signal),
+        task,
+        stats,
+    }
+}
+
+/// Connections seen by a [`counting_echo_server`].
+#[derive(Debug, Default)]
+pub struct EchoCount {
+    /// Open now.
+    pub live: std::sync::atomic::AtomicUsize,
+    /// Accepted in all.
+    pub accepted: std::sync::atomic::AtomicUsize,
+}
+
+/// An [`echo_server`] that counts its open and accepted connections, so a test can tell
+/// how many upstream connections a proxy holds. Its listen backlog is 4096, not tokio's
+/// 128: past the backlog the kernel drops completed handshakes without telling the
+/// client, and an idle one would wait forever.
+pub async fn counting_echo_server() -> (SocketAddr, std::sync::Arc<EchoCount>) {
+    use std::sync::atomic::Ordering;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(4096).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = std::sync::Arc::new(EchoCount::default());
+    let c = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            c.accepted.fetch_add(1, Ordering::SeqCst);
+            c.live.fetch_add(1, Ordering::SeqCst);
+            let c = c.clone();
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+                drop(s);
+                c.live.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, count)
+}
+
+/// Polls `cond` every 10 ms until it holds or `limit` passes; returns whether it held.
+pub async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+// ---- HPACK by hand (RFC 7541), for header blocks no well-behaved client would send ----
+
+/// An HPACK integer with an `n`-bit prefix (RFC 7541 §5.1); `first` carries the pattern bits
+/// above the prefix.
+pub fn hpack_int(out: &mut Vec<u8>, first: u8, n: u8, mut v: usize) {
+    let max = (1usize << n) - 1;
+    if v < max {
+        out.push(first | v as u8);
+        return;
+    }
+    out.push(first | max as u8);
+    v -= max;
+    while v >= 128 {
+        out.push((v % 128 + 128) as u8);
+        v /= 128;
+    }
+    out.push(v as u8);
+}
+
+/// A literal field without indexing, new name, no Huffman (RFC 7541 §6.2.2).
+pub fn hpack_literal(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.push(0x00);
+    hpack_int(out, 0, 7, name.len());
+    out.extend_from_slice(name);
+    hpack_int(out, 0, 7, value.len());
+    out.extend_from_slice(value);
+}
+
+/// A header block of literal fields (no indexing, no Huffman), pseudo-fields included.
+pub fn hpack_literals(fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, value) in fields {
+        hpack_literal(&mut out, name.as_bytes(), value.as_bytes());
+    }
+    out
+}
+
+// ---- a raw HTTP/2 client that sends exactly the frames a test writes ----
+
+/// HTTP/2 frame types and flags (RFC 9113 §6).
+pub mod h2f {
+    pub const DATA: u8 = 0x0;
+    pub const HEADERS: u8 = 0x1;
+    pub const PRIORITY: u8 = 0x2;
+    pub const RST_STREAM: u8 = 0x3;
+    pub const SETTINGS: u8 = 0x4;
+    pub const PING: u8 = 0x6;
+    pub const GOAWAY: u8 = 0x7;
+    pub const WINDOW_UPDATE: u8 = 0x8;
+    pub const CONTINUATION: u8 = 0x9;
+    pub const END_STREAM: u8 = 0x1;
+    pub const ACK: u8 = 0x1;
+    pub const END_HEADERS: u8 = 0x4;
+    pub const PADDED: u8 = 0x8;
+    // Error codes (RFC 9113 §7).
+    pub const NO_ERROR: u32 = 0x0;
+    pub const PROTOCOL_ERROR: u32 = 0x1;
+    pub const FLOW_CONTROL_ERROR: u32 = 0x3;
+    pub const STREAM_CLOSED: u32 = 0x5;
+    pub const REFUSED_STREAM: u32 = 0x7;
+    pub const CANCEL: u32 = 0x8;
+    pub const COMPRESSION_ERROR: u32 = 0x9;
+    pub const CONNECT_ERROR: u32 = 0xa;
+    pub const ENHANCE_YOUR_CALM: u32 = 0xb;
+}
+
+/// What a [`RawH2`] client has seen from the server so far.
+#[derive(Debug, Default)]
+pub struct H2Seen {
+    /// `:status` of each stream's response.
+    pub status: std::collections::HashMap<u32, u16>,
+    /// DATA payloads per stream.
+    pub data: std::collections::HashMap<u32, Vec<u8>>,
+    /// Streams the server ended (END_STREAM).
+    pub ended: std::collections::HashSet<u32>,
+    /// HEADERS after the response head (trailers), per stream.
+    pub trailers: std::collections::HashMap<u32, usize>,
+    /// RST_STREAM error code per stream.
+    pub resets: std::collections::HashMap<u32, u32>,
+    /// GOAWAY: (last stream id, error code).
+    pub goaway: Option<(u32, u32)>,
+    /// The server's SETTINGS.
+    pub settings: Vec<(u16, u32)>,
+    /// PING ACKs received (answers to our PINGs).
+    pub pongs: usize,
+    /// SETTINGS ACKs received.
+    pub settings_acks: usize,
+    /// The connection ended (EOF or error).
+    pub closed: bool,
+}
+
+/// A hand-driven HTTP/2 client connection: writes whatever bytes a test builds, and reads
+/// the server's frames into [`H2Seen`], answering SETTINGS and PINGs like a live client
+/// and returning flow-control window as it reads (each switchable).
+pub struct RawH2<I> {
+    pub io: I,
+    pub seen: H2Seen,
+    /// Answer the server's PINGs.
+    pub auto_pong: bool,
+    /// Send WINDOW_UPDATEs for DATA received.
+    pub auto_window: bool,
+    /// The server's HPACK dynamic table, as far as `:status` values go (newest first).
+    table: Vec<u16>,
+    rbuf: bytes::BytesMut,
+}
+
+impl<I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> RawH2<I> {
+    /// Sends the client preface and a SETTINGS frame with `settings`.
+    pub async fn handshake(mut io: I, settings: &[(u16, u32)]) -> Self {
+        let mut payload = Vec::new();
+        for (id, v) in settings {
+            payload.extend_from_slice(&id.to_be_bytes());
+            payload.extend_from_slice(&v.to_be_bytes());
+        }
+        let mut hello = H2_PREFACE.to_vec();
+        hello.extend(h2_frame(h2f::SETTINGS, 0, 0, &payload));
+        io.write_all(&hello).await.unwrap();
+        Self {
+            io,
+            seen: H2Seen::default(),
+            auto_pong: true,
+            auto_window: true,
+            table: Vec::new(),
+            rbuf: bytes::BytesMut::with_capacity(64 * 1024),
+        }
+    }
+
+    /// Writes raw bytes; an error means the server closed the connection.
+    pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.io.write_all(bytes).await
+    }
+
+    /// Reads frames until `done` holds, the connection ends, or `wait` passes; returns
+    /// whether `done` holds. Frames are parsed out of an internal buffer, so a `wait` that
+    /// expires mid-frame loses nothing.
+    pub async fn pump_until(&mut self, wait: Duration, done: impl Fn(&H2Seen) -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            while let Some(f) = self.take_frame() {
+                self.on_frame(f).await;
+            }
+            if done(&self.seen) || self.seen.closed {
+                break;
+            }
+            match tokio::time::timeout_at(deadline, self.io.read_buf(&mut self.rbuf)).await {
+                Err(_) => break,
+                Ok(Ok(0)) | Ok(Err(_)) => self.seen.closed = true,
+                Ok(Ok(_)) => {}
+            }
+        }
+        done(&self.seen)
+    }
+
+    /// Reads frames for `wait` (or until the connection ends).
+    pub async fn pump_for(&mut self, wait: Duration) {
+        self.pump_until(wait, |_| false).await;
+    }
+
+    /// One complete frame from the read buffer.
+    fn take_frame(&mut self) -> Option<RawFrame> {
+        let head = self.rbuf.get(..9)?;
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        if self.rbuf.len() < 9 + len {
+            return None;
+        }
+        let f = self.rbuf.split_to(9 + len);
+        Some(RawFrame {
+            kind: f[3],
+            flags: f[4],
+            stream: u32::from_be_bytes([f[5], f[6], f[7], f[8]]) & 0x7fff_ffff,
+            payload: f[9..].to_vec(),
+        })
+    }
+
+    async fn on_frame(&mut self, f: RawFrame) {
+        let s = &mut self.seen;
+        match f.kind {
+            h2f::HEADERS => {
+                match s.status.entry(f.stream) {
+                    std::collections::hash_map::Entry::Occupied(_) => {
+                        *s.trailers.entry(f.stream).or_default() += 1;
+                    }
+                    std::collections::hash_map::Entry::Vacant(slot) => {
+                        if let Some(status) = decode_status(&f.payload, &mut self.table) {
+                            slot.insert(status);
+                        }
+                    }
+                }
+                if f.flags & h2f::END_STREAM != 0 {
+                    s.ended.insert(f.stream);
+                }
+            }
+            h2f::DATA => {
+                let mut body = &f.payload[..];
+                if f.flags & h2f::PADDED != 0 && !body.is_empty() {
+                    let pad = body[0] as usize;
+                    body = &body[1..body.len().saturating_sub(pad).max(1)];
+                }
+                s.data.entry(f.stream).or_default().extend_from_slice(body);
+                if f.flags & h2f::END_STREAM != 0 {
+                    s.ended.insert(f.stream);
+                }
+                if self.auto_window && !f.payload.is_empty() {
+                    let inc = (f.payload.len() as u32).to_be_bytes();
+                    let mut out = h2_frame(h2f::WINDOW_UPDATE, 0, 0, &inc);
+                    out.extend(h2_frame(h2f::WINDOW_UPDATE, 0, f.stream, &inc));
+                    let _ = self.io.write_all(&out).await;
+                }
+            }
+            h2f::RST_STREAM if f.payload.len() == 4 => {
+                let code = u32::from_be_bytes(f.payload[..4].try_into().unwrap());
+                s.resets.insert(f.stream, code);
+            }
+            h2f::SETTINGS if f.flags & h2f::ACK != 0 => s.settings_acks += 1,
+            h2f::SETTINGS => {
+                s.settings.extend(h2_settings(&f.payload));
+                let _ = self
+                    .io
+                    .write_all(&h2_frame(h2f::SETTINGS, h2f::ACK, 0, &[]))
+                    .await;
+            }
+            h2f::PING if f.flags & h2f::ACK != 0 => s.pongs += 1,
+            h2f::PING if self.auto_pong => {
+                let _ = self
+                    .io
+                    .write_all(&h2_frame(h2f::PING, h2f::ACK, 0, &f.payload))
+                    .await;
+            }
+            h2f::GOAWAY if f.payload.len() >= 8 => {
+                let last = u32::from_be_bytes(f.payload[..4].try_into().unwrap()) & 0x7fff_ffff;
+                let code = u32::from_be_bytes(f.payload[4..8].try_into().unwrap());
+                s.goaway = Some((last, code));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The `:status` at the start of a response header block (the first field a server
+/// writes), enough HPACK for statuses: static and dynamic indexes, literals, and the
+/// Huffman codes of the ten digits (RFC 7541 Appendix B). `table` is the connection's
+/// dynamic table of statuses, newest first.
+pub fn decode_status(block: &[u8], table: &mut Vec<u16>) -> Option<u16> {
+    let mut i = 0;
+    // Dynamic table size updates (`001xxxxx`, a 5-bit-prefix integer) may come first.
+    while *block.get(i)? & 0xe0 == 0x20 {
+        let long = *block.get(i)? & 0x1f == 0x1f;
+        i += 1;
+        if long {
+            while *block.get(i)? & 0x80 != 0 {
+                i += 1;
+            }
+            i += 1;
+        }
+    }
+    let first = *block.get(i)?;
+    if first & 0x80 != 0 {
+        let idx = usize::from(first & 0x7f);
+        return match idx {
+            8 => Some(200),
+            9 => Some(204),
+            10 => Some(206),
+            11 => Some(304),
+            12 => Some(400),
+            13 => Some(404),
+            14 => Some(500),
+            n if n >= 62 => table.get(n - 62).copied(),
+            _ => None,
+        };
+    }
+    // A literal whose name is static index 8 (`:status`), with incremental indexing (0x48)
+    // or without (0x08 / never 0x18).
+    let indexed = match first {
+        0x48 => true,
+        0x08 | 0x18 => false,
+        _ => return None,
+    };
+    let len_byte = *block.get(i + 1)?;
+    let len = usize::from(len_byte & 0x7f);
+    let raw = block.get(i + 2..i + 2 + len)?;
+    let text = if len_byte & 0x80 != 0 {
+        huffman_digits(raw)?
+    } else {
+        String::from_utf8(raw.to_vec()).ok()?
+    };
+    let status: u16 = text.parse().ok()?;
+    if indexed {
+        table.insert(0, status);
+    }
+    Some(status)
+}
+
+/// Decodes a Huffman string made of the digits 0-9 only (5-bit codes for 0-2, 6-bit codes
+/// 0b011001.. for 3-9).
+fn huffman_digits(raw: &[u8]) -> Option<String> {
+    let bits: Vec<u8> = raw
+        .iter()
+        .flat_map(|b| (0..8).rev().map(move |k| (b >> k) & 1))
+        .collect();
+    let take = |at: usize, n: usize| -> Option<u8> {
+        let slice = bits.get(at..at + n)?;
+        Some(slice.iter().fold(0u8, |acc, b| (acc << 1) | b))
+    };
+    let mut out = String::new();
+    let mut at = 0;
+    while bits.len() - at >= 5 {
+        // Padding: the remaining bits are all ones (EOS prefix).
+        if bits[at..].iter().all(|&b| b == 1) {
+            break;
+        }
+        let five = take(at, 5)?;
+        if five <= 2 {
+            out.push((b'0' + five) as char);
+            at += 5;
+            continue;
+        }
+        let six = take(at, 6)?;
+        if (25..=31).contains(&six) {
+            out.push((b'0' + six - 22) as char);
+            at += 6;
+        } else {
+            return None;
+        }
+    }
+    Some(out)
+}
+
+/// The resident set size of this process, in KiB (`VmRSS` in `/proc/self/status`).
+pub fn vm_rss_kib() -> usize {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Samples [`vm_rss_kib`] on its own thread (so a busy runtime cannot hide a peak) until
+/// dropped or [`RssWatch::peak_growth_mib`] is read.
+pub struct RssWatch {
+    baseline: usize,
+    peak: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl RssWatch {
+    pub fn start() -> Self {
+        use std::sync::atomic::Ordering;
+        let baseline = vm_rss_kib();
+        let peak = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(baseline));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (p, s) = (peak.clone(), stop.clone());
+        std::thread::spawn(move || {
+            // Bounded: stops when told, and after 5 minutes whatever happens.
+            for _ in 0..60_000 {
+                if s.load(Ordering::Relaxed) {
+                    break;
+                }
+                p.fetch_max(vm_rss_kib(), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        Self {
+            baseline,
+            peak,
+            stop,
+        }
+    }
+
+    /// Highest RSS seen minus the RSS at start, in MiB.
+    pub fn peak_growth_mib(&self) -> usize {
+        use std::sync::atomic::Ordering;
+        let peak = self.peak.load(Ordering::Relaxed).max(vm_rss_kib());
+        peak.saturating_sub(self.baseline) / 1024
+    }
+}
+
+impl Drop for RssWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }

@@ -1,0 +1,105 @@
+//! Running the work of a served connection so that a panic anywhere in it is caught,
+//! logged and counted.
+//!
+//! [`Server`](crate::Server) runs each connection through [`serving`]: a panic in it is
+//! caught, logged through `tracing` and counted in [`ServeStats::panics`] at once. A
+//! connection also spawns work of its own: hyper runs each HTTP/2 stream in a task, the
+//! CONNECT terminator runs each tunnel in one, pools drive their upstream connections in
+//! others. Those are spawned with `spawn`, which carries the server's counters along (a
+//! task-local), so their panics are counted by the same server.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use crate::serve::ServeStats;
+
+tokio::task_local! {
+    static SERVING: Arc<ServeStats>;
+}
+
+/// Runs `fut` as the work of a connection served with `stats` (see the module docs).
+pub(crate) async fn serving<F: Future<Output = ()>>(stats: Arc<ServeStats>, fut: F) {
+    let caught = SERVING
+        .scope(stats.clone(), CatchPanic { inner: fut })
+        .await;
+    if let Err(panic) = caught {
+        report(Some(&stats), &*panic);
+    }
+}
+
+/// Spawns `fut` as part of the current connection's work (see the module docs).
+#[cfg(any(feature = "http", feature = "connect"))]
+pub(crate) fn spawn<F>(fut: F) -> tokio::task::JoinHandle<()>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let stats = SERVING.try_with(Arc::clone).ok();
+    tokio::spawn(async move {
+        match stats {
+            Some(stats) => serving(stats, fut).await,
+            None => {
+                if let Err(panic) = (CatchPanic { inner: fut }).await {
+                    report(None, &*panic);
+                }
+            }
+        }
+    })
+}
+
+fn report(stats: Option<&ServeStats>, panic: &(dyn std::any::Any + Send)) {
+    if let Some(stats) = stats {
+        stats.panics.fetch_add(1, Ordering::Relaxed);
+    }
+    let message = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("non-string payload");
+    tracing::error!(panic = message, "connection work panicked");
+}
+
+/// hyper's executor for the streams and connections it drives: `spawn`.
+#[cfg(feature = "http")]
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Executor;
+
+#[cfg(feature = "http")]
+impl<F> hyper::rt::Executor<F> for Executor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        // hyper does not join what it spawns.
+        drop(spawn(async move {
+            fut.await;
+        }));
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Resolves to `Err` with the payload if polling `inner` panics.
+    struct CatchPanic<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F: Future> Future for CatchPanic<F> {
+    type Output = Result<F::Output, Box<dyn std::any::Any + Send>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = self.project().inner;
+        // The future is never polled again after a panic (we return Ready), so no broken
+        // invariant inside it can be observed.
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(out)) => Poll::Ready(Ok(out)),
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
+}

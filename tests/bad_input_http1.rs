@@ -1,0 +1,852 @@
+//! HTTP/1.1 bad inputs at the gateway / waypoint L7 level (REFERENCE.md §4.2 "HTTP/1.1",
+//! incl. "H2→H1 translation"), the cases `http_bad_input.rs` does not already cover:
+//! Transfer-Encoding case variants, chunk extensions, bare CR and control characters,
+//! underscore names, size limits, HTTP/1.0 and missing Host, absolute-form URIs, requests
+//! pipelined behind CONNECT, CONNECT with a body, path tricks, forged forwarding headers,
+//! and HTTP/2 requests whose fields must not be translated into HTTP/1.
+//!
+//! Target: `http::HttpServer` + `http::Forward` (and `connect::ConnectTerminate` for
+//! CONNECT over HTTP/1.1). Each case asserts the exact answer, what the upstream received
+//! (a hyper backend, or a raw one that records the request head byte for byte), and that
+//! the proxy still serves the next good connection.
+#![cfg(all(feature = "http", feature = "connect"))]
+
+mod common;
+mod http_common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{h2_frame, h2f, hpack_literal, hpack_literals, RawH2};
+use http_common::{backend, forward_to, raw_exchange, serve_http, status_of, Backend};
+use proxystack::conn::Metadata;
+use proxystack::connect::{ConnectTerminate, Decision};
+use proxystack::http::{ForwardedMode, HttpServer};
+use proxystack::{tcp, Server, Target};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const WAIT: Duration = Duration::from_secs(5);
+const GOOD: &[u8] = b"GET /headers HTTP/1.1\r\nHost: good\r\nConnection: close\r\n\r\n";
+
+async fn assert_still_serves(proxy: SocketAddr) {
+    let (out, _) = raw_exchange(proxy, GOOD, WAIT).await;
+    assert_eq!(
+        status_of(&out),
+        Some(200),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+}
+
+/// Sends `request` on a new connection; returns everything the proxy answered until it
+/// closed (which it must, within `WAIT`).
+async fn exchange(proxy: SocketAddr, request: &[u8]) -> String {
+    let (out, closed) = raw_exchange(proxy, request, WAIT).await;
+    assert!(
+        closed,
+        "connection left open: {}",
+        String::from_utf8_lossy(&out)
+    );
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The status codes of every response in `raw`, in order.
+fn statuses(raw: &str) -> Vec<u16> {
+    raw.match_indices("HTTP/1.1 ")
+        .filter_map(|(i, _)| raw.get(i + 9..i + 12)?.parse().ok())
+        .collect()
+}
+
+fn reset(b: &Backend) {
+    b.seen.heads.store(0, Ordering::SeqCst);
+    b.seen.complete.store(0, Ordering::SeqCst);
+}
+
+/// An upstream that records each request head byte for byte, answers `200 ok` and closes.
+#[derive(Clone)]
+struct RawBackend {
+    addr: SocketAddr,
+    heads: Arc<Mutex<Vec<String>>>,
+}
+
+impl RawBackend {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let heads: Arc<Mutex<Vec<String>>> = Arc::default();
+        let h = heads.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let h = h.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") && head.len() < 256 * 1024 {
+                        match s.read(&mut byte).await {
+                            Ok(1) => head.push(byte[0]),
+                            _ => return,
+                        }
+                    }
+                    h.lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(&head).into_owned());
+                    let _ = s
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                        )
+                        .await;
+                    let _ = s.shutdown().await;
+                });
+            }
+        });
+        Self { addr, heads }
+    }
+
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.heads.lock().unwrap())
+    }
+}
+
+// =======================================================================================
+// Framing: Transfer-Encoding variants, chunk extensions, bare CR, control characters
+
+/// Transfer-Encoding with another case (`CHUNKED`, `Chunked`, an upper-case field name) is
+/// the same coding (RFC 9112 §7: case-insensitive): the body is decoded as chunked and the
+/// request behind it is a separate request — no desync. Together with Content-Length it is
+/// refused like any CL+TE.
+#[tokio::test]
+async fn transfer_encoding_case_variants_are_chunked_without_desync() {
+    let b = backend().await;
+    let proxy = serve_http(HttpServer::new(forward_to(b.addr))).await;
+    for (name, te) in [
+        ("upper-case value", "Transfer-Encoding: CHUNKED"),
+        ("mixed-case value", "Transfer-Encoding: Chunked"),
+        ("upper-case name", "TRANSFER-ENCODING: chunked"),
+    ] {
+        let request = format!(
+            "POST /upload HTTP/1.1\r\nHost: a\r\n{te}\r\n\r\n5\r\nhello\r\n0\r\n\r\n\
+             GET /headers HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+        );
+        let out = exchange(proxy.addr, request.as_bytes()).await;
+        assert_eq!(statuses(&out), [200, 200], "{name}: {out}");
+        assert!(
+            out.contains("ok 5"),
+            "{name}: body not decoded as chunked: {out}"
+        );
+        assert!(out.contains("uri: /headers"), "{name}: {out}");
+        assert_eq!(b.seen.heads.load(Ordering::SeqCst), 2, "{name}");
+        assert_eq!(b.seen.complete.load(Ordering::SeqCst), 2, "{name}");
+        reset(&b);
+
+        let smuggle = format!(
+            "POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\n{te}\r\n\r\n0\r\n\r\nG"
+        );
+        let out = exchange(proxy.addr, smuggle.as_bytes()).await;
+        assert_eq!(statuses(&out), [400], "{name} + CL: {out}");
+        assert_eq!(b.seen.heads.load(Ordering::SeqCst), 0, "{name} + CL");
+    }
+    assert_still_serves(proxy.addr).await;
+    proxy.shutdown().await;
+}
+
+/// Chunk extensions (RFC 9112 §7.1.1) are legal and ignored (never forwarded: the body is
+/// re-framed): plain, quoted (with `;` inside the quotes) and with whitespace before the
+/// `;` all decode to the same body. Malformed ones — a bare LF or a control character
+/// inside, more extension bytes than hyper's limit, a bare CR after the size — fail the
+/// body: `400` for the client, and the upstream never gets a complete request (the head
+/// may already be on its way: bodies stream). A control character in an extension also
+/// ends the connection, so the strict head check cannot be switched off for a request
+/// pipelined behind it (regression: it used to be tolerated, and turned the check off).
+#[tokio::test]
+async fn chunk_extensions_valid_and_malformed() {
+    let b = backend().await;
+    let proxy = serve_http(HttpServer::new(forward_to(b.addr))).await;
+    let body = |chunks: &str| {
+        format!(
+            "POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\
+             Connection: close\r\n\r\n{chunks}"
+        )
+    };
+    for (name, chunks) in [
+        ("name=value", "5;name=value\r\nhello\r\n0\r\n\r\n"),
+        ("name only", "5;ext\r\nhello\r\n0;last\r\n\r\n"),
+        ("quoted with ;", "5;n=\"a;b\"\r\nhello\r\n0\r\n\r\n"),
+        ("whitespace before ;", "5 ;n=v\r\nhello\r\n0\r\n\r\n"),
+    ] {
+        let out = exchange(proxy.addr, body(chunks).as_bytes()).await;
+        assert_eq!(statuses(&out), [200], "{name}: {out}");
+        assert!(out.ends_with("ok 5"), "{name}: {out}");
+    }
+    assert_eq!(b.seen.complete.load(Ordering::SeqCst), 4);
+    reset(&b);
+    let huge = format!("5;x={}\r\nhello\r\n0\r\n\r\n", "e".repeat(20 * 1024));
+    for (name, chunks) in [
+        (
+            "bare LF in extension",
+            "5;ext\nhello\r\n0\r\n\r\n".to_string(),
+        ),
+        (
+            "NUL in extension",
+            "5;e\0x\r\nhello\r\n0\r\n\r\n".to_string(),
+        ),
+        ("bare CR after size", "5\rhello\r\n0\r\n\r\n".to_string()),
+        ("20 KiB extension", huge),
+    ] {
+        let out = exchange(proxy.addr, body(&chunks).as_bytes()).await;
+        assert_eq!(statuses(&out), [400], "{name}: {out}");
+        assert_eq!(b.seen.complete.load(Ordering::SeqCst), 0, "{name}");
+        assert_still_serves(proxy.addr).await;
+        reset(&b);
+    }
+    // Behind a tolerated-looking extension, a head the strict check refuses (bare LF).
+    let pipelined = "POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
+                     5;e\x01x\r\nhello\r\n0\r\n\r\n\
+                     GET /headers HTTP/1.1\nHost: a\nConnection: close\n\n";
+    let out = exchange(proxy.addr, pipelined.as_bytes()).await;
+    assert_eq!(statuses(&out), [400], "{out}");
+    assert!(!out.contains("uri: /headers"), "{out}");
+    proxy.shutdown().await;
+}
+
+/// Bare CR (RFC 9112 §2.2: a recipient of a bare CR MUST treat it as invalid or replace it
+/// with SP before processing) and other control characters anywhere in the head: `400`
+/// before anything reaches the upstream.
+#[tokio::test]
+async fn bare_cr_and_control_characters_in_the_head_are_400() {
+    let b = backend().await;
+    let proxy = serve_http(HttpServer::new(forward_to(b.addr))).await;
+    let cases: [(&str, &[u8]); 8] = [
+        (
+            "bare CR ending the request line",
+            b"GET / HTTP/1.1\rHost: a\r\n\r\n",
+        ),
+        (
+            "bare CR in a value",
+            b"GET / HTTP/1.1\r\nHost: a\r\nX-A: a\rb\r\n\r\n",
+        ),
+        (
+            "bare CR in a name",
+            b"GET / HTTP/1.1\r\nX\rY: a\r\nHost: a\r\n\r\n",
+        ),
+        (
+            "bare CR in the target",
+            b"GET /a\rb HTTP/1.1\r\nHost: a\r\n\r\n",
+        ),
+        (
+            "NUL in the target",
+            b"GET /a\0b HTTP/1.1\r\nHost: a\r\n\r\n",
+        ),
+        (
+            "NUL in a name",
+            b"GET / HTTP/1.1\r\nX\0Y: a\r\nHost: a\r\n\r\n",
+        ),
+        (
+            "DEL in a value",
+            b"GET / HTTP/1.1\r\nHost: a\r\nX-A: a\x7fb\r\n\r\n",
+        ),
+        (
+            "SOH in a value",
+            b"GET / HTTP/1.1\r\nHost: a\r\nX-A: a\x01b\r\n\r\n",
+        ),
+    ];
+    for (name, request) in cases {
+        let out = exchange(proxy.addr, request).await;
+        assert_eq!(statuses(&out), [400], "{name}: {out}");
+        assert_eq!(
+            b.seen.heads.load(Ordering::SeqCst),
+            0,
+            "{name} reached the upstream"
+        );
+        assert_still_serves(proxy.addr).await;
+        reset(&b);
+    }
+    proxy.shutdown().await;
+}
+
+// =======================================================================================
+// Names, limits, Host
+
+/// Header names with underscores are valid tokens (RFC 9110 §5.6.2) and are forwarded
+/// verbatim — not dropped (nginx's default) and not rewritten. Note for operators: a
+/// backend that maps `-` and `_` to the same variable (CGI, WSGI) sees `Transfer_Encoding`
+/// as `Transfer-Encoding`; drop such names in the router if that matters. Here the
+/// framing is decided by the real fields only.
+#[tokio::test]
+async fn underscore_header_names_are_forwarded_verbatim() {
+    let up = RawBackend::start().await;
+    let proxy = serve_http(HttpServer::new(forward_to(up.addr))).await;
+    let out = exchange(
+        proxy.addr,
+        b"POST /u HTTP/1.1\r\nHost: a\r\nX_Custom_Name: v\r\nTransfer_Encoding: chunked\r\n\
+          Content_Length: 99\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+    )
+    .await;
+    assert_eq!(statuses(&out), [200], "{out}");
+    let heads = up.take();
+    assert_eq!(heads.len(), 1);
+    let head = heads[0].to_ascii_lowercase();
+    assert!(head.contains("\r\nx_custom_name: v\r\n"), "{head}");
+    assert!(
+        head.contains("\r\ntransfer_encoding: chunked\r\n"),
+        "{head}"
+    );
+    assert!(head.contains("\r\ncontent_length: 99\r\n"), "{head}");
+    assert!(head.contains("\r\ncontent-length: 5\r\n"), "{head}");
+    assert!(!head.contains("\r\ntransfer-encoding:"), "{head}");
+    proxy.shutdown().await;
+}
+
+/// Size limits: 60 KiB of header fields are accepted (the limit is a 64 KiB head), a
+/// request line longer than the head limit is refused — `414 URI Too Long` or `431` from
+/// hyper — and 100 fields pass while 101 do not (`http_bad_input.rs` has the 431 cases).
+#[tokio::test]
+async fn head_size_limits_at_the_boundary() {
+    let b = backend().await;
+    let proxy = serve_http(HttpServer::new(forward_to(b.addr))).await;
+    let sixty = format!(
+        "GET /headers HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(60 * 1024)
+    );
+    let out = exchange(proxy.addr, sixty.as_bytes()).await;
+    assert_eq!(statuses(&out), [200], "60 KiB header");
+    let hundred = format!(
+        "GET /headers HTTP/1.1\r\nHost: a\r\n{}Connection: close\r\n\r\n",
+        (0..98)
+            .map(|i| format!("X-H{i}: v\r\n"))
+            .collect::<String>()
+    );
+    let out = exchange(proxy.addr, hundred.as_bytes()).await;
+    assert_eq!(statuses(&out), [200], "100 fields");
+    reset(&b);
+    let long_line = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(70 * 1024));
+    let out = exchange(proxy.addr, long_line.as_bytes()).await;
+    let status = statuses(&out);
+    assert!(
+        status == [414] || status == [431],
+        "long request line: {status:?}"
+    );
+    println!("request line of 70 KiB → {status:?}");
+    assert_eq!(b.seen.heads.load(Ordering::SeqCst), 0);
+    assert_still_serves(proxy.addr).await;
+    proxy.shutdown().await;
+}
+
+/// Requests without Host. HTTP/1.0 does not require it: the request is forwarded as
+/// HTTP/1.1 with `Host` set to the upstream the router chose. HTTP/1.1 requires it
+/// (RFC 9112 §3.2: "A server MUST respond with a 400"): an origin-form request without
+/// Host is refused before the upstream (regression: it used to be forwarded with the
+/// upstream's address as Host). An absolute-form target names the authority itself and
+/// is accepted without Host (see `absolute_form_target_wins_over_host`).
+#[tokio::test]
+async fn http10_without_host_is_forwarded_and_http11_without_host_is_400() {
+    let up = RawBackend::start().await;
+    let proxy = serve_http(HttpServer::new(forward_to(up.addr))).await;
+    let out = exchange(proxy.addr, b"GET /old HTTP/1.0\r\n\r\n").await;
+    assert!(
+        out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"),
+        "{out}"
+    );
+    let heads = up.take();
+    assert_eq!(heads.len(), 1);
+    assert!(
+        heads[0].starts_with("GET /old HTTP/1.1\r\n"),
+        "{}",
+        heads[0]
+    );
+    assert!(
+        heads[0]
+            .to_ascii_lowercase()
+            .contains(&format!("\r\nhost: {}\r\n", up.addr)),
+        "{}",
+        heads[0]
+    );
+
+    let out = exchange(
+        proxy.addr,
+        b"GET /new HTTP/1.1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(statuses(&out), [400], "{out}");
+    assert!(
+        up.take().is_empty(),
+        "a Host-less HTTP/1.1 request was forwarded"
+    );
+    assert_still_serves(proxy.addr).await;
+    proxy.shutdown().await;
+}
+
+/// An absolute-form target with a different Host, or none: the target wins (RFC 9112
+/// §3.2.2) and the upstream gets exactly one Host, the target's authority. A target with
+/// userinfo (`http://user@host/`) is refused (RFC 9110 §4.2.4: treat it as an error;
+/// regression: it used to be forwarded as `Host: user:pw@host`).
+#[tokio::test]
+async fn absolute_form_target_wins_over_host() {
+    let up = RawBackend::start().await;
+    let proxy = serve_http(HttpServer::new(forward_to(up.addr))).await;
+    let out = exchange(
+        proxy.addr,
+        b"GET http://a.example:8080/p?q=1 HTTP/1.1\r\nHost: b.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(statuses(&out), [200], "{out}");
+    let head = up.take().pop().unwrap();
+    assert!(head.starts_with("GET /p?q=1 HTTP/1.1\r\n"), "{head}");
+    let lower = head.to_ascii_lowercase();
+    assert_eq!(lower.matches("\r\nhost:").count(), 1, "{head}");
+    assert!(lower.contains("\r\nhost: a.example:8080\r\n"), "{head}");
+
+    let out = exchange(
+        proxy.addr,
+        b"GET http://c.example/ HTTP/1.1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(statuses(&out), [200], "{out}");
+    let head = up.take().pop().unwrap().to_ascii_lowercase();
+    assert!(head.contains("\r\nhost: c.example\r\n"), "{head}");
+
+    let out = exchange(
+        proxy.addr,
+        b"GET http://user:pw@a.example/ HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(statuses(&out), [400], "{out}");
+    assert!(up.take().is_empty(), "forwarded with userinfo");
+    assert_still_serves(proxy.addr).await;
+    proxy.shutdown().await;
+}
+
+// =======================================================================================
+// CONNECT over HTTP/1.1
+
+/// A ConnectTerminate over HTTP/1.1 whose tunnels go to `up`, port 22 denied.
+async fn h1_connect_proxy(up: SocketAddr) -> (common::Running, Arc<AtomicUsize>) {
+    let dials = Arc::new(AtomicUsize::new(0));
+    let d = dials.clone();
+    let relay = tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |_: &Metadata| {
+        d.fetch_add(1, Ordering::SeqCst);
+        Some(Target::from(up))
+    });
+    let terminate = ConnectTerminate::new(relay).http1_only().policy(|req| {
+        if req.authority.port() == 22 {
+            Decision::Deny(http::StatusCode::FORBIDDEN)
+        } else {
+            Decision::Allow
+        }
+    });
+    (common::start(Server::new(), terminate).await, dials)
+}
+
+/// A request pipelined behind a CONNECT. Reverse proxy (`Forward`): CONNECT is `405` with
+/// `Connection: close`, and the pipelined request is never read. CONNECT terminator: bytes
+/// after an accepted CONNECT's head are tunnel data (that is what CONNECT means), delivered
+/// to the upstream after the `200`, never parsed as a request; after a refused CONNECT the
+/// next request is parsed on its own (a GET: `405`) and nothing is dialled.
+#[tokio::test]
+async fn requests_pipelined_behind_connect() {
+    let b = backend().await;
+    let proxy = serve_http(HttpServer::new(forward_to(b.addr))).await;
+    let out = exchange(
+        proxy.addr,
+        b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n\
+          GET /headers HTTP/1.1\r\nHost: a\r\n\r\n",
+    )
+    .await;
+    assert_eq!(statuses(&out), [405], "{out}");
+    assert!(
+        out.to_ascii_lowercase().contains("connection: close"),
+        "{out}"
+    );
+    assert_eq!(b.seen.heads.load(Ordering::SeqCst), 0);
+    assert_still_serves(proxy.addr).await;
+    proxy.shutdown().await;
+
+    let up = RawBackend::start().await;
+    let (connect, dials) = h1_connect_proxy(up.addr).await;
+    let out = exchange(
+        connect.addr,
+        b"CONNECT x.test:80 HTTP/1.1\r\nHost: x.test:80\r\n\r\n\
+          GET /inside HTTP/1.1\r\nHost: inside\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(
+        out.ends_with("ok"),
+        "the upstream's answer comes through the tunnel: {out}"
+    );
+    assert_eq!(up.take(), ["GET /inside HTTP/1.1\r\nHost: inside\r\n\r\n"]);
+
+    let (out, _) = raw_exchange(
+        connect.addr,
+        b"CONNECT x.test:22 HTTP/1.1\r\nHost: x.test:22\r\n\r\n\
+          GET /after-refusal HTTP/1.1\r\nHost: inside\r\nConnection: close\r\n\r\n",
+        WAIT,
+    )
+    .await;
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(statuses(&out), [403, 405], "{out}");
+    assert_eq!(dials.load(Ordering::SeqCst), 1);
+    assert!(up.take().is_empty());
+}
+
+/// CONNECT with a body (RFC 9110 §9.3.6: a CONNECT request has no content). Reverse proxy:
+/// `405`, nothing forwarded. CONNECT terminator: hyper takes `Content-Length` /
+/// `Transfer-Encoding` on a CONNECT as its body framing — the declared body is read as
+/// request content and dropped, never relayed — and the tunnel carries only what follows.
+#[tokio::test]
+async fn connect_with_a_body() {
+    let b = backend().await;
+    let proxy = serve_http(HttpServer::new(forward_to(b.addr))).await;
+    let out = exchange(
+        proxy.addr,
+        b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\nContent-Length: 5\r\n\r\nhello",
+    )
+    .await;
+    assert_eq!(statuses(&out), [405], "{out}");
+    assert_eq!(b.seen.heads.load(Ordering::SeqCst), 0);
+    proxy.shutdown().await;
+
+    let up = RawBackend::start().await;
+    let (connect, _) = h1_connect_proxy(up.addr).await;
+    for (name, request) in [
+        (
+            "Content-Length",
+            &b"CONNECT x.test:80 HTTP/1.1\r\nHost: x.test:80\r\nContent-Length: 5\r\n\r\nhello\
+              GET /t HTTP/1.1\r\n\r\n"[..],
+        ),
+        (
+            "chunked",
+            b"CONNECT x.test:80 HTTP/1.1\r\nHost: x.test:80\r\nTransfer-Encoding: chunked\r\n\r\n\
+              5\r\nhello\r\n0\r\n\r\nGET /t HTTP/1.1\r\n\r\n",
+        ),
+    ] {
+        let (out, _) = raw_exchange(connect.addr, request, WAIT).await;
+        let out = String::from_utf8_lossy(&out);
+        // The CONNECT's 200, then the upstream's answer through the tunnel.
+        assert_eq!(statuses(&out), [200, 200], "{name}: {out}");
+        assert_eq!(
+            up.take(),
+            ["GET /t HTTP/1.1\r\n\r\n"],
+            "{name}: body relayed?"
+        );
+    }
+}
+
+// =======================================================================================
+// Paths and forwarding headers
+
+/// Path tricks (`%2F`, `/../`, `//`, `%00`, `/./`, `%2e%2e`, `;`) are forwarded verbatim:
+/// `Forward` does not normalise or decode the target, so the upstream sees exactly what the
+/// client sent. A router or policy that matches on `req.uri().path()` sees the raw form
+/// too — normalise there before matching prefixes (`/x/../admin` is not under `/admin`
+/// textually, but a normalising backend serves `/admin`).
+#[tokio::test]
+async fn path_tricks_are_forwarded_verbatim() {
+    let up = RawBackend::start().await;
+    let seen_paths = Arc::new(Mutex::new(Vec::new()));
+    let s = seen_paths.clone();
+    let to = up.addr;
+    let fwd = proxystack::http::Forward::new(
+        tcp::TcpConnector::new(),
+        move |req: &http::Request<proxystack::http::Incoming>| {
+            s.lock().unwrap().push(req.uri().path().to_string());
+            Some(Target::from(to))
+        },
+    );
+    let proxy = serve_http(HttpServer::new(fwd)).await;
+    for target in [
+        "/a/%2F/b",
+        "/a%2fb",
+        "/x/../admin",
+        "//admin//x",
+        "/a%00b",
+        "/./admin/./x",
+        "/%2e%2e/admin",
+        "/admin;x=1/..;/y",
+        "/a?x=../y&z=%00",
+    ] {
+        let request = format!("GET {target} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+        let out = exchange(proxy.addr, request.as_bytes()).await;
+        assert_eq!(statuses(&out), [200], "{target}: {out}");
+        let head = up.take().pop().unwrap();
+        assert!(
+            head.starts_with(&format!("GET {target} HTTP/1.1\r\n")),
+            "{target} → {head}"
+        );
+        let path = target.split('?').next().unwrap();
+        assert_eq!(seen_paths.lock().unwrap().pop().as_deref(), Some(path));
+    }
+    proxy.shutdown().await;
+}
+
+/// Forwarding headers from an untrusted client. `ForwardedMode::Off` (the default) passes
+/// `Forwarded` / `X-Forwarded-*` through untouched — only right behind a trusted hop;
+/// `Overwrite` replaces `Forwarded`, `X-Forwarded-For` and `X-Forwarded-Proto` (all field
+/// lines of each) with this hop's values; `Append` keeps the client's values and adds
+/// this hop. `X-Forwarded-Host`, `X-Real-IP` and the like are not forwarding headers
+/// `Forward` writes: they pass in every mode (the gateway example removes them itself).
+#[tokio::test]
+async fn forged_forwarding_headers_per_mode() {
+    let up = RawBackend::start().await;
+    let forged = b"GET / HTTP/1.1\r\nHost: a\r\nForwarded: for=6.6.6.6;host=evil\r\n\
+                   X-Forwarded-For: 6.6.6.6\r\nX-Forwarded-For: 7.7.7.7\r\n\
+                   X-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.example\r\n\
+                   X-Real-IP: 6.6.6.6\r\nConnection: close\r\n\r\n";
+    let fwd = |mode| forward_to(up.addr).forwarded(mode).x_forwarded(mode);
+    for mode in [
+        ForwardedMode::Off,
+        ForwardedMode::Overwrite,
+        ForwardedMode::Append,
+    ] {
+        let proxy = serve_http(HttpServer::new(fwd(mode))).await;
+        let out = exchange(proxy.addr, forged).await;
+        assert_eq!(statuses(&out), [200], "{mode:?}: {out}");
+        let head = up.take().pop().unwrap().to_ascii_lowercase();
+        let fields = |name: &str| -> Vec<String> {
+            head.split("\r\n")
+                .filter_map(|l| l.strip_prefix(&format!("{name}: ")))
+                .map(str::to_string)
+                .collect()
+        };
+        // Never rewritten by `Forward`, whatever the mode.
+        assert_eq!(fields("x-forwarded-host"), ["evil.example"], "{mode:?}");
+        assert_eq!(fields("x-real-ip"), ["6.6.6.6"], "{mode:?}");
+        match mode {
+            ForwardedMode::Off => {
+                assert_eq!(fields("forwarded"), ["for=6.6.6.6;host=evil"]);
+                assert_eq!(fields("x-forwarded-for").len(), 2, "{head}");
+                assert_eq!(fields("x-forwarded-proto"), ["https"]);
+            }
+            ForwardedMode::Overwrite => {
+                let f = fields("forwarded");
+                assert_eq!(f.len(), 1, "{head}");
+                assert!(
+                    f[0].starts_with("for=\"127.0.0.1:") && !f[0].contains("evil"),
+                    "{f:?}"
+                );
+                assert_eq!(fields("x-forwarded-for"), ["127.0.0.1"], "{head}");
+                assert_eq!(fields("x-forwarded-proto"), ["http"], "{head}");
+            }
+            ForwardedMode::Append => {
+                let f = fields("forwarded");
+                assert!(
+                    f[0].starts_with("for=6.6.6.6;host=evil, for=\"127.0.0.1:"),
+                    "{f:?}"
+                );
+                assert_eq!(fields("x-forwarded-for"), ["6.6.6.6, 7.7.7.7, 127.0.0.1"]);
+                assert_eq!(
+                    fields("x-forwarded-proto"),
+                    ["https"],
+                    "an existing proto is kept"
+                );
+            }
+        }
+        proxy.shutdown().await;
+    }
+}
+
+// =======================================================================================
+// HTTP/2 → HTTP/1.1 translation
+
+/// One HTTP/2 request with `fields` after the pseudo-fields (GET http://a/headers),
+/// END_STREAM; the verdict for stream 1.
+async fn h2_request(proxy: SocketAddr, fields: &[(&[u8], &[u8])]) -> RawH2<TcpStream> {
+    let mut raw = RawH2::handshake(TcpStream::connect(proxy).await.unwrap(), &[]).await;
+    let mut block = hpack_literals(&[
+        (":method", "GET"),
+        (":scheme", "http"),
+        (":path", "/headers"),
+        (":authority", "a.example"),
+    ]);
+    for (name, value) in fields {
+        hpack_literal(&mut block, name, value);
+    }
+    raw.send(&h2_frame(
+        h2f::HEADERS,
+        h2f::END_HEADERS | h2f::END_STREAM,
+        1,
+        &block,
+    ))
+    .await
+    .unwrap();
+    raw.pump_until(WAIT, |s| {
+        s.ended.contains(&1) || s.resets.contains_key(&1) || s.goaway.is_some()
+    })
+    .await;
+    raw
+}
+
+/// Connection-specific fields are malformed in HTTP/2 (RFC 9113 §8.2.2): `keep-alive`,
+/// `proxy-connection`, `transfer-encoding`, `upgrade` (and `connection`, `te: gzip`, in
+/// `http_bad_input.rs`) reset the stream with PROTOCOL_ERROR before anything is forwarded;
+/// `te: trailers` is allowed and kept. Control characters in a value (NUL, DEL, SOH) never
+/// reach the HTTP/1 upstream either (the connection ends: h2 rejects the value while
+/// decoding). A value with obs-text (bytes ≥ 0x80) is legal and forwarded as is.
+#[tokio::test]
+async fn h2_connection_specific_and_control_fields_are_not_translated() {
+    let b = backend().await;
+    let proxy = serve_http(HttpServer::new(forward_to(b.addr))).await;
+    for (name, value) in [
+        (&b"keep-alive"[..], &b"timeout=5"[..]),
+        (b"proxy-connection", b"keep-alive"),
+        (b"transfer-encoding", b"chunked"),
+        (b"upgrade", b"websocket"),
+    ] {
+        let raw = h2_request(proxy.addr, &[(name, value)]).await;
+        let label = String::from_utf8_lossy(name);
+        assert_eq!(
+            raw.seen.resets.get(&1),
+            Some(&h2f::PROTOCOL_ERROR),
+            "{label}: {:?}",
+            raw.seen
+        );
+        assert_eq!(
+            b.seen.heads.load(Ordering::SeqCst),
+            0,
+            "{label} reached the upstream"
+        );
+    }
+    for (label, value) in [
+        ("NUL", &b"a\0b"[..]),
+        ("DEL", b"a\x7fb"),
+        ("SOH", b"a\x01b"),
+    ] {
+        let raw = h2_request(proxy.addr, &[(b"x-ctl", value)]).await;
+        let refused = raw.seen.resets.get(&1) == Some(&h2f::PROTOCOL_ERROR)
+            || raw.seen.goaway.map(|g| g.1) == Some(h2f::PROTOCOL_ERROR);
+        assert!(refused, "{label}: {:?}", raw.seen);
+        assert!(!raw.seen.status.contains_key(&1), "{label} answered");
+        assert_eq!(
+            b.seen.heads.load(Ordering::SeqCst),
+            0,
+            "{label} reached the upstream"
+        );
+    }
+    let raw = h2_request(
+        proxy.addr,
+        &[(b"te", b"trailers"), (b"x-obs", b"caf\xc3\xa9")],
+    )
+    .await;
+    assert_eq!(raw.seen.status.get(&1), Some(&200), "{:?}", raw.seen);
+    let body = String::from_utf8_lossy(raw.seen.data.get(&1).unwrap()).into_owned();
+    assert!(body.contains("\nte: trailers\n"), "{body}");
+    assert!(body.contains("\nx-obs: caf\u{e9}\n"), "{body}");
+    drop(raw);
+    assert_still_serves(proxy.addr).await;
+    proxy.shutdown().await;
+}
+
+/// `:authority` and `host` in one HTTP/2 request (RFC 9113 §8.3.1): equal (also up to
+/// case) → one `Host` upstream; different → `400`; two `host` fields → `400`; `host`
+/// without `:authority` → used as the authority; `:authority` with userinfo → `400`.
+/// Multiple `cookie` fields (HTTP/2 splits them, RFC 9113 §8.2.3) reach the HTTP/1
+/// upstream joined into one `cookie` line with `; ` (regression: they used to arrive as
+/// several `cookie` lines, which HTTP/1.1 does not allow).
+#[tokio::test]
+async fn h2_authority_host_and_cookie_translation() {
+    let up = RawBackend::start().await;
+    let proxy = serve_http(HttpServer::new(forward_to(up.addr))).await;
+    let request = |authority: Option<&str>, extra: &[(&str, &str)]| {
+        let mut fields = vec![(":method", "GET"), (":scheme", "http"), (":path", "/p")];
+        if let Some(a) = authority {
+            fields.push((":authority", a));
+        }
+        fields.extend_from_slice(extra);
+        hpack_literals(&fields)
+    };
+    let cases: Vec<(&str, Vec<u8>, Option<&str>)> = vec![
+        (
+            "same host",
+            request(Some("a.example"), &[("host", "a.example")]),
+            Some("a.example"),
+        ),
+        (
+            "host differs in case",
+            request(Some("a.example"), &[("host", "A.Example")]),
+            Some("a.example"),
+        ),
+        (
+            "host differs",
+            request(Some("a.example"), &[("host", "b.example")]),
+            None,
+        ),
+        (
+            "two host fields",
+            request(None, &[("host", "a.example"), ("host", "b.example")]),
+            None,
+        ),
+        (
+            "host only",
+            request(None, &[("host", "h.example")]),
+            Some("h.example"),
+        ),
+        ("userinfo", request(Some("u@a.example"), &[]), None),
+    ];
+    for (name, block, want_host) in cases {
+        let mut raw = RawH2::handshake(TcpStream::connect(proxy.addr).await.unwrap(), &[]).await;
+        raw.send(&h2_frame(
+            h2f::HEADERS,
+            h2f::END_HEADERS | h2f::END_STREAM,
+            1,
+            &block,
+        ))
+        .await
+        .unwrap();
+        raw.pump_until(WAIT, |s| s.ended.contains(&1) || s.resets.contains_key(&1))
+            .await;
+        let heads = up.take();
+        match want_host {
+            Some(host) => {
+                assert_eq!(
+                    raw.seen.status.get(&1),
+                    Some(&200),
+                    "{name}: {:?}",
+                    raw.seen
+                );
+                let head = heads[0].to_ascii_lowercase();
+                assert_eq!(head.matches("\r\nhost:").count(), 1, "{name}: {head}");
+                assert!(
+                    head.contains(&format!("\r\nhost: {host}\r\n")),
+                    "{name}: {head}"
+                );
+            }
+            None => {
+                let status = raw.seen.status.get(&1);
+                let reset = raw.seen.resets.get(&1);
+                assert!(
+                    status == Some(&400) || reset == Some(&h2f::PROTOCOL_ERROR),
+                    "{name}: {:?}",
+                    raw.seen
+                );
+                println!("{name} → status {status:?}, reset {reset:?}");
+                assert!(heads.is_empty(), "{name} forwarded: {heads:?}");
+            }
+        }
+    }
+
+    let block = request(
+        Some("a.example"),
+        &[("cookie", "a=1"), ("cookie", "b=2"), ("cookie", "c=3")],
+    );
+    let mut raw = RawH2::handshake(TcpStream::connect(proxy.addr).await.unwrap(), &[]).await;
+    raw.send(&h2_frame(
+        h2f::HEADERS,
+        h2f::END_HEADERS | h2f::END_STREAM,
+        1,
+        &block,
+    ))
+    .await
+    .unwrap();
+    raw.pump_until(WAIT, |s| s.ended.contains(&1)).await;
+    assert_eq!(raw.seen.status.get(&1), Some(&200));
+    let head = up.take().pop().unwrap().to_ascii_lowercase();
+    let cookies: Vec<&str> = head
+        .split("\r\n")
+        .filter_map(|l| l.strip_prefix("cookie: "))
+        .collect();
+    assert_eq!(cookies, ["a=1; b=2; c=3"], "{head}");
+    drop(raw);
+    proxy.shutdown().await;
+}
