@@ -31,7 +31,7 @@ use rustls::{AlertDescription, ClientConfig, ClientConnection, ProtocolVersion};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tower::{service_fn, Layer, ServiceBuilder, ServiceExt};
+use tower::{service_fn, Layer, ServiceExt};
 
 type Meta = http::Extensions;
 
@@ -234,73 +234,6 @@ fn long_name(n: usize) -> String {
 
 // ---------------------------------------------------------------------------------------
 // Servers and raw clients.
-
-/// A listener with `layer` in front of `capture`; the layer's errors are reported.
-struct Harness {
-    proxy: Running,
-    seen: mpsc::UnboundedReceiver<Meta>,
-    errors: mpsc::UnboundedReceiver<String>,
-}
-
-impl Harness {
-    async fn peek(layer: PeekLayer) -> Self {
-        let (tx, seen) = mpsc::unbounded_channel();
-        Self::spawn(layer.layer(capture(tx)), seen).await
-    }
-
-    async fn terminate(layer: TerminateLayer) -> Self {
-        let (tx, seen) = mpsc::unbounded_channel();
-        Self::spawn(layer.layer(capture(tx)), seen).await
-    }
-
-    async fn spawn<S>(svc: S, seen: mpsc::UnboundedReceiver<Meta>) -> Self
-    where
-        S: tower::Service<Conn<TcpStream>, Response = (), Error = TlsError>
-            + Clone
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
-    {
-        init_tracing();
-        let (etx, errors) = mpsc::unbounded_channel();
-        let svc = ServiceBuilder::new()
-            .map_err(move |e: TlsError| {
-                let _ = etx.send(format!("{e:?}"));
-                e
-            })
-            .service(svc);
-        Harness {
-            proxy: start(Server::new().drain_timeout(Duration::from_secs(1)), svc).await,
-            seen,
-            errors,
-        }
-    }
-
-    fn addr(&self) -> SocketAddr {
-        self.proxy.addr
-    }
-
-    async fn next_seen(&mut self) -> Meta {
-        tokio::time::timeout(Duration::from_secs(10), self.seen.recv())
-            .await
-            .expect("a connection reached the inner service")
-            .unwrap()
-    }
-
-    async fn next_error(&mut self) -> String {
-        tokio::time::timeout(Duration::from_secs(10), self.errors.recv())
-            .await
-            .expect("the layer reported an error")
-            .unwrap()
-    }
-
-    fn assert_nothing_reached_inner(&mut self) {
-        assert!(
-            self.seen.try_recv().is_err(),
-            "a refused connection reached the inner service"
-        );
-    }
-}
 
 /// How the server ended a raw connection.
 #[derive(Debug, PartialEq, Eq)]
@@ -598,8 +531,8 @@ async fn malformed_hellos_are_refused_by_peek_and_terminate() {
             Some(IllegalParameter),
         ),
     ];
-    let mut peek = Harness::peek(PeekLayer::new()).await;
-    let mut term = Harness::terminate(terminate(server_config(&ca))).await;
+    let mut peek = Harness::start(PeekLayer::new()).await;
+    let mut term = Harness::start(terminate(server_config(&ca))).await;
     for (case, bytes, peek_error, alert) in cases {
         let (back, end) = raw_exchange(peek.addr(), &bytes, false).await;
         assert_eq!((back.len(), end), (0, End::Fin), "peek, {case}");
@@ -637,8 +570,8 @@ async fn truncated_hellos_are_closed_or_fall_back() {
     let whole = Hello::rustls(&ca, Some(NAME), &[b"h2"]).bytes();
     let cut = &whole[..whole.len() - 10];
 
-    let mut peek = Harness::peek(PeekLayer::new().timeout(Duration::from_millis(500))).await;
-    let mut term = Harness::terminate(
+    let mut peek = Harness::start(PeekLayer::new().timeout(Duration::from_millis(500))).await;
+    let mut term = Harness::start(
         TerminateLayer::new(server_config(&ca)).handshake_timeout(Duration::from_millis(500)),
     )
     .await;
@@ -669,7 +602,7 @@ async fn truncated_hellos_are_closed_or_fall_back() {
 
     // With a fallback: the bytes read so far are replayed to it, unchanged.
     let (ftx, mut fallback_seen) = mpsc::unbounded_channel();
-    let mut peek = Harness::peek(
+    let mut peek = Harness::start(
         PeekLayer::new()
             .timeout(Duration::from_millis(500))
             .fallback(capture(ftx)),
@@ -705,8 +638,8 @@ async fn truncated_hellos_are_closed_or_fall_back() {
 async fn odd_server_names_are_recorded_verbatim_or_refused() {
     let ca = DemoCa::new("example.org");
     let base = Hello::rustls(&ca, Some(NAME), &[b"h2"]);
-    let mut peek = Harness::peek(PeekLayer::new()).await;
-    let mut term = Harness::terminate(terminate(server_config(&ca))).await;
+    let mut peek = Harness::start(PeekLayer::new()).await;
+    let mut term = Harness::start(terminate(server_config(&ca))).await;
     for name in [
         long_name(255),
         "a.example.com,b.example.com".to_owned(),
@@ -784,7 +717,7 @@ async fn ip_literal_sni_from_openssl_is_treated_as_no_sni() {
         .unknown_sni(UnknownSni::Refuse)
         .build()
         .unwrap();
-    let mut term = Harness::terminate(terminate(config)).await;
+    let mut term = Harness::start(terminate(config)).await;
     let ca_file = std::env::temp_dir().join(format!("bad-input-tls-{}.pem", std::process::id()));
     std::fs::write(&ca_file, ca.root_pem()).unwrap();
     let out = s_client(
@@ -816,7 +749,7 @@ async fn hello_without_sni() {
     let ca = DemoCa::new("example.org");
     let hello = Hello::rustls(&ca, None, &[b"h2"]);
     assert!(hello.ext(EXT_SNI).is_none());
-    let mut peek = Harness::peek(PeekLayer::new()).await;
+    let mut peek = Harness::start(PeekLayer::new()).await;
     let (back, _) = raw_exchange(peek.addr(), &hello.bytes(), true).await;
     assert_eq!(back, hello.bytes());
     let meta = peek.next_seen().await;
@@ -830,7 +763,7 @@ async fn hello_without_sni() {
         .unknown_sni(UnknownSni::Refuse)
         .build()
         .unwrap();
-    let mut term = Harness::terminate(terminate(config)).await;
+    let mut term = Harness::start(terminate(config)).await;
     // An IP target: rustls sends no SNI and checks the IP SAN of the default certificate.
     let mut conn = tls_client(&ca)
         .oneshot(Target::from(term.addr()))
@@ -879,7 +812,7 @@ async fn grease_and_ech_extensions_are_accepted() {
     hello.exts.insert(0, (0x0a0a, vec![]));
     let bytes = hello.bytes();
 
-    let mut peek = Harness::peek(PeekLayer::new()).await;
+    let mut peek = Harness::start(PeekLayer::new()).await;
     let (back, _) = raw_exchange(peek.addr(), &bytes, true).await;
     assert_eq!(back, bytes);
     let meta = peek.next_seen().await;
@@ -891,7 +824,7 @@ async fn grease_and_ech_extensions_are_accepted() {
     assert_eq!(seen.extensions.first(), Some(&0x0a0a));
     assert!(seen.extensions.ends_with(&[EXT_ECH, 0xfafa]));
 
-    let mut term = Harness::terminate(terminate(server_config(&ca))).await;
+    let mut term = Harness::start(terminate(server_config(&ca))).await;
     let (back, _) = raw_exchange(term.addr(), &bytes, true).await;
     assert!(
         is_server_hello(&back),
@@ -1094,8 +1027,8 @@ async fn hello_over_64k_is_refused() {
     assert!(huge.handshake().len() > 64 * 1024);
     let bytes = huge.bytes();
 
-    let mut peek = Harness::peek(PeekLayer::new()).await;
-    let mut term = Harness::terminate(terminate(server_config(&ca))).await;
+    let mut peek = Harness::start(PeekLayer::new()).await;
+    let mut term = Harness::start(terminate(server_config(&ca))).await;
     for h in [&mut peek, &mut term] {
         assert_eq!(
             raw_exchange(h.addr(), &bytes, false).await,
@@ -1373,7 +1306,7 @@ async fn mtls_refuses_wrong_client_certificates_with_exact_alerts() {
             UnsupportedCertificate,
         ),
     ];
-    let mut h = Harness::terminate(terminate(mtls_config(&ca))).await;
+    let mut h = Harness::start(terminate(mtls_config(&ca))).await;
     for (case, cert, alert) in cases {
         let connector = match cert {
             Some(cert) => mesh_client(&ca).client_cert(cert).unwrap(),
@@ -1400,7 +1333,7 @@ async fn mtls_refuses_wrong_client_certificates_with_exact_alerts() {
 #[tokio::test]
 async fn mtls_records_non_istio_spiffe_ids_verbatim() {
     let ca = DemoCa::new(TD);
-    let mut h = Harness::terminate(terminate(mtls_config(&ca))).await;
+    let mut h = Harness::start(terminate(mtls_config(&ca))).await;
     for (uris, recorded) in [
         (
             &["spiffe://cluster.local/ns/x/sa"][..],
@@ -1445,7 +1378,7 @@ async fn revoked_client_certificate_is_refused() {
         .alpn(["h2"])
         .build()
         .unwrap();
-    let mut h = Harness::terminate(terminate(config)).await;
+    let mut h = Harness::start(terminate(config)).await;
     let refused = mtls_attempt(h.addr(), mesh_client(&ca).client_cert(revoked).unwrap()).await;
     assert_eq!(
         refused.unwrap_err(),
@@ -1464,7 +1397,7 @@ async fn revoked_client_certificate_is_refused() {
 #[tokio::test]
 async fn client_aborts_when_the_server_identity_differs() {
     let ca = DemoCa::new(TD);
-    let mut h = Harness::terminate(terminate(mtls_config(&ca))).await;
+    let mut h = Harness::start(terminate(mtls_config(&ca))).await;
     let err = tls_client(&ca)
         .sni(SniMode::None)
         .alpn(["h2"])
@@ -1517,7 +1450,7 @@ async fn client_refuses_a_server_certificate_with_two_spiffe_ids() {
         .alpn(["h2"])
         .build()
         .unwrap();
-    let mut h = Harness::terminate(terminate(config)).await;
+    let mut h = Harness::start(terminate(config)).await;
     let err = mesh_client(&ca)
         .client_cert(ca.workload_cert("ns1", "client"))
         .unwrap()
@@ -1539,7 +1472,7 @@ async fn client_refuses_a_server_certificate_with_two_spiffe_ids() {
 #[tokio::test]
 async fn tls12_client_to_a_tls13_only_server() {
     let ca = DemoCa::new(TD);
-    let mut h = Harness::terminate(terminate(mtls_config(&ca))).await;
+    let mut h = Harness::start(terminate(mtls_config(&ca))).await;
     let addr = h.addr();
     let config = client_config(&ca, &[&rustls::version::TLS12], &[b"h2"]);
     let err = tokio::task::spawn_blocking(move || {

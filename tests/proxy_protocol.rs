@@ -14,9 +14,9 @@ use common::*;
 use proxystack::conn::{LocalAddr, PeerAddr};
 use proxystack::identity::{PeerIdentity, SpiffeId};
 use proxystack::proxy_protocol::{
-    decode, AcceptError, Command as PpCommand, Decoded, Limits, MissingHeader, ProxiedAddrs,
-    ProxiedBy, ProxyConnectError, ProxyHeader, ProxyProtocolConnector, ProxyProtocolLayer,
-    SendProxyHeader, Version, PP2_TYPE_AUTHORITY, PP2_TYPE_CRC32C,
+    decode, Command as PpCommand, Decoded, Limits, MissingHeader, ProxiedAddrs, ProxiedBy,
+    ProxyConnectError, ProxyHeader, ProxyProtocolConnector, ProxyProtocolLayer, SendProxyHeader,
+    Version, PP2_TYPE_AUTHORITY, PP2_TYPE_CRC32C,
 };
 use proxystack::Metadata;
 use proxystack::{tcp, Server, Target};
@@ -25,67 +25,17 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 use tower::{ServiceBuilder, ServiceExt};
 
-type Meta = http::Extensions;
-
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
 
 // ---------------------------------------------------------------------------------------
 // Harness: a listener with the layer in front of a service that reports metadata and
 // echoes; the layer's errors are reported too.
 
-struct Harness {
-    proxy: Running,
-    seen: mpsc::UnboundedReceiver<Meta>,
-    errors: mpsc::UnboundedReceiver<String>,
-}
-
 async fn harness(layer: ProxyProtocolLayer) -> Harness {
-    init_tracing();
-    let (tx, seen) = mpsc::unbounded_channel();
-    let (etx, errors) = mpsc::unbounded_channel();
-    let svc = ServiceBuilder::new()
-        .map_err(move |e: AcceptError| {
-            let _ = etx.send(format!("{e:?}"));
-            e
-        })
-        .layer(layer)
-        .service(capture(tx));
-    Harness {
-        // Clients a test leaves open must not hold up shutdown for the default 30 s.
-        proxy: start(Server::new().drain_timeout(Duration::from_secs(1)), svc).await,
-        seen,
-        errors,
-    }
+    Harness::start(layer).await
 }
 
 impl Harness {
-    fn addr(&self) -> SocketAddr {
-        self.proxy.addr
-    }
-
-    /// The metadata of the next connection that reached the inner service.
-    async fn next_seen(&mut self) -> Meta {
-        tokio::time::timeout(Duration::from_secs(5), self.seen.recv())
-            .await
-            .expect("a connection reached the inner service")
-            .unwrap()
-    }
-
-    /// The next error the layer returned.
-    async fn next_error(&mut self) -> String {
-        tokio::time::timeout(Duration::from_secs(5), self.errors.recv())
-            .await
-            .expect("the layer reported an error")
-            .unwrap()
-    }
-
-    fn assert_nothing_reached_inner(&mut self) {
-        assert!(
-            self.seen.try_recv().is_err(),
-            "a rejected connection reached the inner service"
-        );
-    }
-
     /// A well-formed v2 connection from 127.0.0.1 still works and is recorded right.
     async fn assert_good_connection_works(&mut self) {
         let src: SocketAddr = "198.51.100.20:40000".parse().unwrap();

@@ -142,19 +142,29 @@ pub fn h2_settings(payload: &[u8]) -> Vec<(u16, u32)> {
 }
 
 /// An inbound service that reports each connection's metadata on `tx`, then echoes to EOF.
-pub fn capture(
-    tx: tokio::sync::mpsc::UnboundedSender<proxystack::Metadata>,
-) -> impl tower::Service<
-    Conn<proxystack::BoxIo>,
-    Response = (),
-    Error = std::io::Error,
-    Future = impl Send,
-> + Clone
-       + Send
-       + Sync {
-    tower::service_fn(move |conn: Conn<proxystack::BoxIo>| {
-        let tx = tx.clone();
-        async move {
+pub fn capture(tx: tokio::sync::mpsc::UnboundedSender<proxystack::Metadata>) -> Capture {
+    Capture(tx)
+}
+
+/// The service [`capture`] returns.
+#[derive(Clone)]
+pub struct Capture(tokio::sync::mpsc::UnboundedSender<proxystack::Metadata>);
+
+impl Service<Conn<proxystack::BoxIo>> for Capture {
+    type Response = ();
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, conn: Conn<proxystack::BoxIo>) -> Self::Future {
+        let tx = self.0.clone();
+        Box::pin(async move {
             let (mut io, meta) = conn.into_parts();
             let _ = tx.send(meta);
             let mut buf = vec![0u8; 4096];
@@ -166,8 +176,8 @@ pub fn capture(
                 io.write_all(&buf[..n]).await?;
             }
             io.shutdown().await
-        }
-    })
+        })
+    }
 }
 
 /// Serves `svc` on `addr` (port 0 for an ephemeral one), like [`start`].
@@ -624,5 +634,67 @@ impl RssWatch {
 impl Drop for RssWatch {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A listener with a layer in front of [`capture`]: what reached the inner service, and
+/// the errors the layer returned (as `Debug` text), for bad-input tests.
+pub struct Harness {
+    pub proxy: Running,
+    seen: tokio::sync::mpsc::UnboundedReceiver<proxystack::Metadata>,
+    errors: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl Harness {
+    /// Serves `layer` around [`capture`] on an ephemeral port. Clients a test leaves open must not
+    /// hold up shutdown for the default 30 s, so the drain deadline is 1 s.
+    pub async fn start<L, S>(layer: L) -> Self
+    where
+        L: tower::Layer<Capture, Service = S>,
+        S: Service<Conn<TcpStream>, Response = ()> + Clone + Send + 'static,
+        S::Error: std::fmt::Debug + Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        init_tracing();
+        let (tx, seen) = tokio::sync::mpsc::unbounded_channel();
+        let (etx, errors) = tokio::sync::mpsc::unbounded_channel();
+        let svc = tower::ServiceBuilder::new()
+            .map_err(move |e: S::Error| {
+                let _ = etx.send(format!("{e:?}"));
+                e
+            })
+            .service(layer.layer(capture(tx)));
+        Harness {
+            proxy: start(Server::new().drain_timeout(Duration::from_secs(1)), svc).await,
+            seen,
+            errors,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.proxy.addr
+    }
+
+    /// The metadata of the next connection that reached the inner service.
+    pub async fn next_seen(&mut self) -> proxystack::Metadata {
+        tokio::time::timeout(Duration::from_secs(10), self.seen.recv())
+            .await
+            .expect("a connection reached the inner service")
+            .unwrap()
+    }
+
+    /// The next error the layer returned.
+    pub async fn next_error(&mut self) -> String {
+        tokio::time::timeout(Duration::from_secs(10), self.errors.recv())
+            .await
+            .expect("the layer reported an error")
+            .unwrap()
+    }
+
+    pub fn assert_nothing_reached_inner(&mut self) {
+        assert!(
+            self.seen.try_recv().is_err(),
+            "a refused connection reached the inner service"
+        );
     }
 }
