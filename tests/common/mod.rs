@@ -176,3 +176,25 @@ pub fn capture(
         }
     })
 }
+
+/// Like [`echo_server`], but its accept loop survives errors (EMFILE): for tests that run a
+/// process out of descriptors and need the upstream to be there afterwards.
+pub async fn resilient_echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((mut s, _)) => {
+                    tokio::spawn(async move {
+                        let (mut r, mut w) = s.split();
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                        let _ = w.shutdown().await;
+                    });
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        }
+    });
+    addr
+}
