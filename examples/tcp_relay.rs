@@ -67,8 +67,9 @@ async fn main() {
             Some(target) => Some(target.clone()),
             None => conn.get::<OriginalDst>().map(Target::from),
         });
+    // SO_ORIGINAL_DST is a syscall per connection: only ask when it is used.
     let svc = ServiceBuilder::new()
-        .layer(tcp::OriginalDstLayer::new())
+        .option_layer(args.original_dst.then(tcp::OriginalDstLayer::new))
         .service(relay);
 
     let listeners = support::bind_all(&args.listen).await;

@@ -151,37 +151,56 @@ impl<I> H1Guard<I> {
                     i += 1;
                 }
                 State::Head => {
-                    let Some(&b) = data.get(i) else { break };
-                    i += 1;
-                    // Empty lines before a request line are skipped (RFC 9112 §2.2), by
-                    // hyper too.
-                    if self.head.is_empty() && (b == b'\r' || b == b'\n') {
-                        continue;
-                    }
-                    self.head.push(b);
-                    if b == b'\n' && head_complete(&self.head) {
-                        let verdict = check_head(&self.head);
-                        self.head.clear();
-                        match verdict {
-                            Ok(Framing::None) => self.state = State::Head,
-                            Ok(Framing::Length(0)) => self.state = State::Head,
-                            Ok(Framing::Length(n)) => self.state = State::Body(n),
-                            Ok(Framing::Chunked) => {
-                                self.state = State::Chunked(Chunk::Size {
-                                    digits: 0,
-                                    value: 0,
-                                    ext: false,
-                                })
+                    if self.head.is_empty() {
+                        // Empty lines before a request line are skipped (RFC 9112 §2.2),
+                        // by hyper too.
+                        let skip = data
+                            .get(i..)
+                            .unwrap_or_default()
+                            .iter()
+                            .take_while(|&&b| b == b'\r' || b == b'\n')
+                            .count();
+                        i += skip;
+                        let rest = data.get(i..).unwrap_or_default();
+                        if rest.is_empty() {
+                            break;
+                        }
+                        // The common case: the whole head arrived in this read. Check it
+                        // in place instead of collecting it byte by byte.
+                        if let Some(end) = head_end(rest) {
+                            if end > self.max_head + 1 {
+                                // hyper answers 431 for this itself.
+                                self.state = State::Passthrough;
+                                continue;
                             }
-                            Ok(Framing::Stop) => self.state = State::Passthrough,
-                            Err(reason) => {
-                                debug!(reason, "rejecting HTTP/1 request head");
+                            let verdict = check_head(rest.get(..end).unwrap_or_default());
+                            i += end;
+                            if !self.after_head(verdict) {
                                 if let Some(last) = data.get_mut(i - 1) {
                                     *last = 0;
                                 }
-                                self.state = State::Rejected(0);
                                 return i;
                             }
+                            continue;
+                        }
+                    }
+                    // A head split across reads: collect it a line at a time.
+                    let rest = data.get(i..).unwrap_or_default();
+                    let line = rest
+                        .iter()
+                        .position(|&b| b == b'\n')
+                        .map_or(rest.len(), |lf| lf + 1);
+                    self.head
+                        .extend_from_slice(rest.get(..line).unwrap_or_default());
+                    i += line;
+                    if self.head.last() == Some(&b'\n') && head_complete(&self.head) {
+                        let verdict = check_head(&self.head);
+                        self.head.clear();
+                        if !self.after_head(verdict) {
+                            if let Some(last) = data.get_mut(i - 1) {
+                                *last = 0;
+                            }
+                            return i;
                         }
                     } else if self.head.len() > self.max_head {
                         // hyper answers 431 for this itself.
@@ -196,6 +215,28 @@ impl<I> H1Guard<I> {
 }
 
 impl<I> H1Guard<I> {
+    /// Moves on after a complete head: follows its body, or stops checking. `false` when
+    /// the head was rejected (the state is then [`State::Rejected`] and the caller
+    /// poisons the head's last byte).
+    fn after_head(&mut self, verdict: Result<Framing, &'static str>) -> bool {
+        self.state = match verdict {
+            Ok(Framing::None | Framing::Length(0)) => State::Head,
+            Ok(Framing::Length(n)) => State::Body(n),
+            Ok(Framing::Chunked) => State::Chunked(Chunk::Size {
+                digits: 0,
+                value: 0,
+                ext: false,
+            }),
+            Ok(Framing::Stop) => State::Passthrough,
+            Err(reason) => {
+                debug!(reason, "rejecting HTTP/1 request head");
+                self.state = State::Rejected(0);
+                return false;
+            }
+        };
+        true
+    }
+
     /// Appends what fits of the poison tail; once it is all out, reads report EOF.
     fn emit_poison(&mut self, buf: &mut ReadBuf<'_>) {
         if let State::Rejected(sent) = self.state {
@@ -210,6 +251,20 @@ impl<I> H1Guard<I> {
 /// A head ends with an empty line: `\n\n` or `\n\r\n`.
 fn head_complete(head: &[u8]) -> bool {
     head.ends_with(b"\n\n") || head.ends_with(b"\n\r\n")
+}
+
+/// The length of the head at the start of `buf` (through its final line feed), if it is
+/// all there: the first line feed followed by `\n` or `\r\n`.
+fn head_end(buf: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    loop {
+        let lf = from + buf.get(from..)?.iter().position(|&b| b == b'\n')?;
+        match buf.get(lf + 1..) {
+            Some([b'\n', ..]) => return Some(lf + 2),
+            Some([b'\r', b'\n', ..]) => return Some(lf + 3),
+            _ => from = lf + 1,
+        }
+    }
 }
 
 /// One byte of chunked framing. It must end each message exactly where hyper's decoder
@@ -383,7 +438,11 @@ fn check_line(line: &[u8]) -> Result<&[u8], &'static str> {
     let Some(line) = line.strip_suffix(b"\r") else {
         return Err("bare LF line ending");
     };
-    if line.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+    // No early exit: a branch-free fold over the whole line vectorizes.
+    let bad = line.iter().fold(false, |bad, &b| {
+        bad | ((b < 0x20) & (b != b'\t')) | (b == 0x7f)
+    });
+    if bad {
         return Err("control character in head");
     }
     Ok(line)
@@ -400,7 +459,8 @@ fn trim_ows(mut v: &[u8]) -> &[u8] {
 }
 
 fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+    matches!(b, b'0'..=b'9' | b'a'..=b'z' | b'A'..=b'Z' | b'!' | b'#'..=b'\'' | b'*' | b'+'
+        | b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~')
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for H1Guard<I> {
@@ -480,10 +540,46 @@ mod tests {
             b"GET / HTTP/1.1\r\nBad Name: a\r\n\r\n",
             b"GET / HTTP/1.1\r\nX-No-Host: a\r\n\r\n",
         ] {
-            let (out, state) = feed_all(bad, 3);
-            assert_eq!(state, State::Rejected(0), "{:?}", String::from_utf8_lossy(bad));
-            assert_eq!(out.len(), bad.len());
-            assert_eq!(out.last(), Some(&0));
+            // 3: heads collected across reads; 4096: whole heads checked in place.
+            for chunk in [3, 4096] {
+                let (out, state) = feed_all(bad, chunk);
+                assert_eq!(state, State::Rejected(0), "{:?}", String::from_utf8_lossy(bad));
+                assert_eq!(out.len(), bad.len());
+                assert_eq!(out.last(), Some(&0));
+            }
+        }
+    }
+
+    #[test]
+    fn leading_empty_lines_and_split_terminators() {
+        let input = b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n";
+        for chunk in 1..input.len() {
+            let mut g = H1Guard::new((), 64 * 1024);
+            let (first, second) = input.split_at(chunk);
+            for piece in [first, second] {
+                let mut piece = piece.to_vec();
+                assert_eq!(g.feed(&mut piece), piece.len(), "split at {chunk}");
+            }
+            assert_eq!(g.state, State::Head, "split at {chunk}");
+            assert!(g.head.is_empty(), "split at {chunk}");
+        }
+    }
+
+    #[test]
+    fn oversized_heads_are_left_to_hyper() {
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        for (max_head, state) in [
+            (head.len() - 2, State::Passthrough),
+            (head.len() - 1, State::Head),
+        ] {
+            for chunk in [1, head.len()] {
+                let mut g = H1Guard::new((), max_head);
+                for piece in head.chunks(chunk) {
+                    let mut piece = piece.to_vec();
+                    assert_eq!(g.feed(&mut piece), piece.len());
+                }
+                assert_eq!(g.state, state, "max_head {max_head}, chunk {chunk}");
+            }
         }
     }
 

@@ -8,17 +8,18 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Fields that only concern one connection, never forwarded (RFC 9110 §7.6.1, plus the
 /// legacy `Proxy-Connection`, RFC 7540 §3.2.1 `HTTP2-Settings`, and the proxy
-/// authentication fields, which are addressed to this proxy).
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "te",
-    "upgrade",
-    "proxy-authorization",
-    "proxy-authenticate",
-    "http2-settings",
+/// authentication fields, which are addressed to this proxy). Names, not strings: removing
+/// by `&str` would parse each one again for every message.
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::TE,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+    HeaderName::from_static("http2-settings"),
 ];
 
 /// Whether the `Connection` fields contain `token` (case-insensitive).
@@ -36,35 +37,60 @@ pub(crate) fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// `upgrade` set, `Upgrade` is kept and `Connection: upgrade` re-added, so the next hop sees
 /// a well-formed upgrade request or `101` response.
 pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        // `Connection: host` must not make the request lose its authority.
-        .filter(|n| *n != header::HOST)
-        .collect();
-    for name in named {
-        if !(upgrade && name == header::UPGRADE) {
-            headers.remove(&name);
+    // One pass over the few names present finds the hop-by-hop ones (most messages carry
+    // none, or just `Connection`); only those are then looked up and removed.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
         }
     }
-    let trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| {
-            t.split(';')
-                .next()
-                .is_some_and(|c| c.trim().eq_ignore_ascii_case("trailers"))
-        });
-    for name in HOP_BY_HOP {
-        if upgrade && *name == "upgrade" {
-            continue;
+    let has = |name: &HeaderName| {
+        HOP_BY_HOP
+            .iter()
+            .position(|h| h == name)
+            .is_some_and(|i| present & (1 << i) != 0)
+    };
+    if has(&header::CONNECTION) {
+        // Owned copies (cheap: shared bytes), so that fields can be removed while reading.
+        let connection: Vec<HeaderValue> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .cloned()
+            .collect();
+        for token in connection
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+        {
+            // Hop-by-hop names go below anyway; `Connection: host` must not make the
+            // request lose its authority.
+            let skip = HOP_BY_HOP
+                .iter()
+                .any(|h| token.eq_ignore_ascii_case(h.as_str()))
+                || token.eq_ignore_ascii_case("host");
+            if !skip {
+                // By `&str`: parsed on the stack, nothing allocated for absent names.
+                headers.remove(token);
+            }
         }
-        headers.remove(*name);
+    }
+    let trailers = has(&header::TE)
+        && headers
+            .get_all(header::TE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| {
+                t.split(';')
+                    .next()
+                    .is_some_and(|c| c.trim().eq_ignore_ascii_case("trailers"))
+            });
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 && !(upgrade && name == header::UPGRADE) {
+            headers.remove(name);
+        }
     }
     if trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -257,6 +283,23 @@ mod tests {
         names.sort();
         assert_eq!(names, ["host", "te", "x-keep"]);
         assert_eq!(h["te"], "trailers");
+    }
+
+    #[test]
+    fn messages_without_hop_by_hop_fields_are_untouched() {
+        let mut h = map(&[("host", "a"), ("x-keep", "yes"), ("x-keep", "twice")]);
+        let before = h.clone();
+        remove_hop_by_hop(&mut h, false);
+        assert_eq!(h, before);
+        remove_hop_by_hop(&mut h, true);
+        assert_eq!(h["connection"], "upgrade");
+        let mut h = map(&[
+            ("Connection", "X-Secret, CLOSE"),
+            ("x-secret", "1"),
+            ("close", "2"),
+        ]);
+        remove_hop_by_hop(&mut h, false);
+        assert!(h.is_empty(), "{h:?}");
     }
 
     #[test]

@@ -30,7 +30,7 @@ use super::error::{ForwardError, ForwardErrorKind};
 use super::forward::UpstreamProtocol;
 use super::BoxBody;
 use crate::conn::{Conn, Io};
-use crate::{BoxError, Target};
+use crate::{Authority, BoxError, Target};
 
 /// Target metadata: connections are shared only between targets with the same authority
 /// *and* the same `PoolKey`. Set it when two targets with one address must not share
@@ -40,7 +40,7 @@ pub struct PoolKey(pub Arc<str>);
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Key {
-    authority: String,
+    authority: Authority,
     extra: Option<PoolKey>,
     protocol: UpstreamProtocol,
 }
@@ -116,7 +116,7 @@ where
         mut req: Request<BoxBody>,
     ) -> Result<Response<Incoming>, ForwardError> {
         let key = Key {
-            authority: target.authority().to_string(),
+            authority: target.authority().clone(),
             extra: target.get::<PoolKey>().cloned(),
             protocol,
         };

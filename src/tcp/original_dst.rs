@@ -13,12 +13,17 @@ use tokio::net::TcpStream;
 use tower::{Layer, Service};
 
 use super::socket::find_tcp;
-use crate::conn::{Conn, Io, OriginalDst};
+use crate::conn::{Conn, Io, LocalAddr, OriginalDst};
 
 /// Reads the original destination of a redirected TCP connection.
 pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+    original_dst_from(stream, stream.local_addr()?)
+}
+
+/// [`original_dst`] for a socket whose local address is already known (one syscall less).
+fn original_dst_from(stream: &TcpStream, local: SocketAddr) -> io::Result<SocketAddr> {
     let sock = socket2::SockRef::from(stream);
-    let addr = match stream.local_addr()? {
+    let addr = match local {
         SocketAddr::V4(_) => sock.original_dst_v4()?,
         SocketAddr::V6(_) => sock.original_dst_v6()?,
     };
@@ -83,12 +88,18 @@ where
     }
 
     fn call(&mut self, mut conn: Conn<I>) -> Self::Future {
-        match find_tcp(conn.io().as_any()).map(original_dst) {
-            Some(Ok(dst)) => {
+        // The accept loop recorded the local address; asking the socket again would cost
+        // a syscall per connection.
+        let known = conn.get::<LocalAddr>().map(|l| l.0);
+        let found = find_tcp(conn.io().as_any()).map(|tcp| {
+            let local = known.map_or_else(|| tcp.local_addr(), Ok)?;
+            Ok::<_, io::Error>((original_dst_from(tcp, local)?, local))
+        });
+        match found {
+            Some(Ok((dst, local))) => {
                 // Without a REDIRECT rule Linux reports the local address itself; that is
                 // not an *original* destination, and relaying to it would loop.
-                let local = find_tcp(conn.io().as_any()).and_then(|s| s.local_addr().ok());
-                if local != Some(dst) {
+                if local != dst {
                     conn.insert(OriginalDst(dst));
                 }
             }

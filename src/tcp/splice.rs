@@ -2,10 +2,14 @@
 //! the kernel, never copied to user space.
 //!
 //! Same semantics as the portable relay (half-close, reset propagation, idle and total
-//! timeouts, stats). The pipe of a direction is created on its first byte, so an idle
-//! connection costs no pipe. Selected by [`RelayConfig::splice`](super::RelayConfig::splice)
-//! when both ends are `TcpStream`s.
+//! timeouts, stats). A direction holds a pipe only while bytes flow: it takes one when its
+//! socket turns readable and hands it back, empty, to a small per-thread pool as soon as
+//! the socket has nothing more to read. An idle connection therefore holds no pipe (no
+//! descriptors beyond its two sockets, no pipe buffers against the per-user pipe limit),
+//! and a new connection's first bytes do not pay for creating and sizing one. Selected by
+//! [`RelayConfig::splice`](super::RelayConfig::splice) when both ends are `TcpStream`s.
 
+use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,6 +43,38 @@ impl Pipe {
         unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, CHUNK as libc::c_int) };
         Ok(Self { read, write })
     }
+}
+
+/// Empty pipes kept per thread for the next burst; more are closed. A small number covers
+/// connection churn (a direction holds its pipe only while bytes flow, usually within one
+/// poll) and bounds the descriptors the pool keeps from accepting connections (EMFILE).
+const POOL_MAX: usize = 4;
+
+thread_local! {
+    static PIPES: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A pipe from this thread's pool, or a new one.
+fn take_pipe() -> io::Result<Pipe> {
+    let pooled = PIPES
+        .try_with(|pool| pool.try_borrow_mut().ok().and_then(|mut p| p.pop()))
+        .ok()
+        .flatten();
+    match pooled {
+        Some(pipe) => Ok(pipe),
+        None => Pipe::new(),
+    }
+}
+
+/// Returns an **empty** pipe to this thread's pool (or closes it when the pool is full).
+fn give_back(pipe: Pipe) {
+    let _ = PIPES.try_with(|pool| {
+        if let Ok(mut pool) = pool.try_borrow_mut() {
+            if pool.len() < POOL_MAX {
+                pool.push(pipe);
+            }
+        }
+    });
 }
 
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
@@ -105,28 +141,41 @@ async fn one_way(
     bytes: &mut u64,
     last: &Activity,
 ) -> Result<(), (Side, io::Error)> {
+    // Invariant: whenever control is back at the top of the loop, everything spliced
+    // into the pipe has been spliced out, so a pipe given back is empty.
     let mut pipe: Option<Pipe> = None;
     loop {
         from.readable().await.map_err(|e| (Side::Downstream, e))?;
         if pipe.is_none() {
             // tokio reports a freshly accepted socket readable before any byte arrived:
-            // only a byte (or EOF) that is really there is worth a pipe.
+            // only a byte (or EOF) that is really there is worth taking a pipe for.
             match from.try_io(Interest::READABLE, || peek(from.as_raw_fd())) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err((Side::Downstream, e)),
             }
-            pipe = Some(Pipe::new().map_err(|e| (Side::Downstream, e))?);
         }
-        let Some(p) = &pipe else { continue };
+        let p = match &pipe {
+            Some(p) => p,
+            None => pipe.insert(take_pipe().map_err(|e| (Side::Downstream, e))?),
+        };
         let n = match from.try_io(Interest::READABLE, || {
             splice(from.as_raw_fd(), p.write.as_raw_fd(), CHUNK)
         }) {
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Drained for now: no pipe while idle.
+                if let Some(p) = pipe.take() {
+                    give_back(p);
+                }
+                continue;
+            }
             Err(e) => return Err((Side::Downstream, e)),
         };
         if n == 0 {
+            if let Some(p) = pipe.take() {
+                give_back(p);
+            }
             // EOF: pass the FIN on, keep the other direction going.
             return socket2::SockRef::from(to)
                 .shutdown(std::net::Shutdown::Write)

@@ -86,6 +86,10 @@ pub fn init_tracing() {
         .try_init();
 }
 
+/// Descriptors the splice relay may keep per runtime thread after its connections closed:
+/// up to 4 empty pipes, pooled for the next connection (`src/tcp/splice.rs`).
+pub const SPLICE_POOL_FDS_PER_THREAD: usize = 8;
+
 /// Number of open file descriptors of this process.
 pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd")
@@ -697,4 +701,26 @@ impl Harness {
             "a refused connection reached the inner service"
         );
     }
+}
+
+/// Like [`echo_server`], but its accept loop survives errors (EMFILE): for tests that run a
+/// process out of descriptors and need the upstream to be there afterwards.
+pub async fn resilient_echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((mut s, _)) => {
+                    tokio::spawn(async move {
+                        let (mut r, mut w) = s.split();
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                        let _ = w.shutdown().await;
+                    });
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            }
+        }
+    });
+    addr
 }
