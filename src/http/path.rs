@@ -35,7 +35,8 @@ pub enum PathError {
     EncodedSeparator,
 }
 
-/// Normalizes a request path (see the [module docs](self)); borrows when nothing changes.
+/// Normalizes a request path by the rules of [`NormalizePathLayer`]; borrows when nothing
+/// changes.
 ///
 /// ```
 /// use proxystack::http::normalize_path;
@@ -106,8 +107,20 @@ fn decode_unreserved(path: &str) -> Result<Cow<'_, str>, PathError> {
     Ok(Cow::Owned(out))
 }
 
-/// Normalizes each request's path before the inner service sees it (see the
-/// [module docs](self)); answers `400` to paths that cannot be normalized.
+/// Normalizes each request's path before the inner service sees it, so that a policy and
+/// the upstream see the same path (a rule for `/admin` matched against the raw path is
+/// bypassed by `/x/../admin`, `//admin` or `/%61dmin`), like Envoy's `normalize_path` +
+/// `merge_slashes`:
+///
+/// * percent-encoded unreserved characters are decoded and other escapes get upper-case
+///   hex (RFC 3986 §6.2.2.1–2);
+/// * an encoded `/`, `\` or NUL (`%2F`, `%5C`, `%00`) is refused with `400`: whether a
+///   server splits on it differs from server to server;
+/// * runs of `/` collapse into one;
+/// * `.` and `..` segments are removed (RFC 3986 §5.2.4); `..` never climbs above `/`.
+///
+/// The query is left as it is; targets that are not paths (`*`, authority-form) pass
+/// unchanged.
 ///
 /// ```
 /// use proxystack::http::{HttpServer, NormalizePathLayer};
