@@ -10,7 +10,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -34,7 +34,7 @@ use crate::conn::{
     box_inbound, sniff_h2_preface, Abort, Admission, BoxInbound, BoxIo, Conn, ConnectionId, Io,
     PrefixedIo, Refusal,
 };
-use crate::serve::AbortOnDrop;
+use crate::serve::ConnectionTasks;
 use crate::{drain, BoxError};
 
 /// A policy's verdict on one tunnel.
@@ -246,7 +246,7 @@ impl<I: Io> Service<Conn<I>> for ConnectTerminate {
             let handler = Handler {
                 terminate: this,
                 outer: Arc::new(metadata),
-                h1_tunnel: Arc::default(),
+                h1_tunnel: ConnectionTasks::default(),
             };
             let (io, h2) = match (settings.http1, settings.http2) {
                 (false, true) => (PrefixedIo::new(Bytes::new(), io), true),
@@ -280,10 +280,8 @@ impl<I: Io> Service<Conn<I>> for ConnectTerminate {
 struct Handler {
     terminate: ConnectTerminate,
     outer: Arc<http::Extensions>,
-    /// HTTP/1.1: the task of the tunnel this connection turned into. The connection's task
-    /// waits for it, so the accept loop counts the tunnel against its limit and aborts it
-    /// (through [`AbortOnDrop`]) when the drain deadline passes.
-    h1_tunnel: Arc<Mutex<Option<JoinHandle<()>>>>,
+    /// HTTP/1.1: the task of the tunnel this connection turned into.
+    h1_tunnel: ConnectionTasks,
 }
 
 /// What the checks need of a CONNECT request, whichever protocol carried it.
@@ -445,11 +443,7 @@ impl Handler {
         };
         // A CONNECT ends the HTTP connection; the tunnel goes on in its own task, which
         // this (the accept loop's) task now waits for.
-        let task = tunnel.lock().unwrap_or_else(PoisonError::into_inner).take();
-        if let Some(task) = task {
-            let mut task = AbortOnDrop(task);
-            let _ = (&mut task.0).await;
-        }
+        tunnel.join().await;
         result.map_err(Into::into)
     }
 
@@ -473,10 +467,9 @@ impl Handler {
         };
         match admitted {
             Ok(stream_tx) => {
-                *self
-                    .h1_tunnel
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = task;
+                if let Some(task) = task {
+                    self.h1_tunnel.push(task);
+                }
                 let upgrade = hyper::upgrade::on(req);
                 crate::task::spawn(async move {
                     let stream = upgrade

@@ -22,9 +22,9 @@ use tracing::{debug, warn};
 use super::error::{ErrorOrigin, ForwardError, ForwardErrorKind};
 use super::headers;
 use super::pool::{Pool, PoolConfig};
-use super::server::UpgradeTasks;
 use super::BoxBody;
 use crate::conn::{Conn, Io, PeerAddr};
+use crate::serve::ConnectionTasks;
 use crate::tcp::{relay_with, RelayConfig};
 use crate::{BoxError, Target};
 
@@ -325,7 +325,7 @@ where
             None
         };
         let downstream_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
-        let upgrade_tasks = req.extensions().get::<UpgradeTasks>().cloned();
+        let upgrade_tasks = req.extensions().get::<ConnectionTasks>().cloned();
         let protocol = if upgrade.is_some() {
             UpstreamProtocol::Http1 // upgrades exist only in HTTP/1.1
         } else {

@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -11,13 +11,12 @@ use http::{Extensions, Request, Response};
 use hyper::body::{Body, Incoming};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::task::JoinHandle;
 use tower::{Service, ServiceExt};
 use tracing::debug;
 
 use super::guard::H1Guard;
 use crate::conn::{sniff_h2_preface, Conn, Io, PrefixedIo};
-use crate::serve::AbortOnDrop;
+use crate::serve::ConnectionTasks;
 use crate::{drain, BoxError};
 
 /// The terminal HTTP service: serves HTTP/1.1 (with upgrades) and HTTP/2 (prior knowledge,
@@ -76,26 +75,6 @@ struct Config {
     h2_max_header_list_size: u32,
     h2_keep_alive_interval: Option<Duration>,
     h2_keep_alive_timeout: Duration,
-}
-
-/// Request metadata from [`HttpServer`]: where [`Forward`](super::Forward) leaves the task
-/// that relays a connection it switched to another protocol (`101`). The connection's task
-/// waits for these, so the accept loop counts an upgraded connection against its limit
-/// and aborts it when the drain deadline passes.
-#[derive(Clone, Default)]
-pub(crate) struct UpgradeTasks(Arc<Mutex<Vec<JoinHandle<()>>>>);
-
-impl UpgradeTasks {
-    pub(crate) fn push(&self, task: JoinHandle<()>) {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(task);
-    }
-
-    fn take(&self) -> Vec<JoinHandle<()>> {
-        std::mem::take(&mut *self.0.lock().unwrap_or_else(PoisonError::into_inner))
-    }
 }
 
 /// Why an HTTP connection ended badly (malformed input, timeouts, I/O errors).
@@ -293,7 +272,9 @@ where
         Box::pin(async move {
             let (io, mut metadata) = conn.into_parts();
             let drain = metadata.get::<drain::Watch>().cloned();
-            let upgrades = UpgradeTasks::default();
+            // Where `Forward` leaves the relay of a connection it switched to another
+            // protocol (`101`).
+            let upgrades = ConnectionTasks::default();
             metadata.insert(upgrades.clone());
             // hyper's header timeout starts only once the protocol is told (the HTTP/2
             // preface or a byte that is not part of it): without this a client that sends
@@ -352,10 +333,7 @@ where
             };
             // Upgraded connections go on in their own tasks; this one waits for them, and
             // aborts them if it is aborted itself.
-            let upgraded: Vec<AbortOnDrop> = upgrades.take().into_iter().map(AbortOnDrop).collect();
-            for mut task in upgraded {
-                let _ = (&mut task.0).await;
-            }
+            upgrades.join().await;
             result.map_err(HttpServerError)
         })
     }
