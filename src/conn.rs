@@ -197,12 +197,25 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Reads until the bytes either are the HTTP/2 preface or cannot be; returns the stream with
 /// those bytes put back and whether it speaks HTTP/2. `None`: closed before sending a byte.
-/// Servers run it under their request-head timeout, so a client that sends nothing (or
-/// stops inside the preface) cannot hold a connection forever.
+/// Bounded by `limit` (the server's request-head timeout, `TimedOut` past it), so a client
+/// that sends nothing, or stops inside the preface, cannot hold a connection forever.
 #[cfg(any(feature = "http", feature = "connect"))]
 pub(crate) async fn sniff_h2_preface<I: Io>(
-    mut io: I,
+    io: I,
+    limit: std::time::Duration,
 ) -> io::Result<Option<(PrefixedIo<I>, bool)>> {
+    tokio::time::timeout(limit, read_h2_preface(io))
+        .await
+        .unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no request on the connection in time",
+            ))
+        })
+}
+
+#[cfg(any(feature = "http", feature = "connect"))]
+async fn read_h2_preface<I: Io>(mut io: I) -> io::Result<Option<(PrefixedIo<I>, bool)>> {
     use tokio::io::AsyncReadExt;
     let mut seen = bytes::BytesMut::with_capacity(H2_PREFACE.len());
     while seen.len() < H2_PREFACE.len() {

@@ -251,19 +251,9 @@ impl<I: Io> Service<Conn<I>> for ConnectTerminate {
             let (io, h2) = match (settings.http1, settings.http2) {
                 (false, true) => (PrefixedIo::new(Bytes::new(), io), true),
                 (true, false) => (PrefixedIo::new(Bytes::new(), io), false),
-                _ => match tokio::time::timeout(settings.header_read_timeout, sniff_h2_preface(io))
-                    .await
-                {
-                    Err(_) => {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "no request on the connection in time",
-                        )
-                        .into())
-                    }
-                    Ok(Err(e)) => return Err(e.into()),
-                    Ok(Ok(None)) => return Ok(()),
-                    Ok(Ok(Some(sniffed))) => sniffed,
+                _ => match sniff_h2_preface(io, settings.header_read_timeout).await? {
+                    None => return Ok(()),
+                    Some(sniffed) => sniffed,
                 },
             };
             if h2 {

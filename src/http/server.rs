@@ -281,7 +281,7 @@ where
             // nothing, or part of the preface, holds the connection forever.
             let io = match head_timeout {
                 Some(limit) => {
-                    let sniffed = tokio::time::timeout(limit, sniff_h2_preface(io));
+                    let sniffed = sniff_h2_preface(io, limit);
                     let sniffed = match &drain {
                         Some(drain) => tokio::select! {
                             sniffed = sniffed => sniffed,
@@ -290,18 +290,11 @@ where
                         None => sniffed.await,
                     };
                     match sniffed {
-                        Ok(Ok(Some((io, _)))) => io,
-                        Ok(Ok(None)) => return Ok(()),
-                        Ok(Err(e)) => return Err(HttpServerError(e.into())),
-                        Err(_) => {
-                            debug!("no request on the connection in time");
-                            return Err(HttpServerError(
-                                std::io::Error::new(
-                                    std::io::ErrorKind::TimedOut,
-                                    "no request on the connection in time",
-                                )
-                                .into(),
-                            ));
+                        Ok(Some((io, _))) => io,
+                        Ok(None) => return Ok(()),
+                        Err(e) => {
+                            debug!(error = %e, "no request on the connection");
+                            return Err(HttpServerError(e.into()));
                         }
                     }
                 }
