@@ -212,27 +212,12 @@ async fn demo() -> (Vec<SocketAddr>, Routes) {
     let ca = proxystack::tls::demo::DemoCa::new("example.org");
     std::fs::write(demo_ca_path(), ca.root_pem()).unwrap_or_else(|e| support::fail(e));
     let plain = support::demo_http_backend("terminated by sni_router, served in plaintext\n").await;
-    let inner = support::demo_http_backend("TLS passed through, terminated by the backend\n").await;
-    // The passthrough backend: TLS terminated by its own layer in front of `inner`.
-    let backend_tls = ServerConfigBuilder::new()
-        .default_cert(ca.server_cert(&["pass.example.com"]))
-        .build()
-        .unwrap_or_else(|e| support::fail(e));
-    let backend = ServiceBuilder::new()
-        .layer(TerminateLayer::new(backend_tls))
-        .service(
-            tcp::Relay::new(tcp::TcpConnector::new())
-                .upstream(move |_: &Metadata| Some(Target::from(inner))),
-        );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap_or_else(|e| support::fail(e));
-    let backend_addr = listener.local_addr().unwrap_or_else(|e| support::fail(e));
-    tokio::spawn(proxystack::serve(
-        listener,
-        backend,
-        proxystack::drain::Watch::never(),
-    ));
+    // The passthrough backend terminates TLS itself.
+    let backend_addr = support::demo_tls_backend(
+        ca.server_cert(&["pass.example.com"]),
+        "TLS passed through, terminated by the backend\n",
+    )
+    .await;
 
     let routes = Routes {
         passthrough: HashMap::from([("pass.example.com".to_string(), Target::from(backend_addr))]),

@@ -535,16 +535,7 @@ pub async fn demo_hbone_endpoint(
         proxystack::hbone::Inbound::new(ca.workload_cert(namespace, service_account), ca.roots())
             .service(app)
             .unwrap_or_else(|e| fail(format!("demo HBONE endpoint: {e}")));
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .unwrap_or_else(|e| fail(format!("demo HBONE endpoint: {e}")));
-    let addr = listener.local_addr().unwrap_or_else(|e| fail(e));
-    tokio::spawn(proxystack::serve(
-        listener,
-        inbound,
-        proxystack::drain::Watch::never(),
-    ));
-    addr
+    serve_demo("demo HBONE endpoint", inbound).await
 }
 
 /// A client-identity pattern for allow rules: an exact SPIFFE ID, or a prefix ending in
@@ -611,9 +602,23 @@ pub async fn demo_tls_backend(cert: proxystack::tls::CertKey, body: &'static str
             proxystack::tcp::Relay::new(proxystack::tcp::TcpConnector::new())
                 .upstream(move |_: &proxystack::Metadata| Some(proxystack::Target::from(inner))),
         );
+    serve_demo("demo TLS backend", svc).await
+}
+
+/// Serves a demo backend on an ephemeral loopback port for the life of the process.
+#[cfg(feature = "demo-certs")]
+async fn serve_demo<S>(what: &str, svc: S) -> SocketAddr
+where
+    S: tower::Service<proxystack::Conn<tokio::net::TcpStream>, Response = ()>
+        + Clone
+        + Send
+        + 'static,
+    S::Error: Into<proxystack::BoxError>,
+    S::Future: Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
-        .unwrap_or_else(|e| fail(format!("demo TLS backend: {e}")));
+        .unwrap_or_else(|e| fail(format!("{what}: {e}")));
     let addr = listener.local_addr().unwrap_or_else(|e| fail(e));
     tokio::spawn(proxystack::serve(
         listener,
