@@ -115,25 +115,6 @@ impl Activity {
     }
 }
 
-/// Whether a byte or EOF is waiting on `fd`, without taking it (`WouldBlock`: neither).
-fn peek(fd: RawFd) -> io::Result<()> {
-    let mut byte = 0u8;
-    // SAFETY: recv into one valid byte; MSG_PEEK leaves it in the socket.
-    let n = unsafe {
-        libc::recv(
-            fd,
-            (&mut byte as *mut u8).cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
 /// Copies `from` → `to` until EOF, then shuts down `to`'s write half.
 async fn one_way(
     from: &TcpStream,
@@ -146,15 +127,6 @@ async fn one_way(
     let mut pipe: Option<Pipe> = None;
     loop {
         from.readable().await.map_err(|e| (Side::Downstream, e))?;
-        if pipe.is_none() {
-            // tokio reports a freshly accepted socket readable before any byte arrived:
-            // only a byte (or EOF) that is really there is worth taking a pipe for.
-            match from.try_io(Interest::READABLE, || peek(from.as_raw_fd())) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err((Side::Downstream, e)),
-            }
-        }
         let p = match &pipe {
             Some(p) => p,
             None => pipe.insert(take_pipe().map_err(|e| (Side::Downstream, e))?),
