@@ -1,8 +1,23 @@
 //! A waypoint in the shape of Istio ambient's: it accepts only HBONE (port 15008), picks the
 //! service by the tunnel's `:authority` (refusing anything it does not serve, so it is no
-//! open relay), detects HTTP inside the tunnel to apply L7 rules (deny → 403) and balance
-//! per request, relays other protocols as bytes, and re-encapsulates to the service's
+//! open relay), applies L7 rules (deny → 403) and balances per request, relays other
+//! protocols as bytes where no L7 rule applies, and re-encapsulates to the service's
 //! endpoints in HBONE or plain TCP. The client identity from the outer mTLS drives policy.
+//!
+//! What goes where, per service:
+//! * `protocol = "tcp"`: never sniffed, relayed as bytes (L7 rules are a config error);
+//! * `protocol = "http"`, or any service with `[[service.rule]]`: **HTTP only**. Only
+//!   well-formed HTTP/1 and HTTP/2 reach the rules; anything else is refused (`400` when it
+//!   resembles HTTP, else closed) and counted in `proxystack_waypoint_refused_total`. A
+//!   client gets as long to send its request as the HTTP head timeout (10 s): a slow or
+//!   oddly written request is never relayed past the rules;
+//! * `protocol = "auto"` (default) without rules: HTTP is served per request, TLS and every
+//!   other protocol (including server-first ones) relayed as bytes, so the waypoint also
+//!   works as an east-west gateway for double HBONE (TLS inside the tunnel).
+//!
+//! Rules match the normalized path (`/x/../admin`, `//admin` and `/%61dmin` are `/admin`)
+//! by prefix, **case-sensitively** as RFC 3986 says paths are; set `ignore_case = true` on a
+//! rule when the backend treats paths case-insensitively (then `/ADMIN` matches `/admin`).
 //!
 //! ```text
 //! cargo run --example waypoint --features hbone,http,demo-certs -- --demo
@@ -26,7 +41,7 @@
 //! roots = "root.pem"
 //! [[service]]
 //! addresses = ["10.96.0.10:9080", "reviews.default.svc.cluster.local:9080"]
-//! protocol = "auto"                # detect HTTP (else bytes); "tcp": never sniff
+//! protocol = "auto"                # HTTP per request, else bytes; "http": HTTP only; "tcp": bytes
 //! allow = ["spiffe://cluster.local/ns/default/*"]   # L4: who may use it at all (else 401)
 //! [[service.endpoint]]
 //! address = "10.0.1.5:9080"
@@ -40,6 +55,7 @@
 //! [[service.rule]]
 //! action = "deny"                  # → 403
 //! path_prefix = "/admin"
+//! ignore_case = true               # optional: /ADMIN too
 //! ```
 
 #[path = "support/mod.rs"]
@@ -112,6 +128,7 @@ struct Service {
 enum AppProtocol {
     #[default]
     Auto,
+    Http,
     Tcp,
 }
 
@@ -129,6 +146,8 @@ struct Endpoint {
 struct Rule {
     action: Action,
     path_prefix: Option<String>,
+    #[serde(default)]
+    ignore_case: bool,
     #[serde(default, deserialize_with = "support::parse_opt")]
     principal: Option<IdentityPattern>,
 }
@@ -152,6 +171,12 @@ impl Table {
         for s in services {
             if s.endpoint.is_empty() {
                 support::fail(format!("service {:?} has no endpoint", s.addresses));
+            }
+            if s.protocol == AppProtocol::Tcp && !s.rule.is_empty() {
+                support::fail(format!(
+                    "service {:?}: L7 rules need protocol \"http\" or \"auto\", not \"tcp\"",
+                    s.addresses
+                ));
             }
             let s = Arc::new(s);
             for a in &s.addresses {
@@ -196,15 +221,26 @@ impl Table {
     }
 }
 
+impl Service {
+    /// Whether only HTTP may pass: declared so, or L7 rules that a byte relay would skip.
+    fn http_only(&self) -> bool {
+        self.protocol == AppProtocol::Http || !self.rule.is_empty()
+    }
+}
+
 impl Rule {
     fn matches(&self, path: &str, client: Option<&SpiffeId>) -> bool {
-        self.path_prefix
+        self.path_prefix.as_ref().is_none_or(|p| {
+            let head = path.get(..p.len());
+            if self.ignore_case {
+                head.is_some_and(|h| h.eq_ignore_ascii_case(p))
+            } else {
+                head == Some(p.as_str())
+            }
+        }) && self
+            .principal
             .as_ref()
-            .is_none_or(|p| path.starts_with(p.as_str()))
-            && self
-                .principal
-                .as_ref()
-                .is_none_or(|p| client.is_some_and(|c| p.matches(c)))
+            .is_none_or(|p| client.is_some_and(|c| p.matches(c)))
     }
 }
 
@@ -265,21 +301,37 @@ async fn main() {
     });
     // Rules match, and the backend receives, the normalized path: `/x/../admin`, `//admin`
     // and `/%61dmin` are all `/admin` (encoded separators are refused with 400).
-    let http = HttpServer::new(ServiceBuilder::new().layer(NormalizePathLayer).service(l7));
-    // Sniff with a short timeout: a server-first protocol on an `auto` port pays it once.
-    let detect = ServiceBuilder::new()
+    let head_timeout = Duration::from_secs(10);
+    let http = HttpServer::new(ServiceBuilder::new().layer(NormalizePathLayer).service(l7))
+        .header_read_timeout(Some(head_timeout));
+    // HTTP only (rules, or declared): nothing but well-formed HTTP reaches the rules, and
+    // nothing else is relayed past them. A client gets as long as the HTTP head timeout.
+    let strict = Router::new().http1(http.clone()).http2(http.clone());
+    let refused = strict.stats();
+    let http_only = ServiceBuilder::new()
+        .layer(DetectLayer::new().timeout(Some(head_timeout)))
+        .service(strict);
+    // No rules: HTTP per request, everything else (TLS, server-first, odd) as bytes. Sniff
+    // with a short timeout: a server-first protocol pays it once per connection.
+    let auto = ServiceBuilder::new()
         .layer(DetectLayer::new().timeout(Some(Duration::from_millis(500))))
         .service(
             Router::new()
                 .http1(http.clone())
                 .http2(http)
-                .opaque(l4.clone()),
+                .tls(l4.clone())
+                .opaque(l4.clone())
+                .undecided(l4.clone()),
         );
-    let t = table.clone();
+    let (t, t2) = (table.clone(), table.clone());
     let per_tunnel = Steer::by(
         move |m: &Metadata| t.service(m).is_some_and(|s| s.protocol == AppProtocol::Tcp),
         l4,
-        detect,
+        Steer::by(
+            move |m: &Metadata| t2.service(m).is_some_and(|s| s.http_only()),
+            http_only,
+            auto,
+        ),
     );
 
     // HBONE in: the authority must name a served service and the client pass its `allow`
@@ -303,6 +355,14 @@ async fn main() {
         .unwrap_or_else(|e| support::fail(format!("inbound TLS: {e}")));
 
     let mut servers = support::Servers::new(&args.common);
+    servers.extra_metrics(move || {
+        let name = "proxystack_waypoint_refused_total";
+        format!(
+            "# HELP {name} Connections to HTTP-only services refused as not HTTP.\n\
+             # TYPE {name} counter\n{name} {}\n",
+            refused.refused.load(std::sync::atomic::Ordering::Relaxed)
+        )
+    });
     let listener = support::bind_all(&[listen]).await.remove(0);
     let waypoint = listener.local_addr().unwrap_or(listen);
     servers.spawn("waypoint", listener, inbound);

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use proptest::prelude::*;
 use proxystack::detect::{
-    check_rechunking, classify, DetectLayer, Protocol, Router, Verdict, H2_PREFACE,
+    check_rechunking, classify, DetectLayer, Protocol, Router, Undecided, Verdict, H2_PREFACE,
 };
 use proxystack::{tcp, BoxIo, Conn, Server, Target};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -121,7 +121,7 @@ async fn short_first_segment_is_not_misclassified() {
 }
 
 #[tokio::test]
-async fn garbage_is_opaque_and_silence_times_out_to_opaque() {
+async fn garbage_is_opaque_and_silence_times_out_to_undecided() {
     let (proxy, mut rx) =
         detect_server(DetectLayer::new().timeout(Some(Duration::from_millis(200)))).await;
     send_in_pieces(proxy.addr, &[b"\x00\xffgarbage\r\n"], Duration::ZERO).await;
@@ -129,7 +129,8 @@ async fn garbage_is_opaque_and_silence_times_out_to_opaque() {
     assert_eq!(protocol, Protocol::Opaque);
     assert_eq!(bytes, b"\x00\xffgarbage\r\n");
 
-    // A partial request line, then silence: opaque after the timeout, bytes kept.
+    // A partial request line, then silence: undecided (not opaque: it may well be HTTP)
+    // after the timeout, bytes kept.
     let started = Instant::now();
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
     s.write_all(b"GE").await.unwrap();
@@ -137,7 +138,7 @@ async fn garbage_is_opaque_and_silence_times_out_to_opaque() {
     s.write_all(b"T / HTTP/1.1\r\n").await.unwrap();
     s.shutdown().await.unwrap();
     let (protocol, bytes) = rx.recv().await.unwrap();
-    assert_eq!(protocol, Protocol::Opaque);
+    assert_eq!(protocol, Protocol::Undecided);
     assert_eq!(bytes, b"GET / HTTP/1.1\r\n");
     assert!(started.elapsed() < Duration::from_secs(5));
     proxy.shutdown().await;
@@ -153,7 +154,7 @@ async fn eof_before_any_byte_can_skip_the_inner_service() {
     let (proxy2, mut rx2) = detect_server(DetectLayer::new()).await;
     drop(TcpStream::connect(proxy2.addr).await.unwrap());
     let (protocol, bytes) = rx2.recv().await.unwrap();
-    assert_eq!((protocol, bytes.len()), (Protocol::Opaque, 0));
+    assert_eq!((protocol, bytes.len()), (Protocol::Undecided, 0));
     proxy.shutdown().await;
     proxy2.shutdown().await;
 }
@@ -174,7 +175,7 @@ async fn server_first_protocol_passes_through_after_timeout() {
         .upstream(move |_: &proxystack::Metadata| Some(Target::from(backend)));
     let svc = ServiceBuilder::new()
         .layer(DetectLayer::new().timeout(Some(Duration::from_millis(300))))
-        .service(Router::new().opaque(relay));
+        .service(Router::new().opaque(relay.clone()).undecided(relay));
     let proxy = start(Server::new(), svc).await;
     let started = Instant::now();
     let mut c = TcpStream::connect(proxy.addr).await.unwrap();
@@ -212,6 +213,105 @@ async fn router_sends_each_protocol_to_its_route_and_closes_unrouted() {
     );
     // No http2 route: the connection is closed without an answer.
     assert_eq!(round_trip(proxy.addr, H2_PREFACE).await, b"");
+    proxy.shutdown().await;
+}
+
+/// Issue 14 item 1: what detection cannot decide is refused unless a route asks for it —
+/// `400` when it resembles HTTP/1, a plain close otherwise — counted, and never handed to
+/// the opaque route (a relay past HTTP policy).
+#[tokio::test]
+async fn router_refuses_undecided_without_a_route_and_answers_400_to_http_lookalikes() {
+    let echo = echo_server().await;
+    let relay = tcp::Relay::new(tcp::TcpConnector::new())
+        .upstream(move |_: &proxystack::Metadata| Some(Target::from(echo)));
+    let router = Router::new().http1(relay.clone()).opaque(relay);
+    let stats = router.stats();
+    let svc = ServiceBuilder::new()
+        .layer(DetectLayer::new().timeout(Some(Duration::from_millis(300))))
+        .service(router);
+    let proxy = start(Server::new(), svc).await;
+    let bad_request = &b"HTTP/1.1 400 Bad Request\r\n"[..];
+    for odd in [
+        &b"GET  /admin HTTP/1.1\r\n\r\n"[..],
+        b"GET /admin http/1.1\r\n\r\n",
+        b"GET\t/admin HTTP/1.1\r\n\r\n",
+        b"GET /admin HTTP/2.0\r\n\r\n",
+        b"GET /admin\r\n",
+        b"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA /admin HTTP/1.1\r\n\r\n",
+        b"\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\nGET /admin HTTP/1.1\r\n\r\n",
+    ] {
+        let got = round_trip(proxy.addr, odd).await;
+        assert!(
+            got.starts_with(bad_request),
+            "{:?}: {:?}",
+            String::from_utf8_lossy(odd),
+            String::from_utf8_lossy(&got)
+        );
+    }
+    // A request line cut short by the timeout: 400 too; silence: closed, nothing relayed.
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /adm").await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        got.starts_with(bad_request),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, b"");
+    // Definitely another protocol still goes to the opaque route.
+    assert_eq!(
+        round_trip(proxy.addr, b"\x01\x02\x03").await,
+        b"\x01\x02\x03"
+    );
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(stats.refused.load(Relaxed), 9);
+    assert_eq!(stats.bad_requests.load(Relaxed), 8);
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn undecided_reasons_are_recorded() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let inner = tower::service_fn(move |conn: Conn<BoxIo>| {
+        let _ = tx.send((
+            *conn.get::<Protocol>().unwrap(),
+            conn.get::<Undecided>().copied(),
+        ));
+        async { Ok::<_, std::io::Error>(()) }
+    });
+    let svc = ServiceBuilder::new()
+        .layer(DetectLayer::new().timeout(Some(Duration::from_millis(200))))
+        .service(inner);
+    let proxy = start(Server::new(), svc).await;
+    let undecided = |why| (Protocol::Undecided, Some(why));
+    let _silent = TcpStream::connect(proxy.addr).await.unwrap();
+    assert_eq!(rx.recv().await.unwrap(), undecided(Undecided::Silent));
+    drop(TcpStream::connect(proxy.addr).await.unwrap());
+    assert_eq!(rx.recv().await.unwrap(), undecided(Undecided::Closed));
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"\x16\x03").await.unwrap();
+    let http_like = false;
+    assert_eq!(
+        rx.recv().await.unwrap(),
+        undecided(Undecided::Incomplete { http_like })
+    );
+    let mut s2 = TcpStream::connect(proxy.addr).await.unwrap();
+    s2.write_all(b"GET  /").await.unwrap();
+    assert_eq!(
+        rx.recv().await.unwrap(),
+        undecided(Undecided::MalformedHttp1)
+    );
+    drop((s, s2));
     proxy.shutdown().await;
 }
 

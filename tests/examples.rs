@@ -605,6 +605,21 @@ mod mesh_configs {
         }
     }
 
+    /// A plain echo app on loopback.
+    fn echo_app() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for mut s in l.incoming().map_while(Result::ok) {
+                std::thread::spawn(move || {
+                    let mut r = s.try_clone().unwrap();
+                    let _ = std::io::copy(&mut r, &mut s);
+                });
+            }
+        });
+        addr
+    }
+
     async fn http_in(mut t: Conn<BoxIo>, path: &str) -> (u16, String) {
         let req = format!("GET {path} HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n");
         t.write_all(req.as_bytes()).await.unwrap();
@@ -617,20 +632,7 @@ mod mesh_configs {
     async fn sidecar_inbound_allows_by_client_identity() {
         let ca = DemoCa::new("cluster.local");
         let mut files = TempFiles::default();
-        let echo = {
-            // A plain echo app on loopback.
-            let l = TcpListener::bind("127.0.0.1:0").unwrap();
-            let addr = l.local_addr().unwrap();
-            std::thread::spawn(move || {
-                for mut s in l.incoming().map_while(Result::ok) {
-                    std::thread::spawn(move || {
-                        let mut r = s.try_clone().unwrap();
-                        let _ = std::io::copy(&mut r, &mut s);
-                    });
-                }
-            });
-            addr
-        };
+        let echo = echo_app();
         let config = format!(
             "{}\n[outbound]\nlisten = \"127.0.0.1:0\"\n[inbound]\nlisten = \"127.0.0.1:0\"\n\
              app_ip = \"127.0.0.1\"\n\
@@ -733,6 +735,183 @@ path_prefix = "/admin"
             open(("default", "user"), "10.96.0.21:80").await.err(),
             Some(401)
         );
+        ex.stop();
+    }
+
+    /// Issue 14 item 1: a service with L7 rules sees only well-formed HTTP. A slow, paused
+    /// or oddly written request is answered by the rules or refused (400), never relayed
+    /// past them to the origin; anything else is closed. A service without rules relays
+    /// TLS (and other protocols) as bytes: the east-west gateway case (issue 19 item 6).
+    #[tokio::test]
+    async fn waypoint_rules_fail_closed_and_unruled_services_relay_tls() {
+        let ca = DemoCa::new("cluster.local");
+        let mut files = TempFiles::default();
+        let backend = header_echo_server([127, 0, 0, 1]);
+        let echo = echo_app();
+        let config = format!(
+            r#"
+listen = "127.0.0.1:0"
+{}
+[[service]]
+addresses = ["10.96.0.20:80"]
+[[service.endpoint]]
+address = "{backend}"
+[[service.rule]]
+action = "deny"
+path_prefix = "/admin"
+[[service.rule]]
+action = "deny"
+path_prefix = "/private"
+ignore_case = true
+[[service]]
+addresses = ["10.96.0.30:443"]
+[[service.endpoint]]
+address = "{echo}"
+"#,
+            identity_section(&ca, "default", "waypoint", &mut files)
+        );
+        let config = files.add("waypoint.toml", &config);
+        let args = [
+            "--config",
+            &config.to_string_lossy(),
+            "--admin",
+            "127.0.0.1:0",
+        ];
+        let Some(mut ex) = Example::start("waypoint", &args) else {
+            return;
+        };
+        let [waypoint, admin] = ex.listening(2)[..] else {
+            unreachable!()
+        };
+        let wp = id("default", "waypoint");
+        // Writes each piece after its pause on a fresh tunnel; everything that came back.
+        let send = |pieces: Vec<(u64, Vec<u8>)>, authority: &'static str| {
+            let (ca, wp) = (&ca, wp.clone());
+            async move {
+                let mut t = tunnel(ca, ("default", "user"), waypoint, authority, wp)
+                    .await
+                    .unwrap();
+                for (pause, bytes) in pieces {
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                    t.write_all(&bytes).await.unwrap();
+                }
+                let mut raw = Vec::new();
+                let _ = tokio::time::timeout(IO, t.read_to_end(&mut raw)).await;
+                raw
+            }
+        };
+        let req = |line: &str| format!("{line}\r\nHost: svc\r\nConnection: close\r\n\r\n");
+        let admin_get = req("GET /admin HTTP/1.1").into_bytes();
+        let cases: Vec<(&str, Vec<(u64, Vec<u8>)>, Option<u16>)> = vec![
+            (
+                "sent after 1.2 s",
+                vec![(1200, admin_get.clone())],
+                Some(403),
+            ),
+            (
+                "paused mid request line",
+                vec![(0, b"GET /adm".to_vec()), (700, admin_get[8..].to_vec())],
+                Some(403),
+            ),
+            (
+                "9 leading CRLF pairs",
+                vec![(0, [&b"\r\n".repeat(9)[..], &admin_get].concat())],
+                Some(400),
+            ),
+            (
+                "40-byte method",
+                vec![(
+                    0,
+                    req(&format!("{} /admin HTTP/1.1", "A".repeat(40))).into_bytes(),
+                )],
+                Some(400),
+            ),
+            (
+                "double space",
+                vec![(0, req("GET  /admin HTTP/1.1").into_bytes())],
+                Some(400),
+            ),
+            (
+                "lower-case version",
+                vec![(0, req("GET /admin http/1.1").into_bytes())],
+                Some(400),
+            ),
+            (
+                "tab separator",
+                vec![(0, req("GET\t/admin HTTP/1.1").into_bytes())],
+                Some(400),
+            ),
+            ("HTTP/0.9", vec![(0, b"GET /admin\r\n".to_vec())], Some(400)),
+            (
+                "binary",
+                vec![(0, [&b"\x00\x01"[..], &admin_get].concat())],
+                None,
+            ),
+            (
+                "TLS",
+                vec![(0, [&b"\x16\x03\x01\x00\x05"[..], &admin_get].concat())],
+                None,
+            ),
+            (
+                "denied case-insensitively",
+                vec![(0, req("GET /PRIVATE/x HTTP/1.1").into_bytes())],
+                Some(403),
+            ),
+        ];
+        let refused_before = cases.iter().filter(|c| c.2 != Some(403)).count();
+        for (name, pieces, want) in cases {
+            let raw = send(pieces, "10.96.0.20:80").await;
+            let text = String::from_utf8_lossy(&raw).to_lowercase();
+            assert!(
+                !text.contains("get /"),
+                "{name}: reached the origin: {text}"
+            );
+            assert_eq!(parse_response(&raw).map(|r| r.0), want, "{name}: {text}");
+        }
+        // Paths are case-sensitive unless the rule says otherwise (documented).
+        let raw = send(
+            vec![(0, req("GET /ADMIN HTTP/1.1").into_bytes())],
+            "10.96.0.20:80",
+        )
+        .await;
+        assert_eq!(parse_response(&raw).map(|r| r.0), Some(200));
+        // Every refusal is counted.
+        let (_, metrics) = http(admin, "admin", "/metrics", "").unwrap();
+        let count = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("proxystack_waypoint_refused_total "))
+            .and_then(|n| n.trim().parse::<usize>().ok());
+        assert_eq!(count, Some(refused_before), "{metrics}");
+
+        // No rules: TLS is relayed as bytes (not closed), so are other protocols.
+        let hello = b"\x16\x03\x01\x00\x05hello".to_vec();
+        let mut t = tunnel(
+            &ca,
+            ("default", "user"),
+            waypoint,
+            "10.96.0.30:443",
+            wp.clone(),
+        )
+        .await
+        .unwrap();
+        t.write_all(&hello).await.unwrap();
+        let mut got = vec![0u8; hello.len()];
+        tokio::time::timeout(IO, t.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, hello);
+        drop(t);
+        let mut t = tunnel(&ca, ("default", "user"), waypoint, "10.96.0.30:443", wp)
+            .await
+            .unwrap();
+        t.write_all(b"GET  / odd but no rules\r\n").await.unwrap();
+        let mut got = [0u8; 8];
+        tokio::time::timeout(IO, t.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&got, b"GET  / o");
         ex.stop();
     }
 }

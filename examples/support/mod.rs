@@ -373,6 +373,7 @@ pub struct Servers {
     watch: proxystack::drain::Watch,
     addrs: Vec<SocketAddr>,
     stats: Vec<(String, Arc<ServeStats>)>,
+    extra_metrics: Arc<dyn Fn() -> String + Send + Sync>,
     tasks: Vec<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
@@ -386,8 +387,14 @@ impl Servers {
             watch,
             addrs: Vec::new(),
             stats: Vec::new(),
+            extra_metrics: Arc::new(String::new),
             tasks: Vec::new(),
         }
+    }
+
+    /// More Prometheus text for `/metrics`, produced on every scrape.
+    pub fn extra_metrics(&mut self, extra: impl Fn() -> String + Send + Sync + 'static) {
+        self.extra_metrics = Arc::new(extra);
     }
 
     /// Serves `svc` on `listener`; `name` labels its metrics.
@@ -418,7 +425,7 @@ impl Servers {
     /// (admin last), then runs until SIGTERM/Ctrl-C and drains.
     pub async fn run(mut self, admin_addr: Option<SocketAddr>) {
         if let Some(addr) = admin_addr {
-            let bound = admin(addr, self.stats.clone()).await;
+            let bound = admin_with(addr, self.stats.clone(), self.extra_metrics.clone()).await;
             self.addrs.push(bound);
         }
         announce(&self.addrs);

@@ -11,23 +11,70 @@ const MAX_METHOD: usize = 32;
 const MAX_LEADING_NEWLINES: usize = 8;
 
 /// What a connection speaks, as far as its first bytes tell.
+///
+/// The first four are facts about the bytes; [`Undecided`](Protocol::Undecided) says the
+/// bytes did not settle it. A proxy that applies HTTP policy must treat only
+/// [`Http1`](Protocol::Http1) and [`Http2`](Protocol::Http2) as HTTP and must not relay
+/// anything else where that policy is expected to hold (see [`Router`](super::Router),
+/// which refuses an undecided connection unless a route is registered for it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Protocol {
     /// A TLS record header carrying a handshake (`0x16 0x03 0x00..=0x04`).
     Tls,
-    /// A plausible HTTP/1.x request line: `token SP target SP "HTTP/1."`.
+    /// A well-formed HTTP/1.x request line: `token SP target SP "HTTP/1."`.
     Http1,
     /// The HTTP/2 prior-knowledge preface (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`).
     Http2,
-    /// Anything else, including server-first protocols whose client stays silent.
+    /// Definitely none of the above: the bytes cannot begin a TLS handshake, an HTTP/2
+    /// preface or an HTTP/1 request (binary data, a byte outside a request line's grammar
+    /// that is not even text).
     Opaque,
+    /// Not decided: the client stayed silent until the timeout (server-first protocols),
+    /// stopped or closed in the middle of a prefix, or sent text that resembles an HTTP/1
+    /// request but breaks its grammar (`GET  /`, `http/1.1`, a 40-byte method, many empty
+    /// lines, a tab for a space). [`Undecided`] metadata says
+    /// which. Never route this to a relay behind which HTTP policy is expected to hold.
+    Undecided,
+}
+
+/// Connection metadata next to [`Protocol::Undecided`]: why detection could not decide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Undecided {
+    /// Nothing arrived before the detection timeout (a server-first protocol, or a client
+    /// that waits).
+    Silent,
+    /// The client closed its side before sending a byte.
+    Closed,
+    /// Some bytes arrived, then nothing more before the timeout, or the client closed, or
+    /// the buffer filled, before they decided anything.
+    Incomplete {
+        /// Whether the bytes so far are text that could start an HTTP/1 request.
+        http_like: bool,
+    },
+    /// Text that looks like an HTTP/1 request line but breaks its grammar.
+    MalformedHttp1,
+}
+
+impl Undecided {
+    /// Whether the client sent something that could be an attempt at HTTP/1 (a refusal
+    /// then answers `400 Bad Request` rather than just closing).
+    pub fn http_like(self) -> bool {
+        match self {
+            Undecided::MalformedHttp1 => true,
+            Undecided::Incomplete { http_like } => http_like,
+            Undecided::Silent | Undecided::Closed => false,
+        }
+    }
 }
 
 /// The classifier's answer for a prefix of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// No longer bytes can change this answer.
+    /// No longer bytes can change this answer. `Known(Protocol::Undecided)` means the
+    /// bytes can no longer become a recognised protocol but resemble HTTP/1
+    /// ([`Undecided::MalformedHttp1`]).
     Known(Protocol),
     /// The prefix is consistent with more than one answer; read more.
     NeedMore,
@@ -47,6 +94,9 @@ pub enum Verdict {
 /// assert_eq!(classify(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Verdict::Known(Protocol::Http2));
 /// assert_eq!(classify(&[0x16, 0x03, 0x01]), Verdict::Known(Protocol::Tls));
 /// assert_eq!(classify(b"\x00\x01garbage"), Verdict::Known(Protocol::Opaque));
+/// // Looks like HTTP, is not: never mistaken for something safe to relay.
+/// assert_eq!(classify(b"GET  /admin HTTP/1.1\r\n"), Verdict::Known(Protocol::Undecided));
+/// assert_eq!(classify(b"GET /admin http/1.1\r\n"), Verdict::Known(Protocol::Undecided));
 /// ```
 pub fn classify(prefix: &[u8]) -> Verdict {
     let Some(&first) = prefix.first() else {
@@ -76,14 +126,39 @@ fn match_prefix(bytes: &[u8], expected: &[u8]) -> Option<bool> {
     }
 }
 
-/// The best answer when no more bytes will come (buffer full, timeout or EOF): a request
-/// line still in progress counts as HTTP/1 only when the buffer filled up (a very long
-/// target), everything undecided otherwise is opaque.
-pub(crate) fn settle(prefix: &[u8], buffer_full: bool) -> Protocol {
+/// Why no more bytes will come before a verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stop {
+    /// The detection timeout passed.
+    Timeout,
+    /// The client closed its side.
+    Eof,
+    /// The buffer is full.
+    Full,
+}
+
+/// The answer when no more bytes will come: the classifier's verdict if it has one; a
+/// request line still in progress when the buffer filled is HTTP/1 (a very long target:
+/// the HTTP server answers `414`); everything else is [`Protocol::Undecided`], with why.
+pub(crate) fn settle(prefix: &[u8], stop: Stop) -> (Protocol, Option<Undecided>) {
     match classify(prefix) {
-        Verdict::Known(p) => p,
-        Verdict::NeedMore if buffer_full && http1_target_started(prefix) => Protocol::Http1,
-        Verdict::NeedMore => Protocol::Opaque,
+        Verdict::Known(Protocol::Undecided) => {
+            (Protocol::Undecided, Some(Undecided::MalformedHttp1))
+        }
+        Verdict::Known(p) => (p, None),
+        Verdict::NeedMore if stop == Stop::Full && http1_target_started(prefix) => {
+            (Protocol::Http1, None)
+        }
+        Verdict::NeedMore => {
+            let why = match (prefix.is_empty(), stop) {
+                (true, Stop::Eof) => Undecided::Closed,
+                (true, _) => Undecided::Silent,
+                (false, _) => Undecided::Incomplete {
+                    http_like: http1_started(prefix),
+                },
+            };
+            (Protocol::Undecided, Some(why))
+        }
     }
 }
 
@@ -114,27 +189,56 @@ fn http1_target_started(prefix: &[u8]) -> bool {
     matches!(scan_request_line(prefix), Line::Partial(true))
 }
 
+/// Whether an undecided prefix is on its way to an HTTP/1 request line (as opposed to a
+/// TLS record header or the HTTP/2 preface, which are undecided too while incomplete).
+fn http1_started(prefix: &[u8]) -> bool {
+    prefix.first() != Some(&0x16)
+        && !H2_PREFACE.starts_with(prefix)
+        && matches!(scan_request_line(prefix), Line::Partial(_))
+}
+
+/// A byte where the request-line grammar was broken decides the verdict: text resembles
+/// a malformed request (undecided, answered `400` where HTTP is expected), anything else
+/// is another protocol.
+fn deviation(b: u8) -> Line {
+    let text = matches!(b, b'\t' | b'\n' | b'\r' | 0x20..=0x7e);
+    Line::Done(Verdict::Known(if text {
+        Protocol::Undecided
+    } else {
+        Protocol::Opaque
+    }))
+}
+
 fn scan_request_line(prefix: &[u8]) -> Line {
-    const OPAQUE: Line = Line::Done(Verdict::Known(Protocol::Opaque));
+    const MALFORMED: Line = Line::Done(Verdict::Known(Protocol::Undecided));
     // Leading CRLFs (or bare LFs) before the request line.
     let newlines = prefix
         .iter()
         .take_while(|&&b| b == b'\r' || b == b'\n')
         .count();
     if newlines > MAX_LEADING_NEWLINES * 2 {
-        return OPAQUE;
+        return MALFORMED;
     }
     let rest = prefix.get(newlines..).unwrap_or_default();
     // method = token, then one space.
     let method = rest.iter().take_while(|&&b| is_tchar(b)).count();
     if method > MAX_METHOD {
-        return OPAQUE;
+        return MALFORMED;
     }
     let Some((&space, rest)) = rest.get(method..).and_then(<[u8]>::split_first) else {
         return Line::Partial(false);
     };
-    if method == 0 || space != b' ' {
-        return OPAQUE;
+    if method == 0 {
+        // Not even a token: text here is no request anyone meant (`{`, `<`, `/`).
+        return Line::Done(Verdict::Known(Protocol::Opaque));
+    }
+    if space == b'\r' || space == b'\n' {
+        // A word alone on a line (`PING`, an SSH banner): no HTTP parser reads a request
+        // into it, so it is another protocol.
+        return Line::Done(Verdict::Known(Protocol::Opaque));
+    }
+    if space != b' ' {
+        return deviation(space);
     }
     // request-target: visible ASCII, at least one byte, then one space.
     let target = rest
@@ -145,12 +249,20 @@ fn scan_request_line(prefix: &[u8]) -> Line {
         return Line::Partial(true);
     };
     if target == 0 || space != b' ' {
-        return OPAQUE;
+        return deviation(space);
     }
     match match_prefix(rest, b"HTTP/1.") {
         Some(true) => Line::Done(Verdict::Known(Protocol::Http1)),
         Some(false) => Line::Partial(true),
-        None => OPAQUE,
+        None => {
+            // The first byte that leaves "HTTP/1." decides.
+            let at = rest
+                .iter()
+                .zip(b"HTTP/1.")
+                .take_while(|(a, b)| a == b)
+                .count();
+            rest.get(at).map_or(Line::Partial(true), |&b| deviation(b))
+        }
     }
 }
 
@@ -219,8 +331,12 @@ pub fn fuzz_one(input: &[u8]) -> Result<(), String> {
     };
     let (lens, data) = rest.split_at(usize::from(n % 8).min(rest.len()));
     let _ = classify(data);
-    let _ = settle(data, true);
-    let _ = settle(data, false);
+    for stop in [Stop::Timeout, Stop::Eof, Stop::Full] {
+        let (protocol, why) = settle(data, stop);
+        if (protocol == Protocol::Undecided) != why.is_some() {
+            return Err(format!("settled as {protocol:?} with reason {why:?}"));
+        }
+    }
     check_rechunking(data, lens)
 }
 
@@ -244,8 +360,22 @@ mod tests {
             (b"\r\nPOST /x?y HTTP/1.0\r\n", Verdict::Known(Http1)),
             (b"OPTIONS * HTTP/1.", Verdict::Known(Http1)),
             (b"CONNECT a:443 HTTP/1.1", Verdict::Known(Http1)),
-            (b"GET / HTTP/2.0", Verdict::Known(Opaque)),
-            (b"GET  / HTTP/1.1", Verdict::Known(Opaque)),
+            (b"GET / HTTP/2.0", Verdict::Known(Undecided)),
+            (b"GET  / HTTP/1.1", Verdict::Known(Undecided)),
+            (b"GET /admin http/1.1\r\n", Verdict::Known(Undecided)),
+            (b"GET\t/admin HTTP/1.1\r\n", Verdict::Known(Undecided)),
+            (b"GET /admin\r\n", Verdict::Known(Undecided)),
+            (b"GET /admin HTTP/1.1\x00", Verdict::Known(Http1)),
+            (b"GET /admin HTTP/\x00", Verdict::Known(Opaque)),
+            (b"GET /\x00", Verdict::Known(Opaque)),
+            (&[b'A'; 33], Verdict::Known(Undecided)),
+            (&[b'A'; 32], Verdict::NeedMore),
+            (
+                b"\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\n\r\nGET",
+                Verdict::Known(Undecided),
+            ),
+            (b"{\"jsonrpc\":", Verdict::Known(Opaque)),
+            (b"PING\r\n", Verdict::Known(Opaque)),
             (b"GE", Verdict::NeedMore),
             (b"GET /", Verdict::NeedMore),
             (b"GET / HTT", Verdict::NeedMore),
@@ -274,11 +404,22 @@ mod tests {
 
     #[test]
     fn settle_decides() {
-        assert_eq!(settle(b"", false), Protocol::Opaque);
-        assert_eq!(settle(b"GET", false), Protocol::Opaque);
-        assert_eq!(settle(b"GET /aaaa", true), Protocol::Http1);
-        assert_eq!(settle(b"GET", true), Protocol::Opaque);
-        assert_eq!(settle(b"\x16\x03\x03", false), Protocol::Tls);
+        use Undecided::*;
+        let undecided = |why| (Protocol::Undecided, Some(why));
+        assert_eq!(settle(b"", Stop::Timeout), undecided(Silent));
+        assert_eq!(settle(b"", Stop::Eof), undecided(Closed));
+        let http_like = Incomplete { http_like: true };
+        assert_eq!(settle(b"GET", Stop::Timeout), undecided(http_like));
+        assert_eq!(settle(b"GET /adm", Stop::Eof), undecided(http_like));
+        assert_eq!(settle(b"\r\n", Stop::Timeout), undecided(http_like));
+        assert_eq!(settle(b"GET /aaaa", Stop::Full), (Protocol::Http1, None));
+        assert_eq!(settle(b"GET", Stop::Full), undecided(http_like));
+        let not_http = Incomplete { http_like: false };
+        assert_eq!(settle(b"\x16\x03", Stop::Timeout), undecided(not_http));
+        assert_eq!(settle(b"PRI * ", Stop::Timeout), undecided(not_http));
+        assert_eq!(settle(b"\x16\x03\x03", Stop::Eof), (Protocol::Tls, None));
+        assert_eq!(settle(b"GET  /", Stop::Eof), undecided(MalformedHttp1));
+        assert!(MalformedHttp1.http_like() && !Silent.http_like());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 use tracing::debug;
 
-use super::classify::{classify, settle, Protocol, Verdict};
+use super::classify::{classify, settle, Protocol, Stop, Undecided, Verdict};
 use crate::conn::{BoxIo, Conn, Io, PrefixedIo};
 use crate::BoxError;
 
@@ -51,34 +51,39 @@ impl Default for DetectLayer {
 
 impl DetectLayer {
     /// Defaults: 8 KiB buffer, 1 s timeout, a connection closed before its first byte is
-    /// still handed on as [`Protocol::Opaque`] (so a relay can propagate the close).
+    /// still handed on as [`Protocol::Undecided`] ([`Undecided::Closed`]), so a relay
+    /// routed for undecided connections can propagate the close.
     pub fn new() -> Self {
         Self {
             config: Config {
                 max_bytes: 8 * 1024,
                 timeout: Some(Duration::from_secs(1)),
-                on_empty_eof: Some(Protocol::Opaque),
+                on_empty_eof: Some(Protocol::Undecided),
             },
         }
     }
 
     /// Most bytes read before deciding (at least 32). When the buffer fills while a request
     /// line is still arriving the connection counts as HTTP/1 (the HTTP server will answer
-    /// `414`), otherwise as opaque.
+    /// `414`), otherwise as [`Protocol::Undecided`].
     pub fn max_bytes(mut self, bytes: usize) -> Self {
         self.config.max_bytes = bytes.max(32);
         self
     }
 
-    /// How long to wait for the client's first bytes before calling the connection opaque
-    /// (server-first protocols); `None` waits as long as it takes.
+    /// How long to wait for the bytes that decide, from the start of the connection. When
+    /// it passes the connection is [`Protocol::Undecided`] ([`Undecided::Silent`] if the
+    /// client sent nothing: server-first protocols). `None` waits as long as it takes.
+    ///
+    /// Where only HTTP is served, set it as long as the HTTP server's head timeout: a slow
+    /// client is then refused no sooner than the HTTP server would refuse it.
     pub fn timeout(mut self, timeout: Option<Duration>) -> Self {
         self.config.timeout = timeout;
         self
     }
 
-    /// What a connection that closes before sending any byte counts as; `None` closes it
-    /// without calling the inner service.
+    /// What a connection that closes before sending any byte counts as (default
+    /// [`Protocol::Undecided`]); `None` closes it without calling the inner service.
     pub fn on_empty_eof(mut self, protocol: Option<Protocol>) -> Self {
         self.config.on_empty_eof = protocol;
         self
@@ -135,7 +140,7 @@ where
         let config = self.config.clone();
         Box::pin(async move {
             let (mut io, mut metadata) = conn.into_parts();
-            let (protocol, prefix) = match detect(&mut io, &config).await {
+            let (protocol, undecided, prefix) = match detect(&mut io, &config).await {
                 Ok(Some(found)) => found,
                 Ok(None) => {
                     debug!("closed before sending anything; not handed on");
@@ -143,8 +148,16 @@ where
                 }
                 Err(e) => return Err(DetectError::Io(e)),
             };
-            debug!(?protocol, bytes = prefix.len(), "protocol detected");
+            debug!(
+                ?protocol,
+                ?undecided,
+                bytes = prefix.len(),
+                "protocol detected"
+            );
             metadata.insert(protocol);
+            if let Some(why) = undecided {
+                metadata.insert(why);
+            }
             let conn = Conn::from_parts(BoxIo::new(PrefixedIo::new(prefix, io)), metadata);
             inner
                 .oneshot(conn)
@@ -154,20 +167,24 @@ where
     }
 }
 
+/// What detection found: the protocol, why it is undecided (if it is), the bytes read.
+type Found = (Protocol, Option<Undecided>, bytes::Bytes);
+
 /// Reads until the classifier decides, the buffer fills, the timeout passes or EOF.
 /// `Ok(None)`: EOF before any byte and `on_empty_eof` is `None`.
-async fn detect<I: Io>(
-    io: &mut I,
-    config: &Config,
-) -> io::Result<Option<(Protocol, bytes::Bytes)>> {
+async fn detect<I: Io>(io: &mut I, config: &Config) -> io::Result<Option<Found>> {
     let mut buf = BytesMut::with_capacity(config.max_bytes.min(1024));
     let deadline = config.timeout.map(|t| Instant::now() + t);
-    let protocol = loop {
-        if let Verdict::Known(p) = classify(&buf) {
-            break p;
+    let (protocol, undecided) = loop {
+        match classify(&buf) {
+            Verdict::Known(Protocol::Undecided) => {
+                break (Protocol::Undecided, Some(Undecided::MalformedHttp1))
+            }
+            Verdict::Known(p) => break (p, None),
+            Verdict::NeedMore => {}
         }
         if buf.len() >= config.max_bytes {
-            break settle(&buf, true);
+            break settle(&buf, Stop::Full);
         }
         // Never read past the limit: the rest stays in the socket for the inner service.
         let room = config.max_bytes - buf.len();
@@ -178,8 +195,8 @@ async fn detect<I: Io>(
             Some(deadline) => match tokio::time::timeout_at(deadline, read).await {
                 Ok(n) => n?,
                 Err(_) => {
-                    debug!(bytes = buf.len(), "detection timed out; treating as opaque");
-                    break settle(&buf, false);
+                    debug!(bytes = buf.len(), "detection timed out");
+                    break settle(&buf, Stop::Timeout);
                 }
             },
             None => read.await?,
@@ -187,12 +204,15 @@ async fn detect<I: Io>(
         if n == 0 {
             if buf.is_empty() {
                 match config.on_empty_eof {
-                    Some(p) => break p,
+                    Some(Protocol::Undecided) => {
+                        break (Protocol::Undecided, Some(Undecided::Closed))
+                    }
+                    Some(p) => break (p, None),
                     None => return Ok(None),
                 }
             }
-            break settle(&buf, false);
+            break settle(&buf, Stop::Eof);
         }
     };
-    Ok(Some((protocol, buf.freeze())))
+    Ok(Some((protocol, undecided, buf.freeze())))
 }

@@ -3,21 +3,41 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceExt};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
-use super::classify::Protocol;
+use super::classify::{Protocol, Undecided};
 use crate::conn::{BoxIo, Conn, Io};
 use crate::BoxError;
 
 type Route = BoxCloneSyncService<Conn<BoxIo>, (), BoxError>;
 
+/// What a refused connection that looked like HTTP/1 is told before it is closed.
+const BAD_REQUEST: &[u8] =
+    b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+
+/// How long a refusal may take (writing the `400`, reading what the client still sends so
+/// that closing does not reset the connection before the answer is read).
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+
 /// Sends each connection to the service registered for its [`Protocol`] (recorded by
-/// [`DetectLayer`](super::DetectLayer)). A protocol without a route is closed with a
-/// tracing event; so is a connection without `Protocol` metadata.
+/// [`DetectLayer`](super::DetectLayer)).
+///
+/// **Fail closed.** A protocol without a route is refused: the connection is closed with a
+/// tracing event and counted in [`RouterStats`]; an undecided connection that looked like
+/// an HTTP/1 request (see [`Undecided::http_like`]) is first answered
+/// `400 Bad Request`. In particular [`Protocol::Undecided`] goes to a route only when one
+/// is registered with [`Router::undecided`]: a router that serves HTTP with policy and
+/// relays [`Protocol::Opaque`] does not relay a request that merely *looks* odd (`GET  /`,
+/// `http/1.1`, a pause in the request line), which a lenient backend might still read as
+/// HTTP. A connection without `Protocol` metadata is refused too.
 ///
 /// Routes are boxed (one allocation per connection, at this protocol boundary) so a
 /// router's type does not depend on its routes.
@@ -38,6 +58,18 @@ pub struct Router {
     http1: Option<Route>,
     http2: Option<Route>,
     opaque: Option<Route>,
+    undecided: Option<Route>,
+    stats: Arc<RouterStats>,
+}
+
+/// What a [`Router`] refused; shared by the router and all its clones.
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct RouterStats {
+    /// Connections refused because no route serves their protocol.
+    pub refused: AtomicU64,
+    /// Of those, connections answered `400 Bad Request` (undecided, but HTTP-like).
+    pub bad_requests: AtomicU64,
 }
 
 /// Why a [`Router`] did not serve a connection.
@@ -47,6 +79,9 @@ pub enum RouterError {
     /// No route for the detected protocol.
     #[error("no route for {0:?}")]
     NoRoute(Protocol),
+    /// The connection was undecided and no route takes undecided connections.
+    #[error("protocol not recognised ({0:?}) and no route for undecided connections")]
+    Undecided(Undecided),
     /// No `Protocol` metadata: `DetectLayer` is missing in front of the router.
     #[error("connection has no Protocol metadata")]
     Undetected,
@@ -103,7 +138,7 @@ impl Router {
         self
     }
 
-    /// Route for everything else, including server-first protocols.
+    /// Route for connections that are definitely something else ([`Protocol::Opaque`]).
     pub fn opaque<S>(mut self, svc: S) -> Self
     where
         S: Service<Conn<BoxIo>, Response = ()> + Clone + Send + Sync + 'static,
@@ -114,13 +149,71 @@ impl Router {
         self
     }
 
+    /// Route for connections detection could not decide ([`Protocol::Undecided`]):
+    /// server-first protocols whose client stays silent, and text that resembles HTTP but
+    /// is not well-formed. Register one only where no HTTP policy is expected to hold
+    /// (typically the same relay as [`opaque`](Self::opaque)); without it they are refused.
+    pub fn undecided<S>(mut self, svc: S) -> Self
+    where
+        S: Service<Conn<BoxIo>, Response = ()> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        self.undecided = Some(Self::boxed(svc));
+        self
+    }
+
+    /// The refusal counters of this router (and all its clones).
+    pub fn stats(&self) -> Arc<RouterStats> {
+        self.stats.clone()
+    }
+
     fn route(&self, protocol: Protocol) -> Option<&Route> {
         match protocol {
             Protocol::Tls => self.tls.as_ref(),
             Protocol::Http1 => self.http1.as_ref(),
             Protocol::Http2 => self.http2.as_ref(),
             Protocol::Opaque => self.opaque.as_ref(),
+            Protocol::Undecided => self.undecided.as_ref(),
         }
+    }
+}
+
+/// Refuses a connection nobody serves: `400` first where the client was trying HTTP/1.
+async fn refuse<I: Io>(conn: Conn<I>, protocol: Protocol, stats: Arc<RouterStats>) -> RouterError {
+    stats.refused.fetch_add(1, Ordering::Relaxed);
+    let why = conn.get::<Undecided>().copied();
+    let (mut io, _) = conn.into_parts();
+    match why {
+        Some(why) if why.http_like() => {
+            stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+            info!(
+                ?why,
+                "not a well-formed HTTP request and no route for it; 400"
+            );
+            // Bounded: a client that neither reads nor closes costs at most the linger.
+            let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+                io.write_all(BAD_REQUEST).await?;
+                io.shutdown().await?;
+                let mut sink = [0u8; 4096];
+                let mut left: usize = 64 * 1024;
+                while left > 0 {
+                    let n = io.read(&mut sink).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    left = left.saturating_sub(n);
+                }
+                Ok::<_, std::io::Error>(())
+            })
+            .await;
+        }
+        Some(why) => info!(?why, "protocol not recognised and no route for it; closing"),
+        None => info!(?protocol, "no route for detected protocol; closing"),
+    }
+    match why {
+        Some(why) if protocol == Protocol::Undecided => RouterError::Undecided(why),
+        _ => RouterError::NoRoute(protocol),
     }
 }
 
@@ -131,6 +224,7 @@ impl fmt::Debug for Router {
             .field("http1", &self.http1.is_some())
             .field("http2", &self.http2.is_some())
             .field("opaque", &self.opaque.is_some())
+            .field("undecided", &self.undecided.is_some())
             .finish()
     }
 }
@@ -150,8 +244,8 @@ impl<I: Io> Service<Conn<I>> for Router {
             return Box::pin(async { Err(RouterError::Undetected) });
         };
         let Some(route) = self.route(protocol).cloned() else {
-            warn!(?protocol, "no route for detected protocol; closing");
-            return Box::pin(async move { Err(RouterError::NoRoute(protocol)) });
+            let stats = self.stats.clone();
+            return Box::pin(async move { Err(refuse(conn, protocol, stats).await) });
         };
         debug!(?protocol, "routing");
         Box::pin(async move {
