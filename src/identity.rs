@@ -22,10 +22,17 @@ pub const MAX_SPIFFE_ID_LEN: usize = 2048;
 /// assert_eq!(id.trust_domain(), "cluster.local");
 /// assert_eq!(id.istio_parts(), Some(("default", "reviews")));
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpiffeId {
     uri: String,
     td_end: usize,
+}
+
+/// The URI, as a person reads it: `SpiffeId("spiffe://…")`.
+impl fmt::Debug for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("SpiffeId").field(&self.uri).finish()
+    }
 }
 
 /// Why a string is not a SPIFFE ID.
@@ -149,6 +156,15 @@ pub struct PeerIdentity(pub SpiffeId);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_shows_the_uri_only() {
+        let id = SpiffeId::istio("cluster.local", "default", "reviews").unwrap();
+        assert_eq!(
+            format!("{id:?}"),
+            r#"SpiffeId("spiffe://cluster.local/ns/default/sa/reviews")"#
+        );
+    }
 
     #[test]
     fn valid() {

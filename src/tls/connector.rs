@@ -253,7 +253,7 @@ where
             let tls = match tokio::time::timeout(timeout, connector.connect(server_name, io)).await
             {
                 Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => return Err(TlsError::Handshake(e)),
+                Ok(Err(e)) => return Err(TlsError::from_client_handshake(e)),
                 Err(_) => return Err(TlsError::HandshakeTimeout(timeout)),
             };
             record_session(&mut metadata, tls.get_ref().1, None);

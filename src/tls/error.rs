@@ -15,6 +15,9 @@ pub enum TlsError {
     /// The handshake failed; the source says why (certificate, protocol, alert).
     #[error("TLS handshake failed")]
     Handshake(#[source] io::Error),
+    /// The server's certificate is valid but names someone else (SAN pinning).
+    #[error(transparent)]
+    IdentityMismatch(IdentityMismatch),
     /// The handshake did not finish in time.
     #[error("TLS handshake did not finish within {0:?}")]
     HandshakeTimeout(Duration),
@@ -33,6 +36,24 @@ pub enum TlsError {
 }
 
 impl TlsError {
+    /// A client handshake error, with an identity mismatch lifted out of rustls's
+    /// `CertificateError::Other` (which prints it with `Debug`) so that it reads well.
+    pub(crate) fn from_client_handshake(e: io::Error) -> Self {
+        let mismatch = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .and_then(|tls| match tls {
+                rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) => {
+                    other.0.downcast_ref::<IdentityMismatch>()
+                }
+                _ => None,
+            });
+        match mismatch {
+            Some(m) => TlsError::IdentityMismatch(m.clone()),
+            None => TlsError::Handshake(e),
+        }
+    }
+
     /// Whether another attempt could succeed (timeouts and connect failures; not
     /// certificate or protocol errors, which will fail the same way again).
     pub fn is_retryable(&self) -> bool {
@@ -64,7 +85,10 @@ pub enum TlsConfigError {
 }
 
 /// The server's certificate did not carry any expected identity (SAN pinning).
-#[derive(Debug, Clone)]
+///
+/// Prints as `server identity mismatch: expected spiffe://…, presented spiffe://…`, with
+/// `Debug` too (rustls shows the error it carries with `Debug`).
+#[derive(Clone)]
 pub struct IdentityMismatch {
     /// The identities we would accept.
     pub expected: Vec<SpiffeId>,
@@ -75,12 +99,22 @@ pub struct IdentityMismatch {
 impl fmt::Display for IdentityMismatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let expected: Vec<&str> = self.expected.iter().map(SpiffeId::as_str).collect();
-        write!(
-            f,
-            "server certificate identity mismatch: expected one of [{}], presented [{}]",
-            expected.join(", "),
-            self.presented.join(", ")
-        )
+        f.write_str("server identity mismatch: expected ")?;
+        if expected.len() > 1 {
+            f.write_str("one of ")?;
+        }
+        f.write_str(&expected.join(" or "))?;
+        if self.presented.is_empty() {
+            f.write_str(", presented no URI SAN")
+        } else {
+            write!(f, ", presented {}", self.presented.join(" and "))
+        }
+    }
+}
+
+impl fmt::Debug for IdentityMismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
     }
 }
 
