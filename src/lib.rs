@@ -122,7 +122,16 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 
-/// The cookbook's recipes, compiled as doctests.
-#[cfg(all(doctest, feature = "tcp"))]
+/// The cookbook's recipes, compiled as doctests (they use most levels, so only with all
+/// the features they need).
+#[cfg(all(
+    doctest,
+    feature = "tls",
+    feature = "demo-certs",
+    feature = "http",
+    feature = "connect",
+    feature = "hbone",
+    feature = "proxy-protocol"
+))]
 #[doc = include_str!("../docs/cookbook.md")]
 pub struct CookbookDoctests;

@@ -14,16 +14,16 @@ use crate::BoxError;
 /// from its metadata (SNI, detected protocol, tunnel authority…).
 ///
 /// ```
-/// use proxystack::conn::Metadata;
+/// use proxystack::conn::{LocalAddr, Metadata};
 /// use proxystack::steer::Steer;
-/// use proxystack::tls::Sni;
-/// use proxystack::{tcp, Conn, Target};
+/// use proxystack::{tcp, Target};
 /// let to = |addr: &'static str| tcp::Relay::new(tcp::TcpConnector::new())
 ///     .upstream(move |_: &Metadata| Some(Target::from_static(addr)));
+/// // Connections accepted on port 5433 go to the replica, all others to the primary.
 /// let svc = Steer::by(
-///     |c: &Metadata| c.get::<Sni>().is_some_and(|s| s.0 == "internal.example.com"),
-///     to("10.0.0.1:443"),
-///     to("10.0.0.2:443"),
+///     |c: &Metadata| c.get::<LocalAddr>().is_some_and(|a| a.0.port() == 5433),
+///     to("10.0.0.2:5432"),
+///     to("10.0.0.1:5432"),
 /// );
 /// # let _ = svc;
 /// ```

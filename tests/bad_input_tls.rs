@@ -1390,7 +1390,8 @@ async fn client_aborts_when_the_server_identity_differs() {
         .unwrap_err();
     // Issue 14 item 8: the error reads as a person needs it, in Display and Debug alike.
     assert!(matches!(err, TlsError::IdentityMismatch(_)), "{err:?}");
-    let want = "server identity mismatch: expected spiffe://cluster.local/ns/default/sa/someone-else, \
+    let want =
+        "server identity mismatch: expected spiffe://cluster.local/ns/default/sa/someone-else, \
                 presented spiffe://cluster.local/ns/default/sa/server";
     assert_eq!(err.to_string(), want);
     assert!(format!("{err:?}").contains(want), "{err:?}");
@@ -1438,7 +1439,8 @@ async fn client_refuses_a_server_certificate_with_two_spiffe_ids() {
         .await
         .unwrap_err();
     assert!(
-        err.to_string().contains("presented spiffe://cluster.local/ns/default/sa/other and"),
+        err.to_string()
+            .contains("presented spiffe://cluster.local/ns/default/sa/other and"),
         "{err}"
     );
     let server_err = h.next_error().await;

@@ -802,7 +802,9 @@ address = "{echo}"
         };
         let req = |line: &str| format!("{line}\r\nHost: svc\r\nConnection: close\r\n\r\n");
         let admin_get = req("GET /admin HTTP/1.1").into_bytes();
-        let cases: Vec<(&str, Vec<(u64, Vec<u8>)>, Option<u16>)> = vec![
+        // (name, pieces written after a pause in ms, status expected; None: closed).
+        type Case = (&'static str, Vec<(u64, Vec<u8>)>, Option<u16>);
+        let cases: Vec<Case> = vec![
             (
                 "sent after 1.2 s",
                 vec![(1200, admin_get.clone())],

@@ -3,16 +3,19 @@
 //! Keys are ECDSA P-256, generated per process and never written anywhere. Do not use for
 //! anything real: every process trusts only its own CA.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType, DnValue,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason,
     RevokedCertParams, SanType, SerialNumber,
 };
 use rustls::pki_types::{
     CertificateDer, CertificateRevocationListDer, PrivateKeyDer, PrivatePkcs8KeyDer,
 };
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls::RootCertStore;
 
 use super::CertKey;
@@ -105,11 +108,15 @@ impl DemoCa {
     /// If a name is not a valid DNS name or IP address.
     #[allow(clippy::expect_used)]
     pub fn server_cert(&self, names: &[&str]) -> CertKey {
+        self.try_server_cert(names).expect("valid server names")
+    }
+
+    /// [`server_cert`](Self::server_cert), reporting invalid names as an error.
+    pub fn try_server_cert(&self, names: &[&str]) -> Result<CertKey, rcgen::Error> {
         let mut params =
-            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .expect("valid server names");
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        self.issue(params).expect("demo certificate")
+        self.issue(params)
     }
 
     /// A workload certificate with the Istio SPIFFE ID `spiffe://<td>/ns/<ns>/sa/<sa>`,
@@ -168,16 +175,182 @@ impl DemoCa {
     }
 
     /// Issues a certificate from arbitrary parameters (expired ones, odd SANs…) with a
-    /// fresh key.
+    /// fresh key. A leaf left with rcgen's placeholder subject (`CN=rcgen self signed
+    /// cert`) gets its first name as CN instead.
     pub fn issue(&self, mut params: CertificateParams) -> Result<CertKey, rcgen::Error> {
         if params.key_usages.is_empty() {
             params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         }
+        name_subject_after_first_san(&mut params);
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(CertKey {
             chain: vec![cert.der().clone()],
             key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
         })
+    }
+
+    /// A certificate resolver for TLS servers that issues, on first use, a certificate for
+    /// whatever name the client's SNI asks for (`fallback` when it sends none), and keeps
+    /// it for the next handshakes (at most 1,024 names; past that, every new name gets a
+    /// fresh certificate that is not kept). For demos and tests only: it answers any name.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use proxystack::tls::demo::DemoCa;
+    /// use proxystack::tls::rustls;
+    /// let ca = Arc::new(DemoCa::new("example.org"));
+    /// let config = rustls::ServerConfig::builder()
+    ///     .with_no_client_auth()
+    ///     .with_cert_resolver(ca.resolver("localhost"));
+    /// // TerminateLayer::new(Arc::new(config))
+    /// # let _ = config;
+    /// ```
+    pub fn resolver(self: &Arc<Self>, fallback: &str) -> Arc<dyn ResolvesServerCert> {
+        Arc::new(AnyNameResolver {
+            ca: self.clone(),
+            fallback: fallback.to_owned(),
+            issued: Mutex::new(HashMap::new()),
+        })
+    }
+}
+
+/// Replaces rcgen's placeholder subject with the certificate's first name (a DNS name, an
+/// IP address or a URI such as a SPIFFE ID), as a person expects to read it.
+fn name_subject_after_first_san(params: &mut CertificateParams) {
+    let placeholder = matches!(
+        params.distinguished_name.get(&DnType::CommonName),
+        Some(DnValue::Utf8String(cn)) if cn == "rcgen self signed cert"
+    );
+    if !placeholder {
+        return;
+    }
+    params.distinguished_name.remove(DnType::CommonName);
+    let first = match params.subject_alt_names.first() {
+        Some(SanType::DnsName(name)) => Some(name.as_str().to_owned()),
+        Some(SanType::URI(uri)) => Some(uri.as_str().to_owned()),
+        Some(SanType::IpAddress(ip)) => Some(ip.to_string()),
+        _ => None,
+    };
+    // X.520 bounds a common name at 64 characters; a longer name stays in the SAN only.
+    if let Some(name) = first.filter(|n| n.len() <= 64) {
+        params.distinguished_name.push(DnType::CommonName, name);
+    }
+}
+
+/// See [`DemoCa::resolver`].
+struct AnyNameResolver {
+    ca: Arc<DemoCa>,
+    fallback: String,
+    issued: Mutex<HashMap<String, Arc<CertifiedKey>>>,
+}
+
+/// Most names an [`AnyNameResolver`] keeps certificates for.
+const MAX_ISSUED: usize = 1024;
+
+impl AnyNameResolver {
+    fn issue(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+        let cert = self.ca.try_server_cert(&[name]).ok()?;
+        let provider = rustls::crypto::ring::default_provider();
+        let key = provider.key_provider.load_private_key(cert.key).ok()?;
+        Some(Arc::new(CertifiedKey::new(cert.chain, key)))
+    }
+}
+
+impl ResolvesServerCert for AnyNameResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let name = hello
+            .server_name()
+            .unwrap_or(&self.fallback)
+            .to_ascii_lowercase();
+        let mut issued = self.issued.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(key) = issued.get(&name) {
+            return Some(key.clone());
+        }
+        let key = self.issue(&name)?;
+        if issued.len() < MAX_ISSUED {
+            issued.insert(name, key.clone());
+        }
+        Some(key)
+    }
+}
+
+impl std::fmt::Debug for AnyNameResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AnyNameResolver")
+            .field("fallback", &self.fallback)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn common_name(cert: &CertKey) -> String {
+        let (_, parsed) = x509_parser::parse_x509_certificate(&cert.chain[0]).unwrap();
+        let cn = parsed.subject().iter_common_name().next().unwrap();
+        cn.as_str().unwrap().to_owned()
+    }
+
+    #[test]
+    fn leaves_are_named_after_their_first_name() {
+        let ca = DemoCa::new("cluster.local");
+        assert_eq!(
+            common_name(&ca.server_cert(&["app.example.com", "x"])),
+            "app.example.com"
+        );
+        assert_eq!(common_name(&ca.server_cert(&["127.0.0.1"])), "127.0.0.1");
+        assert_eq!(
+            common_name(&ca.workload_cert("default", "reviews")),
+            "spiffe://cluster.local/ns/default/sa/reviews"
+        );
+    }
+
+    /// A real TLS handshake over loopback for a name nobody configured, then one without
+    /// SNI (the fallback name), both verified against the CA.
+    #[tokio::test]
+    async fn resolver_issues_a_certificate_for_any_sni() {
+        let ca = Arc::new(DemoCa::new("example.org"));
+        let server = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_cert_resolver(ca.resolver("fallback.test"));
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            for _ in 0..2 {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let mut tls = acceptor.accept(tcp).await.unwrap();
+                tls.write_all(b"hi").await.unwrap();
+                tls.shutdown().await.unwrap();
+            }
+        });
+        let client = rustls::ClientConfig::builder()
+            .with_root_certificates(ca.roots())
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        for name in ["anything.example.net", "fallback.test"] {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let server_name = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
+            let send_sni = name != "fallback.test";
+            let mut tls = if send_sni {
+                connector.connect(server_name, tcp).await.unwrap()
+            } else {
+                // No SNI on the wire; the certificate must still be valid for the fallback.
+                let mut config = rustls::ClientConfig::builder()
+                    .with_root_certificates(ca.roots())
+                    .with_no_client_auth();
+                config.enable_sni = false;
+                tokio_rustls::TlsConnector::from(Arc::new(config))
+                    .connect(server_name, tcp)
+                    .await
+                    .unwrap()
+            };
+            let mut got = Vec::new();
+            tls.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, b"hi", "{name}");
+        }
     }
 }
