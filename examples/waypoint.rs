@@ -291,7 +291,7 @@ async fn main() {
             if hit.is_some_and(|r| r.action == Action::Deny) {
                 let (path, client) = (req.uri().path(), client.map(SpiffeId::as_str));
                 tracing::info!(path, client, "denied by L7 rule");
-                return Ok(support::plain_response(
+                return Ok(proxystack::http::plain_response(
                     StatusCode::FORBIDDEN,
                     "denied by waypoint policy\n",
                 ));

@@ -122,16 +122,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 
-/// The cookbook's recipes, compiled as doctests (they use most levels, so only with all
-/// the features they need).
-#[cfg(all(
-    doctest,
-    feature = "tls",
-    feature = "demo-certs",
-    feature = "http",
-    feature = "connect",
-    feature = "hbone",
-    feature = "proxy-protocol"
-))]
+/// The cookbook's recipes, compiled as doctests (each gated on the features it uses).
+#[cfg(all(doctest, feature = "tcp"))]
 #[doc = include_str!("../docs/cookbook.md")]
 pub struct CookbookDoctests;

@@ -48,3 +48,27 @@ pub use server::{HttpServer, HttpServerError};
 
 /// The body type [`Forward`] answers with: a boxed stream of `Bytes` frames.
 pub type BoxBody = http_body_util::combinators::UnsyncBoxBody<Bytes, crate::BoxError>;
+
+/// A short plain-text response in [`BoxBody`], for a service or layer in front of
+/// [`Forward`] that answers some requests itself (a policy denial, a failed API key check,
+/// a misdirected request).
+///
+/// ```
+/// use http::StatusCode;
+/// let resp = proxystack::http::plain_response(StatusCode::FORBIDDEN, "denied\n");
+/// assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+/// assert_eq!(resp.headers()["content-type"], "text/plain; charset=utf-8");
+/// ```
+pub fn plain_response(status: http::StatusCode, text: impl Into<Bytes>) -> http::Response<BoxBody> {
+    use http_body_util::BodyExt;
+    let body = http_body_util::Full::new(text.into())
+        .map_err(|never| match never {})
+        .boxed_unsync();
+    let mut resp = http::Response::new(body);
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
