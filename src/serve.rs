@@ -273,6 +273,22 @@ fn is_per_connection(e: &io::Error) -> bool {
     )
 }
 
+/// Whether an I/O error only says the peer has gone (closed or reset the connection, or the
+/// write of a last frame found it gone): the end of a connection, not a failure of it.
+#[cfg(any(feature = "http", feature = "connect"))]
+pub(crate) fn peer_gone(e: Option<&io::Error>) -> bool {
+    e.is_some_and(|e| {
+        matches!(
+            e.kind(),
+            io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::UnexpectedEof
+                | io::ErrorKind::NotConnected
+        )
+    })
+}
+
 /// Tasks that carry a connection on after its protocol handler returned: an HTTP/1.1
 /// `CONNECT` tunnel, a connection switched to another protocol (`101`). The connection's
 /// task ends with [`join`](Self::join), so the accept loop counts them against its limit

@@ -963,3 +963,58 @@ async fn drain_deadline_closes_everything_left() {
     drop(w.hbone);
     assert_no_fd_leak(w.fds0).await;
 }
+
+/// Issue 14 item 9: a peer that resets its idle HTTP/2 connection just as the drain's
+/// `GOAWAY` reaches it (the GOAWAY unread, so its close is a reset) ends that connection
+/// cleanly: it is not logged or counted as a connection error.
+#[tokio::test]
+async fn peer_closing_an_idle_connection_during_a_drain_is_not_an_error() {
+    let relay = tcp::Relay::new(tcp::TcpConnector::new())
+        .upstream(|c: &Metadata| Some(Target::from(c.get::<TunnelInfo>()?.authority.clone())));
+    let hello = tower::service_fn(|_: Request<Incoming>| async {
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"hi"))))
+    });
+    assert_eq!(
+        idle_h2_peer_resets_during_drain(ConnectTerminate::new(relay)).await,
+        0
+    );
+    assert_eq!(
+        idle_h2_peer_resets_during_drain(HttpServer::new(hello)).await,
+        0
+    );
+}
+
+/// Serves `svc`, opens an idle HTTP/2 connection, drains, resets the connection after the
+/// GOAWAY arrived; the number of connection errors counted.
+async fn idle_h2_peer_resets_during_drain<S>(svc: S) -> u64
+where
+    S: tower::Service<Conn<TcpStream>, Response = ()> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    let (signal, watch) = drain::channel();
+    let proxy = listen("h2", SOON, svc, watch).await;
+    let mut c = TcpStream::connect(proxy.addr).await.unwrap();
+    c.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    // The server's SETTINGS frame header: the connection is established and idle.
+    let mut head = [0u8; 9];
+    tokio::time::timeout(SOON, c.read_exact(&mut head))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(head[3], 0x4, "SETTINGS first");
+    let drained = tokio::spawn(signal.drain());
+    // Let the GOAWAY arrive and stay unread: closing now sends a reset.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(c);
+    tokio::time::timeout(SOON, proxy.task)
+        .await
+        .expect("serve returns")
+        .unwrap()
+        .unwrap();
+    drained.await.unwrap();
+    proxy.stats.errors.load(SeqCst)
+}

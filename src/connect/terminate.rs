@@ -515,6 +515,12 @@ impl Handler {
                     Some(Ok((req, respond))) => {
                         crate::task::spawn(self.clone().handle_h2(req, respond).in_current_span());
                     }
+                    // A peer closing (or resetting) its connection while we drain, as
+                    // the GOAWAY reaches it, is how a drain is meant to end.
+                    Some(Err(e)) if draining && crate::serve::peer_gone(e.get_io()) => {
+                        debug!(error = %e, "peer closed its connection during the drain");
+                        return Ok(());
+                    }
                     Some(Err(e)) => return Err(e.into()),
                     None => return Ok(()),
                 },

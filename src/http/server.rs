@@ -222,6 +222,19 @@ impl<S> HttpServer<S> {
     }
 }
 
+/// The I/O error at the root of an error chain, if there is one.
+/// (hyper turns HTTP/2 I/O errors into I/O errors, so this finds those too.)
+fn io_error_in<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return Some(io);
+        }
+        cur = err.source();
+    }
+    None
+}
+
 /// Adapts a `tower` service to hyper's, copying the connection metadata into each request.
 struct WithMetadata<S> {
     service: S,
@@ -318,7 +331,16 @@ where
                         () = drain.signaled() => {
                             debug!("draining: graceful HTTP shutdown");
                             conn.as_mut().graceful_shutdown();
-                            conn.await
+                            // A peer closing its connection as the GOAWAY (or the
+                            // close) reaches it is how a drain is meant to end.
+                            conn.await.or_else(|e| {
+                                if crate::serve::peer_gone(io_error_in(&*e)) {
+                                    debug!(error = %e, "peer closed its connection during the drain");
+                                    Ok(())
+                                } else {
+                                    Err(e)
+                                }
+                            })
                         }
                     }
                 }
