@@ -134,7 +134,7 @@ impl Drop for H2Stream {
     }
 }
 
-/// Maps an error from the receive side (REFERENCE §2.7, ztunnel's mapping).
+/// Maps an error from the receive side, as ztunnel maps it.
 fn read_result(e: h2::Error) -> io::Result<()> {
     if e.is_reset() {
         match e.reason() {

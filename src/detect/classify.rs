@@ -276,7 +276,7 @@ fn is_tchar(b: u8) -> bool {
 /// `chunk_lens`, 0 meaning 1) stops at the same verdict as classifying it whole, and every
 /// longer prefix of a decided prefix keeps that verdict. Returns a description of the first
 /// violation.
-#[doc(hidden)]
+#[cfg(any(test, fuzzing))]
 pub fn check_rechunking(data: &[u8], chunk_lens: &[u8]) -> Result<(), String> {
     let whole = classify(data);
     // Incremental, as the layer does it: stop at the first decided verdict.
@@ -324,7 +324,7 @@ pub fn check_rechunking(data: &[u8], chunk_lens: &[u8]) -> Result<(), String> {
 /// The fuzz target's body (`fuzz/fuzz_targets/detect.rs`), here so that unit tests run
 /// exactly the same code: the first byte says how many of the next bytes (0–7) are chunk
 /// lengths, the rest is the connection's data.
-#[doc(hidden)]
+#[cfg(any(test, fuzzing))]
 pub fn fuzz_one(input: &[u8]) -> Result<(), String> {
     let Some((&n, rest)) = input.split_first() else {
         return Ok(());
@@ -420,6 +420,60 @@ mod tests {
         assert_eq!(settle(b"\x16\x03\x03", Stop::Eof), (Protocol::Tls, None));
         assert_eq!(settle(b"GET  /", Stop::Eof), undecided(MalformedHttp1));
         assert!(MalformedHttp1.http_like() && !Silent.http_like());
+    }
+
+    fn interesting_prefix() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        let seeds: Vec<Vec<u8>> = vec![
+            b"GET / HTTP/1.1\r\nHost: a\r\n\r\n".to_vec(),
+            b"POST /upload?x=1 HTTP/1.0\r\n".to_vec(),
+            H2_PREFACE.to_vec(),
+            b"PRI * HTTP/1.1\r\n".to_vec(),
+            vec![0x16, 0x03, 0x01, 0x02, 0x00, 0x01],
+            b"SSH-2.0-OpenSSH\r\n".to_vec(),
+            b"\r\n\r\nOPTIONS * HTTP/1.1\r\n".to_vec(),
+            b"GET  /admin http/1.1\r\n".to_vec(),
+        ];
+        prop_oneof![
+            // A known prefix, truncated and with random bytes appended.
+            (
+                proptest::sample::select(seeds),
+                0usize..40,
+                proptest::collection::vec(any::<u8>(), 0..16)
+            )
+                .prop_map(|(s, cut, tail)| {
+                    let mut v = s[..cut.min(s.len())].to_vec();
+                    v.extend(tail);
+                    v
+                }),
+            proptest::collection::vec(any::<u8>(), 0..64),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 2000, ..proptest::prelude::ProptestConfig::default()
+        })]
+        #[test]
+        fn classification_is_stable_under_rechunking(
+            data in interesting_prefix(),
+            lens in proptest::collection::vec(proptest::prelude::any::<u8>(), 1..8),
+        ) {
+            proptest::prop_assert_eq!(check_rechunking(&data, &lens), Ok(()));
+        }
+    }
+
+    /// The fuzz target's code on its seed corpus (the fuzz crate itself is built by CI only).
+    #[test]
+    fn fuzz_seed_corpus_passes_the_fuzz_target_check() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/detect");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let data = std::fs::read(entry.unwrap().path()).unwrap();
+            fuzz_one(&data).unwrap();
+            n += 1;
+        }
+        assert!(n >= 5, "seed corpus has {n} files");
     }
 
     #[test]

@@ -48,6 +48,8 @@ mod classify;
 mod layer;
 mod router;
 
+/// For the fuzz targets (`cargo fuzz` builds with `--cfg fuzzing`); not part of the API.
+#[cfg(fuzzing)]
 #[doc(hidden)]
 pub use classify::{check_rechunking, fuzz_one};
 pub use classify::{classify, Protocol, Undecided, Verdict, H2_PREFACE};
