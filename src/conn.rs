@@ -191,10 +191,6 @@ impl<I: AsyncRead + Unpin> AsyncRead for PrefixedIo<I> {
 
 delegate_write!(PrefixedIo<I>, io, I: AsyncWriteUnpin);
 
-/// The first bytes of every HTTP/2 connection (RFC 9113 §3.4).
-#[cfg(any(feature = "http", feature = "connect"))]
-const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
 /// Reads until the bytes either are the HTTP/2 preface or cannot be; returns the stream with
 /// those bytes put back and whether it speaks HTTP/2. `None`: closed before sending a byte.
 /// Bounded by `limit` (the server's request-head timeout, `TimedOut` past it), so a client
@@ -204,35 +200,38 @@ pub(crate) async fn sniff_h2_preface<I: Io>(
     io: I,
     limit: std::time::Duration,
 ) -> io::Result<Option<(PrefixedIo<I>, bool)>> {
-    tokio::time::timeout(limit, read_h2_preface(io))
-        .await
-        .unwrap_or_else(|_| {
-            Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "no request on the connection in time",
-            ))
-        })
-}
+    use crate::sniff::{sniff, Outcome, SniffLimits, Step, Stop, H2_PREFACE};
 
-#[cfg(any(feature = "http", feature = "connect"))]
-async fn read_h2_preface<I: Io>(mut io: I) -> io::Result<Option<(PrefixedIo<I>, bool)>> {
-    use tokio::io::AsyncReadExt;
-    let mut seen = bytes::BytesMut::with_capacity(H2_PREFACE.len());
-    while seen.len() < H2_PREFACE.len() {
-        // `take` bounds the read to the rest of the preface.
-        let rest = (H2_PREFACE.len() - seen.len()) as u64;
-        if (&mut io).take(rest).read_buf(&mut seen).await? == 0 {
-            if seen.is_empty() {
-                return Ok(None);
+    /// Decides at the first byte that leaves the preface, or at its last byte.
+    struct Preface;
+    impl crate::sniff::Sniffer for Preface {
+        type Output = bool;
+        type Error = std::convert::Infallible;
+        fn push(&mut self, seen: &[u8]) -> Step<bool, Self::Error> {
+            if seen.len() >= H2_PREFACE.len() || !H2_PREFACE.starts_with(seen) {
+                Step::Match(seen.starts_with(H2_PREFACE))
+            } else {
+                Step::NeedMore
             }
-            break;
         }
-        if !H2_PREFACE.starts_with(&seen) {
-            break;
+        fn finish(&mut self, seen: &[u8], stop: Stop) -> Outcome<bool, Self::Error> {
+            match stop {
+                Stop::Eof if !seen.is_empty() => Outcome::Match(false),
+                _ => Outcome::Undecided(stop),
+            }
         }
     }
-    let is_h2 = seen.as_ref() == H2_PREFACE;
-    Ok(Some((PrefixedIo::new(seen.freeze(), io), is_h2)))
+
+    let limits = SniffLimits::new(H2_PREFACE.len(), Some(limit));
+    match sniff(io, &mut Preface, limits).await? {
+        (Outcome::Match(is_h2), io) => Ok(Some((io, is_h2))),
+        (Outcome::Reject(never), _) => match never {},
+        (Outcome::Undecided(Stop::Eof), _) => Ok(None),
+        (Outcome::Undecided(_), _) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "no request on the connection in time",
+        )),
+    }
 }
 
 /// Connection metadata: one value per type ([`PeerAddr`], `Sni`, `PeerIdentity`…). Routing

@@ -99,6 +99,7 @@ pub mod proxy_protocol;
 pub mod recursive;
 #[cfg(feature = "tcp")]
 pub mod serve;
+pub mod sniff;
 pub mod steer;
 #[cfg(feature = "tcp")]
 mod task;

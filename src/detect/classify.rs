@@ -1,8 +1,7 @@
 //! The pure classifier: bytes seen so far → verdict. No I/O, no allocation, no panics, so it
 //! can be fuzzed and property-tested on its own.
 
-/// The HTTP/2 connection preface a prior-knowledge (h2c) client sends first (RFC 9113 §3.4).
-pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub use crate::sniff::H2_PREFACE;
 
 /// Longest method token we accept as "plausibly HTTP/1" (`UPDATEREDIRECTREF` is 17).
 const MAX_METHOD: usize = 32;
@@ -126,16 +125,7 @@ fn match_prefix(bytes: &[u8], expected: &[u8]) -> Option<bool> {
     }
 }
 
-/// Why no more bytes will come before a verdict.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Stop {
-    /// The detection timeout passed.
-    Timeout,
-    /// The client closed its side.
-    Eof,
-    /// The buffer is full.
-    Full,
-}
+pub(crate) use crate::sniff::Stop;
 
 /// The answer when no more bytes will come: the classifier's verdict if it has one; a
 /// request line still in progress when the buffer filled is HTTP/1 (a very long target:

@@ -6,14 +6,12 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::BytesMut;
-use tokio::io::AsyncReadExt;
-use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 use tracing::debug;
 
-use super::classify::{classify, settle, Protocol, Stop, Undecided, Verdict};
-use crate::conn::{BoxIo, Conn, Io, PrefixedIo};
+use super::classify::{classify, settle, Protocol, Undecided, Verdict};
+use crate::conn::{BoxIo, Conn, Io};
+use crate::sniff::{sniff, Outcome, SniffLimits, Sniffer, Step, Stop};
 use crate::BoxError;
 
 /// Detects the protocol of each connection; see the [module docs](crate::detect).
@@ -139,26 +137,32 @@ where
         let inner = self.inner.clone();
         let config = self.config.clone();
         Box::pin(async move {
-            let (mut io, mut metadata) = conn.into_parts();
-            let (protocol, undecided, prefix) = match detect(&mut io, &config).await {
-                Ok(Some(found)) => found,
-                Ok(None) => {
+            let (io, mut metadata) = conn.into_parts();
+            let limits = SniffLimits::new(config.max_bytes, config.timeout);
+            let (outcome, io) = sniff(io, &mut Detect(&config), limits)
+                .await
+                .map_err(DetectError::Io)?;
+            let (protocol, undecided) = match outcome {
+                Outcome::Match(Some(found)) => found,
+                Outcome::Match(None) => {
                     debug!("closed before sending anything; not handed on");
                     return Ok(());
                 }
-                Err(e) => return Err(DetectError::Io(e)),
+                Outcome::Reject(never) => match never {},
+                // `Detect::finish` always decides; were it not to, settle here.
+                Outcome::Undecided(stop) => settle(io.prefix(), stop),
             };
             debug!(
                 ?protocol,
                 ?undecided,
-                bytes = prefix.len(),
+                bytes = io.prefix().len(),
                 "protocol detected"
             );
             metadata.insert(protocol);
             if let Some(why) = undecided {
                 metadata.insert(why);
             }
-            let conn = Conn::from_parts(BoxIo::new(PrefixedIo::new(prefix, io)), metadata);
+            let conn = Conn::from_parts(BoxIo::new(io), metadata);
             inner
                 .oneshot(conn)
                 .await
@@ -167,52 +171,36 @@ where
     }
 }
 
-/// What detection found: the protocol, why it is undecided (if it is), the bytes read.
-type Found = (Protocol, Option<Undecided>, bytes::Bytes);
+/// Detection as a [`Sniffer`]: the classifier after every read, [`settle`] at the end.
+/// `None` is "closed before a byte, and `on_empty_eof` says skip the inner service".
+struct Detect<'a>(&'a Config);
 
-/// Reads until the classifier decides, the buffer fills, the timeout passes or EOF.
-/// `Ok(None)`: EOF before any byte and `on_empty_eof` is `None`.
-async fn detect<I: Io>(io: &mut I, config: &Config) -> io::Result<Option<Found>> {
-    let mut buf = BytesMut::with_capacity(config.max_bytes.min(1024));
-    let deadline = config.timeout.map(|t| Instant::now() + t);
-    let (protocol, undecided) = loop {
-        match classify(&buf) {
+type Found = Option<(Protocol, Option<Undecided>)>;
+
+impl Sniffer for Detect<'_> {
+    type Output = Found;
+    type Error = std::convert::Infallible;
+
+    fn push(&mut self, seen: &[u8]) -> Step<Found, Self::Error> {
+        match classify(seen) {
             Verdict::Known(Protocol::Undecided) => {
-                break (Protocol::Undecided, Some(Undecided::MalformedHttp1))
+                Step::Match(Some((Protocol::Undecided, Some(Undecided::MalformedHttp1))))
             }
-            Verdict::Known(p) => break (p, None),
-            Verdict::NeedMore => {}
+            Verdict::Known(p) => Step::Match(Some((p, None))),
+            Verdict::NeedMore => Step::NeedMore,
         }
-        if buf.len() >= config.max_bytes {
-            break settle(&buf, Stop::Full);
+    }
+
+    fn finish(&mut self, seen: &[u8], stop: Stop) -> Outcome<Found, Self::Error> {
+        if seen.is_empty() && stop == Stop::Eof {
+            return Outcome::Match(self.0.on_empty_eof.map(|p| match p {
+                Protocol::Undecided => (p, Some(Undecided::Closed)),
+                p => (p, None),
+            }));
         }
-        // Never read past the limit: the rest stays in the socket for the inner service.
-        let room = config.max_bytes - buf.len();
-        buf.reserve(room.min(4096));
-        let mut limited = (&mut *io).take(room as u64);
-        let read = limited.read_buf(&mut buf);
-        let n = match deadline {
-            Some(deadline) => match tokio::time::timeout_at(deadline, read).await {
-                Ok(n) => n?,
-                Err(_) => {
-                    debug!(bytes = buf.len(), "detection timed out");
-                    break settle(&buf, Stop::Timeout);
-                }
-            },
-            None => read.await?,
-        };
-        if n == 0 {
-            if buf.is_empty() {
-                match config.on_empty_eof {
-                    Some(Protocol::Undecided) => {
-                        break (Protocol::Undecided, Some(Undecided::Closed))
-                    }
-                    Some(p) => break (p, None),
-                    None => return Ok(None),
-                }
-            }
-            break settle(&buf, Stop::Eof);
+        if stop == Stop::Timeout {
+            debug!(bytes = seen.len(), "detection timed out");
         }
-    };
-    Ok(Some((protocol, undecided, buf.freeze())))
+        Outcome::Match(Some(settle(seen, stop)))
+    }
 }

@@ -19,10 +19,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::Extensions;
-use tokio::io::AsyncReadExt;
-use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 use tracing::{debug, trace};
 
@@ -32,6 +29,7 @@ use super::header::{Addresses, Command, ProxyHeader};
 use super::trust::{CidrError, TrustedSources};
 use crate::conn::{BoxIo, Conn, Io, PeerAddr, PrefixedIo};
 use crate::identity::{PeerIdentity, SpiffeId};
+use crate::sniff::{sniff, Outcome, SniffLimits, Sniffer, Step, Stop};
 use crate::BoxError;
 
 /// Whether a listener expects PROXY headers.
@@ -346,62 +344,63 @@ fn v2_total_len(buf: &[u8]) -> Option<usize> {
     Some(16 + usize::from(u16::from_be_bytes(len)))
 }
 
-/// Reads until `buf` holds a complete header (or, when `optional`, proof that there is
-/// none). Bytes after the header may be read too; the caller replays them.
-async fn read_start<I: Io>(
-    io: &mut I,
-    buf: &mut Vec<u8>,
-    optional: bool,
+/// The PROXY preamble as a [`Sniffer`]: a complete header, or (when `optional`) proof
+/// that there is none. Bytes after the header may be read too; they are replayed.
+struct Preamble<'a> {
+    limits: &'a Limits,
     timeout: Duration,
-    limits: &Limits,
-) -> Result<Start, AcceptError> {
-    let deadline = Instant::now() + timeout;
-    let max = max_header_len(limits);
-    // Until a full preamble is seen, optional mode may still decide "no header".
-    let mut undecided = optional;
-    // Decoding is repeated on the whole buffer, so skip it while it cannot complete.
-    let mut decode_at = 0;
-    let mut chunk = [0u8; 1024];
-    loop {
-        if undecided {
-            match detect(buf) {
-                Detect::NotProxy => return Ok(Start::Data),
-                Detect::NeedMore => {}
-                Detect::V1 | Detect::V2 => undecided = false,
+    /// Until a full preamble signature is seen, optional mode may still decide "no header".
+    undecided: bool,
+    /// Decoding is repeated on the whole buffer, so it is skipped while it cannot complete.
+    decode_at: usize,
+}
+
+impl Sniffer for Preamble<'_> {
+    type Output = Start;
+    type Error = AcceptError;
+
+    fn push(&mut self, seen: &[u8]) -> Step<Start, AcceptError> {
+        if self.undecided {
+            match detect(seen) {
+                Detect::NotProxy => return Step::Match(Start::Data),
+                Detect::NeedMore => return Step::NeedMore,
+                Detect::V1 | Detect::V2 => self.undecided = false,
             }
         }
-        if !undecided && buf.len() >= decode_at {
-            match decode(buf, limits) {
-                Ok(Decoded::Complete { header, consumed }) => {
-                    return Ok(Start::Header { header, consumed })
-                }
-                Ok(Decoded::Incomplete) => decode_at = v2_total_len(buf).unwrap_or(0),
-                Err(ProxyProtocolError::NotProxyProtocol) => return Err(AcceptError::Missing),
-                Err(e) => return Err(AcceptError::Malformed(e)),
+        if seen.len() < self.decode_at {
+            return Step::NeedMore;
+        }
+        match decode(seen, self.limits) {
+            Ok(Decoded::Complete { header, consumed }) => {
+                Step::Match(Start::Header { header, consumed })
             }
+            Ok(Decoded::Incomplete) => {
+                self.decode_at = v2_total_len(seen).unwrap_or(0);
+                Step::NeedMore
+            }
+            Err(ProxyProtocolError::NotProxyProtocol) => Step::Reject(AcceptError::Missing),
+            Err(e) => Step::Reject(AcceptError::Malformed(e)),
         }
-        // The codec rejects any header longer than `max`, so the buffer stays bounded;
-        // what a read brings past the header is replayed, never lost.
-        let want = max.saturating_sub(buf.len()).clamp(1, chunk.len());
-        let read =
-            tokio::time::timeout_at(deadline, io.read(chunk.get_mut(..want).unwrap_or_default()))
-                .await;
-        let n = match read {
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) => return Err(AcceptError::Io(e)),
-            // A silent or slow client whose bytes are not (yet) a preamble: in optional
-            // mode that is a server-first protocol, not a stalled header.
-            Err(_) if undecided => return Ok(Start::Data),
-            Err(_) => return Err(AcceptError::Timeout(timeout)),
-        };
-        if n == 0 {
-            return if undecided {
-                Ok(Start::Data)
-            } else {
-                Err(AcceptError::Closed { read: buf.len() })
-            };
+    }
+
+    fn finish(&mut self, seen: &[u8], stop: Stop) -> Outcome<Start, AcceptError> {
+        // A silent or slow client whose bytes are not (yet) a preamble: in optional mode
+        // that is a server-first protocol (or a short message), not a stalled header.
+        if self.undecided {
+            return Outcome::Match(Start::Data);
         }
-        buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+        Outcome::Reject(match stop {
+            Stop::Timeout => AcceptError::Timeout(self.timeout),
+            Stop::Eof => AcceptError::Closed { read: seen.len() },
+            // The codec refuses longer headers first; this is only the backstop.
+            _ if detect(seen) == Detect::V2 => {
+                AcceptError::Malformed(ProxyProtocolError::TooLarge {
+                    len: seen.len().saturating_sub(16),
+                    limit: self.limits.max_v2_len,
+                })
+            }
+            _ => AcceptError::Malformed(ProxyProtocolError::V1TooLong),
+        })
     }
 }
 
@@ -466,7 +465,7 @@ where
         let layer = self.layer.clone();
         let inner = self.inner.clone();
         Box::pin(async move {
-            let (mut io, mut meta) = conn.into_parts();
+            let (io, mut meta) = conn.into_parts();
             let peer = meta.get::<PeerAddr>().map(|p| p.0);
             let trusted_peer = peer.filter(|p| layer.trusted.contains(p.ip()));
             let pass = |io: BoxIo, meta: Extensions| async move {
@@ -492,17 +491,29 @@ where
                 (Mode::Required | Mode::Optional, Some(p)) => p,
             };
 
-            let optional = layer.mode == Mode::Optional;
-            let mut buf = Vec::new();
-            let start = read_start(&mut io, &mut buf, optional, layer.timeout, &layer.limits).await;
-            let (rest, meta) = match start {
-                Ok(Start::Header { header, consumed }) => {
+            let mut preamble = Preamble {
+                limits: &layer.limits,
+                timeout: layer.timeout,
+                undecided: layer.mode == Mode::Optional,
+                decode_at: 0,
+            };
+            let limits = SniffLimits::new(max_header_len(&layer.limits), Some(layer.timeout));
+            let start = match sniff(io, &mut preamble, limits).await {
+                Ok((Outcome::Match(start), io)) => Ok((start, io)),
+                Ok((Outcome::Reject(e), _)) => Err(e),
+                Ok((Outcome::Undecided(_), _)) => Err(AcceptError::Timeout(layer.timeout)),
+                Err(e) => Err(AcceptError::Io(e)),
+            };
+            let (rest, io, meta) = match start {
+                Ok((Start::Header { header, consumed }, io)) => {
                     record(header, &mut meta, trusted_peer, &layer);
-                    (Bytes::from(buf).split_off(consumed), meta)
+                    let (buf, io) = io.into_parts();
+                    (buf.slice(consumed.min(buf.len())..), io, meta)
                 }
-                Ok(Start::Data) => {
+                Ok((Start::Data, io)) => {
+                    let (buf, io) = io.into_parts();
                     trace!(bytes = buf.len(), "no PROXY header; passing the stream on");
-                    (Bytes::from(buf), meta)
+                    (buf, io, meta)
                 }
                 Err(e) => {
                     debug!(error = %crate::serve::DisplayChain(&e), "rejecting connection");

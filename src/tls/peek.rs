@@ -6,8 +6,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
-use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 use tracing::debug;
 
@@ -16,6 +14,7 @@ use super::client_hello::{
 };
 use super::{OfferedAlpn, PeekedHello, Sni, TlsError};
 use crate::conn::{box_inbound, BoxInbound, BoxIo, Conn, Io, PrefixedIo};
+use crate::sniff::{sniff, Outcome, SniffLimits, Sniffer, Step, Stop};
 use crate::BoxError;
 
 /// Reads the ClientHello, records what it says, and replays every byte to the inner
@@ -122,48 +121,55 @@ enum Peeked {
     NotTls(TlsError),
 }
 
-async fn read_hello<I: Io>(
-    io: &mut I,
-    buf: &mut Vec<u8>,
-    layer: &PeekLayer,
-) -> Result<Peeked, TlsError> {
-    let mut parser = ClientHelloParser::with_limit(layer.max_len);
-    let deadline = Instant::now() + layer.timeout;
-    let mut chunk = [0u8; 4096];
-    loop {
-        // Never read past the limit: the replay buffer is bounded by it.
-        let want = layer
-            .max_len
-            .saturating_sub(buf.len())
-            .clamp(1, chunk.len());
-        let n = match tokio::time::timeout_at(
-            deadline,
-            io.read(chunk.get_mut(..want).unwrap_or_default()),
-        )
-        .await
-        {
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) => return Err(TlsError::Handshake(e)),
-            Err(_) => return Ok(Peeked::NotTls(TlsError::PeekTimeout(layer.timeout))),
-        };
-        if n == 0 {
-            let e = parser.finish();
-            return match e {
-                ClientHelloError::NotTls { .. } => Ok(Peeked::NotTls(TlsError::ClientHello(e))),
-                e => Err(TlsError::ClientHello(e)),
-            };
-        }
-        let fresh = chunk.get(..n).unwrap_or_default();
-        buf.extend_from_slice(fresh);
-        match parser.push(fresh) {
-            Ok(Status::NeedMore) => continue,
-            Ok(Status::Done(hello)) => return Ok(Peeked::Hello(hello)),
-            Err(e @ ClientHelloError::NotTls { .. }) => {
-                return Ok(Peeked::NotTls(TlsError::ClientHello(e)))
-            }
-            Err(e) => return Err(TlsError::ClientHello(e)),
+/// The ClientHello parser as a [`Sniffer`]: fed the bytes it has not seen yet.
+struct HelloSniffer {
+    parser: ClientHelloParser,
+    fed: usize,
+}
+
+impl Sniffer for HelloSniffer {
+    type Output = ClientHello;
+    type Error = ClientHelloError;
+
+    fn push(&mut self, seen: &[u8]) -> Step<ClientHello, ClientHelloError> {
+        let fresh = seen.get(self.fed..).unwrap_or_default();
+        self.fed = seen.len();
+        match self.parser.push(fresh) {
+            Ok(Status::NeedMore) => Step::NeedMore,
+            Ok(Status::Done(hello)) => Step::Match(hello),
+            Err(e) => Step::Reject(e),
         }
     }
+
+    fn finish(&mut self, _: &[u8], stop: Stop) -> Outcome<ClientHello, ClientHelloError> {
+        match stop {
+            // Closed (or out of room, which the parser's own limit normally reports
+            // first) before the hello was complete: truncated, or not TLS at all.
+            Stop::Eof | Stop::Full => Outcome::Reject(self.parser.finish()),
+            _ => Outcome::Undecided(stop),
+        }
+    }
+}
+
+/// Reads the ClientHello: the hello and the replaying stream, or why there is none.
+async fn read_hello<I: Io>(io: I, layer: &PeekLayer) -> Result<(Peeked, PrefixedIo<I>), TlsError> {
+    let mut sniffer = HelloSniffer {
+        parser: ClientHelloParser::with_limit(layer.max_len),
+        fed: 0,
+    };
+    let limits = SniffLimits::new(layer.max_len, Some(layer.timeout));
+    let (outcome, io) = sniff(io, &mut sniffer, limits)
+        .await
+        .map_err(TlsError::Handshake)?;
+    let peeked = match outcome {
+        Outcome::Match(hello) => Peeked::Hello(hello),
+        Outcome::Reject(e @ ClientHelloError::NotTls { .. }) => {
+            Peeked::NotTls(TlsError::ClientHello(e))
+        }
+        Outcome::Reject(e) => return Err(TlsError::ClientHello(e)),
+        Outcome::Undecided(_) => Peeked::NotTls(TlsError::PeekTimeout(layer.timeout)),
+    };
+    Ok((peeked, io))
 }
 
 impl<S, I> Service<Conn<I>> for PeekService<S>
@@ -185,16 +191,15 @@ where
         let layer = self.layer.clone();
         let inner = self.inner.clone();
         Box::pin(async move {
-            let (mut io, mut metadata) = conn.into_parts();
-            let mut buf = Vec::with_capacity(1024);
-            let peeked = match read_hello(&mut io, &mut buf, &layer).await {
+            let (io, mut metadata) = conn.into_parts();
+            let (peeked, io) = match read_hello(io, &layer).await {
                 Ok(p) => p,
                 Err(e) => {
                     debug!(error = %e, "not a usable ClientHello; closing");
                     return Err(e);
                 }
             };
-            let replay = Conn::from_parts(BoxIo::new(PrefixedIo::new(buf, io)), metadata.clone());
+            let replay = Conn::from_parts(BoxIo::new(io), metadata.clone());
             match peeked {
                 Peeked::Hello(hello) => {
                     debug!(
