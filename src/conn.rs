@@ -22,27 +22,89 @@ use std::time::Instant;
 use bytes::{Buf, Bytes};
 use http::Extensions;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use crate::addr::{Authority, AuthorityError, Host};
 
-/// A byte stream a proxy can hold: readable, writable, sendable across tasks.
+/// A byte stream a proxy can hold: readable, writable, sendable across tasks, and able to
+/// say which TCP socket it runs on.
 ///
-/// Implemented for every type that qualifies. [`Io::as_any`] lets a layer look through a
-/// [`BoxIo`] for a concrete socket (for `SO_ORIGINAL_DST`, `SO_LINGER` or `splice(2)`).
+/// Socket options that must reach the kernel socket — `SO_LINGER` to turn a close into a
+/// reset, `SO_ORIGINAL_DST`, `splice(2)` — work through any stack of wrappers because each
+/// wrapper passes [`tcp_socket`](Io::tcp_socket) on to the stream it wraps (as linkerd's
+/// io crate does), instead of a list of known wrapper types.
+///
+/// Implemented here for `TcpStream`, every wrapper of this crate ([`BoxIo`], [`PrefixedIo`],
+/// [`Conn`], TLS streams, CONNECT tunnel streams), hyper's upgraded connections and tokio's
+/// in-memory `DuplexStream`. For a stream type of your own, one line is enough:
+///
+/// ```
+/// # use std::{io, pin::Pin, task::{Context, Poll}};
+/// # use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+/// struct MyStream(tokio::io::DuplexStream);
+/// # impl AsyncRead for MyStream {
+/// #     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &mut ReadBuf<'_>) -> Poll<io::Result<()>> { Pin::new(&mut self.get_mut().0).poll_read(cx, b) }
+/// # }
+/// # impl AsyncWrite for MyStream {
+/// #     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> { Pin::new(&mut self.get_mut().0).poll_write(cx, b) }
+/// #     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> { Pin::new(&mut self.get_mut().0).poll_flush(cx) }
+/// #     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> { Pin::new(&mut self.get_mut().0).poll_shutdown(cx) }
+/// # }
+/// impl proxystack::Io for MyStream {} // not over a TCP socket: the defaults say so
+/// ```
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {
-    /// The concrete stream, for downcasting.
-    fn as_any(&self) -> &dyn Any;
+    /// The TCP socket at the bottom of this stream, through every wrapper, for socket
+    /// options. `None` when there is none (in-memory streams, tunnels multiplexed over
+    /// HTTP/2).
+    fn tcp_socket(&self) -> Option<&TcpStream> {
+        None
+    }
+
+    /// The TCP socket when this stream *is* that socket byte for byte (nothing buffered,
+    /// nothing transformed in between), so that it may be read and written directly, e.g.
+    /// with `splice(2)`. `None` for TLS, a replay buffer not yet drained, and anything that
+    /// is not a plain socket.
+    fn raw_tcp_socket(&self) -> Option<&TcpStream> {
+        None
+    }
 }
 
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {
-    fn as_any(&self) -> &dyn Any {
-        self
+impl Io for TcpStream {
+    fn tcp_socket(&self) -> Option<&TcpStream> {
+        Some(self)
     }
+    fn raw_tcp_socket(&self) -> Option<&TcpStream> {
+        Some(self)
+    }
+}
+
+impl Io for tokio::io::DuplexStream {}
+
+/// A connection hyper switched to another protocol (`101`, HTTP/1.1 `CONNECT`). Its bytes
+/// may still sit in hyper's read buffer, so it does not claim the socket under it.
+#[cfg(any(feature = "http", feature = "connect"))]
+impl Io for hyper_util::rt::TokioIo<hyper::upgrade::Upgraded> {}
+
+/// Passes both socket lookups to the wrapped stream: for wrappers that neither buffer nor
+/// transform bytes.
+macro_rules! delegate_socket {
+    ($field:tt) => {
+        fn tcp_socket(&self) -> Option<&tokio::net::TcpStream> {
+            self.$field.tcp_socket()
+        }
+        fn raw_tcp_socket(&self) -> Option<&tokio::net::TcpStream> {
+            self.$field.raw_tcp_socket()
+        }
+    };
 }
 
 /// A boxed [`Io`]: what a terminating layer hands to the level above it.
 pub struct BoxIo(Box<dyn Io>);
+
+impl Io for BoxIo {
+    delegate_socket!(0);
+}
 
 impl BoxIo {
     /// Boxes `io`; a `BoxIo` is not boxed twice.
@@ -57,11 +119,6 @@ impl BoxIo {
             Some(io) => BoxIo(Box::new(io)),
             None => unreachable_empty_slot(),
         }
-    }
-
-    /// The boxed stream, for downcasting.
-    pub fn inner(&self) -> &dyn Any {
-        self.0.as_any()
     }
 }
 
@@ -134,7 +191,15 @@ macro_rules! delegate_io {
 }
 
 delegate_io!(BoxIo, 0);
-delegate_io!(Conn<I>, io, I: Io);
+delegate_io!(Conn<I>, io, I: AsyncReadWriteUnpin);
+
+impl<I: Io> Io for Conn<I> {
+    delegate_socket!(io);
+}
+
+/// `AsyncRead + AsyncWrite + Unpin`, as one bound for the delegation macros.
+pub(crate) trait AsyncReadWriteUnpin: AsyncRead + AsyncWrite + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncReadWriteUnpin for T {}
 
 /// `AsyncWrite + Unpin`, as one bound for the delegation macros.
 pub(crate) trait AsyncWriteUnpin: AsyncWrite + Unpin {}
@@ -190,6 +255,20 @@ impl<I: AsyncRead + Unpin> AsyncRead for PrefixedIo<I> {
 }
 
 delegate_write!(PrefixedIo<I>, io, I: AsyncWriteUnpin);
+
+impl<I: Io> Io for PrefixedIo<I> {
+    fn tcp_socket(&self) -> Option<&TcpStream> {
+        self.io.tcp_socket()
+    }
+    /// Only once every replayed byte has been read: until then the socket is behind.
+    fn raw_tcp_socket(&self) -> Option<&TcpStream> {
+        if self.prefix.is_empty() {
+            self.io.raw_tcp_socket()
+        } else {
+            None
+        }
+    }
+}
 
 /// Reads until the bytes either are the HTTP/2 preface or cannot be; returns the stream with
 /// those bytes put back and whether it speaks HTTP/2. `None`: closed before sending a byte.

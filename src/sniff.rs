@@ -123,8 +123,10 @@ impl SniffLimits {
 /// }
 ///
 /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-/// let client = std::io::Cursor::new(b"PING\r\n".to_vec());
-/// let (outcome, mut replay) = sniff(client, &mut Ping, SniffLimits::new(64, None)).await.unwrap();
+/// let (mut client, server) = tokio::io::duplex(64);
+/// tokio::io::AsyncWriteExt::write_all(&mut client, b"PING\r\n").await.unwrap();
+/// drop(client);
+/// let (outcome, mut replay) = sniff(server, &mut Ping, SniffLimits::new(64, None)).await.unwrap();
 /// assert_eq!(outcome, Outcome::Match(()));
 /// let mut all = Vec::new();
 /// replay.read_to_end(&mut all).await.unwrap();

@@ -828,6 +828,13 @@ struct Trickle {
     one_byte_writes: Arc<std::sync::atomic::AtomicUsize>,
 }
 
+/// Over a TCP socket, but writes are reshaped: socket options reach it, `splice` must not.
+impl proxystack::Io for Trickle {
+    fn tcp_socket(&self) -> Option<&TcpStream> {
+        Some(&self.io)
+    }
+}
+
 impl AsyncRead for Trickle {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -1008,7 +1008,9 @@ where
     let drained = tokio::spawn(signal.drain());
     // Let the GOAWAY arrive and stay unread: closing now sends a reset.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    c.set_linger(Some(Duration::ZERO)).unwrap();
+    socket2::SockRef::from(&c)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
     drop(c);
     tokio::time::timeout(SOON, proxy.task)
         .await

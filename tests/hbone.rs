@@ -406,10 +406,7 @@ async fn connect_with_scheme_and_path_is_rejected() {
 }
 
 /// A TLS connection to an HBONE server with the client's mesh certificate, for raw HTTP/2.
-async fn hbone_tls_to(
-    ca: &DemoCa,
-    server: SocketAddr,
-) -> proxystack::Conn<impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> {
+async fn hbone_tls_to(ca: &DemoCa, server: SocketAddr) -> proxystack::Conn<impl proxystack::Io> {
     let tls = proxystack::tls::TlsConnector::new(tcp::TcpConnector::new(), ca.roots())
         .client_cert(ca.workload_cert("default", "client"))
         .unwrap()

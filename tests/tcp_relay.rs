@@ -562,3 +562,78 @@ async fn idle_timeout_applies_on_both_paths() {
         assert!(closed.is_ok(), "splice={splice}: idle relay not closed");
     }
 }
+
+/// Issue 15 item 2: an upstream reset reaches the client as a reset through every wrapper
+/// between the relay and the client's socket — here a replay buffer nested twice, and TLS
+/// terminated over a boxed stream (detection in front) — because each wrapper passes
+/// `Io::tcp_socket` on instead of being looked up in a list of known types.
+#[tokio::test]
+async fn upstream_reset_reaches_the_client_through_nested_wrappers() {
+    use proxystack::{BoxIo, Conn, PrefixedIo};
+    use tower::ServiceExt;
+
+    let upstream = || async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            s.write_all(&[7u8; 10_000]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            reset(s);
+        });
+        addr
+    };
+
+    // BoxIo<PrefixedIo<PrefixedIo<TcpStream>>>; with nothing left to replay the splice
+    // path sees through them too.
+    for splice in [false, true] {
+        let relay = relay_via(upstream().await, splice);
+        let nested = tower::service_fn(move |conn: Conn<TcpStream>| {
+            let relay = relay.clone();
+            let (io, meta) = conn.into_parts();
+            let io = PrefixedIo::new(&b""[..], PrefixedIo::new(&b""[..], io));
+            relay.oneshot(Conn::from_parts(BoxIo::new(io), meta))
+        });
+        let proxy = start(Server::new(), nested).await;
+        let mut c = TcpStream::connect(proxy.addr).await.unwrap();
+        let err = c.read_to_end(&mut Vec::new()).await.expect_err("a reset");
+        assert_eq!(
+            err.kind(),
+            std::io::ErrorKind::ConnectionReset,
+            "splice {splice}"
+        );
+        proxy.shutdown().await;
+    }
+
+    #[cfg(all(feature = "detect", feature = "demo-certs"))]
+    {
+        use proxystack::detect::{DetectLayer, Router};
+        use proxystack::tls::{demo::DemoCa, ServerConfigBuilder, TerminateLayer};
+        use tower::ServiceBuilder;
+        let ca = DemoCa::new("example.org");
+        let config = ServerConfigBuilder::new()
+            .default_cert(ca.server_cert(&["localhost"]))
+            .build()
+            .unwrap();
+        // TlsStream<BoxIo<PrefixedIo<TcpStream>>>, boxed again for the relay.
+        let tls = ServiceBuilder::new()
+            .layer(TerminateLayer::new(config))
+            .service(relay_via(upstream().await, false));
+        let svc = ServiceBuilder::new()
+            .layer(DetectLayer::new())
+            .service(Router::new().tls(tls));
+        let proxy = start(Server::new(), svc).await;
+        let client = rustls::ClientConfig::builder()
+            .with_root_certificates(ca.roots())
+            .with_no_client_auth();
+        let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut c = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let err = c.read_to_end(&mut Vec::new()).await.expect_err("a reset");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+        proxy.shutdown().await;
+    }
+}

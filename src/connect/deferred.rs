@@ -65,6 +65,23 @@ impl DeferredIo {
 
 use std::future::Future;
 
+/// The tunnel's stream, once the terminator handed it over (an HTTP/1.1 `CONNECT` tunnel
+/// runs on the client's TCP socket; an HTTP/2 one on a stream of a shared connection).
+impl crate::conn::Io for DeferredIo {
+    fn tcp_socket(&self) -> Option<&tokio::net::TcpStream> {
+        match &self.state {
+            State::Ready(io) => crate::conn::Io::tcp_socket(io),
+            _ => None,
+        }
+    }
+    fn raw_tcp_socket(&self) -> Option<&tokio::net::TcpStream> {
+        match &self.state {
+            State::Ready(io) => crate::conn::Io::raw_tcp_socket(io),
+            _ => None,
+        }
+    }
+}
+
 impl AsyncRead for DeferredIo {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -483,6 +483,8 @@ impl std::fmt::Debug for PooledTunnel {
     }
 }
 
+impl crate::conn::Io for PooledTunnel {}
+
 impl AsyncRead for PooledTunnel {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -176,6 +176,9 @@ fn to_io(e: h2::Error) -> io::Error {
     io::Error::new(kind, e)
 }
 
+/// A stream of a multiplexed HTTP/2 connection: no socket of its own.
+impl crate::conn::Io for H2Stream {}
+
 impl AsyncRead for H2Stream {
     fn poll_read(
         self: Pin<&mut Self>,

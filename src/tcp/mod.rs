@@ -25,4 +25,3 @@ pub use connector::{ConnectError, ConnectErrorKind, TcpConnector};
 pub use original_dst::{original_dst, OriginalDstLayer, OriginalDstService};
 pub use relay::{relay, relay_with, Close, CloseKind, RelayConfig, RelayError, RelayStats, Side};
 pub use service::{Relay, RelayServiceError};
-pub use socket::find_tcp;

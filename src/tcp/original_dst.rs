@@ -12,7 +12,6 @@ use std::task::{Context, Poll};
 use tokio::net::TcpStream;
 use tower::{Layer, Service};
 
-use super::socket::find_tcp;
 use crate::conn::{Conn, Io, LocalAddr, OriginalDst};
 
 /// Reads the original destination of a redirected TCP connection.
@@ -91,7 +90,7 @@ where
         // The accept loop recorded the local address; asking the socket again would cost
         // a syscall per connection.
         let known = conn.get::<LocalAddr>().map(|l| l.0);
-        let found = find_tcp(conn.io().as_any()).map(|tcp| {
+        let found = conn.io().tcp_socket().map(|tcp| {
             let local = known.map_or_else(|| tcp.local_addr(), Ok)?;
             Ok::<_, io::Error>((original_dst_from(tcp, local)?, local))
         });

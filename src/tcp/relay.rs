@@ -255,8 +255,8 @@ pub async fn relay_with<A: Io, B: Io>(
     let result = finish(ending, &mut first_close, |side| {
         // Propagate the abort: the healthy peer must not mistake it for a clean FIN.
         match side {
-            Side::Downstream => arm_reset(Io::as_any(&*upstream)),
-            Side::Upstream => arm_reset(Io::as_any(&*downstream)),
+            Side::Downstream => arm_reset(&*upstream),
+            Side::Upstream => arm_reset(&*downstream),
         };
     });
     RelayStats {

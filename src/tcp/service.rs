@@ -84,7 +84,8 @@ impl<C, U> Relay<C, U> {
     }
 }
 
-/// The splice fast path when both ends are plain TCP sockets, else the copy loop.
+/// The splice fast path when both ends are plain TCP sockets (also behind a `BoxIo` or a
+/// drained replay buffer), else the copy loop.
 async fn relay_any<I: Io, O: Io>(
     down: &mut I,
     up: &mut O,
@@ -92,9 +93,7 @@ async fn relay_any<I: Io, O: Io>(
 ) -> super::RelayStats {
     #[cfg(target_os = "linux")]
     if config.splice_enabled() {
-        let down_tcp = (&*down as &dyn std::any::Any).downcast_ref::<tokio::net::TcpStream>();
-        let up_tcp = (&*up as &dyn std::any::Any).downcast_ref::<tokio::net::TcpStream>();
-        if let (Some(d), Some(u)) = (down_tcp, up_tcp) {
+        if let (Some(d), Some(u)) = (down.raw_tcp_socket(), up.raw_tcp_socket()) {
             return super::splice::splice_relay(d, u, config).await;
         }
     }

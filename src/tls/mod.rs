@@ -89,6 +89,20 @@ pub fn aes_gcm_provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(p)
 }
 
+/// The socket under a TLS session: for socket options only (its bytes are ciphertext).
+impl<I: crate::conn::Io> crate::conn::Io for tokio_rustls::server::TlsStream<I> {
+    fn tcp_socket(&self) -> Option<&tokio::net::TcpStream> {
+        self.get_ref().0.tcp_socket()
+    }
+}
+
+/// The socket under a TLS session: for socket options only (its bytes are ciphertext).
+impl<I: crate::conn::Io> crate::conn::Io for tokio_rustls::client::TlsStream<I> {
+    fn tcp_socket(&self) -> Option<&tokio::net::TcpStream> {
+        self.get_ref().0.tcp_socket()
+    }
+}
+
 /// Records the facts of a finished handshake as metadata.
 fn record_session(meta: &mut http::Extensions, state: &rustls::CommonState, sni: Option<&str>) {
     if let Some(sni) = sni {
