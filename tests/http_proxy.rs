@@ -506,3 +506,149 @@ async fn connection_metadata_reaches_request_extensions_and_drain_closes() {
     assert!(rest.is_empty());
     proxy.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------------
+// Issue 14 items 3 and 6: the scheme is a fact about the connection; at the edge, every
+// forwarding field the client sent is dropped.
+
+/// The `/headers` page through `proxy` for a raw HTTP/1.1 request (the body).
+async fn raw_headers_page(proxy: std::net::SocketAddr, request: &str) -> String {
+    let (out, _) = raw_exchange(proxy, request.as_bytes(), Duration::from_secs(10)).await;
+    let out = String::from_utf8_lossy(&out).into_owned();
+    assert_eq!(status_of(out.as_bytes()), Some(200), "{out}");
+    out
+}
+
+/// `GET https://…` in HTTP/1.1 or `:scheme: https` over h2c, on a cleartext connection,
+/// does not make the proxy tell the origin the client used TLS: `X-Forwarded-Proto`,
+/// `Forwarded: proto=` and the upstream `:scheme` say `http`. A TLS connection that
+/// `TerminateLayer` terminated says `https` without any hand-inserted `RequestScheme`; the
+/// outer TLS of a tunnel (HBONE) does not count for the cleartext inside it.
+#[tokio::test]
+async fn forwarding_proto_comes_from_the_connection_not_the_request() {
+    need!("curl");
+    let b = backend().await;
+    let edge = |fwd: Forward<tcp::TcpConnector, _>| {
+        fwd.forwarded(ForwardedMode::Overwrite)
+            .x_forwarded(ForwardedMode::Overwrite)
+            .upstream_protocol(UpstreamProtocol::MatchClient)
+    };
+    let proxy = detecting_proxy(edge(forward_to(b.addr))).await;
+
+    // HTTP/1.1, absolute-form https target on a cleartext connection.
+    let t = raw_headers_page(
+        proxy.addr,
+        "GET https://app.example.com/headers HTTP/1.1\r\nHost: app.example.com\r\n\
+         X-Forwarded-Proto: https\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(t.contains("x-forwarded-proto: http\n"), "{t}");
+    assert!(t.contains(";proto=http\n"), "{t}");
+    assert!(!t.contains("https"), "the client's scheme leaked: {t}");
+
+    // h2c with `:scheme: https` (hyper sends the URI's scheme), to an h2 upstream.
+    let mut send = h2_client(proxy.addr).await;
+    let req = Request::get("https://app.example.com/headers")
+        .body(empty())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let t = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(t.contains("version: HTTP/2.0"), "{t}");
+    assert!(
+        t.contains("uri: http://app.example.com/headers\n"),
+        "upstream :scheme: {t}"
+    );
+    assert!(t.contains("x-forwarded-proto: http\n"), "{t}");
+    assert!(!t.contains("https"), "the client's :scheme leaked: {t}");
+
+    // The same through curl's h2c client, for good measure.
+    let out = curl(&[
+        "--http2-prior-knowledge",
+        "-H",
+        "X-Forwarded-Proto: https",
+        &format!("http://{}/headers", proxy.addr),
+    ])
+    .await
+    .unwrap();
+    let t = text(&out);
+    assert!(t.contains("x-forwarded-proto: http\n"), "{t}");
+    proxy.shutdown().await;
+
+    // A tunnel's metadata nests the outer (TLS) connection under `Outer`: the HTTP inside
+    // is cleartext, and it says so.
+    #[cfg(all(feature = "connect", feature = "tls"))]
+    {
+        use proxystack::connect::Outer;
+        use std::sync::Arc;
+        use tower::ServiceExt;
+        let fwd = edge(forward_to(b.addr));
+        let in_tunnel = tower::service_fn(move |mut req: Request<Incoming>| {
+            let mut outer = http::Extensions::new();
+            outer.insert(proxystack::tls::TlsInfo {
+                version: proxystack::tls::rustls::ProtocolVersion::TLSv1_3,
+                cipher: proxystack::tls::rustls::CipherSuite::TLS13_AES_128_GCM_SHA256,
+            });
+            req.extensions_mut().insert(Outer(Arc::new(outer)));
+            fwd.clone().oneshot(req)
+        });
+        let proxy = serve_http(HttpServer::new(in_tunnel)).await;
+        let t = raw_headers_page(
+            proxy.addr,
+            "GET /headers HTTP/1.1\r\nHost: app.example.com\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(t.contains("x-forwarded-proto: http\n"), "{t}");
+        proxy.shutdown().await;
+    }
+
+    // A TLS connection: `https`, from `TlsInfo`, with no `RequestScheme` inserted by hand.
+    #[cfg(all(feature = "tls", feature = "demo-certs"))]
+    {
+        use proxystack::tls::{demo::DemoCa, ServerConfigBuilder, TerminateLayer};
+        let ca = DemoCa::new("example.org");
+        let config = ServerConfigBuilder::new()
+            .cert_for("app.example.com", ca.server_cert(&["app.example.com"]))
+            .alpn(["h2", "http/1.1"])
+            .build()
+            .unwrap();
+        let server = HttpServer::new(edge(forward_to(b.addr)));
+        let proxy = serve(
+            ServiceBuilder::new()
+                .layer(TerminateLayer::new(config))
+                .service(server),
+        )
+        .await;
+        let ca_file = std::env::temp_dir().join(format!(
+            "proxystack-http-proxy-scheme-{}.pem",
+            std::process::id()
+        ));
+        std::fs::write(&ca_file, ca.root_pem()).unwrap();
+        let port = proxy.addr.port();
+        for version in ["--http1.1", "--http2"] {
+            let out = curl(&[
+                version,
+                "--cacert",
+                &ca_file.to_string_lossy(),
+                "--resolve",
+                &format!("app.example.com:{port}:127.0.0.1"),
+                &format!("https://app.example.com:{port}/headers"),
+            ])
+            .await
+            .unwrap();
+            let t = text(&out);
+            assert!(t.contains("x-forwarded-proto: https\n"), "{version}: {t}");
+            assert!(t.contains(";proto=https\n"), "{version}: {t}");
+        }
+        let _ = std::fs::remove_file(ca_file);
+        proxy.shutdown().await;
+    }
+}

@@ -54,9 +54,17 @@ pub enum ForwardedMode {
     Overwrite,
 }
 
-/// Connection or request metadata: the scheme the client used, when the HTTP level cannot
-/// see it (HTTP/1 requests carry no scheme). A TLS-terminating layer inserts
-/// `RequestScheme(Scheme::HTTPS)`; without it, `http` is assumed.
+/// Connection (or request) metadata: the scheme the client's *connection* used, for
+/// `Forwarded: proto=`, `X-Forwarded-Proto` and the upstream `:scheme`.
+///
+/// [`Forward`] never takes the scheme from the request: an absolute-form
+/// `GET https://…` or an h2c `:scheme: https` on a cleartext connection is the client's
+/// claim, not a fact. It uses, in order: this metadata when a layer inserted it (e.g.
+/// behind a trusted TLS-terminating load balancer), else `https` when the request's
+/// extensions hold `tls::TlsInfo` *directly* (inserted by `tls::TerminateLayer` on this
+/// connection; feature `tls`), else `http`. A tunnel's metadata nests its outer connection
+/// under `connect::Outer`, so the outer TLS of an HBONE tunnel does not make the cleartext
+/// HTTP inside it `https`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestScheme(pub Scheme);
 
@@ -75,6 +83,9 @@ pub struct RequestScheme(pub Scheme);
 /// * bodies stream both ways with backpressure; nothing is buffered whole;
 /// * an HTTP/1 `Upgrade` (WebSocket…) is passed on, and bytes are relayed only when the
 ///   upstream answers `101`; any other answer is an ordinary response;
+/// * the scheme reported upstream (`Forwarded: proto=`, `X-Forwarded-Proto`, HTTP/2
+///   `:scheme`) is the connection's, never the request's (see [`RequestScheme`]): `https`
+///   exactly when this connection's TLS was terminated here;
 /// * failures become short plain-text responses: no route `404`, refused request `400`,
 ///   connect failure `502`, timeout `504` (see [`ForwardError`]).
 ///
@@ -173,13 +184,15 @@ impl<C, R> Forward<C, R> {
     }
 
     /// Writes an RFC 7239 `Forwarded` element for this hop:
-    /// `for="<client ip:port>";host=<authority>;proto=<scheme>` (IPv6 as `"[::1]:80"`).
+    /// `for="<client ip:port>";host=<authority>;proto=<scheme>` (IPv6 as `"[::1]:80"`;
+    /// the scheme of the connection, see [`RequestScheme`]).
     pub fn forwarded(mut self, mode: ForwardedMode) -> Self {
         self.config_mut().forwarded = mode;
         self
     }
 
-    /// Writes `X-Forwarded-For` (the client IP) and `X-Forwarded-Proto`.
+    /// Writes `X-Forwarded-For` (the client IP) and `X-Forwarded-Proto` (the scheme of the
+    /// connection, see [`RequestScheme`]).
     pub fn x_forwarded(mut self, mode: ForwardedMode) -> Self {
         self.config_mut().x_forwarded = mode;
         self
@@ -343,7 +356,7 @@ where
         };
 
         let (mut parts, body) = req.into_parts();
-        let scheme = client_scheme(&parts);
+        let scheme = connection_scheme(&parts.extensions);
         headers::remove_hop_by_hop(&mut parts.headers, upgrade.is_some());
         if let Some(protocols) = upgrade {
             parts.headers.insert(header::UPGRADE, protocols);
@@ -532,14 +545,19 @@ fn request_authority<B>(req: &Request<B>) -> Result<Option<String>, &'static str
     Ok(Some(authority))
 }
 
-fn client_scheme(parts: &Parts) -> Scheme {
-    if let Some(s) = parts.uri.scheme() {
-        return s.clone();
+/// The scheme of the client's connection (see [`RequestScheme`]); the request's own
+/// scheme is a claim and is ignored.
+fn connection_scheme(extensions: &http::Extensions) -> Scheme {
+    if let Some(s) = extensions.get::<RequestScheme>() {
+        return s.0.clone();
     }
-    parts
-        .extensions
-        .get::<RequestScheme>()
-        .map_or(Scheme::HTTP, |s| s.0.clone())
+    // `get`, not `connect::lookup`: the TLS of an outer connection (a tunnel's carrier)
+    // says nothing about the cleartext inside the tunnel.
+    #[cfg(feature = "tls")]
+    if extensions.get::<crate::tls::TlsInfo>().is_some() {
+        return Scheme::HTTPS;
+    }
+    Scheme::HTTP
 }
 
 /// Rewrites the request line for the upstream: origin-form plus `Host` for HTTP/1.1,
