@@ -652,3 +652,96 @@ async fn forwarding_proto_comes_from_the_connection_not_the_request() {
         proxy.shutdown().await;
     }
 }
+
+/// What a client may send to look like it came through other proxies, or to steer an
+/// origin's idea of its own URL.
+const FORGED_FORWARDING_FIELDS: &[(&str, &str)] = &[
+    ("Forwarded", "for=6.6.6.6;proto=https"),
+    ("X-Forwarded-For", "6.6.6.6"),
+    ("X-Forwarded-Proto", "https"),
+    ("X-Forwarded-Host", "evil.example"),
+    ("X-Forwarded-Port", "666"),
+    ("X-Forwarded-Prefix", "/evil"),
+    ("X-Forwarded-Scheme", "https"),
+    ("X-Forwarded-Ssl", "on"),
+    ("X-Forwarded-Server", "evil.example"),
+    ("X-Forwarded-Uri", "/evil"),
+    ("X-Original-Forwarded-For", "6.6.6.6"),
+    ("X-Original-URL", "/evil"),
+    ("X-Real-IP", "6.6.6.6"),
+];
+
+/// `ForwardedMode::Overwrite` (on either field family) drops every `Forwarded`,
+/// `X-Forwarded-*`, `X-Real-IP` and `X-Original-*` field the client sent, over HTTP/1.1
+/// and h2c, and writes only this hop's; unrelated fields pass; `Append` keeps them.
+#[tokio::test]
+async fn overwrite_drops_every_client_forwarding_field() {
+    need!("curl");
+    let b = backend().await;
+    let mut args: Vec<String> = Vec::new();
+    for (name, value) in FORGED_FORWARDING_FIELDS {
+        args.push("-H".into());
+        args.push(format!("{name}: {value}"));
+    }
+    args.extend(["-H".into(), "X-Forwarded: kept".into()]);
+    args.extend(["-H".into(), "X-Originals: kept".into()]);
+    let modes = [
+        (ForwardedMode::Overwrite, ForwardedMode::Overwrite),
+        (ForwardedMode::Overwrite, ForwardedMode::Off),
+        (ForwardedMode::Off, ForwardedMode::Overwrite),
+        (ForwardedMode::Append, ForwardedMode::Overwrite),
+    ];
+    for (forwarded, x_forwarded) in modes {
+        let fwd = forward_to(b.addr)
+            .forwarded(forwarded)
+            .x_forwarded(x_forwarded);
+        let proxy = detecting_proxy(fwd).await;
+        let url = format!("http://{}/headers", proxy.addr);
+        for version in ["--http1.1", "--http2-prior-knowledge"] {
+            let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
+            a.extend([version, url.as_str()]);
+            let t = text(&curl(&a).await.unwrap());
+            let mode = format!("{forwarded:?}/{x_forwarded:?} {version}");
+            assert!(t.starts_with("method: GET"), "{mode}: {t}");
+            assert!(!t.contains("6.6.6.6"), "{mode}: {t}");
+            assert!(!t.contains("evil"), "{mode}: {t}");
+            assert!(!t.contains("https"), "{mode}: {t}");
+            for name in [
+                "x-forwarded-port",
+                "x-forwarded-ssl",
+                "x-real-ip",
+                "x-original-",
+            ] {
+                assert!(!t.contains(name), "{mode}: {name} passed: {t}");
+            }
+            assert!(t.contains("x-forwarded: kept\n"), "{mode}: {t}");
+            assert!(t.contains("x-originals: kept\n"), "{mode}: {t}");
+            let hop_forwarded = t.contains("forwarded: for=\"127.0.0.1:");
+            assert_eq!(
+                hop_forwarded,
+                forwarded != ForwardedMode::Off,
+                "{mode}: {t}"
+            );
+            let hop_xff = t.contains("x-forwarded-for: 127.0.0.1\n")
+                && t.contains("x-forwarded-proto: http\n");
+            assert_eq!(hop_xff, x_forwarded != ForwardedMode::Off, "{mode}: {t}");
+        }
+        proxy.shutdown().await;
+    }
+
+    // Append (a proxy behind trusted ones) keeps what earlier hops wrote.
+    let proxy = detecting_proxy(
+        forward_to(b.addr)
+            .forwarded(ForwardedMode::Append)
+            .x_forwarded(ForwardedMode::Append),
+    )
+    .await;
+    let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let url = format!("http://{}/headers", proxy.addr);
+    a.push(&url);
+    let t = text(&curl(&a).await.unwrap());
+    assert!(t.contains("x-forwarded-prefix: /evil\n"), "{t}");
+    assert!(t.contains("x-real-ip: 6.6.6.6\n"), "{t}");
+    assert!(t.contains("x-forwarded-for: 6.6.6.6, 127.0.0.1\n"), "{t}");
+    proxy.shutdown().await;
+}

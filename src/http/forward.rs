@@ -50,7 +50,12 @@ pub enum ForwardedMode {
     /// Add this hop to what earlier (trusted) proxies wrote.
     Append,
     /// At the edge: drop whatever the client sent (it may be forged) and write only this
-    /// hop.
+    /// hop. Either [`Forward::forwarded`] or [`Forward::x_forwarded`] in this mode makes
+    /// the proxy an edge: *every* field a client could forge to pose as an earlier proxy
+    /// goes, not only the ones this hop writes — `Forwarded`, all `X-Forwarded-*`
+    /// (`-For`, `-Proto`, `-Host`, `-Port`, `-Prefix`, `-Scheme`, `-Ssl`, `-Server`,
+    /// `-Uri`, …), `X-Real-IP` and all `X-Original-*` (`-Forwarded-For`, `-URL`, …). An
+    /// `Append` on the other family then only adds this hop.
     Overwrite,
 }
 
@@ -185,14 +190,17 @@ impl<C, R> Forward<C, R> {
 
     /// Writes an RFC 7239 `Forwarded` element for this hop:
     /// `for="<client ip:port>";host=<authority>;proto=<scheme>` (IPv6 as `"[::1]:80"`;
-    /// the scheme of the connection, see [`RequestScheme`]).
+    /// the scheme of the connection, see [`RequestScheme`]). With
+    /// [`ForwardedMode::Overwrite`] every forwarding field the client sent is dropped
+    /// first.
     pub fn forwarded(mut self, mode: ForwardedMode) -> Self {
         self.config_mut().forwarded = mode;
         self
     }
 
     /// Writes `X-Forwarded-For` (the client IP) and `X-Forwarded-Proto` (the scheme of the
-    /// connection, see [`RequestScheme`]).
+    /// connection, see [`RequestScheme`]). With [`ForwardedMode::Overwrite`] every
+    /// forwarding field the client sent is dropped first.
     pub fn x_forwarded(mut self, mode: ForwardedMode) -> Self {
         self.config_mut().x_forwarded = mode;
         self
@@ -435,15 +443,16 @@ where
         version: Version,
     ) {
         let client = parts.extensions.get::<PeerAddr>().map(|p| p.0);
-        match self.config.forwarded {
-            ForwardedMode::Off => {}
-            mode => {
-                let element = headers::forwarded_element(client, None, authority, scheme.as_str());
-                if mode == ForwardedMode::Overwrite {
-                    parts.headers.remove(header::FORWARDED);
-                }
-                headers::append_list(&mut parts.headers, header::FORWARDED, &element);
-            }
+        if self.config.forwarded == ForwardedMode::Overwrite
+            || self.config.x_forwarded == ForwardedMode::Overwrite
+        {
+            // At the edge nothing the client wrote about earlier hops is true, whichever
+            // of the fields this hop writes itself.
+            headers::remove_forwarding_fields(&mut parts.headers);
+        }
+        if self.config.forwarded != ForwardedMode::Off {
+            let element = headers::forwarded_element(client, None, authority, scheme.as_str());
+            headers::append_list(&mut parts.headers, header::FORWARDED, &element);
         }
         match self.config.x_forwarded {
             ForwardedMode::Off => {}
