@@ -73,6 +73,12 @@ pub enum ForwardedMode {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestScheme(pub Scheme);
 
+/// [`Target`] metadata: the router's response timeout for one upstream, overriding
+/// [`Forward::timeout`] (`None`: wait as long as the connection lives). The same rules
+/// apply: from the start of forwarding until the response head, `504` after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamTimeout(pub Option<Duration>);
+
 /// A reverse proxy: forwards each request to the [`Target`] a router picks, over any
 /// connector, with pooled upstream connections.
 ///
@@ -176,7 +182,8 @@ impl<C, R> Forward<C, R> {
 
     /// Time allowed from the start of forwarding until the upstream's response head
     /// (connecting included); `504` after it. Bodies are not covered: a long download is
-    /// not a slow upstream. `None` waits as long as the connection lives.
+    /// not a slow upstream. `None` waits as long as the connection lives. A router can
+    /// choose another per upstream with [`UpstreamTimeout`] target metadata.
     pub fn timeout(mut self, timeout: Option<Duration>) -> Self {
         self.config_mut().timeout = timeout;
         self
@@ -363,6 +370,9 @@ where
             }
         };
 
+        let timeout = target
+            .get::<UpstreamTimeout>()
+            .map_or(self.config.timeout, |t| t.0);
         let (mut parts, body) = req.into_parts();
         let scheme = connection_scheme(&parts.extensions);
         headers::remove_hop_by_hop(&mut parts.headers, upgrade.is_some());
@@ -390,7 +400,7 @@ where
         let send = self
             .pool
             .send(target, protocol, Request::from_parts(parts, body));
-        let result = match self.config.timeout {
+        let result = match timeout {
             Some(t) => tokio::time::timeout(t, send)
                 .await
                 .unwrap_or_else(|_| Err(ForwardError::new(ForwardErrorKind::Timeout))),
