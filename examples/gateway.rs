@@ -1,9 +1,21 @@
 //! An ingress gateway: TLS terminated with the certificate the client's SNI names (ALPN h2
 //! and http/1.1), HTTP routed on Host + path prefix (404 when nothing matches, 421 when the
 //! Host is not the name the TLS connection was made for), edge hardening (the client's
-//! `Forwarded` / `X-Forwarded-*` are replaced, never trusted), an optional TLS passthrough
-//! listener routed by SNI, an optional PROXY protocol requirement per listener (only from
-//! the load balancers' networks), and backends in plain TCP or HBONE.
+//! `Forwarded` / `X-Forwarded-*` / `X-Real-IP` / `X-Original-*` are dropped and this hop's
+//! written, never trusted), an optional TLS passthrough listener routed by SNI, an optional
+//! PROXY protocol requirement per listener (only from the load balancers' networks), and
+//! backends in plain TCP or HBONE, each with a response timeout (504).
+//!
+//! * Misdirected requests: on a TLS listener, `Host`/`:authority` must be the SNI (when
+//!   the client sent one) and a name of the certificate the connection presented (the
+//!   `names` of its `[[tls.cert]]`), else `421` (HTTP/2 connection reuse, clients that
+//!   ignore the certificate). A ClientHello without SNI is refused at the handshake with
+//!   `unknown_sni = "refuse"`; with `"default"` it gets the first certificate and may only
+//!   ask for that certificate's names.
+//! * The scheme reported upstream (`X-Forwarded-Proto`, `Forwarded: proto=`) is the
+//!   listener's: `https` on a TLS listener, `http` otherwise, whatever the request line
+//!   says.
+//! * An HTTP/1.0 request without `Host` matches only a `host = "*"` route.
 //!
 //! ```text
 //! cargo run --example gateway --features hbone,http,proxy-protocol,demo-certs -- --demo
@@ -33,6 +45,7 @@
 //! host = "app.example.com"         # exact, "*.example.com", or "*"
 //! path_prefix = "/api"             # on segment boundaries: /api, /api/x, not /apix
 //! backend = "10.0.0.5:8080"
+//! timeout_secs = 30                # until the response head (connecting included); 504
 //! identity = "spiffe://cluster.local/ns/default/sa/api"  # optional: HBONE, SAN pinned
 //! # next_hop = "10.0.0.5:15008"    # HBONE next hop (default: backend IP, port 15008)
 //! [[passthrough]]
@@ -59,13 +72,15 @@ use proxystack::addr::{Cidr, Host};
 use proxystack::conn::Metadata;
 use proxystack::hbone::{self, HboneTarget};
 use proxystack::http::{
-    Forward, ForwardedMode, HttpServer, Incoming, NormalizePathLayer, PoolKey, RequestScheme,
+    Forward, ForwardedMode, HttpServer, Incoming, NormalizePathLayer, PoolKey, UpstreamTimeout,
 };
 use proxystack::identity::SpiffeId;
 use proxystack::proxy_protocol::ProxyProtocolLayer;
 use proxystack::tls::rustls::RootCertStore;
-use proxystack::tls::{CertKey, PeekLayer, ServerConfigBuilder, Sni, TerminateLayer, UnknownSni};
-use proxystack::{tcp, Authority, Conn, Target};
+use proxystack::tls::{
+    CertKey, PeekLayer, ServerConfigBuilder, Sni, TerminateLayer, TlsInfo, UnknownSni,
+};
+use proxystack::{tcp, Authority, Target};
 use serde::Deserialize;
 use support::MeshConnector;
 use tower::{ServiceBuilder, ServiceExt};
@@ -152,10 +167,18 @@ struct Route {
     #[serde(default, deserialize_with = "support::parse_opt")]
     identity: Option<SpiffeId>,
     next_hop: Option<SocketAddr>,
+    /// Seconds until the backend's response head, as `http_proxy --timeout`.
+    #[serde(default = "default_timeout_secs")]
+    timeout_secs: u64,
 }
 
 fn slash() -> String {
     "/".into()
+}
+
+/// The same default as `http_proxy --timeout`.
+fn default_timeout_secs() -> u64 {
+    30
 }
 
 #[derive(Deserialize)]
@@ -186,10 +209,12 @@ impl Route {
         (rest.is_empty() || p.ends_with('/') || rest.starts_with('/')).then_some((rank, p.len()))
     }
 
-    /// Plain TCP, or HBONE with the backend's identity pinned and ours presented.
+    /// Plain TCP, or HBONE with the backend's identity pinned and ours presented; with the
+    /// route's response timeout.
     fn target(&self, me: Option<&SpiffeId>) -> Option<Target> {
+        let timeout = UpstreamTimeout(Some(Duration::from_secs(self.timeout_secs)));
         let Some(id) = &self.identity else {
-            return Some(Target::from(self.backend.clone()));
+            return Some(Target::from(self.backend.clone()).with(timeout));
         };
         let default_hop = || Some(SocketAddr::new(self.backend.canonical_ip()?, hbone::PORT));
         let next_hop = self.next_hop.or_else(default_hop)?;
@@ -200,9 +225,69 @@ impl Route {
         // Requests to two backends behind one next hop must not share a connection.
         Some(
             t.into_target()
-                .with(PoolKey(self.backend.to_string().into())),
+                .with(PoolKey(self.backend.to_string().into()))
+                .with(timeout),
         )
     }
+}
+
+/// The names each certificate is served for, to tell which certificate a TLS connection
+/// presented: the one configured for its SNI (exact, then `*.` one label up, as
+/// `ServerConfigBuilder` resolves it), else the default (the first).
+struct CertNames {
+    /// Lower-case name → index into `names`; a later `[[tls.cert]]` wins, as in the config.
+    by_name: HashMap<String, usize>,
+    names: Vec<Vec<String>>,
+}
+
+impl CertNames {
+    fn new(certs: &Certs) -> Self {
+        let names: Vec<Vec<String>> = (certs.iter())
+            .map(|(names, _)| names.iter().map(|n| n.to_ascii_lowercase()).collect())
+            .collect();
+        let by_name = (names.iter().enumerate())
+            .flat_map(|(i, names)| names.iter().map(move |n| (n.clone(), i)))
+            .collect();
+        Self { by_name, names }
+    }
+
+    /// The names of the certificate served to a client that sent `sni` (lower case).
+    fn presented(&self, sni: Option<&str>) -> &[String] {
+        let wildcard = |sni: &str| {
+            let (_, parent) = sni.split_once('.')?;
+            self.by_name.get(&format!("*.{parent}"))
+        };
+        let i = sni.and_then(|sni| self.by_name.get(sni).or_else(|| wildcard(sni)));
+        self.names
+            .get(i.copied().unwrap_or(0))
+            .map_or(&[], Vec::as_slice)
+    }
+}
+
+/// Whether `host` is one of `names` (`*.example.com` covers exactly one label).
+fn covers(names: &[String], host: &str) -> bool {
+    names.iter().any(|name| match name.strip_prefix("*.") {
+        Some(parent) => host
+            .split_once('.')
+            .is_some_and(|(label, rest)| !label.is_empty() && rest == parent),
+        None => name == host,
+    })
+}
+
+/// A request on a TLS connection for a host the connection was not made for: another name
+/// than the SNI (HTTP/2 connection reuse), or a name the certificate served does not carry
+/// (a client that sent no SNI, or with `unknown_sni = "default"` an unknown one, and
+/// ignored the certificate). A request without any authority on TLS is misdirected too.
+/// Cleartext requests never are.
+fn misdirected(req: &Request<Incoming>, certs: &CertNames) -> bool {
+    if req.extensions().get::<TlsInfo>().is_none() {
+        return false;
+    }
+    let sni = (req.extensions().get::<Sni>()).map(|s| s.0.to_ascii_lowercase());
+    let Some(host) = request_host(req) else {
+        return true;
+    };
+    sni.as_ref().is_some_and(|sni| *sni != host) || !covers(certs.presented(sni.as_deref()), &host)
 }
 
 /// The host a request is for (`:authority` or `Host`), lower case, without the port.
@@ -257,34 +342,35 @@ async fn main() {
     };
     let routes = Arc::new(config.route);
     let forward = Forward::new(connector, move |req: &Request<Incoming>| {
-        let host = request_host(req)?;
+        // No authority at all (HTTP/1.0 without Host): only a `*` route matches "".
+        let host = request_host(req).unwrap_or_default();
         let best = routes
             .iter()
             .filter_map(|r| Some((r.score(&host, req.uri().path())?, r)))
             .max_by_key(|(s, _)| *s);
         best?.1.target(me.as_ref())
     })
-    .timeout(Some(Duration::from_secs(30)))
-    // At the edge the client's forwarding fields are forgeries until proven otherwise.
+    // Every route sets its own (UpstreamTimeout); this is the same default.
+    .timeout(Some(Duration::from_secs(default_timeout_secs())))
+    // At the edge the client's forwarding fields are forgeries until proven otherwise:
+    // Overwrite drops all of them (X-Forwarded-*, X-Real-IP, X-Original-*, Forwarded) and
+    // writes this hop's, with the scheme of the connection (https after TerminateLayer).
     .forwarded(ForwardedMode::Overwrite)
     .x_forwarded(ForwardedMode::Overwrite);
-    let edge = tower::service_fn(move |mut req: Request<Incoming>| {
+    let cert_names = Arc::new(CertNames::new(&certs));
+    let edge = tower::service_fn(move |req: Request<Incoming>| {
         let forward = forward.clone();
+        let cert_names = cert_names.clone();
         async move {
-            // HTTP/2 connection reuse: a request for a host other than the one the TLS
-            // connection (and its certificate) was made for must not be routed.
-            let sni = req
-                .extensions()
-                .get::<Sni>()
-                .map(|s| s.0.to_ascii_lowercase());
-            if sni.is_some() && sni != request_host(&req) {
+            if misdirected(&req, &cert_names) {
+                tracing::debug!(
+                    host = request_host(&req).unwrap_or_default(),
+                    "misdirected request"
+                );
                 return Ok(support::plain_response(
                     StatusCode::MISDIRECTED_REQUEST,
                     "misdirected request\n",
                 ));
-            }
-            for name in ["x-forwarded-host", "x-forwarded-port", "x-real-ip"] {
-                req.headers_mut().remove(name);
             }
             forward.oneshot(req).await
         }
@@ -294,10 +380,6 @@ async fn main() {
         .layer(NormalizePathLayer)
         .service(edge);
     let http = HttpServer::new(edge).header_read_timeout(Some(Duration::from_secs(10)));
-    let https = http.clone().map_request(|mut c: Conn<proxystack::BoxIo>| {
-        c.insert(RequestScheme(http::uri::Scheme::HTTPS));
-        c
-    });
     let passthrough: HashMap<String, Target> = (config.passthrough.into_iter())
         .map(|p| (p.sni.to_ascii_lowercase(), p.backend))
         .collect();
@@ -328,7 +410,7 @@ async fn main() {
                     ServiceBuilder::new()
                         .layer(pp)
                         .layer(tls)
-                        .service(https.clone()),
+                        .service(http.clone()),
                 );
             }
             Mode::None => servers.spawn(
@@ -388,6 +470,12 @@ fn tls_config(certs: &Certs, unknown: Unknown) -> Arc<proxystack::tls::rustls::S
 
 fn load(config: Config) -> (Config, Certs, Mesh) {
     let mesh = config.identity.as_ref().map(|i| i.load());
+    if let Some(r) = config.route.iter().find(|r| r.timeout_secs == 0) {
+        support::fail(format!(
+            "route to {}: timeout_secs must be at least 1",
+            r.backend
+        ));
+    }
     for r in config.route.iter().filter(|r| r.identity.is_some()) {
         if mesh.is_none() {
             support::fail(format!("route to {}: HBONE needs [identity]", r.backend));

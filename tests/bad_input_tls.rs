@@ -683,8 +683,9 @@ async fn odd_server_names_are_recorded_verbatim_or_refused() {
 }
 
 /// An IP literal in SNI, from a real client (openssl sends what it is given): rustls
-/// ignores it, so the handshake completes with the default certificate and no `Sni`
-/// metadata, even with `UnknownSni::Refuse`.
+/// ignores it, so it is treated as no SNI: with `UnknownSni::UseDefault` the handshake
+/// completes with the default certificate and no `Sni` metadata; with
+/// `UnknownSni::Refuse` it is refused like any hello without a name (issue 14 item 7).
 #[tokio::test]
 async fn ip_literal_sni_from_openssl_is_treated_as_no_sni() {
     if !have("openssl") {
@@ -692,13 +693,21 @@ async fn ip_literal_sni_from_openssl_is_treated_as_no_sni() {
         return;
     }
     let ca = DemoCa::new("example.org");
-    let config = ServerConfigBuilder::new()
-        .cert_for(NAME, ca.server_cert(&[NAME]))
-        .default_cert(ca.server_cert(&["127.0.0.1"]))
-        .unknown_sni(UnknownSni::Refuse)
-        .build()
-        .unwrap();
-    let mut term = Harness::start(terminate(config)).await;
+    let build = |policy| {
+        ServerConfigBuilder::new()
+            .cert_for(NAME, ca.server_cert(&[NAME]))
+            .default_cert(ca.server_cert(&["127.0.0.1"]))
+            .unknown_sni(policy)
+            .build()
+            .unwrap()
+    };
+    let mut refusing = Harness::start(terminate(build(UnknownSni::Refuse))).await;
+    let out = s_client(refusing.addr(), &["-servername", "127.0.0.1"]).await;
+    assert!(out.contains("alert access denied"), "{out}");
+    refusing.next_error().await;
+    refusing.assert_nothing_reached_inner();
+
+    let mut term = Harness::start(terminate(build(UnknownSni::UseDefault))).await;
     let ca_file = std::env::temp_dir().join(format!("bad-input-tls-{}.pem", std::process::id()));
     std::fs::write(&ca_file, ca.root_pem()).unwrap();
     let out = s_client(
@@ -716,15 +725,16 @@ async fn ip_literal_sni_from_openssl_is_treated_as_no_sni() {
     assert!(out.contains("Verify return code: 0 (ok)"), "{out}");
     let meta = term.next_seen().await;
     assert!(meta.get::<Sni>().is_none());
-    // A name it has no certificate for is refused, as configured.
-    let out = s_client(term.addr(), &["-servername", "other.example.com"]).await;
+    // A name it has no certificate for is refused where unknown names are.
+    let out = s_client(refusing.addr(), &["-servername", "other.example.com"]).await;
     assert!(out.contains("alert"), "{out}");
     let _ = std::fs::remove_file(ca_file);
 }
 
 /// No SNI at all: `PeekLayer` records the hello without `Sni` (a router on SNI closes it,
-/// dialling nothing); `TerminateLayer` serves the default certificate even with
-/// `UnknownSni::Refuse`, and records no `Sni`.
+/// dialling nothing); `TerminateLayer` serves the default certificate with
+/// `UnknownSni::UseDefault` and records no `Sni`; with `UnknownSni::Refuse` a missing name
+/// is an unknown name: `access_denied`, nothing reaches the inner service (issue 14 item 7).
 #[tokio::test]
 async fn hello_without_sni() {
     let ca = DemoCa::new("example.org");
@@ -738,13 +748,24 @@ async fn hello_without_sni() {
     assert_eq!(meta.get::<PeekedHello>().unwrap().0.sni, None);
     assert_eq!(meta.get::<OfferedAlpn>().unwrap().0, [b"h2".to_vec()]);
 
-    let config = ServerConfigBuilder::new()
-        .cert_for(NAME, ca.server_cert(&[NAME]))
-        .default_cert(ca.server_cert(&["127.0.0.1"]))
-        .unknown_sni(UnknownSni::Refuse)
-        .build()
-        .unwrap();
-    let mut term = Harness::start(terminate(config)).await;
+    let build = |policy| {
+        ServerConfigBuilder::new()
+            .cert_for(NAME, ca.server_cert(&[NAME]))
+            .default_cert(ca.server_cert(&["127.0.0.1"]))
+            .unknown_sni(policy)
+            .build()
+            .unwrap()
+    };
+    let mut refusing = Harness::start(terminate(build(UnknownSni::Refuse))).await;
+    let err = tls_client(&ca)
+        .oneshot(Target::from(refusing.addr()))
+        .await
+        .unwrap_err();
+    assert!(format!("{err:?}").contains("AccessDenied"), "{err:?}");
+    refusing.next_error().await;
+    refusing.assert_nothing_reached_inner();
+
+    let mut term = Harness::start(terminate(build(UnknownSni::UseDefault))).await;
     // An IP target: rustls sends no SNI and checks the IP SAN of the default certificate.
     let mut conn = tls_client(&ca)
         .oneshot(Target::from(term.addr()))

@@ -1016,3 +1016,194 @@ protocol = "hbone"
         ex.stop();
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// gateway: issue 14 items 6, 7 and 10
+
+/// A loopback upstream that accepts connections and never answers; it stops accepting
+/// (and closes what it holds) after 20 s.
+fn silent_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut held = Vec::new();
+        while std::time::Instant::now() < deadline {
+            if let Ok((s, _)) = listener.accept() {
+                held.push(s);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    addr
+}
+
+/// `[tls]` with one certificate for `app.example.com` (the first, so the default) and one
+/// for `admin.example.com`, as PEM files.
+#[cfg(feature = "demo-certs")]
+fn gateway_tls_section(
+    ca: &proxystack::tls::demo::DemoCa,
+    unknown_sni: &str,
+    files: &mut TempFiles,
+) -> String {
+    let mut section = format!("[tls]\nunknown_sni = {unknown_sni:?}\n");
+    for name in ["app.example.com", "admin.example.com"] {
+        let ck = ca.server_cert(&[name]);
+        let cert = files.add("cert.pem", &pem("CERTIFICATE", ck.chain[0].as_ref()));
+        let key = files.add("key.pem", &pem("PRIVATE KEY", ck.key.secret_der()));
+        section.push_str(&format!(
+            "[[tls.cert]]\nnames = [{name:?}]\ncert = {:?}\nkey = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        ));
+    }
+    section
+}
+
+/// Item 7: a TLS client that sends no SNI (curl to an IP address) and ignores the
+/// certificate (`-k`, as an attacker does). With `unknown_sni = "refuse"` the handshake
+/// fails; with `"default"` it gets the default certificate (app.example.com) and may only
+/// ask for the names that certificate carries: any other Host is 421, not routed.
+#[cfg(feature = "demo-certs")]
+#[test]
+fn gateway_tls_without_sni_is_refused_or_limited_to_the_default_certificate() {
+    if !have("curl") {
+        println!("SKIPPED: curl not installed");
+        return;
+    }
+    let backend = header_echo_server([127, 0, 0, 1]);
+    let ca = proxystack::tls::demo::DemoCa::new("example.org");
+    let mut tmp = TempFiles::default();
+    for unknown in ["default", "refuse"] {
+        let tls = gateway_tls_section(&ca, unknown, &mut tmp);
+        let config = tmp.add(
+            "gateway.toml",
+            &format!(
+                "[[listener]]\nlisten = \"127.0.0.1:0\"\ntls = \"terminate\"\n{tls}\n\
+                 [[route]]\nhost = \"app.example.com\"\nbackend = \"{backend}\"\n\
+                 [[route]]\nhost = \"admin.example.com\"\nbackend = \"{backend}\"\n"
+            ),
+        );
+        let started = Example::start("gateway", &["--config", &config.to_string_lossy()]);
+        let Some(mut ex) = started else { return };
+        let gw = ex.listening(1)[0];
+        let no_sni = |host: &str, version: &str| {
+            curl(&[
+                "-k",
+                version,
+                "-H",
+                &format!("Host: {host}"),
+                "-w",
+                "\n%{http_code}",
+                &format!("https://{gw}/"),
+            ])
+        };
+        for version in ["--http1.1", "--http2"] {
+            let (code, out) = no_sni("admin.example.com", version);
+            let (app_code, app) = no_sni("app.example.com", version);
+            if unknown == "refuse" {
+                assert_ne!(code, 0, "{version}: handshake without SNI accepted: {out}");
+                assert_ne!(app_code, 0, "{version}: {app}");
+            } else {
+                assert_eq!(code, 0, "{version}: {out}");
+                assert!(
+                    out.ends_with("misdirected request\n\n421"),
+                    "{version}: {out}"
+                );
+                assert_eq!(app_code, 0, "{version}: {app}");
+                assert!(app.ends_with("\n200"), "{version}: {app}");
+                assert!(app.contains("host: app.example.com"), "{version}: {app}");
+            }
+        }
+        // Named clients are served as before.
+        let resolve = format!("admin.example.com:{}:127.0.0.1", gw.port());
+        let (code, out) = curl(&[
+            "-k",
+            "--resolve",
+            &resolve,
+            "-w",
+            "\n%{http_code}",
+            &format!("https://admin.example.com:{}/", gw.port()),
+        ]);
+        assert_eq!(code, 0, "{out}");
+        assert!(out.ends_with("\n200"), "{unknown}: {out}");
+        ex.stop();
+    }
+}
+
+/// Items 10 and 6 through the binary: an HTTP/1.0 request without Host matches a
+/// `host = "*"` route; a route's `timeout_secs` turns a silent upstream into a 504 in
+/// time; and every forwarding field the client sent is dropped before this hop's are
+/// written.
+#[test]
+fn gateway_hostless_http10_route_timeout_and_forwarding_fields() {
+    let backend = header_echo_server([127, 0, 0, 1]);
+    let silent = silent_server();
+    let mut tmp = TempFiles::default();
+    let config = tmp.add(
+        "gateway.toml",
+        &format!(
+            r#"
+[[listener]]
+listen = "127.0.0.1:0"
+tls = "none"
+
+[[route]]
+host = "*"
+backend = "{backend}"
+
+[[route]]
+host = "*"
+path_prefix = "/slow"
+backend = "{silent}"
+timeout_secs = 1
+"#
+        ),
+    );
+    let started = Example::start("gateway", &["--config", &config.to_string_lossy()]);
+    let Some(mut ex) = started else { return };
+    let gw = ex.listening(1)[0];
+
+    // Item 10: HTTP/1.0 without Host → the wildcard route (was 404).
+    let raw = exchange_with(gw, b"GET /old HTTP/1.0\r\n\r\n", false);
+    let (status, body) = parse_response(&raw).expect("a response");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("get /old http/1.1\r\n"), "{body}");
+
+    // Item 10: the route's own timeout, mapped to 504 (was: no such setting).
+    let started = std::time::Instant::now();
+    let (status, body) = http(gw, "app.example.com", "/slow", "").expect("a response");
+    assert_eq!((status, body.as_str()), (504, "upstream timed out\n"));
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+
+    // Item 6: the client's forwarding fields never reach the backend.
+    let forged = "Forwarded: for=6.6.6.6\r\nX-Forwarded-For: 6.6.6.6\r\n\
+                  X-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.example\r\n\
+                  X-Forwarded-Port: 666\r\nX-Forwarded-Prefix: /evil\r\n\
+                  X-Forwarded-Scheme: https\r\nX-Forwarded-Ssl: on\r\n\
+                  X-Forwarded-Server: evil.example\r\nX-Forwarded-Uri: /evil\r\n\
+                  X-Original-Forwarded-For: 6.6.6.6\r\nX-Original-URL: /evil\r\n\
+                  X-Real-IP: 6.6.6.6\r\nX-Unrelated: kept\r\n";
+    let (status, body) = http(gw, "app.example.com", "/hi", forged).expect("a response");
+    assert_eq!(status, 200, "{body}");
+    for gone in [
+        "6.6.6.6",
+        "evil",
+        "https",
+        "x-forwarded-port",
+        "x-forwarded-ssl",
+        "x-original-",
+        "x-real-ip",
+    ] {
+        assert!(!body.contains(gone), "{gone} reached the backend: {body}");
+    }
+    assert!(body.contains("x-forwarded-for: 127.0.0.1\r\n"), "{body}");
+    assert!(body.contains("x-forwarded-proto: http\r\n"), "{body}");
+    assert!(body.contains("x-unrelated: kept\r\n"), "{body}");
+    ex.stop();
+}

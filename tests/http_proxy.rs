@@ -506,3 +506,242 @@ async fn connection_metadata_reaches_request_extensions_and_drain_closes() {
     assert!(rest.is_empty());
     proxy.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------------
+// Issue 14 items 3 and 6: the scheme is a fact about the connection; at the edge, every
+// forwarding field the client sent is dropped.
+
+/// The `/headers` page through `proxy` for a raw HTTP/1.1 request (the body).
+async fn raw_headers_page(proxy: std::net::SocketAddr, request: &str) -> String {
+    let (out, _) = raw_exchange(proxy, request.as_bytes(), Duration::from_secs(10)).await;
+    let out = String::from_utf8_lossy(&out).into_owned();
+    assert_eq!(status_of(out.as_bytes()), Some(200), "{out}");
+    out
+}
+
+/// `GET https://…` in HTTP/1.1 or `:scheme: https` over h2c, on a cleartext connection,
+/// does not make the proxy tell the origin the client used TLS: `X-Forwarded-Proto`,
+/// `Forwarded: proto=` and the upstream `:scheme` say `http`. A TLS connection that
+/// `TerminateLayer` terminated says `https` without any hand-inserted `RequestScheme`; the
+/// outer TLS of a tunnel (HBONE) does not count for the cleartext inside it.
+#[tokio::test]
+async fn forwarding_proto_comes_from_the_connection_not_the_request() {
+    need!("curl");
+    let b = backend().await;
+    let edge = |fwd: Forward<tcp::TcpConnector, _>| {
+        fwd.forwarded(ForwardedMode::Overwrite)
+            .x_forwarded(ForwardedMode::Overwrite)
+            .upstream_protocol(UpstreamProtocol::MatchClient)
+    };
+    let proxy = detecting_proxy(edge(forward_to(b.addr))).await;
+
+    // HTTP/1.1, absolute-form https target on a cleartext connection.
+    let t = raw_headers_page(
+        proxy.addr,
+        "GET https://app.example.com/headers HTTP/1.1\r\nHost: app.example.com\r\n\
+         X-Forwarded-Proto: https\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(t.contains("x-forwarded-proto: http\n"), "{t}");
+    assert!(t.contains(";proto=http\n"), "{t}");
+    assert!(!t.contains("https"), "the client's scheme leaked: {t}");
+
+    // h2c with `:scheme: https` (hyper sends the URI's scheme), to an h2 upstream.
+    let mut send = h2_client(proxy.addr).await;
+    let req = Request::get("https://app.example.com/headers")
+        .body(empty())
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let t = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(t.contains("version: HTTP/2.0"), "{t}");
+    assert!(
+        t.contains("uri: http://app.example.com/headers\n"),
+        "upstream :scheme: {t}"
+    );
+    assert!(t.contains("x-forwarded-proto: http\n"), "{t}");
+    assert!(!t.contains("https"), "the client's :scheme leaked: {t}");
+
+    // The same through curl's h2c client, for good measure.
+    let out = curl(&[
+        "--http2-prior-knowledge",
+        "-H",
+        "X-Forwarded-Proto: https",
+        &format!("http://{}/headers", proxy.addr),
+    ])
+    .await
+    .unwrap();
+    let t = text(&out);
+    assert!(t.contains("x-forwarded-proto: http\n"), "{t}");
+    proxy.shutdown().await;
+
+    // A tunnel's metadata nests the outer (TLS) connection under `Outer`: the HTTP inside
+    // is cleartext, and it says so.
+    #[cfg(all(feature = "connect", feature = "tls"))]
+    {
+        use proxystack::connect::Outer;
+        use std::sync::Arc;
+        use tower::ServiceExt;
+        let fwd = edge(forward_to(b.addr));
+        let in_tunnel = tower::service_fn(move |mut req: Request<Incoming>| {
+            let mut outer = http::Extensions::new();
+            outer.insert(proxystack::tls::TlsInfo {
+                version: proxystack::tls::rustls::ProtocolVersion::TLSv1_3,
+                cipher: proxystack::tls::rustls::CipherSuite::TLS13_AES_128_GCM_SHA256,
+            });
+            req.extensions_mut().insert(Outer(Arc::new(outer)));
+            fwd.clone().oneshot(req)
+        });
+        let proxy = serve_http(HttpServer::new(in_tunnel)).await;
+        let t = raw_headers_page(
+            proxy.addr,
+            "GET /headers HTTP/1.1\r\nHost: app.example.com\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(t.contains("x-forwarded-proto: http\n"), "{t}");
+        proxy.shutdown().await;
+    }
+
+    // A TLS connection: `https`, from `TlsInfo`, with no `RequestScheme` inserted by hand.
+    #[cfg(all(feature = "tls", feature = "demo-certs"))]
+    {
+        use proxystack::tls::{demo::DemoCa, ServerConfigBuilder, TerminateLayer};
+        let ca = DemoCa::new("example.org");
+        let config = ServerConfigBuilder::new()
+            .cert_for("app.example.com", ca.server_cert(&["app.example.com"]))
+            .alpn(["h2", "http/1.1"])
+            .build()
+            .unwrap();
+        let server = HttpServer::new(edge(forward_to(b.addr)));
+        let proxy = serve(
+            ServiceBuilder::new()
+                .layer(TerminateLayer::new(config))
+                .service(server),
+        )
+        .await;
+        let ca_file = std::env::temp_dir().join(format!(
+            "proxystack-http-proxy-scheme-{}.pem",
+            std::process::id()
+        ));
+        std::fs::write(&ca_file, ca.root_pem()).unwrap();
+        let port = proxy.addr.port();
+        for version in ["--http1.1", "--http2"] {
+            let out = curl(&[
+                version,
+                "--cacert",
+                &ca_file.to_string_lossy(),
+                "--resolve",
+                &format!("app.example.com:{port}:127.0.0.1"),
+                &format!("https://app.example.com:{port}/headers"),
+            ])
+            .await
+            .unwrap();
+            let t = text(&out);
+            assert!(t.contains("x-forwarded-proto: https\n"), "{version}: {t}");
+            assert!(t.contains(";proto=https\n"), "{version}: {t}");
+        }
+        let _ = std::fs::remove_file(ca_file);
+        proxy.shutdown().await;
+    }
+}
+
+/// What a client may send to look like it came through other proxies, or to steer an
+/// origin's idea of its own URL.
+const FORGED_FORWARDING_FIELDS: &[(&str, &str)] = &[
+    ("Forwarded", "for=6.6.6.6;proto=https"),
+    ("X-Forwarded-For", "6.6.6.6"),
+    ("X-Forwarded-Proto", "https"),
+    ("X-Forwarded-Host", "evil.example"),
+    ("X-Forwarded-Port", "666"),
+    ("X-Forwarded-Prefix", "/evil"),
+    ("X-Forwarded-Scheme", "https"),
+    ("X-Forwarded-Ssl", "on"),
+    ("X-Forwarded-Server", "evil.example"),
+    ("X-Forwarded-Uri", "/evil"),
+    ("X-Original-Forwarded-For", "6.6.6.6"),
+    ("X-Original-URL", "/evil"),
+    ("X-Real-IP", "6.6.6.6"),
+];
+
+/// `ForwardedMode::Overwrite` (on either field family) drops every `Forwarded`,
+/// `X-Forwarded-*`, `X-Real-IP` and `X-Original-*` field the client sent, over HTTP/1.1
+/// and h2c, and writes only this hop's; unrelated fields pass; `Append` keeps them.
+#[tokio::test]
+async fn overwrite_drops_every_client_forwarding_field() {
+    need!("curl");
+    let b = backend().await;
+    let mut args: Vec<String> = Vec::new();
+    for (name, value) in FORGED_FORWARDING_FIELDS {
+        args.push("-H".into());
+        args.push(format!("{name}: {value}"));
+    }
+    args.extend(["-H".into(), "X-Forwarded: kept".into()]);
+    args.extend(["-H".into(), "X-Originals: kept".into()]);
+    let modes = [
+        (ForwardedMode::Overwrite, ForwardedMode::Overwrite),
+        (ForwardedMode::Overwrite, ForwardedMode::Off),
+        (ForwardedMode::Off, ForwardedMode::Overwrite),
+        (ForwardedMode::Append, ForwardedMode::Overwrite),
+    ];
+    for (forwarded, x_forwarded) in modes {
+        let fwd = forward_to(b.addr)
+            .forwarded(forwarded)
+            .x_forwarded(x_forwarded);
+        let proxy = detecting_proxy(fwd).await;
+        let url = format!("http://{}/headers", proxy.addr);
+        for version in ["--http1.1", "--http2-prior-knowledge"] {
+            let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
+            a.extend([version, url.as_str()]);
+            let t = text(&curl(&a).await.unwrap());
+            let mode = format!("{forwarded:?}/{x_forwarded:?} {version}");
+            assert!(t.starts_with("method: GET"), "{mode}: {t}");
+            assert!(!t.contains("6.6.6.6"), "{mode}: {t}");
+            assert!(!t.contains("evil"), "{mode}: {t}");
+            assert!(!t.contains("https"), "{mode}: {t}");
+            for name in [
+                "x-forwarded-port",
+                "x-forwarded-ssl",
+                "x-real-ip",
+                "x-original-",
+            ] {
+                assert!(!t.contains(name), "{mode}: {name} passed: {t}");
+            }
+            assert!(t.contains("x-forwarded: kept\n"), "{mode}: {t}");
+            assert!(t.contains("x-originals: kept\n"), "{mode}: {t}");
+            let hop_forwarded = t.contains("forwarded: for=\"127.0.0.1:");
+            assert_eq!(
+                hop_forwarded,
+                forwarded != ForwardedMode::Off,
+                "{mode}: {t}"
+            );
+            let hop_xff = t.contains("x-forwarded-for: 127.0.0.1\n")
+                && t.contains("x-forwarded-proto: http\n");
+            assert_eq!(hop_xff, x_forwarded != ForwardedMode::Off, "{mode}: {t}");
+        }
+        proxy.shutdown().await;
+    }
+
+    // Append (a proxy behind trusted ones) keeps what earlier hops wrote.
+    let proxy = detecting_proxy(
+        forward_to(b.addr)
+            .forwarded(ForwardedMode::Append)
+            .x_forwarded(ForwardedMode::Append),
+    )
+    .await;
+    let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let url = format!("http://{}/headers", proxy.addr);
+    a.push(&url);
+    let t = text(&curl(&a).await.unwrap());
+    assert!(t.contains("x-forwarded-prefix: /evil\n"), "{t}");
+    assert!(t.contains("x-real-ip: 6.6.6.6\n"), "{t}");
+    assert!(t.contains("x-forwarded-for: 6.6.6.6, 127.0.0.1\n"), "{t}");
+    proxy.shutdown().await;
+}

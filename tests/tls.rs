@@ -545,3 +545,77 @@ async fn openssl_s_client_through_peek_passthrough() {
     drop(stdin);
     let _ = child.kill().await;
 }
+
+/// Issue 14 item 7: a ClientHello without SNI is an unknown name. With
+/// `UnknownSni::Refuse` it is refused (rustls sends `access_denied`; the inner service
+/// never runs) instead of getting the default certificate and then naming any Host.
+/// rustls sends no SNI to an IP target; openssl's `-noservername` sends none either.
+/// `UseDefault` still serves the default certificate.
+#[tokio::test]
+async fn missing_sni_is_refused_where_unknown_names_are() {
+    let ca = DemoCa::new("example.org");
+    let build = |policy| {
+        ServerConfigBuilder::new()
+            .cert_for("a.example.com", ca.server_cert(&["a.example.com"]))
+            .default_cert(ca.server_cert(&["127.0.0.1"]))
+            .unknown_sni(policy)
+            .build()
+            .unwrap()
+    };
+    let (server, mut meta) = terminating_server(build(UnknownSni::Refuse)).await;
+    let err = client(&ca)
+        .oneshot(Target::from(server.addr))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, TlsError::Handshake(_)), "{err:?}");
+    assert!(
+        err.to_string().contains("AccessDenied") || format!("{err:?}").contains("AccessDenied"),
+        "{err:?}"
+    );
+    if have("openssl") {
+        let mut child = tokio::process::Command::new("openssl")
+            .args(["s_client", "-connect", &server.addr.to_string()])
+            .arg("-noservername")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdin.take());
+        let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(text.contains("access denied"), "{text}");
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("BEGIN CERTIFICATE"),
+            "no certificate is served"
+        );
+    } else {
+        println!("SKIPPED the openssl part: openssl not installed");
+    }
+    // The refused hellos never reached the inner service; a named client still works.
+    let mut ok = client(&ca)
+        .sni(SniMode::Fixed("a.example.com".into()))
+        .oneshot(Target::from(server.addr))
+        .await
+        .unwrap();
+    assert_eq!(echo_once(&mut ok, b"x").await, b"x");
+    let m = meta.recv().await.unwrap();
+    assert_eq!(m.get::<proxystack::tls::Sni>().unwrap().0, "a.example.com");
+
+    // UseDefault: a client without SNI gets the default certificate (its IP SAN verifies).
+    let (server, mut meta) = terminating_server(build(UnknownSni::UseDefault)).await;
+    let mut conn = client(&ca)
+        .oneshot(Target::from(server.addr))
+        .await
+        .unwrap();
+    assert_eq!(echo_once(&mut conn, b"no sni").await, b"no sni");
+    assert!(meta
+        .recv()
+        .await
+        .unwrap()
+        .get::<proxystack::tls::Sni>()
+        .is_none());
+}

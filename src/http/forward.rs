@@ -50,15 +50,34 @@ pub enum ForwardedMode {
     /// Add this hop to what earlier (trusted) proxies wrote.
     Append,
     /// At the edge: drop whatever the client sent (it may be forged) and write only this
-    /// hop.
+    /// hop. Either [`Forward::forwarded`] or [`Forward::x_forwarded`] in this mode makes
+    /// the proxy an edge: *every* field a client could forge to pose as an earlier proxy
+    /// goes, not only the ones this hop writes — `Forwarded`, all `X-Forwarded-*`
+    /// (`-For`, `-Proto`, `-Host`, `-Port`, `-Prefix`, `-Scheme`, `-Ssl`, `-Server`,
+    /// `-Uri`, …), `X-Real-IP` and all `X-Original-*` (`-Forwarded-For`, `-URL`, …). An
+    /// `Append` on the other family then only adds this hop.
     Overwrite,
 }
 
-/// Connection or request metadata: the scheme the client used, when the HTTP level cannot
-/// see it (HTTP/1 requests carry no scheme). A TLS-terminating layer inserts
-/// `RequestScheme(Scheme::HTTPS)`; without it, `http` is assumed.
+/// Connection (or request) metadata: the scheme the client's *connection* used, for
+/// `Forwarded: proto=`, `X-Forwarded-Proto` and the upstream `:scheme`.
+///
+/// [`Forward`] never takes the scheme from the request: an absolute-form
+/// `GET https://…` or an h2c `:scheme: https` on a cleartext connection is the client's
+/// claim, not a fact. It uses, in order: this metadata when a layer inserted it (e.g.
+/// behind a trusted TLS-terminating load balancer), else `https` when the request's
+/// extensions hold `tls::TlsInfo` *directly* (inserted by `tls::TerminateLayer` on this
+/// connection; feature `tls`), else `http`. A tunnel's metadata nests its outer connection
+/// under `connect::Outer`, so the outer TLS of an HBONE tunnel does not make the cleartext
+/// HTTP inside it `https`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestScheme(pub Scheme);
+
+/// [`Target`] metadata: the router's response timeout for one upstream, overriding
+/// [`Forward::timeout`] (`None`: wait as long as the connection lives). The same rules
+/// apply: from the start of forwarding until the response head, `504` after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamTimeout(pub Option<Duration>);
 
 /// A reverse proxy: forwards each request to the [`Target`] a router picks, over any
 /// connector, with pooled upstream connections.
@@ -75,6 +94,9 @@ pub struct RequestScheme(pub Scheme);
 /// * bodies stream both ways with backpressure; nothing is buffered whole;
 /// * an HTTP/1 `Upgrade` (WebSocket…) is passed on, and bytes are relayed only when the
 ///   upstream answers `101`; any other answer is an ordinary response;
+/// * the scheme reported upstream (`Forwarded: proto=`, `X-Forwarded-Proto`, HTTP/2
+///   `:scheme`) is the connection's, never the request's (see [`RequestScheme`]): `https`
+///   exactly when this connection's TLS was terminated here;
 /// * failures become short plain-text responses: no route `404`, refused request `400`,
 ///   connect failure `502`, timeout `504` (see [`ForwardError`]).
 ///
@@ -160,7 +182,8 @@ impl<C, R> Forward<C, R> {
 
     /// Time allowed from the start of forwarding until the upstream's response head
     /// (connecting included); `504` after it. Bodies are not covered: a long download is
-    /// not a slow upstream. `None` waits as long as the connection lives.
+    /// not a slow upstream. `None` waits as long as the connection lives. A router can
+    /// choose another per upstream with [`UpstreamTimeout`] target metadata.
     pub fn timeout(mut self, timeout: Option<Duration>) -> Self {
         self.config_mut().timeout = timeout;
         self
@@ -173,13 +196,18 @@ impl<C, R> Forward<C, R> {
     }
 
     /// Writes an RFC 7239 `Forwarded` element for this hop:
-    /// `for="<client ip:port>";host=<authority>;proto=<scheme>` (IPv6 as `"[::1]:80"`).
+    /// `for="<client ip:port>";host=<authority>;proto=<scheme>` (IPv6 as `"[::1]:80"`;
+    /// the scheme of the connection, see [`RequestScheme`]). With
+    /// [`ForwardedMode::Overwrite`] every forwarding field the client sent is dropped
+    /// first.
     pub fn forwarded(mut self, mode: ForwardedMode) -> Self {
         self.config_mut().forwarded = mode;
         self
     }
 
-    /// Writes `X-Forwarded-For` (the client IP) and `X-Forwarded-Proto`.
+    /// Writes `X-Forwarded-For` (the client IP) and `X-Forwarded-Proto` (the scheme of the
+    /// connection, see [`RequestScheme`]). With [`ForwardedMode::Overwrite`] every
+    /// forwarding field the client sent is dropped first.
     pub fn x_forwarded(mut self, mode: ForwardedMode) -> Self {
         self.config_mut().x_forwarded = mode;
         self
@@ -342,8 +370,11 @@ where
             }
         };
 
+        let timeout = target
+            .get::<UpstreamTimeout>()
+            .map_or(self.config.timeout, |t| t.0);
         let (mut parts, body) = req.into_parts();
-        let scheme = client_scheme(&parts);
+        let scheme = connection_scheme(&parts.extensions);
         headers::remove_hop_by_hop(&mut parts.headers, upgrade.is_some());
         if let Some(protocols) = upgrade {
             parts.headers.insert(header::UPGRADE, protocols);
@@ -369,7 +400,7 @@ where
         let send = self
             .pool
             .send(target, protocol, Request::from_parts(parts, body));
-        let result = match self.config.timeout {
+        let result = match timeout {
             Some(t) => tokio::time::timeout(t, send)
                 .await
                 .unwrap_or_else(|_| Err(ForwardError::new(ForwardErrorKind::Timeout))),
@@ -422,15 +453,16 @@ where
         version: Version,
     ) {
         let client = parts.extensions.get::<PeerAddr>().map(|p| p.0);
-        match self.config.forwarded {
-            ForwardedMode::Off => {}
-            mode => {
-                let element = headers::forwarded_element(client, None, authority, scheme.as_str());
-                if mode == ForwardedMode::Overwrite {
-                    parts.headers.remove(header::FORWARDED);
-                }
-                headers::append_list(&mut parts.headers, header::FORWARDED, &element);
-            }
+        if self.config.forwarded == ForwardedMode::Overwrite
+            || self.config.x_forwarded == ForwardedMode::Overwrite
+        {
+            // At the edge nothing the client wrote about earlier hops is true, whichever
+            // of the fields this hop writes itself.
+            headers::remove_forwarding_fields(&mut parts.headers);
+        }
+        if self.config.forwarded != ForwardedMode::Off {
+            let element = headers::forwarded_element(client, None, authority, scheme.as_str());
+            headers::append_list(&mut parts.headers, header::FORWARDED, &element);
         }
         match self.config.x_forwarded {
             ForwardedMode::Off => {}
@@ -532,14 +564,19 @@ fn request_authority<B>(req: &Request<B>) -> Result<Option<String>, &'static str
     Ok(Some(authority))
 }
 
-fn client_scheme(parts: &Parts) -> Scheme {
-    if let Some(s) = parts.uri.scheme() {
-        return s.clone();
+/// The scheme of the client's connection (see [`RequestScheme`]); the request's own
+/// scheme is a claim and is ignored.
+fn connection_scheme(extensions: &http::Extensions) -> Scheme {
+    if let Some(s) = extensions.get::<RequestScheme>() {
+        return s.0.clone();
     }
-    parts
-        .extensions
-        .get::<RequestScheme>()
-        .map_or(Scheme::HTTP, |s| s.0.clone())
+    // `get`, not `connect::lookup`: the TLS of an outer connection (a tunnel's carrier)
+    // says nothing about the cleartext inside the tunnel.
+    #[cfg(feature = "tls")]
+    if extensions.get::<crate::tls::TlsInfo>().is_some() {
+        return Scheme::HTTPS;
+    }
+    Scheme::HTTP
 }
 
 /// Rewrites the request line for the upstream: origin-form plus `Host` for HTTP/1.1,

@@ -1,5 +1,6 @@
 //! Header rewriting for forwarding: hop-by-hop removal (RFC 9110 §7.6.1), `Forwarded`
-//! (RFC 7239), `X-Forwarded-For`/`-Proto`, `Via` (RFC 9110 §7.6.3).
+//! (RFC 7239), `X-Forwarded-For`/`-Proto`, `Via` (RFC 9110 §7.6.3), and the edge's removal
+//! of every forwarding field a client sent.
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
@@ -177,6 +178,30 @@ pub(crate) fn xff_node(ip: IpAddr) -> String {
     ip.to_string()
 }
 
+/// Whether a field is one a client can forge to pose as an earlier proxy or to steer the
+/// origin's idea of the request's URL: `Forwarded`, `X-Forwarded-*`, `X-Real-IP`,
+/// `X-Original-*` (field names are lower case in `http`).
+fn is_forwarding_field(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    name == "forwarded"
+        || name == "x-real-ip"
+        || name.starts_with("x-forwarded-")
+        || name.starts_with("x-original-")
+}
+
+/// Removes every forwarding field (see `is_forwarding_field`): one pass over the distinct
+/// names present; allocates only when there is something to remove.
+pub(crate) fn remove_forwarding_fields(headers: &mut HeaderMap) {
+    let forged: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| is_forwarding_field(name))
+        .cloned()
+        .collect();
+    for name in forged {
+        headers.remove(name);
+    }
+}
+
 /// Appends `element` to a comma-separated list field, or starts it.
 pub(crate) fn append_list(headers: &mut HeaderMap, name: HeaderName, element: &str) {
     let joined = {
@@ -327,6 +352,26 @@ mod tests {
         let mut one = map(&[("cookie", "a=1")]);
         join_cookies(&mut one);
         assert_eq!(one["cookie"], "a=1");
+    }
+
+    #[test]
+    fn forwarding_fields_are_removed_and_others_kept() {
+        let mut h = map(&[
+            ("forwarded", "for=1.2.3.4"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-forwarded-for", "5.6.7.8"),
+            ("x-forwarded-prefix", "/p"),
+            ("x-original-forwarded-for", "1.2.3.4"),
+            ("x-original-url", "/admin"),
+            ("x-real-ip", "1.2.3.4"),
+            ("x-forwarded", "not a forwarding field"),
+            ("x-originals", "nor this"),
+            ("host", "a"),
+        ]);
+        remove_forwarding_fields(&mut h);
+        let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["host", "x-forwarded", "x-originals"]);
     }
 
     #[test]

@@ -13,14 +13,20 @@ use rustls::{RootCertStore, ServerConfig};
 use super::verify::TrustDomainClientVerifier;
 use super::{CertKey, TlsConfigError};
 
-/// What to do when the client asks for a server name we have no certificate for.
+/// What to do when the client asks for a server name we have no certificate for, or names
+/// none at all (no SNI; an IP address in SNI, which rustls ignores, counts as none).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum UnknownSni {
-    /// Serve the default certificate (clients that check names will refuse it).
+    /// Serve the default certificate (clients that check names will refuse it). A client
+    /// that ignores the certificate can then name any `Host`: an HTTP layer behind should
+    /// check `Host` against the names of the certificate served (as the gateway example
+    /// does, answering `421`).
     #[default]
     UseDefault,
-    /// Abort the handshake (`unrecognized_name`-class failure). A hello *without* SNI
-    /// still gets the default certificate.
+    /// Abort the handshake: rustls sends an `access_denied` alert and the inner service
+    /// never runs. A hello *without* SNI is refused too: it names no server we know, and
+    /// would otherwise get the default certificate and then ask for any `Host`. Every
+    /// refusal is a `debug` event (`tls.sni`, empty for a missing name).
     Refuse,
 }
 
@@ -86,8 +92,8 @@ impl ServerConfigBuilder {
         }
     }
 
-    /// The certificate for clients without SNI or (with [`UnknownSni::UseDefault`]) with
-    /// an SNI we have no certificate for.
+    /// With [`UnknownSni::UseDefault`], the certificate for clients without SNI or with an
+    /// SNI we have no certificate for (with [`UnknownSni::Refuse`] those are refused).
     pub fn default_cert(mut self, cert: CertKey) -> Self {
         self.default_cert = Some(cert);
         self
@@ -216,7 +222,15 @@ struct SniResolver {
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let Some(name) = hello.server_name() else {
-            return self.default.clone();
+            return match self.unknown {
+                UnknownSni::UseDefault => self.default.clone(),
+                UnknownSni::Refuse => {
+                    // No name is an unknown name: the default certificate would let the
+                    // client ask for any Host behind it.
+                    tracing::debug!(tls.sni = "", "no server name in the ClientHello; refusing");
+                    None
+                }
+            };
         };
         let name = name.to_ascii_lowercase();
         let wildcard = name.split_once('.').map(|(_, rest)| format!("*.{rest}"));
