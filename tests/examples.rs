@@ -1152,3 +1152,128 @@ mod own_ports {
         ex.stop();
     }
 }
+
+#[test]
+fn connect_proxy_refuses_its_admin_endpoint_with_503() {
+    // Loopback allowed, so only the knowledge of its own listeners protects the proxy.
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--allow-net",
+        "127.0.0.0/8",
+        "--admin",
+        "127.0.0.1:0",
+    ];
+    let Some(mut ex) = Example::start("connect_proxy", &args) else {
+        return;
+    };
+    let [proxy, admin] = ex.listening(2)[..] else {
+        unreachable!()
+    };
+    for authority in [
+        admin.to_string(),
+        format!("localhost:{}", admin.port()),
+        format!("127.0.0.2:{}", admin.port()),
+        format!("[::ffff:127.0.0.1]:{}", admin.port()),
+        proxy.to_string(),
+        format!("localhost:{}", proxy.port()),
+    ] {
+        let (status, _) = connect_via(proxy, &authority);
+        assert_eq!(status, 503, "CONNECT {authority}");
+    }
+    ex.stderr_line("self call");
+    let origin = header_echo_server([127, 0, 0, 1]);
+    let (status, _) = connect_via(proxy, &origin.to_string());
+    assert_eq!(status, 200);
+    ex.stop();
+}
+
+#[test]
+fn connect_proxy_allow_port_restricts_destination_ports() {
+    let allowed = header_echo_server([127, 0, 0, 2]);
+    let other = header_echo_server([127, 0, 0, 2]);
+    let port = allowed.port().to_string();
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--allow-net",
+        "127.0.0.2/32",
+        "--allow-port",
+        &port,
+        "--allow-port",
+        "443",
+    ];
+    let Some(mut ex) = Example::start("connect_proxy", &args) else {
+        return;
+    };
+    let proxy = ex.listening(1)[0];
+    let (status, _) = connect_via(proxy, &other.to_string());
+    assert_eq!(status, 403, "CONNECT to a port not in --allow-port");
+    ex.stderr_line("destination port not allowed");
+    let (status, mut tunnel) = connect_via(proxy, &allowed.to_string());
+    assert_eq!(status, 200);
+    tunnel
+        .write_all(b"GET /p HTTP/1.1\r\nHost: origin\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    let _ = tunnel.read_to_string(&mut resp);
+    assert!(resp.contains("get /p"), "{resp}");
+    ex.stop();
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn connect_proxy_refuses_this_hosts_interface_addresses() {
+    use common::netns::Netns;
+    if binary("connect_proxy").is_none() {
+        return;
+    }
+    // A namespace where 10.200.0.1 is an address of this "host" (on its lo: no dummy
+    // interfaces needed, and no packet can leave), with a service bound to every address.
+    let ns = match Netns::create("ownif", &["10.200.0.1/32"]) {
+        Ok(ns) => ns,
+        Err(e) => {
+            println!("SKIPPED: {e}");
+            return;
+        }
+    };
+    let service = ns.run(|| header_echo_server([0, 0, 0, 0]));
+    let wrapper = ["ip", "netns", "exec", ns.name()];
+    let via = |proxy: SocketAddr, authority: String| {
+        ns.run(move || connect_via(proxy, &authority).0)
+    };
+    let host_addr = format!("10.200.0.1:{}", service.port());
+
+    // Default policy: the host's own interface address is refused on every port.
+    let args = ["--listen", "0.0.0.0:0"];
+    let Some(mut ex) = Example::start_with(&wrapper, "connect_proxy", &args) else {
+        return;
+    };
+    let proxy = ex.listening(1)[0];
+    let proxy_local = SocketAddr::from(([127, 0, 0, 1], proxy.port()));
+    assert_eq!(via(proxy_local, host_addr.clone()), 403, "CONNECT {host_addr}");
+    ex.stop();
+
+    // --allow-net allows it explicitly; our own listeners stay refused there (503).
+    let args = [
+        "--listen",
+        "0.0.0.0:0",
+        "--allow-net",
+        "10.200.0.1/32",
+        "--admin",
+        "0.0.0.0:0",
+    ];
+    let Some(mut ex) = Example::start_with(&wrapper, "connect_proxy", &args) else {
+        return;
+    };
+    let [proxy, admin] = ex.listening(2)[..] else {
+        unreachable!()
+    };
+    let proxy_local = SocketAddr::from(([127, 0, 0, 1], proxy.port()));
+    assert_eq!(via(proxy_local, host_addr.clone()), 200, "CONNECT {host_addr}");
+    for port in [proxy.port(), admin.port()] {
+        let authority = format!("10.200.0.1:{port}");
+        assert_eq!(via(proxy_local, authority.clone()), 503, "CONNECT {authority}");
+    }
+    ex.stop();
+}
