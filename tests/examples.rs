@@ -1068,7 +1068,9 @@ mod own_ports {
     fn accepted(admin: SocketAddr, listener: &str) -> Option<u64> {
         let (_, metrics) = http(admin, "admin", "/metrics", "")?;
         let key = format!("proxystack_connections_accepted_total{{listener=\"{listener}\"}} ");
-        metrics.lines().find_map(|l| l.strip_prefix(&key)?.parse().ok())
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&key)?.parse().ok())
     }
 
     #[tokio::test]
@@ -1099,7 +1101,9 @@ mod own_ports {
         }
         ex.stderr_line("self call");
         // The app is still reachable.
-        let mut t = tunnel_to_port(&ca, server, echo.port(), "node").await.unwrap();
+        let mut t = tunnel_to_port(&ca, server, echo.port(), "node")
+            .await
+            .unwrap();
         t.write_all(b"GET /app HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
             .await
             .unwrap();
@@ -1143,7 +1147,10 @@ mod own_ports {
         }
         // A connection redirected to the admin port: closed, no /metrics.
         let through = http(fixed, "admin", "/metrics", "");
-        assert_eq!(through, None, "the admin endpoint answered through a redirect");
+        assert_eq!(
+            through, None,
+            "the admin endpoint answered through a redirect"
+        );
         ex.stderr_line("self call");
         // The admin endpoint itself works, and saw only this request.
         let (status, _) = http(admin, "admin", "/ready", "").unwrap();
@@ -1239,9 +1246,8 @@ fn connect_proxy_refuses_this_hosts_interface_addresses() {
     };
     let service = ns.run(|| header_echo_server([0, 0, 0, 0]));
     let wrapper = ["ip", "netns", "exec", ns.name()];
-    let via = |proxy: SocketAddr, authority: String| {
-        ns.run(move || connect_via(proxy, &authority).0)
-    };
+    let via =
+        |proxy: SocketAddr, authority: String| ns.run(move || connect_via(proxy, &authority).0);
     let host_addr = format!("10.200.0.1:{}", service.port());
 
     // Default policy: the host's own interface address is refused on every port.
@@ -1251,7 +1257,11 @@ fn connect_proxy_refuses_this_hosts_interface_addresses() {
     };
     let proxy = ex.listening(1)[0];
     let proxy_local = SocketAddr::from(([127, 0, 0, 1], proxy.port()));
-    assert_eq!(via(proxy_local, host_addr.clone()), 403, "CONNECT {host_addr}");
+    assert_eq!(
+        via(proxy_local, host_addr.clone()),
+        403,
+        "CONNECT {host_addr}"
+    );
     ex.stop();
 
     // --allow-net allows it explicitly; our own listeners stay refused there (503).
@@ -1270,10 +1280,18 @@ fn connect_proxy_refuses_this_hosts_interface_addresses() {
         unreachable!()
     };
     let proxy_local = SocketAddr::from(([127, 0, 0, 1], proxy.port()));
-    assert_eq!(via(proxy_local, host_addr.clone()), 200, "CONNECT {host_addr}");
+    assert_eq!(
+        via(proxy_local, host_addr.clone()),
+        200,
+        "CONNECT {host_addr}"
+    );
     for port in [proxy.port(), admin.port()] {
         let authority = format!("10.200.0.1:{port}");
-        assert_eq!(via(proxy_local, authority.clone()), 503, "CONNECT {authority}");
+        assert_eq!(
+            via(proxy_local, authority.clone()),
+            503,
+            "CONNECT {authority}"
+        );
     }
     ex.stop();
 }

@@ -141,11 +141,12 @@ impl TcpConnector {
 
     /// Never dials one of these listeners, this process's own (see [`OwnListeners`]): a
     /// tunnel or relay to them would loop back into the proxy or reach its admin endpoint.
-    /// Checked like [`allow_addresses`](Self::allow_addresses), on every resolved address
-    /// right before the connect, after it: an address the filter refuses fails with
-    /// [`ConnectErrorKind::Forbidden`] (403) whether or not it is ours, a permitted one
-    /// that is ours is skipped, and a target with nothing left to dial for that reason
-    /// fails with [`ConnectErrorKind::Loop`] (a tunnel answers 503, a relay closes).
+    /// Checked on every resolved address right before the connect, after the
+    /// [`allow_addresses`](Self::allow_addresses) filter: an address the filter refuses
+    /// fails with [`ConnectErrorKind::Forbidden`] (403) whether or not it is ours, a
+    /// permitted one that is ours is skipped, and a target left with nothing to dial for
+    /// that reason fails with [`ConnectErrorKind::Loop`] (a tunnel answers 503, a relay
+    /// closes).
     pub fn own_listeners(mut self, own: OwnListeners) -> Self {
         self.own = Some(own);
         self
