@@ -7,6 +7,12 @@
 //! cargo run --example hbone --features hbone,demo-certs -- --config hbone.toml
 //! ```
 //!
+//! The server side refuses tunnels to the process's own ports — its HBONE listener, the
+//! client side's listener, the `--admin` endpoint, whatever their numbers, on every address
+//! of the host — with 503 before dialling anything (`TcpConnector::own_listeners`), as well
+//! as ztunnel's fixed ports (15001, 15006, 15008, 15080). `listening on` lines come in
+//! this order: server side, client side, admin.
+//!
 //! Config (TOML; either section may be left out):
 //!
 //! ```toml
@@ -29,7 +35,6 @@ mod support;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::Parser;
 use proxystack::conn::Metadata;
@@ -38,7 +43,7 @@ use proxystack::connect::TunnelInfo;
 use proxystack::hbone::{self, HboneTarget, Inbound};
 use proxystack::identity::SpiffeId;
 use proxystack::tls::{load_pem_certs, CertKey};
-use proxystack::{tcp, Authority, Server, Target};
+use proxystack::{tcp, Authority, Target};
 use serde::Deserialize;
 
 #[derive(Parser, Debug)]
@@ -102,15 +107,14 @@ async fn main() {
         (None, true) => demo().await,
         _ => support::fail("give exactly one of --config FILE or --demo"),
     };
-    let drain = Duration::from_secs(args.common.drain_secs);
-    let mut addrs = Vec::new();
-    let mut stats = Vec::new();
-    let (signal, watch) = proxystack::drain::channel();
-    let mut servers = Vec::new();
+    let mut servers = support::Servers::new(&args.common);
 
     if let Some((listen, app_ip, cert)) = plan.server {
-        // Tunnels reach the local app on the requested port; the peer never picks the IP.
-        let app = tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |c: &Metadata| {
+        // Tunnels reach the local app on the requested port; the peer never picks the IP,
+        // and never one of our own ports (this listener, the client side's, the admin
+        // endpoint): those get 503, nothing is dialled.
+        let connector = tcp::TcpConnector::new().own_listeners(support::own_listeners().clone());
+        let app = tcp::Relay::new(connector).upstream(move |c: &Metadata| {
             Some(Target::from((
                 app_ip,
                 c.get::<TunnelInfo>()?.authority.port(),
@@ -121,16 +125,12 @@ async fn main() {
             .service(app)
             .unwrap_or_else(|e| support::fail(format!("server TLS: {e}")));
         let listener = support::bind_all(&[listen]).await.remove(0);
-        addrs.extend(support::local_addrs(std::slice::from_ref(&listener)));
-        let server = Server::new().drain_timeout(drain);
-        stats.push(("hbone_server".to_string(), server.stats()));
-        let w = watch.clone();
-        servers.push(tokio::spawn(async move {
-            server.serve(listener, inbound, w).await
-        }));
+        servers.spawn("hbone_server", listener, inbound);
     }
+    let mut client_addr = None;
     if let Some((listen, peer, authority, identity, cert)) = plan.client {
         let source = cert.spiffe_ids().into_iter().next();
+        // The peer may well be our own server side (the demo): HBONE to it is no loop.
         let connector = hbone::Connector::hbone(cert, plan.roots.clone())
             .unwrap_or_else(|e| support::fail(format!("client TLS: {e}")));
         let relay = tcp::Relay::new(connector).upstream(move |c: &Metadata| {
@@ -144,29 +144,18 @@ async fn main() {
             Some(target.into_target())
         });
         let listener = support::bind_all(&[listen]).await.remove(0);
-        addrs.extend(support::local_addrs(std::slice::from_ref(&listener)));
-        let server = Server::new().drain_timeout(drain);
-        stats.push(("hbone_client".to_string(), server.stats()));
-        let w = watch.clone();
-        servers.push(tokio::spawn(async move {
-            server.serve(listener, relay, w).await
-        }));
+        client_addr = listener.local_addr().ok();
+        servers.spawn("hbone_client", listener, relay);
     }
-    if servers.is_empty() {
+    if servers.addrs().is_empty() {
         support::fail("the config has neither [server] nor [client]");
     }
-    if let Some(admin) = args.common.admin {
-        addrs.push(support::admin(admin, stats).await);
+    if let (true, Some(client)) = (args.demo, client_addr) {
+        let (ip, port) = (client.ip(), client.port());
+        eprintln!("demo: try `echo hello | nc -N {ip} {port}`");
     }
-    support::announce(&addrs);
-    if args.demo {
-        eprintln!(
-            "demo: try `echo hello | nc -N 127.0.0.1 {}`",
-            addrs.last().map_or(0, |a| a.port())
-        );
-    }
-    drop(watch);
-    support::run_until_signal(signal, servers).await;
+    // Binds the admin endpoint (registered as ours too) before any listener accepts.
+    servers.run(args.common.admin).await;
 }
 
 fn from_config(config: Config) -> Plan {

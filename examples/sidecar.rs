@@ -11,6 +11,12 @@
 //! cargo run --example sidecar --features hbone -- --config sidecar.toml
 //! ```
 //!
+//! Our own listeners — outbound, fixed, inbound and `--admin`, whatever their ports — are
+//! never a destination, on any address of this host: a redirected connection to one is
+//! closed without a dial (logged as a `self call`), an HBONE tunnel to one gets 503. They
+//! are known by the registry every listener is put in when bound (`support::own_listeners`),
+//! before any of them accepts; HBONE to our own inbound port stays allowed (a local pod).
+//!
 //! Without iptables there is no original destination to recover, so the demo adds three
 //! listeners that *pretend* every connection was redirected from a fixed destination
 //! (`[[outbound.fixed]]` below; useful in labs too). With `--outbound 127.0.0.1:0` (and
@@ -196,7 +202,7 @@ async fn main() {
         tcp,
     };
     let me = cert.spiffe_ids().into_iter().next();
-    let relay = tcp::Relay::new(connector).upstream(outbound_route(&config, me, own.clone()));
+    let relay = tcp::Relay::new(connector).upstream(outbound_route(&config, me));
     let mut servers = support::Servers::new(&args.common);
     servers.spawn(
         "outbound",
@@ -220,7 +226,7 @@ async fn main() {
             .service(relay.clone());
         servers.spawn(&format!("outbound_fixed_{i}"), listener, pretend);
     }
-    let inbound_svc = inbound_service(&config, cert, roots, &own);
+    let inbound_svc = inbound_service(&config, cert, roots);
     servers.spawn("inbound", inbound, inbound_svc);
     if args.demo {
         let [_, mesh, outside, own_port, ..] = own[..] else {
@@ -237,7 +243,6 @@ async fn main() {
 fn outbound_route(
     config: &Config,
     me: Option<SpiffeId>,
-    own: Vec<SocketAddr>,
 ) -> impl Fn(&Metadata) -> Option<Target> + Clone {
     let table: Arc<HashMap<Key, Workload>> = Arc::new(
         config
@@ -247,19 +252,20 @@ fn outbound_route(
             .collect(),
     );
     let baggage = config.outbound.baggage.clone();
+    let own = support::own_listeners().clone();
     move |m: &Metadata| {
         let Some(OriginalDst(dst)) = m.get::<OriginalDst>().copied() else {
             tracing::debug!("no original destination (not redirected); closing");
             return None;
         };
-        // A connection to one of our own ports on loopback would come straight back here.
-        let ip = dst.ip().to_canonical();
-        if own.iter().any(|o| o.port() == dst.port())
-            && (ip.is_loopback() || ip.is_unspecified() || own.iter().any(|o| o.ip() == ip))
-        {
+        // A connection to one of our own listeners (any of them, the admin endpoint too, on
+        // any address of this host) would come straight back here: closed before it could
+        // leave as HBONE. Plain TCP is refused again by the connector (`MeshConnector`).
+        if own.contains(dst) {
             tracing::warn!(%dst, "self call; closing without dialling");
             return None;
         }
+        let ip = dst.ip().to_canonical();
         let workload = table
             .get(&Key(ip, Some(dst.port())))
             .or_else(|| table.get(&Key(ip, None)));
@@ -288,12 +294,12 @@ fn outbound_route(
 }
 
 /// Inbound: mTLS + CONNECT (hbone::Inbound), an allow rule on the client identity (401),
-/// then the local app on the port the client asked for.
+/// then the local app on the port the client asked for, unless that is one of our own
+/// listeners (503).
 fn inbound_service(
     config: &Config,
     cert: CertKey,
     roots: Arc<RootCertStore>,
-    own: &[SocketAddr],
 ) -> impl tower::Service<
     Conn<TcpStream>,
     Response = (),
@@ -301,7 +307,11 @@ fn inbound_service(
     Future = impl Send,
 > + Clone {
     let app_ip = config.inbound.app_ip;
-    let tcp = tcp::TcpConnector::new().mark(config.mark);
+    // A tunnel to one of our own listeners (whatever its port, the admin endpoint too)
+    // gets 503 and dials nothing: it would loop back into this proxy.
+    let tcp = tcp::TcpConnector::new()
+        .mark(config.mark)
+        .own_listeners(support::own_listeners().clone());
     let app = tcp::Relay::new(tcp).upstream(move |m: &Metadata| {
         Some(Target::from((
             app_ip,
@@ -309,10 +319,7 @@ fn inbound_service(
         )))
     });
     let allow = config.inbound.allow.clone();
-    let mut illegal = hbone::ILLEGAL_PORTS.to_vec();
-    illegal.extend(own.iter().map(|a| a.port()));
     Inbound::new(cert, roots)
-        .illegal_ports(illegal)
         .allow(move |req| {
             let client = lookup::<PeerIdentity>(req.connection).map(|p| &p.0);
             let ok = IdentityPattern::admits(&allow, client);

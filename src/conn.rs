@@ -576,6 +576,10 @@ pub enum Refusal {
     Unreachable,
     /// Connecting to the upstream timed out (HTTP 504).
     TimedOut,
+    /// The upstream is one of this proxy's own listeners (its tunnel ports, its admin
+    /// endpoint): a tunnel to it would loop back into the proxy — ztunnel's "recursive
+    /// call to ourselves" (HTTP 503). See `tcp::OwnListeners`.
+    Loop,
 }
 
 /// An error that carries the [`Refusal`] a tunnel terminator should answer with; put it

@@ -1044,3 +1044,163 @@ async fn curl_as_h2_connect_client_when_supported() {
     );
     assert_eq!(out.stdout, b"over2");
 }
+
+// ---- Issue 14 item 4: the proxy's own listeners are never a tunnel's destination ----
+
+/// A CONNECT proxy whose tunnels go to the requested authority through a connector that
+/// knows `own`; the proxy's own address is registered too.
+async fn proxy_knowing(own: &tcp::OwnListeners) -> Running {
+    let connector = tcp::TcpConnector::new().own_listeners(own.clone());
+    let relay = tcp::Relay::new(connector)
+        .upstream(|m: &Metadata| Some(Target::from(m.get::<TunnelInfo>()?.authority.clone())));
+    let proxy = start(Server::new(), ConnectTerminate::new(relay)).await;
+    own.register(proxy.addr);
+    proxy
+}
+
+#[tokio::test]
+async fn connect_to_own_listeners_is_refused_with_503() {
+    // A stand-in for the admin endpoint (`/metrics`) that counts what reaches it.
+    let (admin, admin_seen) = counting_echo_server().await;
+    let own = tcp::OwnListeners::new();
+    own.register(admin);
+    let proxy = proxy_knowing(&own).await;
+    let pool = H2ConnectPool::new(tcp::TcpConnector::new());
+    let mut h1_requests = 0;
+    for port in [proxy.addr.port(), admin.port()] {
+        // Every way of naming this host: a name, another loopback address, the unspecified
+        // address, an IPv4-mapped one, IPv6 loopback.
+        for host in [
+            "127.0.0.1",
+            "localhost",
+            "127.0.0.2",
+            "0.0.0.0",
+            "[::ffff:127.0.0.1]",
+            "[::1]",
+        ] {
+            let authority = format!("{host}:{port}");
+            let got = status_of(
+                proxy.addr,
+                &format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n"),
+            )
+            .await;
+            h1_requests += 1;
+            assert!(got.contains("503"), "HTTP/1.1 CONNECT {authority}: {got}");
+        }
+        let target = Target::from(proxy.addr).with(ConnectAuthority(
+            Authority::parse(&format!("127.0.0.1:{port}")).unwrap(),
+        ));
+        match pool.clone().oneshot(target).await {
+            Err(TunnelError::Refused { status, .. }) => {
+                assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "HTTP/2 to {port}")
+            }
+            Ok(_) => panic!("HTTP/2 tunnel to our own port {port} opened"),
+            Err(e) => panic!("HTTP/2 tunnel to {port}: {e}"),
+        }
+    }
+    // Nothing was dialled: the admin stand-in saw no connection, the proxy only ours.
+    assert_eq!(admin_seen.accepted.load(Ordering::SeqCst), 0);
+    assert_eq!(proxy.stats.accepted.load(Ordering::SeqCst), h1_requests + 1);
+    // Other destinations still open.
+    let origin = echo_server().await;
+    let got = status_of(
+        proxy.addr,
+        &format!("CONNECT {origin} HTTP/1.1\r\nHost: {origin}\r\n\r\n"),
+    )
+    .await;
+    assert!(got.contains("200"), "{got}");
+    proxy.shutdown().await;
+}
+
+#[cfg(all(feature = "hbone", feature = "demo-certs"))]
+#[tokio::test]
+async fn hbone_inbound_to_own_listeners_is_refused_with_503() {
+    use proxystack::hbone::{self, HboneTarget, Inbound};
+    use proxystack::identity::SpiffeId;
+    use proxystack::tls::demo::DemoCa;
+
+    let ca = DemoCa::new("cluster.local");
+    let (admin, admin_seen) = counting_echo_server().await;
+    let own = tcp::OwnListeners::new();
+    own.register(admin);
+    let app_port = echo_server().await.port();
+    // As ztunnel: tunnels reach the local app on the port the client asked for.
+    let app = tcp::Relay::new(tcp::TcpConnector::new().own_listeners(own.clone())).upstream(
+        |m: &Metadata| {
+            let port = m.get::<TunnelInfo>()?.authority.port();
+            Some(Target::from(([127, 0, 0, 1], port)))
+        },
+    );
+    let inbound = Inbound::new(ca.workload_cert("default", "server"), ca.roots())
+        .service(app)
+        .unwrap();
+    let server = start(Server::new(), inbound).await;
+    own.register(server.addr);
+
+    let client =
+        hbone::Connector::hbone(ca.workload_cert("default", "client"), ca.roots()).unwrap();
+    let server_id = SpiffeId::istio("cluster.local", "default", "server").unwrap();
+    let open = |port: u16| {
+        let authority = Authority::from(SocketAddr::from(([127, 0, 0, 1], port)));
+        let target = HboneTarget::new(server.addr, authority, [server_id.clone()]).into_target();
+        tokio::time::timeout(Duration::from_secs(10), client.clone().oneshot(target))
+    };
+    // The HBONE listener itself (an ephemeral port, not one of ILLEGAL_PORTS) and the
+    // admin stand-in.
+    for port in [server.addr.port(), admin.port()] {
+        match open(port).await.expect("an answer in time") {
+            Err(TunnelError::Refused { status, .. }) => {
+                assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "port {port}")
+            }
+            Ok(_) => panic!("HBONE tunnel to our own port {port} opened"),
+            Err(e) => panic!("HBONE tunnel to {port}: {e}"),
+        }
+    }
+    assert_eq!(admin_seen.accepted.load(Ordering::SeqCst), 0);
+    // The app is still reachable, over the same pooled connection: the server accepted
+    // one connection, ours, and never one from itself.
+    let mut t = open(app_port).await.unwrap().unwrap();
+    t.write_all(b"app").await.unwrap();
+    let mut got = [0u8; 3];
+    t.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"app");
+    assert_eq!(server.stats.accepted.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn relay_to_own_listener_closes_without_dialling() {
+    let (ours, seen) = counting_echo_server().await;
+    let own = tcp::OwnListeners::new();
+    own.register(ours);
+    let relay = tcp::Relay::new(tcp::TcpConnector::new().own_listeners(own))
+        .upstream(move |_: &Metadata| Some(Target::from(ours)));
+    let (tx, mut kinds) = tokio::sync::mpsc::unbounded_channel();
+    let svc = tower::ServiceBuilder::new()
+        .map_err(move |e: tcp::RelayServiceError| {
+            let kind = match &e {
+                tcp::RelayServiceError::Connect { source, .. } => source
+                    .downcast_ref::<tcp::ConnectError>()
+                    .map(|c| (c.kind(), proxystack::conn::refusal_for(c))),
+                _ => None,
+            };
+            let _ = tx.send(kind);
+            e
+        })
+        .service(relay);
+    let proxy = start(Server::new(), svc).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    let _ = s.write_all(b"loop?").await;
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "closed without data: {read:?}"
+    );
+    let kind = tokio::time::timeout(Duration::from_secs(10), kinds.recv()).await;
+    assert_eq!(
+        kind.unwrap().unwrap(),
+        Some((tcp::ConnectErrorKind::Loop, proxystack::conn::Refusal::Loop))
+    );
+    assert_eq!(seen.accepted.load(Ordering::SeqCst), 0);
+    proxy.shutdown().await;
+}

@@ -1207,3 +1207,282 @@ timeout_secs = 1
     assert!(body.contains("x-unrelated: kept\r\n"), "{body}");
     ex.stop();
 }
+
+// ---------------------------------------------------------------------------------------
+// Issue 14 items 4 and 5: the examples' own ports (listeners and --admin) are never a
+// destination of their tunnels; connect_proxy refuses this host's interface addresses and
+// restricts destination ports with --allow-port.
+
+/// A port nothing listens on right now (bound and released), for an `--admin` address a
+/// config must name before the example starts.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[cfg(all(feature = "hbone", feature = "demo-certs"))]
+mod own_ports {
+    use super::*;
+    use proxystack::connect::TunnelError;
+    use proxystack::hbone::{self, HboneTarget};
+    use proxystack::identity::SpiffeId;
+    use proxystack::tls::demo::DemoCa;
+    use proxystack::{Authority, BoxIo, Conn};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tower::ServiceExt;
+
+    /// Opens an HBONE tunnel to `127.0.0.1:port` through `next_hop` as `default/client`;
+    /// the CONNECT status on refusal.
+    async fn tunnel_to_port(
+        ca: &DemoCa,
+        next_hop: SocketAddr,
+        port: u16,
+        server: &str,
+    ) -> Result<Conn<BoxIo>, u16> {
+        let connector =
+            hbone::Connector::hbone(ca.workload_cert("default", "client"), ca.roots()).unwrap();
+        let authority = Authority::from(SocketAddr::from(([127, 0, 0, 1], port)));
+        let server = SpiffeId::istio("cluster.local", "default", server).unwrap();
+        let target = HboneTarget::new(next_hop, authority, [server]).into_target();
+        match tokio::time::timeout(IO, connector.oneshot(target)).await {
+            Ok(Ok(t)) => Ok(t.boxed()),
+            Ok(Err(TunnelError::Refused { status, .. })) => Err(status.as_u16()),
+            Ok(Err(e)) => panic!("tunnel to port {port}: {e}"),
+            Err(_) => panic!("tunnel to port {port}: no answer within {IO:?}"),
+        }
+    }
+
+    /// `--admin`'s `/metrics`: the accepted-connections counter of `listener`.
+    fn accepted(admin: SocketAddr, listener: &str) -> Option<u64> {
+        let (_, metrics) = http(admin, "admin", "/metrics", "")?;
+        let key = format!("proxystack_connections_accepted_total{{listener=\"{listener}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&key)?.parse().ok())
+    }
+
+    #[tokio::test]
+    async fn hbone_listen_and_admin_ports_unreachable_through_tunnels() {
+        let ca = DemoCa::new("cluster.local");
+        let mut files = TempFiles::default();
+        let echo = header_echo_server([127, 0, 0, 1]);
+        // Both sides on ephemeral ports (not among hbone::ILLEGAL_PORTS), so only the
+        // process's knowledge of its own listeners can refuse them.
+        let config = format!(
+            "{}\n[server]\nlisten = \"127.0.0.1:0\"\napp_ip = \"127.0.0.1\"\n\
+             [client]\nlisten = \"127.0.0.1:0\"\npeer = \"127.0.0.1:9\"\n\
+             authority = \"127.0.0.1:9\"\nidentity = \"spiffe://cluster.local/ns/default/sa/node\"\n",
+            identity_section(&ca, "default", "node", &mut files)
+        );
+        let config = files.add("hbone-own.toml", &config);
+        let cfg = config.to_string_lossy().into_owned();
+        let args = ["--config", &cfg, "--admin", "127.0.0.1:0"];
+        let Some(mut ex) = Example::start("hbone", &args) else {
+            return;
+        };
+        let [server, client, admin] = ex.listening(3)[..] else {
+            unreachable!()
+        };
+        for port in [server.port(), client.port(), admin.port()] {
+            let r = tunnel_to_port(&ca, server, port, "node").await;
+            assert_eq!(r.err(), Some(503), "tunnel to our own port {port}");
+        }
+        ex.stderr_line("self call");
+        // The app is still reachable.
+        let mut t = tunnel_to_port(&ca, server, echo.port(), "node")
+            .await
+            .unwrap();
+        t.write_all(b"GET /app HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut resp = Vec::new();
+        let _ = tokio::time::timeout(IO, t.read_to_end(&mut resp)).await;
+        let resp = String::from_utf8_lossy(&resp);
+        assert!(resp.contains("get /app"), "{resp}");
+        // Only our four tunnels' connections reached the HBONE listener: none from itself.
+        assert_eq!(accepted(admin, "hbone_server"), Some(4), "{}", ex.stderr());
+        assert_eq!(accepted(admin, "hbone_client"), Some(0));
+        ex.stop();
+    }
+
+    #[tokio::test]
+    async fn sidecar_admin_unreachable_through_inbound_tunnels_and_redirects() {
+        let ca = DemoCa::new("cluster.local");
+        let mut files = TempFiles::default();
+        let admin_port = free_port();
+        let config = format!(
+            "{}\n[outbound]\nlisten = \"127.0.0.1:0\"\n\
+             [[outbound.fixed]]\nlisten = \"127.0.0.1:0\"\noriginal_dst = \"127.0.0.1:{admin_port}\"\n\
+             [inbound]\nlisten = \"127.0.0.1:0\"\napp_ip = \"127.0.0.1\"\n",
+            identity_section(&ca, "default", "node", &mut files)
+        );
+        let config = files.add("sidecar-own.toml", &config);
+        let cfg = config.to_string_lossy().into_owned();
+        let admin_arg = format!("127.0.0.1:{admin_port}");
+        let args = ["--config", &cfg, "--admin", &admin_arg];
+        let Some(mut ex) = Example::start("sidecar", &args) else {
+            return;
+        };
+        // outbound, fixed (pretends to be redirected to the admin port), inbound, admin
+        let [_, fixed, inbound, admin] = ex.listening(4)[..] else {
+            unreachable!()
+        };
+        assert_eq!(admin.port(), admin_port);
+        // Through the inbound HBONE listener: the admin port and the inbound port itself.
+        for port in [admin.port(), inbound.port()] {
+            let r = tunnel_to_port(&ca, inbound, port, "node").await;
+            assert_eq!(r.err(), Some(503), "tunnel to our own port {port}");
+        }
+        // A connection redirected to the admin port: closed, no /metrics.
+        let through = http(fixed, "admin", "/metrics", "");
+        assert_eq!(
+            through, None,
+            "the admin endpoint answered through a redirect"
+        );
+        ex.stderr_line("self call");
+        // The admin endpoint itself works, and saw only this request.
+        let (status, _) = http(admin, "admin", "/ready", "").unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(accepted(admin, "outbound_fixed_0"), Some(1));
+        ex.stop();
+    }
+}
+
+#[test]
+fn connect_proxy_refuses_its_admin_endpoint_with_503() {
+    // Loopback allowed, so only the knowledge of its own listeners protects the proxy.
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--allow-net",
+        "127.0.0.0/8",
+        "--admin",
+        "127.0.0.1:0",
+    ];
+    let Some(mut ex) = Example::start("connect_proxy", &args) else {
+        return;
+    };
+    let [proxy, admin] = ex.listening(2)[..] else {
+        unreachable!()
+    };
+    for authority in [
+        admin.to_string(),
+        format!("localhost:{}", admin.port()),
+        format!("127.0.0.2:{}", admin.port()),
+        format!("[::ffff:127.0.0.1]:{}", admin.port()),
+        proxy.to_string(),
+        format!("localhost:{}", proxy.port()),
+    ] {
+        let (status, _) = connect_via(proxy, &authority);
+        assert_eq!(status, 503, "CONNECT {authority}");
+    }
+    ex.stderr_line("self call");
+    let origin = header_echo_server([127, 0, 0, 1]);
+    let (status, _) = connect_via(proxy, &origin.to_string());
+    assert_eq!(status, 200);
+    ex.stop();
+}
+
+#[test]
+fn connect_proxy_allow_port_restricts_destination_ports() {
+    let allowed = header_echo_server([127, 0, 0, 2]);
+    let other = header_echo_server([127, 0, 0, 2]);
+    let port = allowed.port().to_string();
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--allow-net",
+        "127.0.0.2/32",
+        "--allow-port",
+        &port,
+        "--allow-port",
+        "443",
+    ];
+    let Some(mut ex) = Example::start("connect_proxy", &args) else {
+        return;
+    };
+    let proxy = ex.listening(1)[0];
+    let (status, _) = connect_via(proxy, &other.to_string());
+    assert_eq!(status, 403, "CONNECT to a port not in --allow-port");
+    ex.stderr_line("destination port not allowed");
+    let (status, mut tunnel) = connect_via(proxy, &allowed.to_string());
+    assert_eq!(status, 200);
+    tunnel
+        .write_all(b"GET /p HTTP/1.1\r\nHost: origin\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    let _ = tunnel.read_to_string(&mut resp);
+    assert!(resp.contains("get /p"), "{resp}");
+    ex.stop();
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn connect_proxy_refuses_this_hosts_interface_addresses() {
+    use common::netns::Netns;
+    if binary("connect_proxy").is_none() {
+        return;
+    }
+    // A namespace where 10.200.0.1 is an address of this "host" (on its lo: no dummy
+    // interfaces needed, and no packet can leave), with a service bound to every address.
+    let ns = match Netns::create("ownif", &["10.200.0.1/32"]) {
+        Ok(ns) => ns,
+        Err(e) => {
+            println!("SKIPPED: {e}");
+            return;
+        }
+    };
+    let service = ns.run(|| header_echo_server([0, 0, 0, 0]));
+    let wrapper = ["ip", "netns", "exec", ns.name()];
+    let via =
+        |proxy: SocketAddr, authority: String| ns.run(move || connect_via(proxy, &authority).0);
+    let host_addr = format!("10.200.0.1:{}", service.port());
+
+    // Default policy: the host's own interface address is refused on every port.
+    let args = ["--listen", "0.0.0.0:0"];
+    let Some(mut ex) = Example::start_with(&wrapper, "connect_proxy", &args) else {
+        return;
+    };
+    let proxy = ex.listening(1)[0];
+    let proxy_local = SocketAddr::from(([127, 0, 0, 1], proxy.port()));
+    assert_eq!(
+        via(proxy_local, host_addr.clone()),
+        403,
+        "CONNECT {host_addr}"
+    );
+    ex.stop();
+
+    // --allow-net allows it explicitly; our own listeners stay refused there (503).
+    let args = [
+        "--listen",
+        "0.0.0.0:0",
+        "--allow-net",
+        "10.200.0.1/32",
+        "--admin",
+        "0.0.0.0:0",
+    ];
+    let Some(mut ex) = Example::start_with(&wrapper, "connect_proxy", &args) else {
+        return;
+    };
+    let [proxy, admin] = ex.listening(2)[..] else {
+        unreachable!()
+    };
+    let proxy_local = SocketAddr::from(([127, 0, 0, 1], proxy.port()));
+    assert_eq!(
+        via(proxy_local, host_addr.clone()),
+        200,
+        "CONNECT {host_addr}"
+    );
+    for port in [proxy.port(), admin.port()] {
+        let authority = format!("10.200.0.1:{port}");
+        assert_eq!(
+            via(proxy_local, authority.clone()),
+            503,
+            "CONNECT {authority}"
+        );
+    }
+    ex.stop();
+}

@@ -1,12 +1,19 @@
 //! What every example shares: flags, logging, the admin endpoint, signals, `listening on`.
 //!
+//! Every listener bound here ([`bind_all`], [`admin`], [`Servers`]) is registered in the
+//! process's [`own_listeners`] as soon as it is bound and before any connection is
+//! accepted on any of them, so connectors built with
+//! `TcpConnector::own_listeners(support::own_listeners().clone())` (and [`MeshConnector`]
+//! for plain TCP) refuse to dial back into the process: its tunnel ports, its admin
+//! endpoint, on every address of the host.
+//!
 //! Copy this file along with an example; it is deliberately plain.
 #![allow(dead_code)]
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -57,14 +64,34 @@ pub fn tune_allocator() {
     }
 }
 
-/// Binds every address or exits with a message naming the one that failed.
+/// The listeners of this process, for connectors that must never dial them (see the
+/// module docs). Demo backends standing in for other hosts are not in it.
+pub fn own_listeners() -> &'static proxystack::tcp::OwnListeners {
+    static OWN: OnceLock<proxystack::tcp::OwnListeners> = OnceLock::new();
+    OWN.get_or_init(proxystack::tcp::OwnListeners::new)
+}
+
+/// Binds `addr` and registers it in [`own_listeners`], or exits naming `what` failed.
+async fn bind_own(addr: SocketAddr, what: &str) -> TcpListener {
+    let listener = match TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => fail(format!("cannot listen on {what}{addr}: {e}")),
+    };
+    // Registered with the bound address, so a port 0 is known by its real number.
+    if let Err(e) = own_listeners().register_listener(&listener) {
+        fail(format!(
+            "cannot read the bound address of {what}{addr}: {e}"
+        ));
+    }
+    listener
+}
+
+/// Binds every address (registering each in [`own_listeners`]) or exits with a message
+/// naming the one that failed.
 pub async fn bind_all(addrs: &[SocketAddr]) -> Vec<TcpListener> {
     let mut out = Vec::new();
     for addr in addrs {
-        match TcpListener::bind(addr).await {
-            Ok(l) => out.push(l),
-            Err(e) => fail(format!("cannot listen on {addr}: {e}")),
-        }
+        out.push(bind_own(*addr, "").await);
     }
     out
 }
@@ -151,7 +178,7 @@ pub async fn run_until_signal(
 }
 
 /// Serves `/ready` (200 once called) and `/metrics` (Prometheus text) from `stats`.
-/// Returns the bound address.
+/// Returns the bound address, registered in [`own_listeners`]: tunnels cannot read it.
 pub async fn admin(addr: SocketAddr, stats: Vec<(String, Arc<ServeStats>)>) -> SocketAddr {
     admin_with(addr, stats, Arc::new(String::new)).await
 }
@@ -162,10 +189,7 @@ pub async fn admin_with(
     stats: Vec<(String, Arc<ServeStats>)>,
     extra: Arc<dyn Fn() -> String + Send + Sync>,
 ) -> SocketAddr {
-    let listener = match TcpListener::bind(addr).await {
-        Ok(l) => l,
-        Err(e) => fail(format!("cannot listen on admin address {addr}: {e}")),
-    };
+    let listener = bind_own(addr, "admin address ").await;
     let bound = listener.local_addr().unwrap_or(addr);
     tokio::spawn(async move {
         loop {
@@ -365,8 +389,14 @@ where
     parse(d).map(Some)
 }
 
+/// An accept loop waiting for [`Servers::run`] to start it.
+type PendingServer =
+    Box<dyn FnOnce(proxystack::drain::Watch) -> tokio::task::JoinHandle<std::io::Result<()>>>;
+
 /// The listeners of one process: each served by its own accept loop (own stats for
-/// `/metrics`), all announced together, all drained together.
+/// `/metrics`), all announced together, all drained together. No loop accepts before
+/// [`run`](Self::run) has bound (and registered) the admin endpoint too, so no tunnel can
+/// slip in to a listener [`own_listeners`] does not know yet.
 pub struct Servers {
     drain: std::time::Duration,
     signal: proxystack::drain::Signal,
@@ -374,7 +404,7 @@ pub struct Servers {
     addrs: Vec<SocketAddr>,
     stats: Vec<(String, Arc<ServeStats>)>,
     extra_metrics: Arc<dyn Fn() -> String + Send + Sync>,
-    tasks: Vec<tokio::task::JoinHandle<std::io::Result<()>>>,
+    pending: Vec<PendingServer>,
 }
 
 impl Servers {
@@ -388,7 +418,7 @@ impl Servers {
             addrs: Vec::new(),
             stats: Vec::new(),
             extra_metrics: Arc::new(String::new),
-            tasks: Vec::new(),
+            pending: Vec::new(),
         }
     }
 
@@ -397,7 +427,8 @@ impl Servers {
         self.extra_metrics = Arc::new(extra);
     }
 
-    /// Serves `svc` on `listener`; `name` labels its metrics.
+    /// Serves `svc` on `listener` once [`run`](Self::run) starts; `name` labels its
+    /// metrics. The listener must come from [`bind_all`] (which registered it).
     pub fn spawn<S>(&mut self, name: &str, listener: TcpListener, svc: S)
     where
         S: tower::Service<proxystack::Conn<tokio::net::TcpStream>, Response = ()>
@@ -410,9 +441,8 @@ impl Servers {
         let server = proxystack::Server::new().drain_timeout(self.drain);
         self.addrs.extend(listener.local_addr().ok());
         self.stats.push((name.to_string(), server.stats()));
-        let watch = self.watch.clone();
-        self.tasks.push(tokio::spawn(async move {
-            server.serve(listener, svc, watch).await
+        self.pending.push(Box::new(move |watch| {
+            tokio::spawn(async move { server.serve(listener, svc, watch).await })
         }));
     }
 
@@ -421,16 +451,19 @@ impl Servers {
         &self.addrs
     }
 
-    /// Starts the admin endpoint (if asked), prints `listening on` for every listener
-    /// (admin last), then runs until SIGTERM/Ctrl-C and drains.
+    /// Starts the admin endpoint (if asked), then every accept loop, prints `listening on`
+    /// for every listener (admin last), then runs until SIGTERM/Ctrl-C and drains.
     pub async fn run(mut self, admin_addr: Option<SocketAddr>) {
         if let Some(addr) = admin_addr {
             let bound = admin_with(addr, self.stats.clone(), self.extra_metrics.clone()).await;
             self.addrs.push(bound);
         }
+        let watch = self.watch;
+        let tasks = self.pending.into_iter().map(|start| start(watch.clone()));
+        let tasks = tasks.collect();
         announce(&self.addrs);
-        drop(self.watch);
-        run_until_signal(self.signal, self.tasks).await;
+        drop(watch);
+        run_until_signal(self.signal, tasks).await;
     }
 }
 
@@ -482,7 +515,9 @@ impl IdentityFiles {
 
 /// The outbound side of the mesh examples: HBONE for targets built with `HboneTarget`
 /// (they carry a `ConnectAuthority`), plain TCP for everything else. Both answers are boxed
-/// so `Relay` and `Forward` see one connector type.
+/// so `Relay` and `Forward` see one connector type. Plain TCP never dials one of
+/// [`own_listeners`] (a loop, or `/metrics` for anyone): `Relay` closes, a tunnel gets 503.
+/// HBONE may: a node proxy's own HBONE port is a legitimate next hop for a local pod.
 #[cfg(feature = "hbone")]
 #[derive(Clone)]
 pub struct MeshConnector {
@@ -516,7 +551,7 @@ impl tower::Service<proxystack::Target> for MeshConnector {
             (true, Some(h)) => Box::pin(async move { Ok(h.oneshot(target).await?.boxed()) }),
             (true, None) => Box::pin(async { Err("HBONE target, but no mesh identity".into()) }),
             (false, _) => {
-                let tcp = self.tcp.clone();
+                let tcp = self.tcp.clone().own_listeners(own_listeners().clone());
                 Box::pin(async move { Ok(tcp.oneshot(target).await?.boxed()) })
             }
         }

@@ -9,7 +9,9 @@
 //!   metadata of the connection it arrived on). `200` is sent only once the inner service
 //!   has *admitted* the tunnel ([`Admission`](crate::conn::Admission)): `tcp::Relay` does
 //!   so after its upstream connected; a refusal becomes `502/503/504`, a policy denial
-//!   `401/403`, a malformed request or authority `400`.
+//!   `401/403`, a malformed request or authority `400`, and a destination that is one of
+//!   the proxy's own listeners ([`tcp::OwnListeners`](crate::tcp::OwnListeners), checked
+//!   by the relay's `TcpConnector`) `503`.
 //!   A connection speaks HTTP/2 if it starts with the HTTP/2 preface, else HTTP/1.1
 //!   (unless one of them is switched off).
 //! * [`H2ConnectPool`] opens tunnels as streams of pooled, multiplexed HTTP/2 connections
@@ -100,7 +102,8 @@ pub struct ConnectResponse(pub HeaderMap);
 pub fn status_for(refusal: Refusal) -> StatusCode {
     match refusal {
         Refusal::Denied => StatusCode::FORBIDDEN,
-        Refusal::Refused => StatusCode::SERVICE_UNAVAILABLE,
+        // A loop to ourselves is answered as ztunnel answers it.
+        Refusal::Refused | Refusal::Loop => StatusCode::SERVICE_UNAVAILABLE,
         Refusal::Unreachable => StatusCode::BAD_GATEWAY,
         Refusal::TimedOut => StatusCode::GATEWAY_TIMEOUT,
     }

@@ -6,7 +6,12 @@
 //!   required, same trust domain) + [`ConnectTerminate`]
 //!   (HTTP/2 only, only CONNECT → else 400, authority checks → 400, policy → 401,
 //!   illegal ports → 503, `200` only after the inner service connected). Tunnels carry
-//!   [`HboneHeaders`] parsed from `forwarded`, `baggage` and `traceparent`.
+//!   [`HboneHeaders`] parsed from `forwarded`, `baggage` and `traceparent`. The fixed
+//!   [`ILLEGAL_PORTS`] cover ztunnel's well-known ports only; to refuse *every* listener
+//!   of the process (any port, the admin endpoint included) on every address of the host,
+//!   let the inner service dial with a `TcpConnector` that knows them
+//!   ([`TcpConnector::own_listeners`] with a [`tcp::OwnListeners`](crate::tcp::OwnListeners)
+//!   where each listener is registered): such a tunnel gets 503 too, nothing is dialled.
 //! * [`Connector`] = [`H2ConnectPool`] over
 //!   [`TlsConnector`] over [`TcpConnector`]: no SNI, TLS 1.3,
 //!   AES-GCM, ALPN `h2`, SAN pinning, pooled per (source identity, destination identities,
@@ -155,7 +160,10 @@ impl Inbound {
         self
     }
 
-    /// Destination ports refused with 503 (default [`ILLEGAL_PORTS`]).
+    /// Destination ports refused with 503 (default [`ILLEGAL_PORTS`]), on any address. For
+    /// the process's own listeners, whatever their ports, prefer
+    /// [`TcpConnector::own_listeners`] on the inner service's connector: it also knows
+    /// ephemeral ports and the admin endpoint.
     pub fn illegal_ports(mut self, ports: impl IntoIterator<Item = u16>) -> Self {
         self.illegal_ports = ports.into_iter().collect();
         self

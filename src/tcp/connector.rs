@@ -12,6 +12,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tower::Service;
 use tracing::debug;
 
+use super::OwnListeners;
 use crate::addr::Host;
 use crate::conn::{Conn, LocalAddr, PeerAddr, Refusal};
 use crate::Target;
@@ -37,6 +38,7 @@ pub struct TcpConnector {
     freebind: bool,
     mark: Option<u32>,
     allow: Option<AddressFilter>,
+    own: Option<OwnListeners>,
 }
 
 /// Decides which resolved addresses may be dialled.
@@ -50,6 +52,7 @@ impl std::fmt::Debug for TcpConnector {
             .field("transparent", &self.transparent)
             .field("mark", &self.mark)
             .field("filtered", &self.allow.is_some())
+            .field("own_listeners", &self.own)
             .finish_non_exhaustive()
     }
 }
@@ -72,6 +75,7 @@ impl TcpConnector {
             freebind: false,
             mark: None,
             allow: None,
+            own: None,
         }
     }
 
@@ -135,6 +139,19 @@ impl TcpConnector {
         self
     }
 
+    /// Never dials one of these listeners, this process's own (see [`OwnListeners`]): a
+    /// tunnel or relay to them would loop back into the proxy or reach its admin endpoint.
+    /// Checked on every resolved address right before the connect, after the
+    /// [`allow_addresses`](Self::allow_addresses) filter: an address the filter refuses
+    /// fails with [`ConnectErrorKind::Forbidden`] (403) whether or not it is ours, a
+    /// permitted one that is ours is skipped, and a target left with nothing to dial for
+    /// that reason fails with [`ConnectErrorKind::Loop`] (a tunnel answers 503, a relay
+    /// closes).
+    pub fn own_listeners(mut self, own: OwnListeners) -> Self {
+        self.own = Some(own);
+        self
+    }
+
     /// Connects to `target`.
     pub async fn connect(&self, target: &Target) -> Result<Conn<TcpStream>, ConnectError> {
         let err = |kind, source| ConnectError {
@@ -153,19 +170,7 @@ impl TcpConnector {
                 }
             };
             let mut last = None;
-            let (allowed, denied): (Vec<_>, Vec<_>) = addrs.into_iter().partition(|a| {
-                // `[::ffff:127.0.0.1]` reaches 127.0.0.1, but `Ipv6Addr::is_loopback`
-                // says no: judge the address the kernel will actually dial.
-                let canonical = SocketAddr::new(a.ip().to_canonical(), a.port());
-                self.allow.as_ref().is_none_or(|allow| allow(canonical))
-            });
-            if let (true, Some(first)) = (allowed.is_empty(), denied.first()) {
-                let e = io::Error::new(
-                    io::ErrorKind::PermissionDenied,
-                    format!("address {first} is not allowed"),
-                );
-                return Err(err(ConnectErrorKind::Forbidden, e));
-            }
+            let allowed = self.dialable(addrs).map_err(|(kind, e)| err(kind, e))?;
             for addr in allowed {
                 match self.connect_addr(addr).await {
                     Ok(stream) => return Ok(stream),
@@ -200,6 +205,41 @@ impl TcpConnector {
             conn.insert(PeerAddr(peer));
         }
         Ok(conn)
+    }
+
+    /// The resolved addresses that may be dialled (the address filter, then our own
+    /// listeners), or why none may.
+    fn dialable(
+        &self,
+        addrs: Vec<SocketAddr>,
+    ) -> Result<Vec<SocketAddr>, (ConnectErrorKind, io::Error)> {
+        let (permitted, denied): (Vec<_>, Vec<_>) = addrs.into_iter().partition(|a| {
+            // `[::ffff:127.0.0.1]` reaches 127.0.0.1, but `Ipv6Addr::is_loopback`
+            // says no: judge the address the kernel will actually dial.
+            let canonical = SocketAddr::new(a.ip().to_canonical(), a.port());
+            self.allow.as_ref().is_none_or(|allow| allow(canonical))
+        });
+        let (ours, allowed): (Vec<_>, Vec<_>) = permitted
+            .into_iter()
+            .partition(|a| self.own.as_ref().is_some_and(|own| own.contains(*a)));
+        if !allowed.is_empty() {
+            return Ok(allowed);
+        }
+        if let Some(first) = ours.first() {
+            let e = io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("{first} is one of this proxy's own listeners"),
+            );
+            return Err((ConnectErrorKind::Loop, e));
+        }
+        if let Some(first) = denied.first() {
+            let e = io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("address {first} is not allowed"),
+            );
+            return Err((ConnectErrorKind::Forbidden, e));
+        }
+        Ok(allowed)
     }
 
     async fn connect_addr(&self, addr: SocketAddr) -> io::Result<TcpStream> {
@@ -273,6 +313,9 @@ pub enum ConnectErrorKind {
     TimedOut,
     /// Every address of the target is excluded by [`TcpConnector::allow_addresses`].
     Forbidden,
+    /// Every permitted address of the target is one of this process's own listeners
+    /// ([`TcpConnector::own_listeners`]): dialling it would loop back into the proxy.
+    Loop,
     /// Another local error (e.g. binding the source address).
     Other,
 }
@@ -310,7 +353,7 @@ impl ConnectError {
     pub fn is_retryable(&self) -> bool {
         !matches!(
             self.kind,
-            ConnectErrorKind::Other | ConnectErrorKind::Forbidden
+            ConnectErrorKind::Other | ConnectErrorKind::Forbidden | ConnectErrorKind::Loop
         )
     }
 
@@ -320,6 +363,7 @@ impl ConnectError {
             ConnectErrorKind::Refused => Refusal::Refused,
             ConnectErrorKind::TimedOut => Refusal::TimedOut,
             ConnectErrorKind::Forbidden => Refusal::Denied,
+            ConnectErrorKind::Loop => Refusal::Loop,
             ConnectErrorKind::Resolve | ConnectErrorKind::Unreachable | ConnectErrorKind::Other => {
                 Refusal::Unreachable
             }
@@ -335,6 +379,7 @@ impl ConnectErrorKind {
             ConnectErrorKind::Unreachable => "cannot reach",
             ConnectErrorKind::TimedOut => "timed out connecting to",
             ConnectErrorKind::Forbidden => "not allowed to connect to",
+            ConnectErrorKind::Loop => "refusing to connect to this proxy's own listener",
             ConnectErrorKind::Other => "failed to connect to",
         }
     }

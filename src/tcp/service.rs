@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tower::{Service, ServiceExt};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::relay::{relay_with, RelayConfig, RelayError, Side};
 use crate::conn::{refusal_for, Abort, Admission, Conn, Io, Metadata, Refusal};
@@ -21,7 +21,10 @@ use crate::{BoxError, Target};
 /// When the connection came through a tunnel whose terminator waits for an
 /// [`Admission`], the relay admits it only after the upstream connected, and otherwise
 /// refuses with the reason (so an HBONE client gets 503 for a refused upstream, not 200
-/// followed by a close).
+/// followed by a close). An upstream that is one of the process's own listeners (a
+/// connector with [`TcpConnector::own_listeners`](super::TcpConnector::own_listeners))
+/// is refused as [`Refusal::Loop`] (503) with a `warn` event; without a tunnel, the
+/// connection is closed.
 ///
 /// When one side fails (a reset, an I/O error), the other side is reset too: a TCP socket
 /// with `SO_LINGER 0`, a stream that is not a socket (an HTTP/2 tunnel) through the
@@ -164,10 +167,16 @@ where
                 Ok(upstream) => upstream,
                 Err(e) => {
                     let e: BoxError = e.into();
+                    let refusal = refusal_for(&*e);
                     if let Some(a) = &admission {
-                        a.refuse(refusal_for(&*e));
+                        a.refuse(refusal);
                     }
-                    debug!(upstream = %name, error = %e, "upstream connect failed");
+                    if refusal == Refusal::Loop {
+                        // Someone tried to reach the proxy through itself: worth a look.
+                        warn!(upstream = %name, "upstream is one of our own listeners (a self call); closing without dialling");
+                    } else {
+                        debug!(upstream = %name, error = %e, "upstream connect failed");
+                    }
                     return Err(RelayServiceError::Connect {
                         target: name,
                         source: e,
