@@ -3,7 +3,8 @@
 //! Transfer-Encoding case variants, chunk extensions, bare CR and control characters,
 //! underscore names, size limits, HTTP/1.0 and missing Host, absolute-form URIs, requests
 //! pipelined behind CONNECT, CONNECT with a body, path tricks, forged forwarding headers,
-//! and HTTP/2 requests whose fields must not be translated into HTTP/1.
+//! HTTP/2 requests whose fields must not be translated into HTTP/1, and requests behind an
+//! upgrade request that did not switch protocols.
 //!
 //! Target: `http::HttpServer` + `http::Forward` (and `connect::ConnectTerminate` for
 //! CONNECT over HTTP/1.1). Each case asserts the exact answer, what the upstream received
@@ -849,4 +850,303 @@ async fn h2_authority_host_and_cookie_translation() {
     assert_eq!(cookies, ["a=1; b=2; c=3"], "{head}");
     drop(raw);
     proxy.shutdown().await;
+}
+
+// =======================================================================================
+// Upgrade requests that are not switched (issue 14 item 2)
+
+/// Requests the strict HTTP/1 check refuses and hyper alone would accept, each for
+/// `/smuggled`: none may reach a service or an upstream.
+const SMUGGLED: [(&str, &[u8]); 5] = [
+    (
+        "CL + TE",
+        b"POST /smuggled HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\n\
+          Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nG",
+    ),
+    ("bare LF", b"GET /smuggled HTTP/1.1\nHost: a\n\n"),
+    (
+        "TE identity, chunked",
+        b"POST /smuggled HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity, chunked\r\n\r\n\
+          0\r\n\r\n",
+    ),
+    (
+        "two TE fields",
+        b"POST /smuggled HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\
+          Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    ),
+    (
+        "HTTP/1.1 without Host",
+        b"GET /smuggled HTTP/1.1\r\nX-A: b\r\n\r\n",
+    ),
+];
+
+/// Reads one response head (bounded by `WAIT` and 64 KiB).
+async fn read_response_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    let read = async {
+        while !head.ends_with(b"\r\n\r\n") && head.len() < 64 * 1024 {
+            match s.read(&mut byte).await {
+                Ok(1) => head.push(byte[0]),
+                _ => break,
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, read)
+        .await
+        .expect("no response head in time");
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// Reads one response with a `Content-Length` body; returns its status.
+async fn read_response(s: &mut TcpStream) -> u16 {
+    let head = read_response_head(s).await;
+    let len: usize = head
+        .to_ascii_lowercase()
+        .split("\r\n")
+        .find_map(|l| l.strip_prefix("content-length: ")?.parse().ok())
+        .unwrap_or_else(|| panic!("no Content-Length: {head}"));
+    let mut body = vec![0u8; len];
+    tokio::time::timeout(WAIT, s.read_exact(&mut body))
+        .await
+        .expect("no body in time")
+        .expect("body cut short");
+    status_of(head.as_bytes()).unwrap_or_else(|| panic!("not a response: {head}"))
+}
+
+/// Sends `first`, then `bad`: in one write (`pipelined`) or after `first`'s response
+/// (kept alive). Returns the statuses of all responses; the proxy must close.
+async fn first_then_bad(proxy: SocketAddr, first: &[u8], bad: &[u8], pipelined: bool) -> Vec<u16> {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    let mut seen = Vec::new();
+    if pipelined {
+        s.write_all(&[first, bad].concat()).await.unwrap();
+    } else {
+        s.write_all(first).await.unwrap();
+        seen.push(read_response(&mut s).await);
+        s.write_all(bad).await.unwrap();
+    }
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(WAIT, s.read_to_end(&mut rest))
+        .await
+        .is_ok();
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(closed, "connection left open: {rest}");
+    seen.extend(statuses(&rest));
+    seen
+}
+
+/// Echoes what arrives on an upgraded connection (a switched protocol or a tunnel).
+fn echo_upgraded(on: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        if let Ok(up) = on.await {
+            let (mut r, mut w) = tokio::io::split(hyper_util::rt::TokioIo::new(up));
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        }
+    });
+}
+
+/// An `HttpServer` whose service records `METHOD target` of every request and answers:
+/// `/upgrade` → `101` and echoes; `CONNECT open:1` → `200` and echoes the tunnel; any other
+/// CONNECT → `403`; `/404` → `404`; anything else → reads the body, `200`.
+async fn recording_server() -> (http_common::Running, Arc<Mutex<Vec<String>>>) {
+    use http::{Method, Response, StatusCode};
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let s = seen.clone();
+    let service = tower::service_fn(move |mut req: http::Request<proxystack::http::Incoming>| {
+        let seen = s.clone();
+        async move {
+            seen.lock()
+                .unwrap()
+                .push(format!("{} {}", req.method(), req.uri()));
+            let status = if req.method() == Method::CONNECT {
+                if req.uri().authority().map(|a| a.as_str()) == Some("open:1") {
+                    echo_upgraded(hyper::upgrade::on(&mut req));
+                    let mut ok = Response::new(http_common::empty());
+                    *ok.status_mut() = StatusCode::OK;
+                    return Ok::<_, std::convert::Infallible>(ok);
+                }
+                StatusCode::FORBIDDEN
+            } else if req.uri().path() == "/upgrade" {
+                echo_upgraded(hyper::upgrade::on(&mut req));
+                let mut switched = Response::new(http_common::empty());
+                *switched.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                switched.headers_mut().insert(
+                    http::header::UPGRADE,
+                    http::HeaderValue::from_static("echo"),
+                );
+                switched.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("upgrade"),
+                );
+                return Ok(switched);
+            } else if req.uri().path() == "/404" {
+                StatusCode::NOT_FOUND
+            } else {
+                let _ = http_body_util::BodyExt::collect(req.into_body()).await;
+                StatusCode::OK
+            };
+            let mut resp = Response::new(http_common::body("answer"));
+            *resp.status_mut() = status;
+            Ok(resp)
+        }
+    });
+    (serve_http(HttpServer::new(service)).await, seen)
+}
+
+/// Regression (issue 14 item 2): a request with `Upgrade` (or a `CONNECT`) switched the
+/// strict HTTP/1 check off for the rest of the connection, even when no switch happened.
+/// Now, after an upgrade request answered `200` or `404` (with or without
+/// `Connection: upgrade`, with or without a body) or a CONNECT answered `403`, each
+/// request the check refuses — CL + TE, bare LF, `identity, chunked`, two
+/// `Transfer-Encoding` fields, HTTP/1.1 without Host — gets `400` and never reaches the
+/// service, kept alive or pipelined behind the first request.
+#[tokio::test]
+async fn upgrade_not_switched_keeps_the_strict_check_on() {
+    let (proxy, seen) = recording_server().await;
+    let firsts: [(&str, &[u8], u16, &str); 5] = [
+        (
+            "Upgrade answered 200",
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n",
+            200,
+            "GET /ws",
+        ),
+        (
+            "Upgrade + Connection: upgrade answered 404",
+            b"GET /404 HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+            404,
+            "GET /404",
+        ),
+        (
+            "Upgrade with a Content-Length body answered 200",
+            b"POST /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nContent-Length: 5\r\n\r\nhello",
+            200,
+            "POST /ws",
+        ),
+        (
+            "Upgrade with a chunked body answered 200",
+            b"POST /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\
+              Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            200,
+            "POST /ws",
+        ),
+        (
+            "CONNECT answered 403",
+            b"CONNECT closed:1 HTTP/1.1\r\nHost: closed:1\r\n\r\n",
+            403,
+            "CONNECT closed:1",
+        ),
+    ];
+    for (first_name, first, first_status, first_line) in firsts {
+        for (bad_name, bad) in SMUGGLED {
+            for pipelined in [false, true] {
+                let case = format!("{first_name}, then {bad_name} (pipelined: {pipelined})");
+                let got = first_then_bad(proxy.addr, first, bad, pipelined).await;
+                assert_eq!(got, [first_status, 400], "{case}");
+                let lines = std::mem::take(&mut *seen.lock().unwrap());
+                assert_eq!(lines, [first_line], "{case}: the service saw it");
+            }
+        }
+    }
+    assert_still_serves(proxy.addr).await;
+    proxy.shutdown().await;
+}
+
+/// The review's setup for issue 14 item 2: `Forward` in front of an origin that records
+/// every request head. An `Upgrade` request without `Connection: upgrade` is forwarded as
+/// a plain request, one with it is answered `200` by the origin; neither switches, and a
+/// request the strict check refuses, kept alive or pipelined behind it, gets `400` and
+/// never reaches the origin.
+#[tokio::test]
+async fn upgrade_not_switched_through_forward_keeps_the_strict_check_on() {
+    let origin = RawBackend::start().await;
+    let proxy = serve_http(HttpServer::new(forward_to(origin.addr))).await;
+    let firsts: [(&str, &[u8]); 2] = [
+        (
+            "Upgrade without Connection: upgrade",
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n",
+        ),
+        (
+            "Upgrade answered 200 by the origin",
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+        ),
+    ];
+    for (first_name, first) in firsts {
+        for (bad_name, bad) in SMUGGLED {
+            for pipelined in [false, true] {
+                let case = format!("{first_name}, then {bad_name} (pipelined: {pipelined})");
+                let got = first_then_bad(proxy.addr, first, bad, pipelined).await;
+                assert_eq!(got, [200, 400], "{case}");
+                let heads = origin.take();
+                assert_eq!(heads.len(), 1, "{case}: {heads:?}");
+                assert!(
+                    heads[0].starts_with("GET /ws HTTP/1.1\r\n"),
+                    "{case}: {heads:?}"
+                );
+            }
+        }
+    }
+    assert_still_serves(proxy.addr).await;
+    proxy.shutdown().await;
+}
+
+/// The other side of the fix: a real switch still hands the connection over byte for
+/// byte — `101` from a service, `101` from an origin through `Forward`, and `200` to a
+/// CONNECT — including bytes pipelined in the same write as the request (held by the
+/// check until the status is known) that would be refused as HTTP (bare LF, NUL, every
+/// byte value).
+#[tokio::test]
+async fn switched_upgrade_and_connect_relay_byte_exact() {
+    let (server, seen) = recording_server().await;
+    let b = backend().await;
+    let forward = serve_http(HttpServer::new(forward_to(b.addr))).await;
+    let early: Vec<u8> = b"GET /smuggled HTTP/1.1\nHost: a\n\n\0"
+        .iter()
+        .copied()
+        .chain(0..=255)
+        .collect();
+    let late: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 256) as u8).collect();
+    let cases: [(&str, SocketAddr, &[u8], u16); 3] = [
+        (
+            "service answers 101",
+            server.addr,
+            b"GET /upgrade HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
+            101,
+        ),
+        (
+            "origin answers 101 through Forward",
+            forward.addr,
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+            101,
+        ),
+        (
+            "service answers 200 to CONNECT",
+            server.addr,
+            b"CONNECT open:1 HTTP/1.1\r\nHost: open:1\r\n\r\n",
+            200,
+        ),
+    ];
+    for (name, addr, request, status) in cases {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(&[request, &early[..]].concat()).await.unwrap();
+        let head = read_response_head(&mut s).await;
+        assert_eq!(status_of(head.as_bytes()), Some(status), "{name}: {head}");
+        let mut echoed = vec![0u8; early.len()];
+        tokio::time::timeout(WAIT, s.read_exact(&mut echoed))
+            .await
+            .unwrap_or_else(|_| panic!("{name}: no echo"))
+            .unwrap();
+        assert_eq!(echoed, early, "{name}: pipelined bytes");
+        s.write_all(&late).await.unwrap();
+        let mut echoed = vec![0u8; late.len()];
+        tokio::time::timeout(WAIT, s.read_exact(&mut echoed))
+            .await
+            .unwrap_or_else(|_| panic!("{name}: no echo"))
+            .unwrap();
+        assert_eq!(echoed, late, "{name}: later bytes");
+    }
+    let lines = std::mem::take(&mut *seen.lock().unwrap());
+    assert_eq!(lines, ["GET /upgrade", "CONNECT open:1"]);
+    server.shutdown().await;
+    forward.shutdown().await;
 }

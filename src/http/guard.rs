@@ -14,18 +14,35 @@
 //! `400 Bad Request` and closes, in order after any pipelined responses; nothing after the
 //! bad head is read.
 //!
+//! # Upgrades and `CONNECT`
+//!
+//! A request with an `Upgrade` field, or a `CONNECT`, only *may* end HTTP on the
+//! connection: hyper parses its body like any other (`Content-Length` / chunked), and stops
+//! parsing HTTP only once a `101` was sent for it, or a `2xx` for a `CONNECT`; after any
+//! other status it reads the next request. Only the response says which, so the guard
+//! follows such a request's body like any other and, at its end, waits
+//! ([`State::AwaitSwitch`]) for the status the server wrote, which the server reports
+//! through the connection's [`SwitchSignal`]. While it waits, hyper gets nothing more;
+//! bytes already read past the request (at most one read's worth: nothing more is read
+//! while waiting) are held and handed on after the decision — unchecked after a switch
+//! (they belong to the new protocol), through the usual checks otherwise. A request that
+//! asked for an upgrade and did not get one therefore cannot switch the checks off for
+//! the requests behind it.
+//!
 //! hyper remains the authority on framing: the guard ends every message where hyper's
 //! decoder ends it, and when it cannot follow a message (a chunked body hyper rejects, a
-//! head larger than hyper's buffer, an upgrade or `CONNECT` whose bytes may no longer be
-//! HTTP, the HTTP/2 preface) it stops checking that connection. A chunk extension with a
-//! control character in it is invalid, not merely odd: the connection's input ends there
-//! (hyper sees a truncated body and the client gets `400`), so that a tolerated
-//! malformation cannot switch the checks off for requests pipelined behind it.
+//! head larger than hyper's buffer, the HTTP/2 preface) it stops checking that connection.
+//! A chunk extension with a control character in it is invalid, not merely odd: the
+//! connection's input ends there (hyper sees a truncated body and the client gets `400`),
+//! so that a tolerated malformation cannot switch the checks off for requests pipelined
+//! behind it.
 
 use std::io;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{ready, Context, Poll, Waker};
 
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, ReadBuf};
 use tracing::debug;
 
@@ -35,6 +52,76 @@ pub(crate) struct H1Guard<I> {
     state: State,
     head: Vec<u8>,
     max_head: usize,
+    /// The message being followed is an upgrade candidate (`Upgrade` field or `CONNECT`):
+    /// at its end, wait for the response status.
+    candidate: bool,
+    /// A candidate head went to hyper in the last `feed`: any report still in the signal
+    /// is stale (a report for this request cannot exist before hyper has its head).
+    candidate_started: bool,
+    /// Bytes read past a candidate message's end, not yet handed to hyper.
+    held: BytesMut,
+    /// Where the server reports the status of a candidate's response; `None` for a guard
+    /// that checks nothing.
+    switch: Option<Arc<SwitchSignal>>,
+}
+
+/// How the server tells the guard whether the response to an upgrade candidate switched
+/// the connection to another protocol. One per connection, shared by the guard and the
+/// service adapter. hyper serves HTTP/1 requests one at a time and reads nothing past a
+/// candidate until the guard has its answer, so a report always belongs to the candidate
+/// the guard is waiting for (or is about to wait for, when the service answered before
+/// the request body was read).
+#[derive(Debug, Default)]
+pub(crate) struct SwitchSignal {
+    inner: Mutex<Signal>,
+}
+
+#[derive(Debug, Default)]
+struct Signal {
+    /// `Some(true)`: a `101` (or a `2xx` to `CONNECT`) was sent; `Some(false)`: any other
+    /// outcome.
+    switched: Option<bool>,
+    /// The guard's reader, waiting for the report.
+    waker: Option<Waker>,
+}
+
+impl SwitchSignal {
+    /// Records the outcome of the current candidate's response and wakes the guard.
+    pub(crate) fn report(&self, switched: bool) {
+        let waker = {
+            let mut signal = self.lock();
+            signal.switched = Some(switched);
+            signal.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// Takes the report, or registers `cx` to be woken by it.
+    fn poll_switched(&self, cx: &mut Context<'_>) -> Poll<bool> {
+        let mut signal = self.lock();
+        match signal.switched.take() {
+            Some(switched) => Poll::Ready(switched),
+            None => {
+                match &mut signal.waker {
+                    Some(waker) => waker.clone_from(cx.waker()),
+                    slot @ None => *slot = Some(cx.waker().clone()),
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    /// Drops a report no request is waiting for.
+    fn clear(&self) {
+        self.lock().switched = None;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Signal> {
+        // Nothing panics while the lock is held; a poisoned lock still holds valid data.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +132,9 @@ enum State {
     Body(u64),
     /// Following a chunked body.
     Chunked(Chunk),
+    /// An upgrade candidate's message ended: hand hyper nothing more until the server
+    /// reports whether its response switched protocols.
+    AwaitSwitch,
     /// No more checks on this connection.
     Passthrough,
     /// A head was rejected: hand hyper the rest of the poison (bytes of [`POISON_TAIL`]
@@ -80,23 +170,38 @@ enum Chunk {
 /// What follows the NUL that replaces a rejected head's last line feed.
 const POISON_TAIL: &[u8] = b"\r\n\r\n";
 
+/// What a checked head says about the bytes after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Checked {
+    /// How its body is framed.
+    pub(crate) framing: Framing,
+    /// It may switch protocols (`Upgrade` field or `CONNECT`), depending on the response.
+    pub(crate) upgrade: bool,
+}
+
 /// How a checked head's body is framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Framing {
     None,
     Length(u64),
     Chunked,
-    /// Upgrade, `CONNECT` or the HTTP/2 preface: stop following.
+    /// The HTTP/2 preface: what follows is not HTTP/1, stop following.
     Stop,
 }
 
 impl<I> H1Guard<I> {
-    pub(crate) fn new(io: I, max_head: usize) -> Self {
+    /// A checking wrapper; `switch` is where the server reports the responses to upgrade
+    /// candidates.
+    pub(crate) fn new(io: I, max_head: usize, switch: Arc<SwitchSignal>) -> Self {
         Self {
             io,
             state: State::Head,
             head: Vec::new(),
             max_head,
+            candidate: false,
+            candidate_started: false,
+            held: BytesMut::new(),
+            switch: Some(switch),
         }
     }
 
@@ -107,24 +212,29 @@ impl<I> H1Guard<I> {
             state: State::Passthrough,
             head: Vec::new(),
             max_head: 0,
+            candidate: false,
+            candidate_started: false,
+            held: BytesMut::new(),
+            switch: None,
         }
     }
 
     /// Feeds bytes hyper is about to get. Returns how many of them hyper may have: all of
-    /// them, or up to and including the final byte of a rejected head (which is then
-    /// poisoned).
+    /// them, up to and including the final byte of a rejected head (which is then
+    /// poisoned), or up to the end of an upgrade candidate's message (the rest waits for
+    /// the response status, [`State::AwaitSwitch`]).
     fn feed(&mut self, data: &mut [u8]) -> usize {
         let mut i = 0;
         while i < data.len() {
             match self.state {
                 State::Passthrough => return data.len(),
-                State::Rejected(_) => return i,
+                State::Rejected(_) | State::AwaitSwitch => return i,
                 State::Body(left) => {
                     let n = (data.len() - i).min(usize::try_from(left).unwrap_or(usize::MAX));
                     i += n;
                     let left = left - n as u64;
                     self.state = if left == 0 {
-                        State::Head
+                        self.message_end()
                     } else {
                         State::Body(left)
                     };
@@ -142,6 +252,7 @@ impl<I> H1Guard<I> {
                 State::Chunked(chunk) => {
                     let Some(&b) = data.get(i) else { break };
                     self.state = match step_chunk(chunk, b) {
+                        Some(State::Head) => self.message_end(),
                         Some(next) => next,
                         None => {
                             debug!("chunked framing not followed; strict checks off for this connection");
@@ -218,23 +329,66 @@ impl<I> H1Guard<I> {
     /// Moves on after a complete head: follows its body, or stops checking. `false` when
     /// the head was rejected (the state is then [`State::Rejected`] and the caller
     /// poisons the head's last byte).
-    fn after_head(&mut self, verdict: Result<Framing, &'static str>) -> bool {
-        self.state = match verdict {
-            Ok(Framing::None | Framing::Length(0)) => State::Head,
-            Ok(Framing::Length(n)) => State::Body(n),
-            Ok(Framing::Chunked) => State::Chunked(Chunk::Size {
-                digits: 0,
-                value: 0,
-                ext: false,
-            }),
-            Ok(Framing::Stop) => State::Passthrough,
+    fn after_head(&mut self, verdict: Result<Checked, &'static str>) -> bool {
+        let checked = match verdict {
+            Ok(checked) => checked,
             Err(reason) => {
                 debug!(reason, "rejecting HTTP/1 request head");
                 self.state = State::Rejected(0);
                 return false;
             }
         };
+        self.candidate = checked.upgrade;
+        self.candidate_started |= checked.upgrade;
+        self.state = match checked.framing {
+            Framing::None | Framing::Length(0) => self.message_end(),
+            Framing::Length(n) => State::Body(n),
+            Framing::Chunked => State::Chunked(Chunk::Size {
+                digits: 0,
+                value: 0,
+                ext: false,
+            }),
+            Framing::Stop => State::Passthrough,
+        };
         true
+    }
+
+    /// The state after a message's last byte: the next head, or, after an upgrade
+    /// candidate, the wait for its response status.
+    fn message_end(&mut self) -> State {
+        if std::mem::take(&mut self.candidate) {
+            State::AwaitSwitch
+        } else {
+            State::Head
+        }
+    }
+
+    /// Leaves [`State::AwaitSwitch`] once the server reported the candidate's response:
+    /// no more checks after a switch, the next head otherwise.
+    fn poll_switch(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let switched = match &self.switch {
+            Some(signal) => ready!(signal.poll_switched(cx)),
+            // Not reachable (a guard without a signal checks nothing); fail closed.
+            None => false,
+        };
+        self.state = if switched {
+            debug!("protocol switched; strict checks off for this connection");
+            State::Passthrough
+        } else {
+            State::Head
+        };
+        Poll::Ready(())
+    }
+
+    /// After `feed`: a new candidate's head is on its way to hyper, so a report still in
+    /// the signal cannot be its own. Dropping it keeps a stray report from deciding for
+    /// the wrong request.
+    fn forget_stale_report(&mut self) {
+        if std::mem::take(&mut self.candidate_started) {
+            if let Some(signal) = &self.switch {
+                signal.clear();
+            }
+        }
     }
 
     /// Appends what fits of the poison tail; once it is all out, reads report EOF.
@@ -340,9 +494,12 @@ fn step_chunk(chunk: Chunk, b: u8) -> Option<State> {
 }
 
 /// Checks one complete request head (request line, fields, final empty line).
-pub(crate) fn check_head(head: &[u8]) -> Result<Framing, &'static str> {
+pub(crate) fn check_head(head: &[u8]) -> Result<Checked, &'static str> {
     if head.starts_with(b"PRI * HTTP/2.0\r\n") {
-        return Ok(Framing::Stop);
+        return Ok(Checked {
+            framing: Framing::Stop,
+            upgrade: false,
+        });
     }
     let mut lines = head.split(|&b| b == b'\n');
     let request_line = lines.next().unwrap_or_default();
@@ -350,6 +507,8 @@ pub(crate) fn check_head(head: &[u8]) -> Result<Framing, &'static str> {
     let mut chunked = false;
     let mut transfer_encodings = 0;
     let mut hosts = 0;
+    // An upgrade candidate exactly when the server adapter sees one (`is_upgrade_candidate`
+    // in server.rs): method `CONNECT` (case-sensitive, like hyper) or any `Upgrade` field.
     let mut upgrade = request_line.starts_with(b"CONNECT ");
     check_line(request_line)?;
     for raw in lines {
@@ -422,15 +581,16 @@ pub(crate) fn check_head(head: &[u8]) -> Result<Framing, &'static str> {
             return Err("HTTP/1.1 request without Host");
         }
     }
-    Ok(if upgrade {
-        Framing::Stop
-    } else if chunked {
+    // hyper frames an upgrade or CONNECT request's body like any other (RFC 9110 §9.3.6
+    // gives a CONNECT body no meaning, but a length still delimits it).
+    let framing = if chunked {
         Framing::Chunked
     } else if let Some(n) = content_length {
         Framing::Length(n)
     } else {
         Framing::None
-    })
+    };
+    Ok(Checked { framing, upgrade })
 }
 
 /// Checks one line of a head and returns it without its CR.
@@ -475,17 +635,65 @@ impl<I: AsyncRead + Unpin> AsyncRead for H1Guard<I> {
                 this.emit_poison(buf);
                 return Poll::Ready(Ok(()));
             }
-            State::Passthrough => return Pin::new(&mut this.io).poll_read(cx, buf),
+            // Nothing is read while waiting: the held bytes stay bounded by one read.
+            State::AwaitSwitch => ready!(this.poll_switch(cx)),
             _ => {}
+        }
+        if !this.held.is_empty() {
+            this.deliver_held(buf);
+            return Poll::Ready(Ok(()));
+        }
+        if let State::Passthrough = this.state {
+            return Pin::new(&mut this.io).poll_read(cx, buf);
         }
         let before = buf.filled().len();
         ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
-        let keep = this.feed(buf.filled_mut().get_mut(before..).unwrap_or_default());
+        let fresh = buf.filled_mut().get_mut(before..).unwrap_or_default();
+        let keep = this.feed(fresh);
+        this.forget_stale_report();
+        if let State::AwaitSwitch = this.state {
+            this.held
+                .extend_from_slice(fresh.get(keep..).unwrap_or_default());
+        }
         buf.set_filled(before + keep);
         if let State::Rejected(_) = this.state {
             this.emit_poison(buf);
         }
         Poll::Ready(Ok(()))
+    }
+}
+
+impl<I> H1Guard<I> {
+    /// Hands hyper bytes held back while a switch was pending: unchecked after a switch,
+    /// through `feed` otherwise (they may end another candidate, and be held again).
+    fn deliver_held(&mut self, buf: &mut ReadBuf<'_>) {
+        let n = self.held.len().min(buf.remaining());
+        let before = buf.filled().len();
+        buf.put_slice(self.held.get(..n).unwrap_or_default());
+        let keep = match self.state {
+            State::Passthrough => n,
+            _ => {
+                let keep = self.feed(buf.filled_mut().get_mut(before..).unwrap_or_default());
+                self.forget_stale_report();
+                keep
+            }
+        };
+        buf.set_filled(before + keep);
+        match self.state {
+            // Nothing after a rejected head is read, held bytes included.
+            State::Rejected(_) => {
+                self.held = BytesMut::new();
+                self.emit_poison(buf);
+            }
+            _ => {
+                self.held.advance(keep);
+                if self.held.is_empty() {
+                    // Give the buffer back: a kept-alive connection holds nothing between
+                    // requests.
+                    self.held = BytesMut::new();
+                }
+            }
+        }
     }
 }
 
@@ -495,18 +703,75 @@ crate::conn::delegate_write!(H1Guard<I>, io, I: crate::conn::AsyncWriteUnpin);
 mod tests {
     use super::*;
 
+    fn guard(max_head: usize) -> H1Guard<()> {
+        H1Guard::new((), max_head, Arc::default())
+    }
+
     fn feed_all(input: &[u8], chunk: usize) -> (Vec<u8>, State) {
-        let mut g = H1Guard::new((), 64 * 1024);
+        let mut g = guard(64 * 1024);
         let mut out = Vec::new();
         for piece in input.chunks(chunk) {
             let mut piece = piece.to_vec();
             let n = g.feed(&mut piece);
             out.extend_from_slice(&piece[..n]);
-            if let State::Rejected(_) = g.state {
+            if let State::Rejected(_) | State::AwaitSwitch = g.state {
                 break;
             }
         }
         (out, g.state)
+    }
+
+    /// An `AsyncRead` that returns the given reads one by one, then EOF.
+    struct Reads(std::collections::VecDeque<Vec<u8>>);
+
+    impl AsyncRead for Reads {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            if let Some(mut next) = self.0.pop_front() {
+                let n = next.len().min(buf.remaining());
+                buf.put_slice(&next[..n]);
+                if n < next.len() {
+                    self.0.push_front(next.split_off(n));
+                }
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A checking guard over `reads`, and its switch signal.
+    fn guard_over(reads: &[&[u8]]) -> (H1Guard<Reads>, Arc<SwitchSignal>) {
+        let signal = Arc::new(SwitchSignal::default());
+        let reads = Reads(reads.iter().map(|r| r.to_vec()).collect());
+        (H1Guard::new(reads, 64 * 1024, signal.clone()), signal)
+    }
+
+    /// One `poll_read` with room for `room` bytes: what hyper got, `None` when pending.
+    fn read(g: &mut H1Guard<Reads>, room: usize) -> Option<Vec<u8>> {
+        let mut storage = vec![0u8; room];
+        let mut buf = ReadBuf::new(&mut storage);
+        let mut cx = Context::from_waker(Waker::noop());
+        match Pin::new(g).poll_read(&mut cx, &mut buf) {
+            Poll::Ready(result) => {
+                result.unwrap();
+                Some(buf.filled().to_vec())
+            }
+            Poll::Pending => None,
+        }
+    }
+
+    /// Everything hyper gets until EOF or a pending read, in reads of `room` bytes.
+    fn read_all(g: &mut H1Guard<Reads>, room: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for _ in 0..10_000 {
+            match read(g, room) {
+                Some(got) if !got.is_empty() => out.extend_from_slice(&got),
+                _ => return out,
+            }
+        }
+        panic!("no end after 10,000 reads");
     }
 
     #[test]
@@ -554,7 +819,7 @@ mod tests {
     fn leading_empty_lines_and_split_terminators() {
         let input = b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n";
         for chunk in 1..input.len() {
-            let mut g = H1Guard::new((), 64 * 1024);
+            let mut g = guard(64 * 1024);
             let (first, second) = input.split_at(chunk);
             for piece in [first, second] {
                 let mut piece = piece.to_vec();
@@ -573,7 +838,7 @@ mod tests {
             (head.len() - 1, State::Head),
         ] {
             for chunk in [1, head.len()] {
-                let mut g = H1Guard::new((), max_head);
+                let mut g = guard(max_head);
                 for piece in head.chunks(chunk) {
                     let mut piece = piece.to_vec();
                     assert_eq!(g.feed(&mut piece), piece.len());
@@ -634,15 +899,169 @@ mod tests {
     }
 
     #[test]
-    fn preface_and_upgrades_stop_checking() {
-        assert_eq!(check_head(b"PRI * HTTP/2.0\r\n\r\n"), Ok(Framing::Stop));
+    fn only_the_preface_stops_checking() {
         assert_eq!(
-            check_head(
-                b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"
-            ),
+            check_head(b"PRI * HTTP/2.0\r\n\r\n").map(|c| c.framing),
             Ok(Framing::Stop)
         );
-        let (_, state) = feed_all(b"CONNECT a:1 HTTP/1.1\r\nHost: a:1\r\n\r\n\0\0\0", 4);
+        let (_, state) = feed_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0", 4);
         assert_eq!(state, State::Passthrough);
+        for (head, framing) in [
+            (
+                &b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n"
+                    [..],
+                Framing::None,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nHost: a\r\nupgrade: x\r\nContent-Length: 3\r\n\r\n",
+                Framing::Length(3),
+            ),
+            (
+                b"CONNECT a:1 HTTP/1.1\r\nHost: a:1\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Framing::Chunked,
+            ),
+        ] {
+            let checked = check_head(head);
+            assert_eq!(
+                checked,
+                Ok(Checked {
+                    framing,
+                    upgrade: true
+                })
+            );
+        }
+        // Not candidates: the method is case-sensitive (hyper's too), and only the
+        // `Upgrade` field counts.
+        for head in [
+            &b"connect a:1 HTTP/1.1\r\nHost: a:1\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nX-Upgrade: x\r\n\r\n",
+        ] {
+            assert_eq!(check_head(head).map(|c| c.upgrade), Ok(false));
+        }
+        // A candidate is still checked itself.
+        for bad in [
+            &b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n"[..],
+            b"CONNECT a:1 HTTP/1.1\r\nHost: a:1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            assert!(check_head(bad).is_err());
+        }
+    }
+
+    /// Issue 14 item 2: an upgrade candidate's body is followed like any other (hyper
+    /// frames it), and the guard waits at the body's end, not at the head's: body bytes
+    /// that look like a bad head are body, not a head.
+    #[test]
+    fn upgrade_request_bodies_are_followed_to_their_end() {
+        let next = b"GET / HTTP/1.1\nHost: a\n\n";
+        for request in [
+            &b"POST / HTTP/1.1\r\nHost: a\r\nUpgrade: x\r\nContent-Length: 16\r\n\r\n\
+               GET / HTTP/1.1\n\n"[..],
+            b"POST / HTTP/1.1\r\nHost: a\r\nUpgrade: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+              10\r\nGET / HTTP/1.1\n\n\r\n0\r\n\r\n",
+            b"CONNECT a:1 HTTP/1.1\r\nHost: a:1\r\nContent-Length: 2\r\n\r\nhi",
+            b"CONNECT a:1 HTTP/1.1\r\nHost: a:1\r\n\r\n",
+        ] {
+            let input = [request, &next[..]].concat();
+            for chunk in [1, 3, 7, 1000] {
+                let (out, state) = feed_all(&input, chunk);
+                let name = String::from_utf8_lossy(request);
+                assert_eq!(state, State::AwaitSwitch, "{name}, chunk {chunk}");
+                assert_eq!(out, request, "{name}, chunk {chunk}");
+            }
+        }
+    }
+
+    /// Issue 14 item 2: bytes pipelined behind an upgrade candidate are held until the
+    /// server reports its response; without a switch they go through the checks (a bad
+    /// head is poisoned, a good one passes), with one they pass untouched.
+    #[test]
+    fn held_bytes_are_checked_unless_the_protocol_switched() {
+        let candidate = b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n";
+        let bad = b"GET /x HTTP/1.1\nHost: a\n\n";
+        let good = b"GET /y HTTP/1.1\r\nHost: a\r\n\r\n";
+        let read1 = [&candidate[..], &bad[..]].concat();
+
+        let (mut g, signal) = guard_over(&[&read1]);
+        assert_eq!(read(&mut g, 4096).unwrap(), candidate);
+        assert_eq!(
+            read(&mut g, 4096),
+            None,
+            "hyper gets nothing before the status"
+        );
+        assert_eq!(read(&mut g, 4096), None);
+        signal.report(false);
+        let poisoned = read_all(&mut g, 4096);
+        assert_eq!(poisoned.len(), bad.len() + POISON_TAIL.len());
+        assert!(poisoned.starts_with(&bad[..bad.len() - 1]));
+        assert!(poisoned.ends_with(b"\0\r\n\r\n"));
+        assert_eq!(g.state, State::Rejected(POISON_TAIL.len()));
+        assert!(g.held.is_empty());
+
+        let read1 = [&candidate[..], &good[..]].concat();
+        let (mut g, signal) = guard_over(&[&read1, bad]);
+        assert_eq!(read(&mut g, 4096).unwrap(), candidate);
+        signal.report(false);
+        assert_eq!(read(&mut g, 4096).unwrap(), good);
+        assert_eq!(g.state, State::Head);
+        assert!(
+            read_all(&mut g, 4096).ends_with(b"\0\r\n\r\n"),
+            "the next read is checked"
+        );
+
+        let (mut g, signal) = guard_over(&[&read1, bad]);
+        assert_eq!(read(&mut g, 4096).unwrap(), candidate);
+        signal.report(true);
+        assert_eq!(read_all(&mut g, 4096), [&good[..], &bad[..]].concat());
+        assert_eq!(g.state, State::Passthrough);
+    }
+
+    /// Held bytes larger than hyper's buffer are handed on across several reads, and may
+    /// hold a second candidate (held again) and a report that came early: the service
+    /// answered before the candidate's body was read.
+    #[test]
+    fn held_bytes_split_across_reads() {
+        let first = b"POST /ws HTTP/1.1\r\nHost: a\r\nUpgrade: x\r\nContent-Length: 5\r\n\r\nhello";
+        let good = b"GET /y HTTP/1.1\r\nHost: a\r\n\r\n";
+        let second = b"CONNECT a:1 HTTP/1.1\r\nHost: a:1\r\n\r\n";
+        let bad = b"POST /z HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: identity, chunked\r\n\r\n";
+        let input = [&first[..], good, second, bad].concat();
+        for room in [1, 2, 7, 64] {
+            let (mut g, signal) = guard_over(&[&input]);
+            // The head and part of the body; the service answers before the rest is read.
+            let mut got = read(&mut g, first.len() - 3).unwrap();
+            assert_eq!(g.state, State::Body(3));
+            signal.report(false);
+            // The body's end, in one read with everything after it: that is held.
+            got.extend(read(&mut g, 4096).unwrap());
+            assert_eq!(got, first, "room {room}");
+            assert_eq!(g.held.len(), input.len() - first.len());
+            // Held bytes in reads of `room` bytes, up to the end of the second candidate.
+            assert_eq!(
+                read_all(&mut g, room),
+                [&good[..], second].concat(),
+                "room {room}"
+            );
+            assert_eq!(g.state, State::AwaitSwitch, "room {room}");
+            assert_eq!(read(&mut g, room), None, "room {room}");
+            signal.report(false);
+            let rest = read_all(&mut g, room);
+            assert_eq!(rest.len(), bad.len() + POISON_TAIL.len(), "room {room}");
+            assert!(rest.ends_with(b"\0\r\n\r\n"), "room {room}");
+            assert!(g.held.is_empty(), "room {room}");
+        }
+    }
+
+    /// A report left in the signal when a new candidate's head goes to hyper cannot be
+    /// that request's (hyper has not seen it yet); it is dropped, so the guard waits for
+    /// the real one.
+    #[test]
+    fn a_stale_report_is_not_taken_for_the_next_candidate() {
+        let candidate = b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n";
+        let (mut g, signal) = guard_over(&[candidate, b"GET / HTTP/1.1\nHost: a\n\n"]);
+        signal.report(true);
+        assert_eq!(read(&mut g, 4096).unwrap(), candidate);
+        assert_eq!(read(&mut g, 4096), None, "the stale `true` was dropped");
+        signal.report(false);
+        assert!(read_all(&mut g, 4096).ends_with(b"\0\r\n\r\n"));
     }
 }

@@ -7,14 +7,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Extensions, Request, Response};
+use http::{Extensions, Method, Request, Response, StatusCode, Version};
 use hyper::body::{Body, Incoming};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tower::{Service, ServiceExt};
 use tracing::debug;
 
-use super::guard::H1Guard;
+use super::guard::{H1Guard, SwitchSignal};
 use crate::conn::{sniff_h2_preface, Conn, Io, PrefixedIo};
 use crate::serve::ConnectionTasks;
 use crate::{drain, BoxError};
@@ -38,7 +38,12 @@ use crate::{drain, BoxError};
 /// * a strict HTTP/1 head check refuses `Content-Length` + `Transfer-Encoding`, any
 ///   `Transfer-Encoding` other than `chunked`, bare LF, obs-fold, control characters,
 ///   duplicate `Host` and HTTP/1.1 without `Host` with `400` before the service sees the
-///   request ([`HttpServer::strict_http1`]).
+///   request ([`HttpServer::strict_http1`]). It covers every request on the connection
+///   until the protocol actually changes — a `101 Switching Protocols`, or a `2xx` to
+///   `CONNECT` — whatever the requests before asked for: a request with `Upgrade` answered
+///   `200` or `404`, or a refused `CONNECT`, leaves the next request checked. Bytes a
+///   client pipelines behind an upgrade request wait until the service's response status
+///   is known.
 ///
 /// ```
 /// use proxystack::http::HttpServer;
@@ -239,6 +244,9 @@ fn io_error_in<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::
 struct WithMetadata<S> {
     service: S,
     metadata: Arc<Extensions>,
+    /// The strict HTTP/1 guard's signal: told whether the response to an upgrade
+    /// candidate switched protocols. `None` when the guard is off.
+    switch: Option<Arc<SwitchSignal>>,
 }
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for WithMetadata<S>
@@ -247,13 +255,74 @@ where
 {
     type Response = Response<B>;
     type Error = S::Error;
-    type Future = tower::util::Oneshot<S, Request<Incoming>>;
+    type Future = ReportSwitch<tower::util::Oneshot<S, Request<Incoming>>>;
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        let report = match &self.switch {
+            Some(signal) if is_upgrade_candidate(&req) => Some(Report {
+                signal: signal.clone(),
+                connect: req.method() == Method::CONNECT,
+            }),
+            _ => None,
+        };
         // Values already on the request (hyper's upgrade handle) are kept; metadata adds
         // to them.
         req.extensions_mut().extend((*self.metadata).clone());
-        self.service.clone().oneshot(req)
+        ReportSwitch {
+            inner: self.service.clone().oneshot(req),
+            report,
+        }
+    }
+}
+
+/// An HTTP/1 request whose response may switch the connection to another protocol: the
+/// same test the guard makes on the raw head (method `CONNECT` or an `Upgrade` field), so
+/// that each request the guard waits for is reported exactly once. HTTP/2 requests never
+/// switch the connection (and the guard is off on HTTP/2 connections).
+fn is_upgrade_candidate<B>(req: &Request<B>) -> bool {
+    req.version() < Version::HTTP_2
+        && (req.method() == Method::CONNECT || req.headers().contains_key(http::header::UPGRADE))
+}
+
+/// Where and how to report an upgrade candidate's response.
+struct Report {
+    signal: Arc<SwitchSignal>,
+    connect: bool,
+}
+
+pin_project_lite::pin_project! {
+    /// The service's response future; for an upgrade candidate it also tells the guard,
+    /// as soon as the status is known, whether hyper will switch protocols. Other
+    /// requests pass straight through (no allocation, no lock).
+    struct ReportSwitch<F> {
+        #[pin]
+        inner: F,
+        report: Option<Report>,
+    }
+}
+
+impl<F, B, E> Future for ReportSwitch<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = std::task::ready!(this.inner.poll(cx));
+        if let Some(report) = this.report.take() {
+            // What hyper does with the status (hyper 1.x `Server::encode`): after a `101`,
+            // or a `2xx` to CONNECT, it never parses HTTP on the connection again; after
+            // anything else (an error included: no response at all) it may read the next
+            // request, which must be checked.
+            let switched = result.as_ref().is_ok_and(|resp| {
+                let status = resp.status();
+                status == StatusCode::SWITCHING_PROTOCOLS || (report.connect && status.is_success())
+            });
+            debug!(switched, "response to an upgrade request");
+            report.signal.report(switched);
+        }
+        Poll::Ready(result)
     }
 }
 
@@ -313,14 +382,15 @@ where
                 }
                 None => PrefixedIo::new(Bytes::new(), io),
             };
+            let switch = strict.then(|| Arc::new(SwitchSignal::default()));
+            let io = match &switch {
+                Some(signal) => H1Guard::new(io, max_head, signal.clone()),
+                None => H1Guard::passthrough(io),
+            };
             let service = WithMetadata {
                 service,
                 metadata: Arc::new(metadata),
-            };
-            let io = if strict {
-                H1Guard::new(io, max_head)
-            } else {
-                H1Guard::passthrough(io)
+                switch,
             };
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
             let mut conn = std::pin::pin!(conn);
