@@ -367,7 +367,7 @@ async fn main() {
                     host = request_host(&req).unwrap_or_default(),
                     "misdirected request"
                 );
-                return Ok(support::plain_response(
+                return Ok(proxystack::http::plain_response(
                     StatusCode::MISDIRECTED_REQUEST,
                     "misdirected request\n",
                 ));

@@ -24,12 +24,10 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use http::{Request, Response};
 use proxystack::detect::{DetectLayer, Router};
-use proxystack::http::{
-    Forward, ForwardedMode, HttpServer, Incoming, RequestScheme, UpstreamProtocol,
-};
+use proxystack::http::{Forward, ForwardedMode, HttpServer, Incoming, UpstreamProtocol};
 use proxystack::tls::{CertKey, ServerConfigBuilder, TerminateLayer};
 use proxystack::{drain, tcp, Server, Target};
-use tower::{ServiceBuilder, ServiceExt};
+use tower::ServiceBuilder;
 use tower_http::trace::TraceLayer;
 
 #[derive(Parser, Debug)]
@@ -118,22 +116,18 @@ async fn main() {
 
     let mut router = Router::new().http1(http.clone()).http2(http.clone());
     // TLS on the same port: terminate (ALPN h2 or http/1.1) and hand the plaintext to the
-    // same HttpServer, which tells HTTP/1.1 from HTTP/2 by itself. `RequestScheme` lets
-    // Forward report `https` in Forwarded / X-Forwarded-Proto.
+    // same HttpServer, which tells HTTP/1.1 from HTTP/2 by itself (and Forward reports
+    // `https` in Forwarded / X-Forwarded-Proto: the connection's TLS says so).
     if let Some(cert) = tls_certificate(&args) {
         let config = ServerConfigBuilder::new()
             .default_cert(cert)
             .alpn(["h2", "http/1.1"])
             .build()
             .unwrap_or_else(|e| support::fail(format!("TLS configuration: {e}")));
-        let https = http.map_request(|mut conn: proxystack::Conn<proxystack::BoxIo>| {
-            conn.insert(RequestScheme(http::uri::Scheme::HTTPS));
-            conn
-        });
         router = router.tls(
             ServiceBuilder::new()
                 .layer(TerminateLayer::new(config))
-                .service(https),
+                .service(http.clone()),
         );
     }
     let svc = ServiceBuilder::new()

@@ -615,20 +615,6 @@ impl IdentityPattern {
     }
 }
 
-/// A short plain-text response in the body type `http::Forward` answers with, for
-/// services that answer some requests themselves (policy denials, misdirected requests).
-#[cfg(feature = "http")]
-pub fn plain_response(
-    status: hyper::StatusCode,
-    text: &'static str,
-) -> Response<proxystack::http::BoxBody> {
-    use http_body_util::BodyExt;
-    let body = Full::new(Bytes::from_static(text.as_bytes())).map_err(|never| match never {});
-    let mut resp = Response::new(body.boxed_unsync());
-    *resp.status_mut() = status;
-    resp
-}
-
 /// A loopback backend that terminates TLS itself (with `cert`) in front of an HTTP
 /// backend answering `body`: the far end of a TLS passthrough route in demos.
 #[cfg(feature = "demo-certs")]
