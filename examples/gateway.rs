@@ -433,7 +433,7 @@ async fn main() {
         let [https, http, pass, ..] = servers.addrs()[..] else {
             unreachable!()
         };
-        let ca = demo_ca_path();
+        let ca = DEMO_CA.get().cloned().unwrap_or_default();
         let curl = |name: &str, at: SocketAddr, path: &str| {
             let p = at.port();
             let (ca, resolve) = (ca.display(), format!("{name}:{p}:127.0.0.1"));
@@ -444,10 +444,10 @@ async fn main() {
         eprintln!("demo: curl -H 'Host: nope.example.com' http://{http}/   # 404");
     }
     servers.run(args.common.admin).await;
-    if args.demo {
-        let _ = std::fs::remove_file(demo_ca_path());
-    }
 }
+
+/// Where the demo wrote its CA certificate (for the `curl` lines).
+static DEMO_CA: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
 fn tls_config(certs: &Certs, unknown: Unknown) -> Arc<proxystack::tls::rustls::ServerConfig> {
     let mut b = ServerConfigBuilder::new()
@@ -499,20 +499,14 @@ fn load(config: Config) -> (Config, Certs, Mesh) {
     (config, certs, mesh)
 }
 
-fn demo_ca_path() -> PathBuf {
-    std::env::temp_dir().join(format!(
-        "proxystack-gateway-demo-ca-{}.pem",
-        std::process::id()
-    ))
-}
-
 /// The demo: `app.example.com` (plain backend, and `/mesh` behind an HBONE endpoint),
 /// `admin.example.com` (its own certificate), `pass.example.com` (TLS passed through to a
 /// backend that terminates it itself).
 async fn demo() -> (Config, Certs, Mesh) {
     let ca = proxystack::tls::demo::DemoCa::new("cluster.local");
-    std::fs::write(demo_ca_path(), ca.root_pem()).unwrap_or_else(|e| support::fail(e));
-    eprintln!("demo: CA={}", demo_ca_path().display());
+    let path = support::demo_ca_file("gateway", ca.root_pem());
+    eprintln!("demo: CA={}", path.display());
+    let _ = DEMO_CA.set(path);
     let app = support::demo_http_backend("hello from app\n").await;
     let admin = support::demo_http_backend("hello from admin\n").await;
     let meshed = support::demo_http_backend("hello from a mesh backend, over HBONE\n").await;

@@ -148,15 +148,7 @@ async fn main() {
         );
     }
 
-    let (signal, watch) = drain::channel();
-    let servers = listeners
-        .into_iter()
-        .map(|l| {
-            let (server, svc, watch) = (server.clone(), svc.clone(), watch.clone());
-            tokio::spawn(async move { server.serve(l, svc, watch).await })
-        })
-        .collect();
-    support::run_until_signal(signal, servers).await;
+    support::serve_all(listeners, server, svc).await;
 }
 
 /// The TLS certificate: from `--cert/--key`, or a demo certificate for `localhost`.
@@ -169,9 +161,7 @@ fn tls_certificate(args: &Args) -> Option<CertKey> {
         return None;
     }
     let ca = proxystack::tls::demo::DemoCa::new("example.org");
-    let path = std::env::temp_dir().join("proxystack-http-proxy-demo-ca.pem");
-    std::fs::write(&path, ca.root_pem()).unwrap_or_else(|e| support::fail(e));
-    eprintln!("demo: TLS CA written to {}", path.display());
+    support::demo_ca_file("http-proxy", ca.root_pem());
     Some(ca.server_cert(&["localhost", "127.0.0.1"]))
 }
 

@@ -154,11 +154,11 @@ async fn main() {
     support::announce(&addrs);
     if args.demo {
         let port = addrs[0].port();
-        eprintln!("demo: CA written to {}", demo_ca_path().display());
+        let ca = DEMO_CA.get().cloned().unwrap_or_default();
         for name in ["term.example.com", "pass.example.com"] {
             eprintln!(
                 "demo: curl --cacert {} --resolve {name}:{port}:127.0.0.1 https://{name}:{port}/",
-                demo_ca_path().display()
+                ca.display()
             );
         }
     }
@@ -202,15 +202,14 @@ fn load(config: Config) -> (Vec<SocketAddr>, Routes) {
     )
 }
 
-fn demo_ca_path() -> PathBuf {
-    std::env::temp_dir().join("proxystack-sni-router-demo-ca.pem")
-}
+/// Where the demo wrote its CA certificate (for the `curl` lines).
+static DEMO_CA: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
 /// Demo: `term.example.com` is terminated here and relayed to a plaintext HTTP backend;
 /// `pass.example.com` is passed through to a backend that terminates TLS itself.
 async fn demo() -> (Vec<SocketAddr>, Routes) {
     let ca = proxystack::tls::demo::DemoCa::new("example.org");
-    std::fs::write(demo_ca_path(), ca.root_pem()).unwrap_or_else(|e| support::fail(e));
+    let _ = DEMO_CA.set(support::demo_ca_file("sni-router", ca.root_pem()));
     let plain = support::demo_http_backend("terminated by sni_router, served in plaintext\n").await;
     // The passthrough backend terminates TLS itself.
     let backend_addr = support::demo_tls_backend(

@@ -206,15 +206,10 @@ impl Table {
         if let Some(me) = &self.me {
             t = t.source_identity(me.clone());
         }
-        // Pass on what the caller's node proxy said about the original client.
+        // Pass on what the caller's node proxy said: the original client, the service host,
+        // baggage, the trace context (one trace across the hop) and the network.
         if let Some(h) = m.get::<HboneHeaders>() {
-            if let Some(client) = h.forwarded_for {
-                t = t.forwarded_for(client);
-            }
-            let baggage: Vec<String> = h.baggage.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            if !baggage.is_empty() {
-                t = t.baggage(baggage.join(","));
-            }
+            t = t.continue_from(h);
         }
         // HTTP connections to two endpoints behind one next hop must not be shared.
         t.into_target().with(PoolKey(ep.address.to_string().into()))

@@ -9,6 +9,57 @@
 
 use tokio::sync::watch;
 
+/// SIGTERM and Ctrl-C (SIGINT) handlers: the two usual reasons for a proxy to drain.
+///
+/// The handlers are installed when this is created, not when it is first awaited: create
+/// it *before* telling anyone the proxy is ready (a `listening on` line, a readiness
+/// probe), or a signal sent right after that may still find the default action and kill
+/// the process instead of draining it.
+///
+/// ```no_run
+/// # async fn run() -> std::io::Result<()> {
+/// let shutdown = proxystack::drain::ShutdownSignal::install()?;
+/// let (signal, watch) = proxystack::drain::channel();
+/// // … serve with `watch`, announce readiness …
+/// shutdown.recv().await;
+/// signal.drain().await;
+/// # let _ = watch; Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct ShutdownSignal {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignal {
+    /// Installs the handlers (needs a tokio runtime with signal support).
+    pub fn install() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Self {
+                term: signal(SignalKind::terminate())?,
+                int: signal(SignalKind::interrupt())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    /// Completes on the first SIGTERM or Ctrl-C.
+    pub async fn recv(mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
 /// Creates a drain signal and its first watcher.
 pub fn channel() -> (Signal, Watch) {
     let (tx, rx) = watch::channel(false);

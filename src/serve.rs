@@ -229,6 +229,65 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Serves every listener with `service` until `shutdown` completes, then drains them
+    /// all (no new connections; live ones get [`drain_timeout`](Self::drain_timeout)) and
+    /// returns once every accept loop has ended. An accept loop that fails ends the whole
+    /// thing the same way; its error is returned.
+    ///
+    /// `shutdown` is any future: usually [`ShutdownSignal::recv`](drain::ShutdownSignal)
+    /// (SIGTERM or Ctrl-C). For several services on one drain, use [`drain::channel`] and
+    /// [`Server::serve`] per listener; where nothing should ever drain, pass
+    /// [`drain::Watch::never()`] to `serve`.
+    ///
+    /// ```no_run
+    /// use proxystack::drain::ShutdownSignal;
+    /// use proxystack::{tcp, Server, Target};
+    /// # async fn run() -> std::io::Result<()> {
+    /// let relay = tcp::Relay::new(tcp::TcpConnector::new()).to(Target::from_static("127.0.0.1:8080"));
+    /// let listeners = vec![tokio::net::TcpListener::bind("0.0.0.0:9000").await?];
+    /// let shutdown = ShutdownSignal::install()?; // before announcing readiness
+    /// eprintln!("listening on 0.0.0.0:9000");
+    /// Server::new().serve_until(listeners, relay, shutdown.recv()).await
+    /// # }
+    /// ```
+    pub async fn serve_until<S>(
+        &self,
+        listeners: Vec<TcpListener>,
+        service: S,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> io::Result<()>
+    where
+        S: Service<Conn<TcpStream>, Response = ()> + Clone + Send + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        let (signal, watch) = drain::channel();
+        let mut loops = JoinSet::new();
+        for listener in listeners {
+            let (server, service, watch) = (self.clone(), service.clone(), watch.clone());
+            loops.spawn(async move { server.serve(listener, service, watch).await });
+        }
+        drop(watch);
+        let mut result = Ok(());
+        let mut keep = |done: Result<io::Result<()>, tokio::task::JoinError>| match done {
+            Ok(Err(e)) if result.is_ok() => result = Err(e),
+            Err(e) if result.is_ok() => result = Err(io::Error::other(e)),
+            _ => {}
+        };
+        tokio::select! {
+            () = shutdown => tracing::info!("shutting down; draining"),
+            Some(done) = loops.join_next() => keep(done),
+        }
+        signal.start();
+        while let Some(done) = loops.join_next().await {
+            keep(done);
+        }
+        signal.drain().await;
+        result
+    }
+}
+
 /// Runs [`Server::new()`]'s accept loop; see [`Server::serve`].
 pub async fn serve<S>(listener: TcpListener, service: S, drain: drain::Watch) -> io::Result<()>
 where

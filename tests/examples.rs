@@ -144,7 +144,12 @@ fn sni_router_demo() {
     let (code, out) = curl(&["--cacert", &ca, "--resolve", &resolve, &url]);
     assert_eq!(code, 0, "curl failed: {out}\n{}", ex.stderr());
     assert!(out.contains("terminated by sni_router"), "{out}");
+    // Issue 19 item 9: the CA file has a name of its own (two demos, or a planted file,
+    // cannot collide with it) and is gone once the demo has drained.
+    assert!(!ca.ends_with("proxystack-sni-router-demo-ca.pem"), "{ca}");
+    assert!(Path::new(&ca).exists(), "{ca}");
     ex.stop();
+    assert!(!Path::new(&ca).exists(), "{ca} left behind");
 }
 
 #[test]

@@ -98,7 +98,6 @@ pub async fn bind_all(addrs: &[SocketAddr]) -> Vec<TcpListener> {
 
 /// Prints `listening on ADDR` for each bound address; call once all are bound.
 pub fn announce(addrs: &[SocketAddr]) {
-    #[cfg(unix)]
     install_signal_handlers();
     for addr in addrs {
         println!("listening on {addr}");
@@ -119,45 +118,60 @@ pub fn fail(msg: impl std::fmt::Display) -> ! {
     std::process::exit(2);
 }
 
-/// SIGTERM and SIGINT receivers, created by [`announce`] *before* the `listening on` lines
-/// are printed: a script that signals right after reading them must find the handlers in
-/// place (tokio installs them when a receiver is created, not when it is first polled).
-#[cfg(unix)]
-static SIGNALS: std::sync::Mutex<
-    Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
-> = std::sync::Mutex::new(None);
+/// The SIGTERM / SIGINT handlers, installed by [`announce`] *before* the `listening on`
+/// lines are printed: a script that signals right after reading them must find them in
+/// place.
+static SHUTDOWN: std::sync::Mutex<Option<proxystack::drain::ShutdownSignal>> =
+    std::sync::Mutex::new(None);
 
-#[cfg(unix)]
 fn install_signal_handlers() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut slot = SIGNALS.lock().unwrap_or_else(|p| p.into_inner());
+    let mut slot = SHUTDOWN.lock().unwrap_or_else(|p| p.into_inner());
     if slot.is_none() {
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(term), Ok(int)) => *slot = Some((term, int)),
-            (Err(e), _) | (_, Err(e)) => fail(format!("cannot install signal handlers: {e}")),
+        match proxystack::drain::ShutdownSignal::install() {
+            Ok(signal) => *slot = Some(signal),
+            Err(e) => fail(format!("cannot install signal handlers: {e}")),
         }
     }
 }
 
 /// Completes on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        install_signal_handlers();
-        let taken = SIGNALS.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some((mut term, mut int)) = taken {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
+    install_signal_handlers();
+    let taken = SHUTDOWN.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(signal) = taken {
+        signal.recv().await;
     }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
     tracing::info!("shutdown signal received; draining");
+}
+
+/// Files the demo wrote, removed when the example has drained (see [`demo_ca_file`]).
+static DEMO_FILES: std::sync::Mutex<Vec<tempfile::TempPath>> = std::sync::Mutex::new(Vec::new());
+
+/// Writes a demo CA certificate for clients such as curl to a new file with a unique name
+/// (created exclusively: it cannot overwrite another run's file, nor follow a file or
+/// symlink planted under a predictable name), prints where, and removes it when the
+/// example exits after draining.
+pub fn demo_ca_file(example: &str, pem: &str) -> std::path::PathBuf {
+    use std::io::Write;
+    let file = tempfile::Builder::new()
+        .prefix(&format!("proxystack-{example}-demo-ca-"))
+        .suffix(".pem")
+        .tempfile()
+        .and_then(|mut f| f.write_all(pem.as_bytes()).map(|()| f))
+        .unwrap_or_else(|e| fail(format!("cannot write the demo CA file: {e}")));
+    let path = file.into_temp_path();
+    let shown = path.to_path_buf();
+    eprintln!("demo: CA written to {}", shown.display());
+    DEMO_FILES
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(path);
+    shown
+}
+
+/// Removes the files [`demo_ca_file`] wrote.
+fn remove_demo_files() {
+    DEMO_FILES.lock().unwrap_or_else(|p| p.into_inner()).clear();
 }
 
 /// Runs `servers` until a shutdown signal, then drains them.
@@ -174,6 +188,7 @@ pub async fn run_until_signal(
             Err(e) => tracing::error!(error = %e, "server task failed"),
         }
     }
+    remove_demo_files();
     tracing::info!("drained");
 }
 
@@ -338,15 +353,12 @@ where
     S::Error: Into<proxystack::BoxError>,
     S::Future: Send + 'static,
 {
-    let (signal, watch) = proxystack::drain::channel();
-    let servers = listeners
-        .into_iter()
-        .map(|l| {
-            let (server, svc, watch) = (server.clone(), svc.clone(), watch.clone());
-            tokio::spawn(async move { server.serve(l, svc, watch).await })
-        })
-        .collect();
-    run_until_signal(signal, servers).await;
+    let result = server.serve_until(listeners, svc, shutdown_signal()).await;
+    remove_demo_files();
+    match result {
+        Ok(()) => tracing::info!("drained"),
+        Err(e) => tracing::error!(error = %e, "server failed"),
+    }
 }
 
 /// Serde helper for config fields of any `FromStr` type (`Authority`, `SpiffeId`, `Cidr`…):

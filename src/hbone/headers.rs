@@ -2,7 +2,9 @@
 //!
 //! `forwarded` (RFC 7239: `for="<ip:port>"[;host=<hostname>]`), `baggage` (W3C Baggage:
 //! comma-separated `key=value`), `traceparent` (W3C Trace Context: `00-<32 hex>-<16 hex>-<2
-//! hex>`, 55 characters). Parsing is lenient in what it ignores and strict in what it
+//! hex>`, 55 characters), and `x-forwarded-network` (the network the client's node proxy is
+//! in, which ztunnel sends on the inner CONNECT of a double-HBONE tunnel through a network
+//! gateway, so that the destination can attribute the connection). Parsing is lenient in what it ignores and strict in what it
 //! accepts: a malformed value is dropped, never half-used, and nothing parsed here is
 //! copied into another header without re-encoding.
 
@@ -26,6 +28,8 @@ pub struct HboneHeaders {
     pub baggage: Vec<(String, String)>,
     /// The trace context.
     pub traceparent: Option<TraceParent>,
+    /// The client's network (`x-forwarded-network`, double HBONE across networks).
+    pub forwarded_network: Option<String>,
 }
 
 /// A W3C `traceparent` value.
@@ -116,6 +120,9 @@ impl HboneHeaders {
                 .collect();
         }
         out.traceparent = text("traceparent").and_then(TraceParent::parse);
+        out.forwarded_network = text("x-forwarded-network")
+            .filter(|n| is_network_name(n))
+            .map(str::to_owned);
         out
     }
 }
@@ -192,6 +199,15 @@ fn is_token_char(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
+/// A network name as Istio writes them (`network1`, `vpc-a.us-east`): bounded, and only
+/// characters that cannot smuggle structure into logs or labels.
+fn is_network_name(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 128
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+}
+
 fn is_host(v: &str) -> bool {
     !v.is_empty()
         && v.len() <= 253
@@ -200,11 +216,19 @@ fn is_host(v: &str) -> bool {
 }
 
 /// The `forwarded`, `baggage` and `traceparent` headers of an HBONE CONNECT.
-pub(crate) fn request_headers(
-    for_addr: Option<SocketAddr>,
-    host: Option<&str>,
-    baggage: Option<&str>,
-) -> HeaderMap {
+/// What a client says about a tunnel in its CONNECT request headers.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Outgoing<'a> {
+    pub(crate) forwarded_for: Option<SocketAddr>,
+    pub(crate) forwarded_host: Option<&'a str>,
+    pub(crate) baggage: Option<&'a str>,
+    /// `None`: a new trace (ztunnel starts one per connection).
+    pub(crate) traceparent: Option<TraceParent>,
+    pub(crate) network: Option<&'a str>,
+}
+
+pub(crate) fn request_headers(out: &Outgoing<'_>) -> HeaderMap {
+    let (for_addr, host, baggage) = (out.forwarded_for, out.forwarded_host, out.baggage);
     let mut headers = HeaderMap::new();
     if let Some(addr) = for_addr {
         // SocketAddr's Display brackets IPv6 (`[::1]:80`), as RFC 7239 §6 requires inside quotes.
@@ -220,8 +244,16 @@ pub(crate) fn request_headers(
     if let Some(v) = baggage.and_then(|b| HeaderValue::from_str(b).ok()) {
         headers.insert("baggage", v);
     }
-    if let Ok(v) = HeaderValue::from_str(&TraceParent::random().to_string()) {
+    let trace = out.traceparent.unwrap_or_else(TraceParent::random);
+    if let Ok(v) = HeaderValue::from_str(&trace.to_string()) {
         headers.insert("traceparent", v);
+    }
+    if let Some(v) = out
+        .network
+        .filter(|n| is_network_name(n))
+        .and_then(|n| HeaderValue::from_str(n).ok())
+    {
+        headers.insert("x-forwarded-network", v);
     }
     headers
 }
@@ -232,11 +264,12 @@ mod tests {
 
     #[test]
     fn round_trip_and_parse() {
-        let h = request_headers(
-            Some("[::1]:80".parse().unwrap()),
-            Some("reviews.default.svc"),
-            Some("k8s.namespace.name=default,service.name=reviews"),
-        );
+        let h = request_headers(&Outgoing {
+            forwarded_for: Some("[::1]:80".parse().unwrap()),
+            forwarded_host: Some("reviews.default.svc"),
+            baggage: Some("k8s.namespace.name=default,service.name=reviews"),
+            ..Outgoing::default()
+        });
         assert_eq!(h["forwarded"], "for=\"[::1]:80\";host=reviews.default.svc");
         assert_eq!(h["traceparent"].len(), 55);
         let parsed = HboneHeaders::parse(&h);
@@ -247,6 +280,34 @@ mod tests {
         );
         assert_eq!(parsed.baggage.len(), 2);
         assert!(parsed.traceparent.is_some());
+    }
+
+    #[test]
+    fn trace_context_and_network_are_passed_on() {
+        let tp = TraceParent::parse("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+        let h = request_headers(&Outgoing {
+            traceparent: tp,
+            network: Some("network-1"),
+            ..Outgoing::default()
+        });
+        assert_eq!(
+            h["traceparent"],
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        );
+        let parsed = HboneHeaders::parse(&h);
+        assert_eq!(
+            (parsed.traceparent, parsed.forwarded_network.as_deref()),
+            (tp, Some("network-1"))
+        );
+        // A network name with structure in it is neither sent nor read.
+        let mut bad = HeaderMap::new();
+        bad.insert("x-forwarded-network", HeaderValue::from_static("a b;c"));
+        assert_eq!(HboneHeaders::parse(&bad).forwarded_network, None);
+        let h = request_headers(&Outgoing {
+            network: Some("a\"b"),
+            ..Outgoing::default()
+        });
+        assert!(h.get("x-forwarded-network").is_none());
     }
 
     #[test]

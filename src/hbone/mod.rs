@@ -342,6 +342,8 @@ pub struct HboneTarget {
     forwarded_for: Option<SocketAddr>,
     forwarded_host: Option<String>,
     baggage: Option<String>,
+    traceparent: Option<TraceParent>,
+    network: Option<String>,
     gateway: Option<(SocketAddr, Vec<SpiffeId>)>,
 }
 
@@ -362,6 +364,8 @@ impl HboneTarget {
             forwarded_for: None,
             forwarded_host: None,
             baggage: None,
+            traceparent: None,
+            network: None,
             gateway: None,
         }
     }
@@ -391,6 +395,48 @@ impl HboneTarget {
         self
     }
 
+    /// Continues the caller's trace: sends this `traceparent` instead of starting a new one
+    /// (a hop between two ztunnels, such as a waypoint, passes on what it received).
+    pub fn traceparent(mut self, trace: TraceParent) -> Self {
+        self.traceparent = Some(trace);
+        self
+    }
+
+    /// Sends `x-forwarded-network: <network>`: the network this client is in, which a
+    /// destination across a network gateway uses to attribute the connection (ztunnel sends
+    /// it on the inner CONNECT of double HBONE). Names outside `[A-Za-z0-9._-]{1,128}` are
+    /// not sent.
+    pub fn network(mut self, network: impl Into<String>) -> Self {
+        self.network = Some(network.into());
+        self
+    }
+
+    /// Passes on what the previous hop said about the connection (client address, service
+    /// host, baggage, trace context, network), as a hop in the middle of a mesh path does.
+    pub fn continue_from(mut self, incoming: &HboneHeaders) -> Self {
+        if let Some(client) = incoming.forwarded_for {
+            self.forwarded_for = Some(client);
+        }
+        if let Some(host) = &incoming.forwarded_host {
+            self.forwarded_host = Some(host.clone());
+        }
+        if !incoming.baggage.is_empty() {
+            let entries: Vec<String> = incoming
+                .baggage
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            self.baggage = Some(entries.join(","));
+        }
+        if let Some(trace) = incoming.traceparent {
+            self.traceparent = Some(trace);
+        }
+        if let Some(network) = &incoming.forwarded_network {
+            self.network = Some(network.clone());
+        }
+        self
+    }
+
     /// Double HBONE: the outer tunnel goes to `gateway` (whose certificate must carry one
     /// of `gateway_identities`) with the same `:authority`; the inner one is end to end.
     pub fn via(
@@ -404,11 +450,13 @@ impl HboneTarget {
 
     /// The [`Target`] for [`Connector`].
     pub fn into_target(self) -> Target {
-        let headers = headers::request_headers(
-            self.forwarded_for,
-            self.forwarded_host.as_deref(),
-            self.baggage.as_deref(),
-        );
+        let headers = headers::request_headers(&headers::Outgoing {
+            forwarded_for: self.forwarded_for,
+            forwarded_host: self.forwarded_host.as_deref(),
+            baggage: self.baggage.as_deref(),
+            traceparent: self.traceparent,
+            network: self.network.as_deref(),
+        });
         let key = |hop: &SocketAddr, ids: &[SpiffeId]| {
             let ids: Vec<&str> = ids.iter().map(SpiffeId::as_str).collect();
             let src = self.source_identity.as_ref().map_or("", SpiffeId::as_str);

@@ -149,6 +149,26 @@ impl<C, R> std::fmt::Debug for Forward<C, R> {
     }
 }
 
+impl<C> Forward<C, ()> {
+    /// Forwards every request over `connector` to one fixed `target`: the shorthand for
+    /// `Forward::new(connector, move |_| Some(target.clone()))`.
+    ///
+    /// ```
+    /// use proxystack::http::{Forward, HttpServer, Incoming};
+    /// use proxystack::{tcp, Target};
+    /// let forward = Forward::to(tcp::TcpConnector::new(), Target::from_static("127.0.0.1:8080"));
+    /// let server = HttpServer::new(forward);
+    /// # let _ = server;
+    /// # let _: Option<Incoming> = None;
+    /// ```
+    pub fn to<B>(
+        connector: C,
+        target: Target,
+    ) -> Forward<C, impl Fn(&Request<B>) -> Option<Target> + Clone + Send + Sync + 'static> {
+        Forward::new(connector, move |_: &Request<B>| Some(target.clone()))
+    }
+}
+
 impl<C, R> Forward<C, R> {
     /// Forwards over `connector` to the target `router` picks for each request (`None`:
     /// `404`). Defaults: HTTP/1.1 upstreams, 30 s timeout for the response head, no

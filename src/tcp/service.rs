@@ -59,6 +59,21 @@ impl<C> Relay<C> {
 }
 
 impl<C, U> Relay<C, U> {
+    /// Relays every connection to one fixed `target`: the shorthand for
+    /// `.upstream(move |_| Some(target.clone()))`.
+    ///
+    /// ```
+    /// use proxystack::{tcp, Target};
+    /// let relay = tcp::Relay::new(tcp::TcpConnector::new()).to(Target::from_static("127.0.0.1:5432"));
+    /// # let _ = relay;
+    /// ```
+    pub fn to(
+        self,
+        target: Target,
+    ) -> Relay<C, impl Fn(&Metadata) -> Option<Target> + Clone + Send + Sync + 'static> {
+        self.upstream(move |_: &Metadata| Some(target.clone()))
+    }
+
     /// Chooses the upstream for each connection.
     pub fn upstream<F>(self, upstream: F) -> Relay<C, F> {
         Relay {
@@ -101,6 +116,29 @@ async fn relay_any<I: Io, O: Io>(
         }
     }
     relay_with(down, up, config).await
+}
+
+/// Whether one more connect failure may be logged at WARN: at most 10 per second for the
+/// process, the rest at DEBUG.
+fn connect_warning_allowed() -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    const PER_SECOND: u64 = 10;
+    static WINDOW: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    // High bits: the second; low 16 bits: warnings in it.
+    let prev = WINDOW.load(Ordering::Relaxed);
+    let (second, count) = (prev >> 16, prev & 0xffff);
+    let next = if second == now {
+        (now << 16) | (count + 1)
+    } else {
+        (now << 16) | 1
+    };
+    WINDOW
+        .compare_exchange(prev, next, Ordering::Relaxed, Ordering::Relaxed)
+        .is_ok()
+        && (next & 0xffff) <= PER_SECOND
 }
 
 /// Why a [`Relay`] connection ended badly.
@@ -174,6 +212,11 @@ where
                     if refusal == Refusal::Loop {
                         // Someone tried to reach the proxy through itself: worth a look.
                         warn!(upstream = %name, "upstream is one of our own listeners (a self call); closing without dialling");
+                    } else if connect_warning_allowed() {
+                        // Visible at the default level (a failed identity pin included),
+                        // but a dead upstream under load must not flood the log.
+                        let error = crate::serve::DisplayChain(&*e);
+                        warn!(upstream = %name, %error, "upstream connect failed");
                     } else {
                         debug!(upstream = %name, error = %e, "upstream connect failed");
                     }
