@@ -35,21 +35,25 @@
 //! ## Example: a TCP relay
 //!
 //! ```no_run
-//! use proxystack::conn::Metadata;
-//! use proxystack::{drain, serve, tcp, Conn, Target};
+//! use proxystack::drain::ShutdownSignal;
+//! use proxystack::{tcp, Server, Target};
 //! use tokio::net::TcpListener;
 //!
 //! # async fn run() -> std::io::Result<()> {
-//! let relay = tcp::Relay::new(tcp::TcpConnector::new())
-//!     .upstream(|_conn: &Metadata| Some(Target::from(([127, 0, 0, 1], 8080))));
-//! let (signal, watch) = drain::channel();
-//! let listener = TcpListener::bind("127.0.0.1:9000").await?;
-//! let server = tokio::spawn(serve(listener, relay, watch));
-//! tokio::signal::ctrl_c().await?;
-//! signal.drain().await; // stop accepting, let live connections finish
-//! # let _ = server.await;
-//! # Ok(()) }
+//! let relay = tcp::Relay::new(tcp::TcpConnector::new()).to(Target::from(([127, 0, 0, 1], 8080)));
+//! let listeners = vec![TcpListener::bind("127.0.0.1:9000").await?];
+//! let shutdown = ShutdownSignal::install()?;
+//! // Serve until SIGTERM or Ctrl-C, then stop accepting and let live connections finish.
+//! Server::new().serve_until(listeners, relay, shutdown.recv()).await
+//! # }
 //! ```
+//!
+//! ## Logging
+//!
+//! Every level reports through [`tracing`](https://docs.rs/tracing): a span per connection,
+//! events for refusals and failures (upstream connect failures at WARN, rate-limited; bad
+//! client input at DEBUG or INFO, so an attacker cannot flood the log). Nothing is printed
+//! until the application installs a subscriber, e.g. `tracing_subscriber::fmt().init()`.
 //!
 //! ## Cargo features
 //!

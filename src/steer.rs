@@ -17,8 +17,7 @@ use crate::BoxError;
 /// use proxystack::conn::{LocalAddr, Metadata};
 /// use proxystack::steer::Steer;
 /// use proxystack::{tcp, Target};
-/// let to = |addr: &'static str| tcp::Relay::new(tcp::TcpConnector::new())
-///     .upstream(move |_: &Metadata| Some(Target::from_static(addr)));
+/// let to = |addr| tcp::Relay::new(tcp::TcpConnector::new()).to(Target::from_static(addr));
 /// // Connections accepted on port 5433 go to the replica, all others to the primary.
 /// let svc = Steer::by(
 ///     |c: &Metadata| c.get::<LocalAddr>().is_some_and(|a| a.0.port() == 5433),

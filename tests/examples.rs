@@ -127,6 +127,28 @@ fn tcp_relay_demo() {
     ex.stop();
 }
 
+/// Issue 19 item 1: an upstream that cannot be reached is reported at the default log level
+/// (INFO shows WARN), naming the upstream and the cause.
+#[test]
+fn relay_connect_failures_are_visible_at_the_default_log_level() {
+    // A port nothing listens on: bind, note it, close.
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let upstream = closed.to_string();
+    let args = ["--listen", "127.0.0.1:0", "--upstream", &upstream];
+    let Some(mut ex) = Example::start("tcp_relay", &args) else {
+        return;
+    };
+    let proxy = ex.listening(1)[0];
+    assert_eq!(exchange(proxy, b"anyone there?"), b"");
+    let line = ex.stderr_line("upstream connect failed");
+    assert!(line.contains("WARN") && line.contains(&upstream), "{line}");
+    assert!(line.to_lowercase().contains("refused"), "{line}");
+    ex.stop();
+}
+
 #[test]
 fn sni_router_demo() {
     if !have("curl") {
@@ -740,6 +762,93 @@ path_prefix = "/admin"
             open(("default", "user"), "10.96.0.21:80").await.err(),
             Some(401)
         );
+        ex.stop();
+    }
+
+    /// Issue 18 (trace context across hops): a waypoint between two HBONE hops passes on
+    /// the caller's `traceparent`, the service host in `forwarded` and the network, instead
+    /// of starting a new trace and dropping the rest.
+    #[tokio::test]
+    async fn waypoint_passes_on_trace_context_service_host_and_network() {
+        use proxystack::hbone::{HboneHeaders, Inbound, TraceParent};
+        use proxystack::{tcp, Metadata, Server, Target};
+        use std::sync::{Arc, Mutex};
+
+        let ca = DemoCa::new("cluster.local");
+        let mut files = TempFiles::default();
+        let app = echo_app();
+        // The destination's HBONE server, recording what each tunnel request said.
+        let seen: Arc<Mutex<Option<HboneHeaders>>> = Arc::default();
+        let s = seen.clone();
+        let relay = tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |m: &Metadata| {
+            *s.lock().unwrap() = m.get::<HboneHeaders>().cloned();
+            Some(Target::from(app))
+        });
+        let inbound = Inbound::new(ca.workload_cert("default", "reviews"), ca.roots())
+            .check_local_ip(false)
+            .service(relay)
+            .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let pod = listener.local_addr().unwrap();
+        let (_signal, watch) = proxystack::drain::channel();
+        tokio::spawn(async move { Server::new().serve(listener, inbound, watch).await });
+
+        let config = format!(
+            r#"
+listen = "127.0.0.1:0"
+{}
+[[service]]
+addresses = ["10.96.0.40:9080"]
+protocol = "tcp"
+[[service.endpoint]]
+address = "{app}"
+identity = "spiffe://cluster.local/ns/default/sa/reviews"
+next_hop = "{pod}"
+"#,
+            identity_section(&ca, "default", "waypoint", &mut files)
+        );
+        let config = files.add("waypoint.toml", &config);
+        let Some(mut ex) = Example::start("waypoint", &["--config", &config.to_string_lossy()])
+        else {
+            return;
+        };
+        let waypoint = ex.listening(1)[0];
+        let trace =
+            TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+        let connector =
+            hbone::Connector::hbone(ca.workload_cert("default", "productpage"), ca.roots())
+                .unwrap();
+        let target = HboneTarget::new(
+            waypoint,
+            Authority::parse("10.96.0.40:9080").unwrap(),
+            [id("default", "waypoint")],
+        )
+        .forwarded_for("10.1.1.1:40000".parse().unwrap())
+        .forwarded_host("reviews.default.svc.cluster.local")
+        .traceparent(trace)
+        .network("network-a")
+        .into_target();
+        let mut t = connector.oneshot(target).await.unwrap();
+        t.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        tokio::time::timeout(IO, t.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&got, b"ping");
+        let h = seen
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("the tunnel reached the pod");
+        assert_eq!(h.traceparent, Some(trace));
+        assert_eq!(
+            h.forwarded_host.as_deref(),
+            Some("reviews.default.svc.cluster.local")
+        );
+        assert_eq!(h.forwarded_for, Some("10.1.1.1:40000".parse().unwrap()));
+        assert_eq!(h.forwarded_network.as_deref(), Some("network-a"));
+        drop(t);
         ex.stop();
     }
 

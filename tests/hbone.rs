@@ -317,8 +317,16 @@ async fn double_hbone_through_a_gateway_that_cannot_read_the_inner_tunnel() {
     .unwrap();
     let service =
         Authority::parse(&format!("reviews.default.svc.cluster.local:{}", app.port())).unwrap();
+    // Issue 19 item 7 and issue 18: the inner request says which network the client is in,
+    // and carries the caller's trace context rather than a new one.
+    let trace = proxystack::hbone::TraceParent::parse(
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    )
+    .unwrap();
     let target = HboneTarget::new(dest.addr, service, [id("default", "server")])
         .via(gateway.addr, [id("istio-system", "gateway")])
+        .network("network-a")
+        .traceparent(trace)
         .into_target();
     let mut t = double.clone().oneshot(target.clone()).await.unwrap();
     assert_eq!(echo_on(&mut t, b"inner bytes").await, b"inner bytes");
@@ -329,9 +337,12 @@ async fn double_hbone_through_a_gateway_that_cannot_read_the_inner_tunnel() {
     );
     // The inner TLS session is end to end: the client sees the destination's identity.
     assert_eq!(t.get::<PeerIdentity>().unwrap().0, id("default", "server"));
-    let (client_id, _, authority) = dest_seen.last.lock().unwrap().clone().unwrap();
+    let (client_id, headers, authority) = dest_seen.last.lock().unwrap().clone().unwrap();
     assert_eq!(client_id.unwrap().0, id("default", "client"));
     assert!(authority.starts_with("reviews.default.svc.cluster.local:"));
+    let headers = headers.unwrap();
+    assert_eq!(headers.forwarded_network.as_deref(), Some("network-a"));
+    assert_eq!(headers.traceparent, Some(trace));
     // A second double tunnel reuses the pooled outer connection to the gateway.
     let mut t2 = double.oneshot(target).await.unwrap();
     assert_eq!(echo_on(&mut t2, b"again").await, b"again");

@@ -149,23 +149,42 @@ impl<C, R> std::fmt::Debug for Forward<C, R> {
     }
 }
 
-impl<C> Forward<C, ()> {
+impl<C> Forward<C, FixedTarget> {
     /// Forwards every request over `connector` to one fixed `target`: the shorthand for
     /// `Forward::new(connector, move |_| Some(target.clone()))`.
     ///
     /// ```
-    /// use proxystack::http::{Forward, HttpServer, Incoming};
+    /// use proxystack::http::{Forward, HttpServer};
     /// use proxystack::{tcp, Target};
     /// let forward = Forward::to(tcp::TcpConnector::new(), Target::from_static("127.0.0.1:8080"));
     /// let server = HttpServer::new(forward);
     /// # let _ = server;
-    /// # let _: Option<Incoming> = None;
     /// ```
-    pub fn to<B>(
-        connector: C,
-        target: Target,
-    ) -> Forward<C, impl Fn(&Request<B>) -> Option<Target> + Clone + Send + Sync + 'static> {
-        Forward::new(connector, move |_: &Request<B>| Some(target.clone()))
+    pub fn to(connector: C, target: Target) -> Self {
+        Forward::new(connector, FixedTarget(target))
+    }
+}
+
+/// Picks the upstream [`Target`] of a request for [`Forward`] (`None`: `404`). Implemented
+/// for every `Fn(&Request<B>) -> Option<Target>` and for [`FixedTarget`].
+pub trait RouteRequest<B> {
+    /// The upstream for `req`.
+    fn route(&self, req: &Request<B>) -> Option<Target>;
+}
+
+impl<B, F: Fn(&Request<B>) -> Option<Target>> RouteRequest<B> for F {
+    fn route(&self, req: &Request<B>) -> Option<Target> {
+        self(req)
+    }
+}
+
+/// One upstream for every request ([`Forward::to`]).
+#[derive(Debug, Clone)]
+pub struct FixedTarget(pub Target);
+
+impl<B> RouteRequest<B> for FixedTarget {
+    fn route(&self, _: &Request<B>) -> Option<Target> {
+        Some(self.0.clone())
     }
 }
 
@@ -286,7 +305,7 @@ impl<C, R, B, O> Service<Request<B>> for Forward<C, R>
 where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
-    R: Fn(&Request<B>) -> Option<Target> + Send + Sync + 'static,
+    R: RouteRequest<B> + Send + Sync + 'static,
     C: Service<Target, Response = Conn<O>> + Clone + Send + Sync + 'static,
     C::Error: Into<BoxError>,
     C::Future: Send,
@@ -346,7 +365,7 @@ where
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
-        R: Fn(&Request<B>) -> Option<Target>,
+        R: RouteRequest<B>,
     {
         let bad = |why| ForwardError::new(ForwardErrorKind::BadRequest(why));
         if req.method() == Method::CONNECT {
@@ -365,7 +384,10 @@ where
         }
         let client_version = req.version();
         let authority = request_authority(&req).map_err(bad)?;
-        let target = (self.router)(&req).ok_or(ForwardError::new(ForwardErrorKind::NoRoute))?;
+        let target = self
+            .router
+            .route(&req)
+            .ok_or(ForwardError::new(ForwardErrorKind::NoRoute))?;
 
         let upgrade = if client_version == Version::HTTP_11 {
             headers::upgrade_protocols(req.headers())

@@ -40,7 +40,10 @@ mod server;
 use bytes::Bytes;
 
 pub use error::{ErrorOrigin, ForwardError, ForwardErrorKind};
-pub use forward::{Forward, ForwardedMode, RequestScheme, UpstreamProtocol, UpstreamTimeout};
+pub use forward::{
+    FixedTarget, Forward, ForwardedMode, RequestScheme, RouteRequest, UpstreamProtocol,
+    UpstreamTimeout,
+};
 pub use hyper::body::Incoming;
 pub use path::{normalize_path, NormalizePath, NormalizePathLayer, PathError};
 pub use pool::PoolKey;
