@@ -33,7 +33,7 @@ use tower::{Layer, Service};
 
 use super::conn::conn_scope;
 use super::find;
-use super::io::{CountingIo, Tally};
+use super::io::{abort_handle, CountingIo, Tally};
 use super::reason::FailureReason;
 use super::scope::{self, Scope};
 use crate::addr::Authority;
@@ -226,7 +226,8 @@ where
         let scope = conn_scope(conn.metadata_mut());
         let ends = Ends::of(conn.metadata());
         let tally = Arc::new(Tally::new(Vec::new(), Vec::new()));
-        let conn = conn.map_io(|io| CountingIo::new(io, tally.clone()));
+        let abort = abort_handle(conn.metadata_mut());
+        let conn = conn.map_io(|io| CountingIo::new(io, tally.clone(), abort));
         let inner = &mut self.inner;
         let fut = scope::sync_in(&scope, || inner.call(conn));
         AccessLogFuture {

@@ -16,7 +16,7 @@ use prometheus_client::registry::{Registry, Unit};
 use tokio::task::futures::TaskLocalFuture;
 use tower::{Layer, Service};
 
-use super::io::{CountingIo, Tally};
+use super::io::{abort_handle, CountingIo, Tally};
 use super::istio::{ConnLabels, IstioMetrics};
 use super::reason::FailureReason;
 use super::scope::{self, ConnScope, Scope};
@@ -416,7 +416,8 @@ where
             labels
         });
         let tally = Arc::new(Tally::new(received, sent));
-        let conn = conn.map_io(|io| CountingIo::new(io, tally.clone()));
+        let abort = abort_handle(conn.metadata_mut());
+        let conn = conn.map_io(|io| CountingIo::new(io, tally.clone(), abort));
         let inner = &mut self.inner;
         let fut = scope::sync_in(&scope, || inner.call(conn));
         ConnectionMetricsFuture {
@@ -620,7 +621,7 @@ where
         Box::pin(async move {
             let f = &metrics.inner;
             match connect.await {
-                Ok(conn) => {
+                Ok(mut conn) => {
                     f.upstream_connect_duration
                         .get_or_create(&key)
                         .observe(started.elapsed().as_secs_f64());
@@ -630,7 +631,8 @@ where
                         vec![f.upstream_sent.get_or_create_owned(&key)],
                         f.upstream_closed.get_or_create_owned(&key),
                     ));
-                    Ok(conn.map_io(|io| CountingIo::new(io, tally)))
+                    let abort = abort_handle(conn.metadata_mut());
+                    Ok(conn.map_io(|io| CountingIo::new(io, tally, abort)))
                 }
                 Err(e) => {
                     let e: BoxError = e.into();

@@ -10,6 +10,8 @@ use std::task::{Context, Poll};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::conn::{Abort, Io};
+
 /// How many bytes a connection may move before its counts are published. Publishing on
 /// every read would put one shared atomic add per read on every core; batching keeps the
 /// per-read cost to a local addition while a long-lived connection still shows progress
@@ -102,18 +104,50 @@ pub struct CountingIo<I> {
     tally: Arc<Tally>,
     pending_received: u64,
     pending_sent: u64,
+    /// The connection's reset switch and how to reset `io`; see [`CountingIo::new`].
+    reset: Option<(Abort, fn(&I))>,
 }
 
-impl<I> CountingIo<I> {
-    pub(crate) fn new(io: I, tally: Arc<Tally>) -> Self {
+impl<I: Io> CountingIo<I> {
+    /// Wraps `io`, counting into `tally`.
+    ///
+    /// `tcp::Relay` resets a TCP peer (`SO_LINGER 0`) when the other side failed, finding
+    /// the socket under known wrappers; it does not know this one. So the wrapper takes the
+    /// connection's [`Abort`] handle (the one `Relay` also signals) and, when it is dropped
+    /// aborted, arms the reset on the socket underneath itself: a failure still reaches the
+    /// peer as a reset, never as a clean FIN.
+    pub(crate) fn new(io: I, tally: Arc<Tally>, abort: Abort) -> Self {
         Self {
             io,
             tally,
             pending_received: 0,
             pending_sent: 0,
+            reset: Some((abort, arm_reset::<I>)),
         }
     }
+}
 
+/// Makes the next close of the TCP socket under `io` (if any) a reset.
+fn arm_reset<I: Io>(io: &I) {
+    if let Some(tcp) = crate::tcp::find_tcp(io.as_any()) {
+        if let Err(e) = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO)) {
+            tracing::debug!(error = %e, "SO_LINGER for a reset");
+        }
+    }
+}
+
+/// The connection's [`Abort`] handle, added to its metadata if it has none yet, so that
+/// `tcp::Relay` signals it.
+pub(crate) fn abort_handle(metadata: &mut http::Extensions) -> Abort {
+    if let Some(a) = metadata.get::<Abort>() {
+        return a.clone();
+    }
+    let a = Abort::new();
+    metadata.insert(a.clone());
+    a
+}
+
+impl<I> CountingIo<I> {
     /// The wrapped stream.
     pub fn get_ref(&self) -> &I {
         &self.io
@@ -148,6 +182,11 @@ impl<I> CountingIo<I> {
 impl<I> Drop for CountingIo<I> {
     fn drop(&mut self) {
         self.flush_counts();
+        if let Some((abort, arm)) = &self.reset {
+            if abort.is_aborted() {
+                arm(&self.io);
+            }
+        }
     }
 }
 
@@ -228,7 +267,7 @@ mod tests {
         let (a, mut b) = tokio::io::duplex(1 << 20);
         let (rx, tx) = (Counter::default(), Counter::default());
         let tally = Arc::new(Tally::new(vec![rx.clone()], vec![tx.clone()]));
-        let mut io = CountingIo::new(a, tally.clone());
+        let mut io = CountingIo::new(a, tally.clone(), Abort::new());
         io.write_all(&[1; 100]).await.unwrap();
         // Below the batch size: not published yet.
         assert_eq!((tx.get(), tally.sent()), (0, 0));
