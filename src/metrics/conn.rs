@@ -417,7 +417,7 @@ where
         });
         let tally = Arc::new(Tally::new(received, sent));
         let abort = abort_handle(conn.metadata_mut());
-        let conn = conn.map_io(|io| CountingIo::new(io, tally.clone(), abort));
+        let conn = conn.map_io(|io| CountingIo::new(io, tally, abort));
         let inner = &mut self.inner;
         let fut = scope::sync_in(&scope, || inner.call(conn));
         ConnectionMetricsFuture {
@@ -425,7 +425,6 @@ where
             record: CloseRecord {
                 handles,
                 istio,
-                tally,
                 started: Instant::now(),
                 done: false,
             },
@@ -477,11 +476,11 @@ where
 }
 
 /// Records a connection's end once: when its service returns, or as `aborted` when the
-/// future is dropped first.
+/// future is dropped first. (Its bytes were published by the stream itself, which is
+/// gone by then.)
 struct CloseRecord {
     handles: Arc<ListenerHandles>,
     istio: Option<Arc<ConnLabels>>,
-    tally: Arc<Tally>,
     started: Instant,
     done: bool,
 }
@@ -500,7 +499,6 @@ impl CloseRecord {
         if let Some(istio) = &self.istio {
             istio.close_tcp(FailureReason::istio_flags(reason));
         }
-        let _ = &self.tally; // the counts were published by the stream itself
     }
 
     #[cfg(feature = "tls")]

@@ -98,7 +98,7 @@ impl Drop for Tally {
 ///
 /// Note: [`tcp::Relay`](crate::tcp::Relay) uses `splice(2)` only when both of its streams
 /// are bare `TcpStream`s; behind a counting layer it uses its copy loop (see the
-/// [module docs](super#cost)).
+/// [module docs](super#where-to-put-them)).
 pub struct CountingIo<I> {
     io: I,
     tally: Arc<Tally>,

@@ -27,6 +27,9 @@
 //!
 //! ## Example
 //!
+//! A TCP relay with connection, upstream and access-log layers, one connection through
+//! it, and the exposition a `/metrics` endpoint would serve:
+//!
 //! ```
 //! use prometheus_client::registry::Registry;
 //! use proxystack::conn::Metadata;
@@ -34,22 +37,51 @@
 //!     record_route, AccessLogLayer, ConnectionMetrics, ConnectionMetricsLayer,
 //!     UpstreamMetricsLayer,
 //! };
-//! use proxystack::{tcp, Target};
+//! use proxystack::{drain, serve, tcp, Target};
+//! use tokio::io::{AsyncReadExt, AsyncWriteExt};
+//! use tokio::net::{TcpListener, TcpStream};
 //! use tower::{Layer, ServiceBuilder};
 //!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let echo = TcpListener::bind("127.0.0.1:0").await?;
+//! # let upstream = echo.local_addr()?;
+//! # tokio::spawn(async move {
+//! #     while let Ok((mut s, _)) = echo.accept().await {
+//! #         tokio::spawn(async move {
+//! #             let (mut r, mut w) = s.split();
+//! #             let _ = tokio::io::copy(&mut r, &mut w).await;
+//! #         });
+//! #     }
+//! # });
+//! // Access-log lines as JSON: tracing_subscriber::fmt().json().init();
 //! let mut registry = Registry::default();
 //! let metrics = ConnectionMetrics::new(&mut registry);
 //! let connector = UpstreamMetricsLayer::new(&metrics).layer(tcp::TcpConnector::new());
 //! let relay = tcp::Relay::new(connector)
-//!     .upstream(record_route(|_: &Metadata| Some(Target::from_static("127.0.0.1:8080"))));
+//!     .upstream(record_route(move |_: &Metadata| Some(Target::from(upstream))));
 //! let service = ServiceBuilder::new()
 //!     .layer(ConnectionMetricsLayer::new(&metrics, "tcp"))
 //!     .layer(AccessLogLayer::inbound())
 //!     .service(relay);
-//! // serve(listener, service, watch) …; on /metrics:
+//! let listener = TcpListener::bind("127.0.0.1:0").await?;
+//! let addr = listener.local_addr()?;
+//! let (signal, watch) = drain::channel();
+//! let server = tokio::spawn(serve(listener, service, watch));
+//!
+//! let mut client = TcpStream::connect(addr).await?;
+//! client.write_all(b"hello").await?;
+//! let mut reply = [0; 5];
+//! client.read_exact(&mut reply).await?;
+//! drop(client);
+//! signal.drain().await; // returns once the connection has ended
+//! server.await??;
+//!
 //! let mut text = String::new();
-//! prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
-//! # let _ = service;
+//! prometheus_client::encoding::text::encode(&mut text, &registry)?;
+//! assert!(text.contains(r#"proxystack_connections_closed_total{listener="tcp"} 1"#));
+//! assert!(text.contains(r#"proxystack_connection_received_bytes_total{listener="tcp"} 5"#));
+//! # Ok(()) }
 //! ```
 //!
 //! ## What the layers see
@@ -73,8 +105,21 @@
 //! codes are cached in `OnceLock`s and looked up without a lock; the histograms take
 //! `prometheus-client`'s per-histogram lock to observe.
 //!
-//! A counted stream is not a bare `TcpStream`, so a [`tcp::Relay`](crate::tcp::Relay)
-//! behind a counting layer copies in user space instead of using `splice(2)`.
+//! ## Where to put them
+//!
+//! The connection layers hand their inner service a [`CountingIo`] around the stream, so:
+//!
+//! * put [`tcp::OriginalDstLayer`](crate::tcp::OriginalDstLayer) *outside* (before) them:
+//!   it needs the bare socket to read `SO_ORIGINAL_DST`, and finds none through the
+//!   wrapper (the connection then has no `OriginalDst`, and a relay routing on it closes
+//!   it: fail closed, but not what you want);
+//! * a [`tcp::Relay`](crate::tcp::Relay) behind them copies in user space: its
+//!   `splice(2)` path needs two bare `TcpStream`s;
+//! * resets still propagate: the relay resets a peer whose other side failed by finding
+//!   its socket, which it cannot do through the wrapper, so the layers give the connection
+//!   an [`Abort`](crate::conn::Abort) handle (when it has none) that the relay signals, and
+//!   the wrapper resets the socket under it when it is dropped aborted. Upstream
+//!   connections from [`UpstreamMetricsLayer`] get the same.
 //!
 //! ## Cardinality
 //!
