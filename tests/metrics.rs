@@ -586,8 +586,13 @@ async fn istio_label_sets_are_capped() {
 
 /// A sample line of the Prometheus text format, read strictly: `name{k="v",...} value`,
 /// label values escaped with backslash-backslash, backslash-quote and backslash-n.
-fn strict_sample(line: &str) -> Option<(String, Vec<(String, String)>, f64)> {
-    let name_end = line.find(|c: char| c == '{' || c == ' ')?;
+struct SampleLine {
+    name: String,
+    labels: Vec<(String, String)>,
+}
+
+fn strict_sample(line: &str) -> Option<SampleLine> {
+    let name_end = line.find(['{', ' '])?;
     let (name, mut rest) = line.split_at(name_end);
     let mut labels = Vec::new();
     if let Some(r) = rest.strip_prefix('{') {
@@ -618,8 +623,11 @@ fn strict_sample(line: &str) -> Option<(String, Vec<(String, String)>, f64)> {
             rest = rest.strip_prefix(',').unwrap_or(rest);
         }
     }
-    let value = rest.strip_prefix(' ')?.parse().ok()?;
-    Some((name.to_string(), labels, value))
+    let _value: f64 = rest.strip_prefix(' ')?.parse().ok()?;
+    Some(SampleLine {
+        name: name.to_string(),
+        labels,
+    })
 }
 
 #[tokio::test]
@@ -645,7 +653,7 @@ async fn istio_label_values_cannot_inject_series() {
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
     {
-        let (name, labels, _) =
+        let SampleLine { name, labels } =
             strict_sample(line).unwrap_or_else(|| panic!("malformed line: {line:?}"));
         assert!(
             name.starts_with("istio_") || name.starts_with("proxystack_"),

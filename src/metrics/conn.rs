@@ -598,24 +598,9 @@ where
             .map(|a| a.0.clone());
         let started = Instant::now();
         let connect = self.inner.call(target);
-        // Built here, while the caller's scope is current: the future may be polled
-        // from anywhere, but the record belongs to whoever asked for the connection.
-        let record: Box<dyn FnOnce(&Conn<O>) + Send> = {
-            let current = scope::capture();
-            Box::new(move |conn: &Conn<O>| {
-                let Some(current) = current else { return };
-                current.record_dial(|| scope::Dial {
-                    authority,
-                    peer: conn.get::<PeerAddr>().map(|p| p.0),
-                    identity: super::find::<PeerIdentity>(conn.metadata()).map(|i| i.0.clone()),
-                    #[cfg(feature = "connect")]
-                    tunnel_authority,
-                    #[cfg(not(feature = "connect"))]
-                    tunnel_authority: None,
-                    connect_time: started.elapsed(),
-                });
-            })
-        };
+        // Taken here, while the caller's scope is current: the future may be polled from
+        // anywhere, but the record belongs to whoever asked for the connection.
+        let current = scope::capture();
         Box::pin(async move {
             let f = &metrics.inner;
             match connect.await {
@@ -623,7 +608,19 @@ where
                     f.upstream_connect_duration
                         .get_or_create(&key)
                         .observe(started.elapsed().as_secs_f64());
-                    record(&conn);
+                    if let Some(current) = &current {
+                        current.record_dial(|| scope::Dial {
+                            authority,
+                            peer: conn.get::<PeerAddr>().map(|p| p.0),
+                            identity: super::find::<PeerIdentity>(conn.metadata())
+                                .map(|i| i.0.clone()),
+                            #[cfg(feature = "connect")]
+                            tunnel_authority,
+                            #[cfg(not(feature = "connect"))]
+                            tunnel_authority: None,
+                            connect_time: started.elapsed(),
+                        });
+                    }
                     let tally = Arc::new(Tally::with_close(
                         vec![f.upstream_received.get_or_create_owned(&key)],
                         vec![f.upstream_sent.get_or_create_owned(&key)],

@@ -90,6 +90,9 @@ impl Drop for Tally {
     }
 }
 
+/// The connection's reset switch and the function that arms a reset on the stream.
+type Reset<I> = (Abort, fn(&I));
+
 /// A stream that counts the bytes read from and written to it.
 ///
 /// The metrics and access-log layers hand their inner service a `Conn<CountingIo<I>>`.
@@ -105,7 +108,7 @@ pub struct CountingIo<I> {
     pending_received: u64,
     pending_sent: u64,
     /// The connection's reset switch and how to reset `io`; see [`CountingIo::new`].
-    reset: Option<(Abort, fn(&I))>,
+    reset: Option<Reset<I>>,
 }
 
 impl<I: Io> CountingIo<I> {
