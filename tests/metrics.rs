@@ -1078,6 +1078,13 @@ async fn http_requests_are_counted_timed_and_logged() {
         .collect();
     assert_eq!(lines.len(), 7, "{lines:?}");
     let upstream_label = up.to_string();
+    assert!(lines
+        .iter()
+        .all(|l| field(l, "src.addr").is_some_and(|a| a.starts_with("127.0.0.1:"))));
+    // Requests that dialled name the address; pooled ones have none to name.
+    assert!(lines
+        .iter()
+        .any(|l| field(l, "dst.addr") == Some(upstream_label.as_str())));
     let post = lines
         .iter()
         .find(|l| field(l, "method") == Some("POST"))

@@ -70,7 +70,8 @@ impl fmt::Display for Millis {
 }
 
 /// What a connection's metadata says about its ends, read once when it opens.
-struct Ends {
+#[derive(Debug)]
+pub(crate) struct Ends {
     src: Option<SocketAddr>,
     peer_identity: Option<SpiffeId>,
     local_dst: Option<SocketAddr>,
@@ -142,8 +143,10 @@ fn resolve<'a>(
 /// Logs one line per connection when it ends; see the [module docs](self) for the fields.
 ///
 /// Wraps an inbound service (`Service<Conn<I>, Response = ()>`); its inner service gets a
-/// `Conn<CountingIo<I>>` and its error is passed on boxed. A connection cut before its
-/// service finished is logged with reason `aborted`.
+/// `Conn<CountingIo<I>>` (with an [`Abort`](crate::conn::Abort) handle in its metadata,
+/// as [`ConnectionMetricsLayer`](super::ConnectionMetricsLayer) adds) and its error is
+/// passed on boxed. A connection cut before its service finished is logged with reason
+/// `aborted`.
 ///
 /// ```
 /// use proxystack::conn::Metadata;
@@ -429,9 +432,18 @@ where
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let scope = super::http::request_scope(req.extensions_mut());
+        // Read once per connection when a connection layer left its scope in the metadata.
+        let ends = match req.extensions().get::<super::scope::ConnScope>() {
+            Some(conn) => conn
+                .0
+                .ends
+                .get_or_init(|| Arc::new(Ends::of(req.extensions())))
+                .clone(),
+            None => Arc::new(Ends::of(req.extensions())),
+        };
         let line = RequestLine {
             layer: self.layer.conn.clone(),
-            ends: Ends::of(req.extensions()),
+            ends,
             method: req.method().clone(),
             // Cloning a `Uri` shares its bytes.
             uri: req.uri().clone(),
@@ -489,7 +501,7 @@ where
 #[cfg(feature = "http")]
 struct RequestLine {
     layer: AccessLogLayer,
-    ends: Ends,
+    ends: Arc<Ends>,
     method: http::Method,
     uri: http::Uri,
     scope: Arc<Scope>,

@@ -261,7 +261,10 @@ impl LabelBudget {
 /// Wraps an inbound service (`Service<Conn<I>, Response = ()>`): its inner service gets a
 /// `Conn<CountingIo<I>>`. The error becomes a [`BoxError`] (the original, boxed, so layers
 /// above can still downcast it). A connection dropped before its service finished (the
-/// drain deadline) counts as closed with reason `aborted`.
+/// drain deadline) counts as closed with reason `aborted`. The connection gets an
+/// [`Abort`](crate::conn::Abort) handle in its metadata if it has none, so that resets
+/// still reach the peer through the counting stream (see the
+/// [module docs](super#where-to-put-them)).
 ///
 /// ```
 /// use prometheus_client::registry::Registry;

@@ -45,6 +45,9 @@ pub(crate) struct Scope {
     dial: OnceLock<Dial>,
     /// The connection's Istio labels, computed once and shared by all its requests.
     pub(crate) istio: OnceLock<Arc<super::istio::ConnLabels>>,
+    /// The connection's ends as the access log reports them, read once for all requests.
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
+    pub(crate) ends: OnceLock<Arc<super::access_log::Ends>>,
 }
 
 impl Scope {
