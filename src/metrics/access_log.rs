@@ -1,23 +1,5 @@
 //! Access logs: one `tracing` event per connection ([`AccessLogLayer`]) or request
 //! ([`HttpAccessLogLayer`]).
-//!
-//! Events go to target `proxystack::access` at level `INFO`, so they are routed like any
-//! other `tracing` output: filter them with `proxystack::access=info` (or `=off`), send them
-//! to their own file with a per-target layer, or print them as JSON with
-//! `tracing_subscriber::fmt().json()`. Field names are ztunnel's:
-//!
-//! | field | connection | request |
-//! |---|---|---|
-//! | `src.addr` | the client's address (through tunnels: the outermost connection's) | same |
-//! | `src.identity` | the client's authenticated SPIFFE ID (inbound), or ours (outbound) | same |
-//! | `dst.addr` | the upstream address dialled; else the original destination; else the local address | the upstream address dialled, when the request dialled one |
-//! | `dst.hbone_addr` | the tunnel's `:authority` (HBONE target) | same |
-//! | `dst.identity` | ours (inbound), or the upstream's authenticated identity (outbound) | same |
-//! | `direction` | `inbound` / `outbound` | same |
-//! | `bytes_sent`, `bytes_recv` | inbound: to / from the client; outbound: to / from the destination, as ztunnel counts them | — |
-//! | `duration` | e.g. `"12ms"` | to the response head |
-//! | `error`, `reason` | the error chain and its [`FailureReason`](super::FailureReason), on failure | the service's error, if any |
-//! | `method`, `path`, `status`, `upstream` | — | the request's; `upstream` is the route [`record_route`](super::record_route) saw, else the authority dialled |
 
 use std::fmt;
 use std::future::Future;
@@ -140,7 +122,25 @@ fn resolve<'a>(
     }
 }
 
-/// Logs one line per connection when it ends; see the [module docs](self) for the fields.
+/// Logs one line per connection when it ends.
+///
+/// Events go to target `proxystack::access` at level `INFO`, so they are routed like any
+/// other `tracing` output: filter them with `proxystack::access=info` (or `=off`), send them
+/// to their own file with a per-target layer, or print them as JSON with
+/// `tracing_subscriber::fmt().json()`. Field names are ztunnel's:
+///
+/// | field | connection | request |
+/// |---|---|---|
+/// | `src.addr` | the client's address (through tunnels: the outermost connection's) | same |
+/// | `src.identity` | the client's authenticated SPIFFE ID (inbound), or ours (outbound) | same |
+/// | `dst.addr` | the upstream address dialled; else the original destination; else the local address | the upstream address dialled, when the request dialled one |
+/// | `dst.hbone_addr` | the tunnel's `:authority` (HBONE target) | same |
+/// | `dst.identity` | ours (inbound), or the upstream's authenticated identity (outbound) | same |
+/// | `direction` | `inbound` / `outbound` | same |
+/// | `bytes_sent`, `bytes_recv` | inbound: to / from the client; outbound: to / from the destination, as ztunnel counts them | — |
+/// | `duration` | e.g. `"12ms"` | to the response head |
+/// | `error`, `reason` | the error chain and its [`FailureReason`](super::FailureReason), on failure | the service's error, if any |
+/// | `method`, `path`, `status`, `upstream` | — | the request's; `upstream` is the route [`record_route`](super::record_route) saw, else the authority dialled |
 ///
 /// Wraps an inbound service (`Service<Conn<I>, Response = ()>`); its inner service gets a
 /// `Conn<CountingIo<I>>` (with an [`Abort`](crate::conn::Abort) handle in its metadata,
@@ -346,8 +346,8 @@ impl Drop for ConnLine {
     }
 }
 
-/// Logs one line per request when its response head is ready; see the
-/// [module docs](self) for the fields.
+/// Logs one line per request when its response head is ready, with the fields listed at
+/// [`AccessLogLayer`].
 ///
 /// Wraps a request service (`Service<Request<B>, Response = Response<RB>>`, e.g.
 /// `http::Forward`).

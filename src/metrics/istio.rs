@@ -1,23 +1,5 @@
 //! Istio's standard metrics: the label model, where each label comes from, and the cap on
 //! distinct label sets.
-//!
-//! Names and labels follow Istio's "Istio Standard Metrics" reference and ztunnel's
-//! implementation of it, so Istio's Grafana dashboards and Kiali's graph read them as they
-//! read ztunnel's or Envoy's:
-//!
-//! * TCP: `istio_tcp_connections_opened_total`, `istio_tcp_connections_closed_total`,
-//!   `istio_tcp_sent_bytes_total` (bytes sent *during response*, i.e. towards the
-//!   client), `istio_tcp_received_bytes_total` (bytes of the request, from the client);
-//! * HTTP: `istio_requests_total`, `istio_request_duration_milliseconds` (to the response
-//!   head), with `response_code` and `grpc_response_status` in addition;
-//! * labels: `reporter`, `source_workload`, `source_canonical_service`,
-//!   `source_canonical_revision`, `source_workload_namespace`, `source_principal`,
-//!   `source_app`, `source_version`, `source_cluster`, `destination_service`,
-//!   `destination_service_namespace`, `destination_service_name`, `destination_workload`,
-//!   `destination_canonical_service`, `destination_canonical_revision`,
-//!   `destination_workload_namespace`, `destination_principal`, `destination_app`,
-//!   `destination_version`, `destination_cluster`, `request_protocol`, `response_flags`,
-//!   `connection_security_policy`. A value we cannot know is `unknown`, as Istio writes it.
 
 use std::hash::Hash;
 use std::sync::{Arc, OnceLock};
@@ -152,6 +134,24 @@ type ServiceResolver = Arc<dyn Fn(&Extensions) -> Option<String> + Send + Sync>;
 const MAX_VALUE_LEN: usize = 256;
 
 /// Istio's standard metrics, registered under their Istio names.
+///
+/// Names and labels follow Istio's "Istio Standard Metrics" reference and ztunnel's
+/// implementation of it, so Istio's Grafana dashboards and Kiali's graph read them as they
+/// read ztunnel's or Envoy's:
+///
+/// * TCP: `istio_tcp_connections_opened_total`, `istio_tcp_connections_closed_total`,
+///   `istio_tcp_sent_bytes_total` (bytes sent *during response*, i.e. towards the
+///   client), `istio_tcp_received_bytes_total` (bytes of the request, from the client);
+/// * HTTP: `istio_requests_total`, `istio_request_duration_milliseconds` (to the response
+///   head), with `response_code` and `grpc_response_status` in addition;
+/// * labels: `reporter`, `source_workload`, `source_canonical_service`,
+///   `source_canonical_revision`, `source_workload_namespace`, `source_principal`,
+///   `source_app`, `source_version`, `source_cluster`, `destination_service`,
+///   `destination_service_namespace`, `destination_service_name`, `destination_workload`,
+///   `destination_canonical_service`, `destination_canonical_revision`,
+///   `destination_workload_namespace`, `destination_principal`, `destination_app`,
+///   `destination_version`, `destination_cluster`, `request_protocol`, `response_flags`,
+///   `connection_security_policy`. A value we cannot know is `unknown`, as Istio writes it.
 ///
 /// Cheap to clone. Hand it to [`ConnectionMetricsLayer::istio`] (TCP metrics, and the
 /// per-connection label cache) and to [`HttpMetricsLayer::istio`] (request metrics).
