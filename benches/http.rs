@@ -3,7 +3,13 @@
 //! fixed concurrency, fixed request count per batch) drives both paths. Prints the ratios
 //! at the end.
 //!
-//! `cargo bench --bench http --features http` (add `-- --quick` for a shorter run).
+//! With the `metrics` feature a third path runs the same proxy with every metrics and
+//! access-log layer on (connection + upstream + HTTP + Istio metrics, connection and request
+//! access logs formatted by a `tracing_subscriber::fmt` writer into `io::sink`), to show
+//! what observability costs per request.
+//!
+//! `cargo bench --bench http --features http` (add `-- --quick` for a shorter run;
+//! `--features http,metrics` for the metered path).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -86,6 +92,51 @@ async fn proxy(upstream: SocketAddr, watch: drain::Watch) -> SocketAddr {
         Server::new()
             .serve(listener, HttpServer::new(forward), watch)
             .await
+    });
+    addr
+}
+
+/// The same proxy with every metrics and access-log layer on.
+#[cfg(feature = "metrics")]
+async fn metered_proxy(upstream: SocketAddr, watch: drain::Watch) -> SocketAddr {
+    use proxystack::metrics::{
+        record_route, AccessLogLayer, ConnectionMetrics, ConnectionMetricsLayer,
+        HttpAccessLogLayer, HttpMetrics, HttpMetricsLayer, IstioMetrics, Reporter,
+        UpstreamMetricsLayer,
+    };
+    use tower::{Layer, ServiceBuilder};
+
+    // Access-log lines are formatted as in production, then thrown away.
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::sink)
+        .with_env_filter("proxystack::access=info")
+        .try_init();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let conns = ConnectionMetrics::new(&mut registry);
+    let requests = HttpMetrics::new(&mut registry);
+    let istio = IstioMetrics::builder(Reporter::Destination).register(&mut registry);
+    let connector = UpstreamMetricsLayer::new(&conns).layer(tcp::TcpConnector::new());
+    let forward = Forward::new(
+        connector,
+        record_route(move |_: &Request<Incoming>| Some(Target::from(upstream))),
+    )
+    .upstream_protocol(UpstreamProtocol::MatchClient);
+    let per_request = ServiceBuilder::new()
+        .layer(HttpMetricsLayer::new(&requests).istio(&istio))
+        .layer(HttpAccessLogLayer::inbound())
+        .service(forward);
+    let per_connection = ServiceBuilder::new()
+        .layer(ConnectionMetricsLayer::new(&conns, "bench").istio(&istio))
+        .layer(AccessLogLayer::inbound())
+        .service(HttpServer::new(per_request));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let served = Server::new().serve(listener, per_connection, watch).await;
+        // The registry lives as long as the proxy; a scrape at the end proves it encodes.
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        served
     });
     addr
 }
@@ -207,15 +258,19 @@ fn benches(c: &mut Criterion) {
     let (_signal, watch) = drain::channel();
     let (direct, proxied) = rt.block_on(async {
         let b = backend().await;
-        (b, proxy(b, watch).await)
+        (b, proxy(b, watch.clone()).await)
     });
+    #[allow(unused_mut)]
+    let mut paths = vec![("direct", direct), ("proxy", proxied)];
+    #[cfg(feature = "metrics")]
+    paths.push(("metered", rt.block_on(metered_proxy(direct, watch))));
     for (proto, h2) in [("h1", false), ("h2c", true)] {
         for (size, bytes, requests) in SIZES {
             let mut g = c.benchmark_group(format!("{proto}_{size}"));
             g.sample_size(10)
                 .throughput(Throughput::Bytes((bytes * requests) as u64));
             let path: &'static str = if bytes > 1024 { "/1MiB" } else { "/1KiB" };
-            for (via, addr) in [("direct", direct), ("proxy", proxied)] {
+            for &(via, addr) in &paths {
                 let id = format!("{proto}/{size}/{via}");
                 let mut slot = Some(rt.block_on(client(addr, h2)));
                 g.bench_function(via, |b| {
@@ -282,6 +337,20 @@ fn summary() {
                 p50,
                 p99
             );
+            let m = format!("{proto}/{size}/metered");
+            if let Some(&mt) = stats.per_request.get(&m) {
+                let (m50, m99) = lat(&m);
+                println!(
+                    "{:<12} {:>12} {:>12.0} {:>7.2}   {:>21}   {:>10}/{:<10}  (metered vs proxy)",
+                    format!("{proto} {size}"),
+                    "",
+                    1.0 / mt,
+                    pt / mt,
+                    "",
+                    m50,
+                    m99
+                );
+            }
         }
     }
 }

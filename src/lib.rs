@@ -67,6 +67,7 @@
 //! | `proxy-protocol` | PROXY protocol v1/v2: codec (incl. ztunnel's `0xD0`/`0xD1` TLVs), inbound layer with trusted sources, v2 connector |
 //! | `detect` | protocol detection (TLS / HTTP/1 / HTTP/2 / opaque) and its router |
 //! | `http` | HTTP/1 + HTTP/2 server, reverse-proxy forwarding with an upstream pool |
+//! | `metrics` | metrics (Prometheus / OpenMetrics via `prometheus-client`, Istio's standard metrics) and access-log layers |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs)]
 #![cfg_attr(
@@ -97,6 +98,9 @@ pub mod hbone;
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod http;
 pub mod identity;
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod metrics;
 #[cfg(feature = "proxy-protocol")]
 #[cfg_attr(docsrs, doc(cfg(feature = "proxy-protocol")))]
 pub mod proxy_protocol;
