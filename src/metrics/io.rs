@@ -114,11 +114,11 @@ pub struct CountingIo<I> {
 impl<I: Io> CountingIo<I> {
     /// Wraps `io`, counting into `tally`.
     ///
-    /// `tcp::Relay` resets a TCP peer (`SO_LINGER 0`) when the other side failed, finding
-    /// the socket under known wrappers; it does not know this one. So the wrapper takes the
-    /// connection's [`Abort`] handle (the one `Relay` also signals) and, when it is dropped
-    /// aborted, arms the reset on the socket underneath itself: a failure still reaches the
-    /// peer as a reset, never as a clean FIN.
+    /// `tcp::Relay` resets a TCP peer (`SO_LINGER 0`) when the other side failed, through
+    /// [`Io::tcp_socket`], which this wrapper passes on. It also takes the connection's
+    /// [`Abort`] handle (the one `Relay` signals) and, when it is dropped aborted, arms the
+    /// reset on the socket underneath itself, for services that abort without a relay: a
+    /// failure reaches the peer as a reset, never as a clean FIN.
     pub(crate) fn new(io: I, tally: Arc<Tally>, abort: Abort) -> Self {
         Self {
             io,
@@ -132,7 +132,7 @@ impl<I: Io> CountingIo<I> {
 
 /// Makes the next close of the TCP socket under `io` (if any) a reset.
 fn arm_reset<I: Io>(io: &I) {
-    if let Some(tcp) = crate::tcp::find_tcp(io.as_any()) {
+    if let Some(tcp) = io.tcp_socket() {
         if let Err(e) = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO)) {
             tracing::debug!(error = %e, "SO_LINGER for a reset");
         }
@@ -148,6 +148,14 @@ pub(crate) fn abort_handle(metadata: &mut http::Extensions) -> Abort {
     let a = Abort::new();
     metadata.insert(a.clone());
     a
+}
+
+/// The socket under the counter, for socket options; never for `splice(2)`, which would
+/// move bytes past the count.
+impl<I: Io> Io for CountingIo<I> {
+    fn tcp_socket(&self) -> Option<&tokio::net::TcpStream> {
+        self.io.tcp_socket()
+    }
 }
 
 impl<I> CountingIo<I> {

@@ -113,17 +113,15 @@
 //!
 //! The connection layers hand their inner service a [`CountingIo`] around the stream, so:
 //!
-//! * put [`tcp::OriginalDstLayer`](crate::tcp::OriginalDstLayer) *outside* (before) them:
-//!   it needs the bare socket to read `SO_ORIGINAL_DST`, and finds none through the
-//!   wrapper (the connection then has no `OriginalDst`, and a relay routing on it closes
-//!   it: fail closed, but not what you want);
-//! * a [`tcp::Relay`](crate::tcp::Relay) behind them copies in user space: its
-//!   `splice(2)` path needs two bare `TcpStream`s;
-//! * resets still propagate: the relay resets a peer whose other side failed by finding
-//!   its socket, which it cannot do through the wrapper, so the layers give the connection
-//!   an [`Abort`](crate::conn::Abort) handle (when it has none) that the relay signals, and
-//!   the wrapper resets the socket under it when it is dropped aborted. Upstream
-//!   connections from [`UpstreamMetricsLayer`] get the same.
+//! * socket options still reach the socket: the wrapper passes
+//!   [`Io::tcp_socket`](crate::Io::tcp_socket) on, so
+//!   [`tcp::OriginalDstLayer`](crate::tcp::OriginalDstLayer) may sit on either side and
+//!   resets propagate (the layers also give the connection an
+//!   [`Abort`](crate::conn::Abort) handle that resets the socket under the wrapper when it
+//!   is dropped aborted, for services other than the relay);
+//! * a [`tcp::Relay`](crate::tcp::Relay) behind them copies in user space: `splice(2)`
+//!   would move bytes past the count, so the wrapper does not offer
+//!   [`Io::raw_tcp_socket`](crate::Io::raw_tcp_socket).
 //!
 //! ## Cardinality
 //!
