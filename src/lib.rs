@@ -91,6 +91,8 @@ pub mod connect;
 #[cfg_attr(docsrs, doc(cfg(feature = "detect")))]
 pub mod detect;
 pub mod drain;
+#[cfg(any(feature = "http", feature = "connect"))]
+mod h2_config;
 #[cfg(feature = "hbone")]
 #[cfg_attr(docsrs, doc(cfg(feature = "hbone")))]
 pub mod hbone;
@@ -120,6 +122,9 @@ pub mod tls;
 
 pub use addr::{Authority, AuthorityError, Host};
 pub use conn::{BoxIo, Conn, Io, Metadata, PrefixedIo, Target};
+#[cfg(any(feature = "http", feature = "connect"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "http", feature = "connect"))))]
+pub use h2_config::H2Config;
 #[cfg(feature = "tcp")]
 pub use serve::{serve, Server};
 

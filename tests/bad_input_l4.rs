@@ -14,6 +14,7 @@
 
 mod common;
 
+use proxystack::H2Config;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -24,7 +25,7 @@ use common::*;
 use proxystack::addr::Cidr;
 use proxystack::conn::{OriginalDst, PeerAddr};
 use proxystack::connect::{
-    ConnectAuthority, ConnectTerminate, H2ConnectPool, H2Settings, TunnelError, TunnelInfo,
+    ConnectAuthority, ConnectTerminate, H2ConnectPool, TunnelError, TunnelInfo,
 };
 use proxystack::identity::PeerIdentity;
 use proxystack::proxy_protocol::{
@@ -466,13 +467,9 @@ async fn pooled_connection_to_a_vanished_peer_is_replaced() {
     for how in [Vanish::Reset, Vanish::Silent] {
         let vanish = Arc::new(tokio::sync::Notify::new());
         let (addr, accepted) = vanishing_h2_server(how, vanish.clone()).await;
-        let pool = H2ConnectPool::with_settings(
-            tcp::TcpConnector::new(),
-            H2Settings {
-                keepalive: Some((Duration::from_millis(200), Duration::from_millis(500))),
-                ..Default::default()
-            },
-        );
+        let pool = H2ConnectPool::new(tcp::TcpConnector::new()).h2(H2Config::new()
+            .keep_alive_interval(Some(Duration::from_millis(200)))
+            .keep_alive_timeout(Duration::from_millis(500)));
         let mut first = pool.clone().oneshot(tunnel_to(addr)).await.unwrap();
         vanish.notify_one();
         let started = Instant::now();
@@ -504,14 +501,9 @@ async fn pooled_connection_to_a_vanished_peer_is_replaced() {
 async fn unanswered_connect_retires_a_pooled_connection_without_keepalive() {
     let vanish = Arc::new(tokio::sync::Notify::new());
     let (addr, accepted) = vanishing_h2_server(Vanish::Silent, vanish.clone()).await;
-    let pool = H2ConnectPool::with_settings(
-        tcp::TcpConnector::new(),
-        H2Settings {
-            keepalive: None,
-            response_timeout: Duration::from_millis(500),
-            ..Default::default()
-        },
-    );
+    let pool = H2ConnectPool::new(tcp::TcpConnector::new())
+        .h2(H2Config::new().keep_alive_interval(None))
+        .response_timeout(Some(Duration::from_millis(500)));
     let _first = pool.clone().oneshot(tunnel_to(addr)).await.unwrap();
     vanish.notify_one();
     let err = pool.clone().oneshot(tunnel_to(addr)).await.unwrap_err();

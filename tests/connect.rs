@@ -3,6 +3,7 @@
 
 mod common;
 
+use proxystack::H2Config;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -14,7 +15,7 @@ use proptest::prelude::*;
 use proxystack::conn::Metadata;
 use proxystack::conn::{Abort, BoxInbound, BoxIo};
 use proxystack::connect::{
-    ConnectAuthority, ConnectTerminate, Decision, H2ConnectPool, H2Settings, Http1ConnectConnector,
+    ConnectAuthority, ConnectTerminate, Decision, H2ConnectPool, Http1ConnectConnector,
     TunnelError, TunnelInfo,
 };
 use proxystack::recursive::Recursive;
@@ -355,13 +356,8 @@ async fn nesting_depth_is_bounded() {
 async fn pool_shares_connections_and_opens_another_at_the_cap() {
     let echo = echo_server().await;
     let proxy = proxy_to(echo, |t| t).await;
-    let pool = H2ConnectPool::with_settings(
-        tcp::TcpConnector::new(),
-        H2Settings {
-            max_streams_per_connection: 100,
-            ..Default::default()
-        },
-    );
+    let pool = H2ConnectPool::new(tcp::TcpConnector::new())
+        .h2(H2Config::new().max_concurrent_streams(100));
     let target =
         Target::from(proxy.addr).with(ConnectAuthority(Authority::parse("echo.test:7").unwrap()));
     let tunnels: Vec<_> = (0..200)
@@ -833,13 +829,9 @@ async fn server_ignoring_pings() -> (SocketAddr, tokio::sync::mpsc::UnboundedRec
 #[tokio::test]
 async fn pool_drops_a_connection_whose_peer_never_answers_pings() {
     let (addr, mut closed) = server_ignoring_pings().await;
-    let pool = H2ConnectPool::with_settings(
-        tcp::TcpConnector::new(),
-        H2Settings {
-            keepalive: Some((Duration::from_millis(100), Duration::from_millis(300))),
-            ..Default::default()
-        },
-    );
+    let pool = H2ConnectPool::new(tcp::TcpConnector::new()).h2(H2Config::new()
+        .keep_alive_interval(Some(Duration::from_millis(100)))
+        .keep_alive_timeout(Duration::from_millis(300)));
     let target = Target::from(addr).with(ConnectAuthority(Authority::parse("x.test:1").unwrap()));
     let mut t = pool.clone().oneshot(target.clone()).await.unwrap();
     let started = std::time::Instant::now();
@@ -871,10 +863,9 @@ async fn pool_drops_a_connection_whose_peer_never_answers_pings() {
 async fn terminator_drops_a_client_that_never_answers_pings() {
     let echo = echo_server().await;
     let proxy = proxy_to(echo, |t| {
-        t.h2_keepalive(Some((
-            Duration::from_millis(100),
-            Duration::from_millis(300),
-        )))
+        t.h2(H2Config::new()
+            .keep_alive_interval(Some(Duration::from_millis(100)))
+            .keep_alive_timeout(Duration::from_millis(300)))
     })
     .await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();

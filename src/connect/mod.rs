@@ -47,7 +47,7 @@ use std::sync::Arc;
 use http::{HeaderMap, StatusCode};
 
 pub use h1_client::Http1ConnectConnector;
-pub use pool::{H2ConnectPool, H2Settings, PoolKey, PooledTunnel};
+pub use pool::{H2ConnectPool, PoolKey, PooledTunnel};
 pub use stream::H2Stream;
 pub use terminate::{ConnectTerminate, Decision, Policy, TunnelRequest};
 

@@ -21,7 +21,7 @@ use super::keepalive;
 use super::stream::H2Stream;
 use super::{ConnectAuthority, ConnectHeaders, ConnectResponse, TunnelError};
 use crate::conn::{Abort, Conn, Io};
-use crate::{BoxError, Target};
+use crate::{BoxError, H2Config, Target};
 
 /// Target metadata: which pooled connections a tunnel may share. Tunnels with equal keys
 /// share connections; without one the key is the dialled address. HBONE keys on (source
@@ -31,7 +31,7 @@ pub struct PoolKey(pub String);
 
 /// HTTP/2 client settings; defaults follow ztunnel's HBONE client.
 #[derive(Debug, Clone)]
-pub struct H2Settings {
+pub(crate) struct H2Settings {
     /// Most tunnels per connection; the peer's MAX_CONCURRENT_STREAMS (ztunnel advertises
     /// 200, Envoy 100) caps it further once its SETTINGS arrived.
     pub max_streams_per_connection: usize,
@@ -45,10 +45,10 @@ pub struct H2Settings {
     pub max_header_list_size: u32,
     /// PING interval and the time to wait for the answer.
     pub keepalive: Option<(Duration, Duration)>,
-    /// A connection without tunnels for this long is closed.
-    pub idle_timeout: Duration,
-    /// Time allowed for the 200 after the CONNECT was sent.
-    pub response_timeout: Duration,
+    /// A connection without tunnels for this long is closed (`None`: kept).
+    pub idle_timeout: Option<Duration>,
+    /// Time allowed for the 200 after the CONNECT was sent (`None`: no limit).
+    pub response_timeout: Option<Duration>,
 }
 
 impl Default for H2Settings {
@@ -60,8 +60,8 @@ impl Default for H2Settings {
             max_frame_size: 1 << 20,
             max_header_list_size: 16 << 10,
             keepalive: Some((Duration::from_secs(10), Duration::from_secs(20))),
-            idle_timeout: Duration::from_secs(300),
-            response_timeout: Duration::from_secs(30),
+            idle_timeout: Some(Duration::from_secs(300)),
+            response_timeout: Some(Duration::from_secs(30)),
         }
     }
 }
@@ -184,19 +184,55 @@ impl Drop for StreamGuard {
 }
 
 impl<C> H2ConnectPool<C> {
-    /// A pool over `connector` with [`H2Settings::default`].
+    /// A pool over `connector`. Defaults follow ztunnel's HBONE client: 4 MiB stream and
+    /// 16 MiB connection windows, 1 MiB frames, a 16 KiB response header list, at most 100
+    /// tunnels per connection, a PING every 10 s answered within 20 s, idle connections
+    /// closed after 300 s, 30 s for the answer to a CONNECT.
     pub fn new(connector: C) -> Self {
-        Self::with_settings(connector, H2Settings::default())
-    }
-
-    /// A pool with explicit settings.
-    pub fn with_settings(connector: C, settings: H2Settings) -> Self {
         Self {
             connector,
-            settings: Arc::new(settings),
+            settings: Arc::new(H2Settings::default()),
             pooled: true,
             shared: Arc::default(),
         }
+    }
+
+    fn with_settings(mut self, f: impl FnOnce(&mut H2Settings)) -> Self {
+        f(Arc::make_mut(&mut self.settings));
+        self
+    }
+
+    /// HTTP/2 settings; what `h2` leaves unset keeps the defaults (see [`new`](Self::new)).
+    /// `max_concurrent_streams` is the most tunnels one pooled connection carries.
+    pub fn h2(self, h2: H2Config) -> Self {
+        self.with_settings(|s| {
+            if let Some(n) = h2.max_concurrent_streams {
+                s.max_streams_per_connection = usize::try_from(n).unwrap_or(usize::MAX).max(1);
+            }
+            s.stream_window = h2.stream_window.unwrap_or(s.stream_window);
+            s.connection_window = h2.connection_window.unwrap_or(s.connection_window);
+            s.max_frame_size = h2.max_frame_size.unwrap_or(s.max_frame_size);
+            s.max_header_list_size = h2.max_header_list_size.unwrap_or(s.max_header_list_size);
+            if let Some(interval) = h2.keep_alive_interval {
+                let timeout = s.keepalive.map_or(Duration::from_secs(20), |(_, t)| t);
+                s.keepalive = interval.map(|i| (i, timeout));
+            }
+            if let (Some(timeout), Some((_, t))) = (h2.keep_alive_timeout, s.keepalive.as_mut()) {
+                *t = timeout;
+            }
+        })
+    }
+
+    /// Close a pooled connection after it carried no tunnel for this long (default 300 s;
+    /// `None`: keep it until the peer closes it).
+    pub fn idle_timeout(self, timeout: Option<Duration>) -> Self {
+        self.with_settings(|s| s.idle_timeout = timeout)
+    }
+
+    /// How long to wait for the answer to a CONNECT (default 30 s; `None`: no limit). A
+    /// connection that leaves one unanswered takes no new tunnels.
+    pub fn response_timeout(self, timeout: Option<Duration>) -> Self {
+        self.with_settings(|s| s.response_timeout = timeout)
     }
 
     /// A connector that opens a fresh HTTP/2 connection for every tunnel and closes it with
@@ -236,8 +272,10 @@ impl<C> H2ConnectPool<C> {
         if self.shared.reaper_started.swap(true, Ordering::AcqRel) {
             return;
         }
+        let Some(idle) = self.settings.idle_timeout else {
+            return;
+        };
         let weak: Weak<Shared> = Arc::downgrade(&self.shared);
-        let idle = self.settings.idle_timeout;
         crate::task::spawn(async move {
             let period = (idle / 4).max(Duration::from_millis(100));
             loop {
@@ -381,36 +419,40 @@ where
                 let (response, send) = sender.send_request(req, false)?;
                 Ok::<_, h2::Error>((response.await?, send))
             };
-            let (response, send) =
-                match tokio::time::timeout(self.settings.response_timeout, sent).await {
-                    Err(_) => {
-                        // No answer at all: the peer may be gone without a trace (a stale
-                        // half-open connection, ztunnel#1637), which only a keepalive PING
-                        // would otherwise reveal. New tunnels go to a fresh connection; the
-                        // ones already open here carry on.
+            let limit = self.settings.response_timeout;
+            let answered = match limit {
+                Some(limit) => tokio::time::timeout(limit, sent).await,
+                None => Ok(sent.await),
+            };
+            let (response, send) = match answered {
+                Err(_) => {
+                    // No answer at all: the peer may be gone without a trace (a stale
+                    // half-open connection, ztunnel#1637), which only a keepalive PING
+                    // would otherwise reveal. New tunnels go to a fresh connection; the
+                    // ones already open here carry on.
+                    conn.closed.store(true, Ordering::Release);
+                    return Err(TunnelError::Timeout(limit.unwrap_or_default()));
+                }
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    // GOAWAY, a dead connection, or a stream the server refused unseen
+                    // (REFUSED_STREAM): safe to try once more, on another connection.
+                    let gone = !conn.usable() || e.is_go_away() || e.is_io();
+                    if gone {
                         conn.closed.store(true, Ordering::Release);
-                        return Err(TunnelError::Timeout(self.settings.response_timeout));
                     }
-                    Ok(Ok(r)) => r,
-                    Ok(Err(e)) => {
-                        // GOAWAY, a dead connection, or a stream the server refused unseen
-                        // (REFUSED_STREAM): safe to try once more, on another connection.
-                        let gone = !conn.usable() || e.is_go_away() || e.is_io();
-                        if gone {
-                            conn.closed.store(true, Ordering::Release);
-                        }
-                        let retry = gone || e.reason() == Some(h2::Reason::REFUSED_STREAM);
-                        if retry && attempt == 1 {
-                            debug!(error = %e, "stream not opened; retrying on a fresh connection");
-                            continue;
-                        }
-                        return Err(if gone {
-                            TunnelError::PeerClosed(e.into())
-                        } else {
-                            TunnelError::Request(e.into())
-                        });
+                    let retry = gone || e.reason() == Some(h2::Reason::REFUSED_STREAM);
+                    if retry && attempt == 1 {
+                        debug!(error = %e, "stream not opened; retrying on a fresh connection");
+                        continue;
                     }
-                };
+                    return Err(if gone {
+                        TunnelError::PeerClosed(e.into())
+                    } else {
+                        TunnelError::Request(e.into())
+                    });
+                }
+            };
             if response.status() != StatusCode::OK {
                 // Dropping `send` and the response cancels the stream (RST_STREAM(CANCEL)).
                 return Err(TunnelError::refused(response.status()));

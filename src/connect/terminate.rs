@@ -35,7 +35,7 @@ use crate::conn::{
     PrefixedIo, Refusal,
 };
 use crate::serve::ConnectionTasks;
-use crate::{drain, BoxError};
+use crate::{drain, BoxError, H2Config};
 
 /// A policy's verdict on one tunnel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +73,8 @@ struct ServerSettings {
     max_frame_size: u32,
     max_concurrent_streams: u32,
     max_header_list_size: u32,
+    max_pending_accept_reset_streams: usize,
+    max_local_error_reset_streams: Option<usize>,
     keepalive: Option<(Duration, Duration)>,
     extended_connect: bool,
     header_read_timeout: Duration,
@@ -133,6 +135,8 @@ impl ConnectTerminate {
                 max_frame_size: 1 << 20,
                 max_concurrent_streams: 200,
                 max_header_list_size: 64 << 10,
+                max_pending_accept_reset_streams: 20,
+                max_local_error_reset_streams: Some(1024),
                 keepalive: Some((Duration::from_secs(10), Duration::from_secs(20))),
                 extended_connect: false,
                 header_read_timeout: Duration::from_secs(10),
@@ -178,32 +182,34 @@ impl ConnectTerminate {
         self.with_settings(|s| s.extended_connect = on)
     }
 
-    /// HTTP/2 flow-control windows (default 4 MiB per stream, 16 MiB per connection).
-    pub fn h2_windows(self, stream: u32, connection: u32) -> Self {
+    /// HTTP/2 settings; what `h2` leaves unset keeps the defaults, which follow ztunnel:
+    /// 4 MiB stream and 16 MiB connection windows, 1 MiB frames, 200 concurrent tunnels,
+    /// a 64 KiB header list (it also bounds an HTTP/1.1 request head), a PING every 10 s
+    /// answered within 20 s, and at most 20 streams reset before they were accepted
+    /// (rapid reset) and 1,024 reset for client errors.
+    pub fn h2(self, h2: H2Config) -> Self {
         self.with_settings(|s| {
-            s.stream_window = stream;
-            s.connection_window = connection;
+            s.stream_window = h2.stream_window.unwrap_or(s.stream_window);
+            s.connection_window = h2.connection_window.unwrap_or(s.connection_window);
+            s.max_frame_size = h2.max_frame_size.unwrap_or(s.max_frame_size);
+            s.max_concurrent_streams = h2
+                .max_concurrent_streams
+                .unwrap_or(s.max_concurrent_streams);
+            s.max_header_list_size = h2.max_header_list_size.unwrap_or(s.max_header_list_size);
+            s.max_pending_accept_reset_streams = h2
+                .max_pending_accept_reset_streams
+                .unwrap_or(s.max_pending_accept_reset_streams);
+            s.max_local_error_reset_streams = h2
+                .max_local_error_reset_streams
+                .unwrap_or(s.max_local_error_reset_streams);
+            if let Some(interval) = h2.keep_alive_interval {
+                let timeout = s.keepalive.map_or(Duration::from_secs(20), |(_, t)| t);
+                s.keepalive = interval.map(|i| (i, timeout));
+            }
+            if let (Some(timeout), Some((_, t))) = (h2.keep_alive_timeout, s.keepalive.as_mut()) {
+                *t = timeout;
+            }
         })
-    }
-
-    /// Largest HTTP/2 frame accepted (default 1 MiB).
-    pub fn h2_max_frame_size(self, bytes: u32) -> Self {
-        self.with_settings(|s| s.max_frame_size = bytes)
-    }
-
-    /// Concurrent tunnels per HTTP/2 connection (default 200, as ztunnel advertises).
-    pub fn h2_max_concurrent_streams(self, n: u32) -> Self {
-        self.with_settings(|s| s.max_concurrent_streams = n)
-    }
-
-    /// Largest request header list (default 64 KiB; also bounds CONTINUATION floods).
-    pub fn max_header_list_size(self, bytes: u32) -> Self {
-        self.with_settings(|s| s.max_header_list_size = bytes)
-    }
-
-    /// HTTP/2 PING keepalive: interval and timeout (default 10 s / 20 s); `None` disables.
-    pub fn h2_keepalive(self, keepalive: Option<(Duration, Duration)>) -> Self {
-        self.with_settings(|s| s.keepalive = keepalive)
     }
 
     /// Deepest tunnel nesting accepted (default 4); deeper requests get 508.
@@ -491,7 +497,8 @@ impl Handler {
             .max_concurrent_streams(s.max_concurrent_streams)
             .max_header_list_size(s.max_header_list_size)
             // Rapid reset (CVE-2023-44487): GOAWAY after this many streams reset unaccepted.
-            .max_pending_accept_reset_streams(20);
+            .max_pending_accept_reset_streams(s.max_pending_accept_reset_streams)
+            .max_local_error_reset_streams(s.max_local_error_reset_streams);
         if s.extended_connect {
             builder.enable_connect_protocol();
         }

@@ -17,7 +17,7 @@ use tracing::debug;
 use super::guard::{H1Guard, SwitchSignal};
 use crate::conn::{sniff_h2_preface, Conn, Io, PrefixedIo};
 use crate::serve::ConnectionTasks;
-use crate::{drain, BoxError};
+use crate::{drain, BoxError, H2Config};
 
 /// The terminal HTTP service: serves HTTP/1.1 (with upgrades) and HTTP/2 (prior knowledge,
 /// or after TLS ALPN) on each connection with one `tower` service.
@@ -54,7 +54,7 @@ use crate::{drain, BoxError};
 /// });
 /// let server = HttpServer::new(hello)
 ///     .header_read_timeout(Some(Duration::from_secs(5)))
-///     .h2_max_concurrent_streams(250);
+///     .h2(proxystack::H2Config::new().max_concurrent_streams(250));
 /// // proxystack::serve(listener, server, drain_watch).await
 /// # let _ = server;
 /// ```
@@ -71,15 +71,20 @@ struct Config {
     max_buf_size: usize,
     keep_alive: bool,
     strict_h1: bool,
-    h2_max_concurrent_streams: u32,
-    h2_stream_window: Option<u32>,
-    h2_connection_window: Option<u32>,
-    h2_max_frame_size: Option<u32>,
-    h2_max_pending_accept_reset_streams: usize,
-    h2_max_local_error_reset_streams: Option<usize>,
-    h2_max_header_list_size: u32,
-    h2_keep_alive_interval: Option<Duration>,
-    h2_keep_alive_timeout: Duration,
+    h2: H2Config,
+}
+
+/// `HttpServer`'s HTTP/2 defaults (hyper's for what is not listed): at most 100 concurrent
+/// streams, a 64 KiB header list, 20 streams reset before the server saw them, 1,024
+/// streams reset for client errors, no keep-alive PINGs (20 s to answer one when enabled).
+fn h2_defaults() -> H2Config {
+    H2Config::new()
+        .max_concurrent_streams(100)
+        .max_header_list_size(64 * 1024)
+        .max_pending_accept_reset_streams(20)
+        .max_local_error_reset_streams(Some(1024))
+        .keep_alive_interval(None)
+        .keep_alive_timeout(Duration::from_secs(20))
 }
 
 /// Why an HTTP connection ended badly (malformed input, timeouts, I/O errors).
@@ -98,15 +103,7 @@ impl<S> HttpServer<S> {
                 max_buf_size: 64 * 1024,
                 keep_alive: true,
                 strict_h1: true,
-                h2_max_concurrent_streams: 100,
-                h2_stream_window: None,
-                h2_connection_window: None,
-                h2_max_frame_size: None,
-                h2_max_pending_accept_reset_streams: 20,
-                h2_max_local_error_reset_streams: Some(1024),
-                h2_max_header_list_size: 64 * 1024,
-                h2_keep_alive_interval: None,
-                h2_keep_alive_timeout: Duration::from_secs(20),
+                h2: h2_defaults(),
             }),
         }
     }
@@ -149,57 +146,10 @@ impl<S> HttpServer<S> {
         self
     }
 
-    /// HTTP/2: `SETTINGS_MAX_CONCURRENT_STREAMS`.
-    pub fn h2_max_concurrent_streams(mut self, n: u32) -> Self {
-        self.config().h2_max_concurrent_streams = n;
-        self
-    }
-
-    /// HTTP/2: initial flow-control window per stream (hyper's default: 1 MiB).
-    pub fn h2_initial_stream_window_size(mut self, bytes: u32) -> Self {
-        self.config().h2_stream_window = Some(bytes);
-        self
-    }
-
-    /// HTTP/2: initial flow-control window of the connection (hyper's default: 1 MiB).
-    pub fn h2_initial_connection_window_size(mut self, bytes: u32) -> Self {
-        self.config().h2_connection_window = Some(bytes);
-        self
-    }
-
-    /// HTTP/2: `SETTINGS_MAX_FRAME_SIZE` (16 KiB to 16 MiB − 1).
-    pub fn h2_max_frame_size(mut self, bytes: u32) -> Self {
-        self.config().h2_max_frame_size = Some(bytes.clamp(16_384, 16_777_215));
-        self
-    }
-
-    /// HTTP/2: how many streams the client may open and reset before the server has seen
-    /// them; more closes the connection with `GOAWAY ENHANCE_YOUR_CALM` (rapid reset).
-    pub fn h2_max_pending_accept_reset_streams(mut self, n: usize) -> Self {
-        self.config().h2_max_pending_accept_reset_streams = n;
-        self
-    }
-
-    /// HTTP/2: how many streams the server may reset because of client errors before it
-    /// closes the connection (`None`: unlimited).
-    pub fn h2_max_local_error_reset_streams(mut self, n: Option<usize>) -> Self {
-        self.config().h2_max_local_error_reset_streams = n;
-        self
-    }
-
-    /// HTTP/2: `SETTINGS_MAX_HEADER_LIST_SIZE`; a larger header block (e.g. endless
-    /// CONTINUATION frames) is refused.
-    pub fn h2_max_header_list_size(mut self, bytes: u32) -> Self {
-        self.config().h2_max_header_list_size = bytes;
-        self
-    }
-
-    /// HTTP/2: send a PING after this long without frames, and close the connection when
-    /// no PONG arrives within `timeout`. Off by default.
-    pub fn h2_keep_alive(mut self, interval: Option<Duration>, timeout: Duration) -> Self {
-        let c = self.config();
-        c.h2_keep_alive_interval = interval;
-        c.h2_keep_alive_timeout = timeout;
+    /// HTTP/2 settings; what `h2` leaves unset keeps this server's defaults (listed on
+    /// [`HttpServer`]).
+    pub fn h2(mut self, h2: H2Config) -> Self {
+        self.config().h2 = h2.or(&h2_defaults());
         self
     }
 
@@ -212,17 +162,26 @@ impl<S> HttpServer<S> {
             .max_headers(c.max_headers)
             .max_buf_size(c.max_buf_size)
             .keep_alive(c.keep_alive);
-        b.http2()
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(c.h2_max_concurrent_streams)
-            .initial_stream_window_size(c.h2_stream_window)
-            .initial_connection_window_size(c.h2_connection_window)
-            .max_frame_size(c.h2_max_frame_size)
-            .max_pending_accept_reset_streams(c.h2_max_pending_accept_reset_streams)
-            .max_local_error_reset_streams(c.h2_max_local_error_reset_streams)
-            .max_header_list_size(c.h2_max_header_list_size)
-            .keep_alive_interval(c.h2_keep_alive_interval)
-            .keep_alive_timeout(c.h2_keep_alive_timeout);
+        let h2 = &c.h2;
+        let mut b2 = b.http2();
+        b2.timer(TokioTimer::new())
+            .max_concurrent_streams(h2.max_concurrent_streams)
+            .initial_stream_window_size(h2.stream_window)
+            .initial_connection_window_size(h2.connection_window)
+            .max_frame_size(h2.max_frame_size)
+            .keep_alive_interval(h2.keep_alive_interval.flatten());
+        if let Some(n) = h2.max_pending_accept_reset_streams {
+            b2.max_pending_accept_reset_streams(n);
+        }
+        if let Some(n) = h2.max_local_error_reset_streams {
+            b2.max_local_error_reset_streams(n);
+        }
+        if let Some(n) = h2.max_header_list_size {
+            b2.max_header_list_size(n);
+        }
+        if let Some(t) = h2.keep_alive_timeout {
+            b2.keep_alive_timeout(t);
+        }
         b
     }
 }
