@@ -76,7 +76,7 @@ use proxystack::http::{
 };
 use proxystack::identity::SpiffeId;
 use proxystack::proxy_protocol::ProxyProtocolLayer;
-use proxystack::tls::rustls::RootCertStore;
+use proxystack::tls::RootCertStore;
 use proxystack::tls::{
     CertKey, PeekLayer, ServerConfigBuilder, Sni, TerminateLayer, TlsInfo, UnknownSni,
 };
@@ -449,7 +449,7 @@ async fn main() {
 /// Where the demo wrote its CA certificate (for the `curl` lines).
 static DEMO_CA: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
-fn tls_config(certs: &Certs, unknown: Unknown) -> Arc<proxystack::tls::rustls::ServerConfig> {
+fn tls_config(certs: &Certs, unknown: Unknown) -> Arc<proxystack::tls::ServerConfig> {
     let mut b = ServerConfigBuilder::new()
         .alpn(["h2", "http/1.1"])
         .unknown_sni(match unknown {

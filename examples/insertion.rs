@@ -129,14 +129,15 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use http::{HeaderMap, HeaderValue};
+use proxystack::addr::Cidr;
 use proxystack::conn::{BoxIo, Metadata, PeerAddr};
 use proxystack::connect::{lookup, ConnectHeaders, TunnelInfo, TunnelRequest};
 use proxystack::drain::Watch;
 use proxystack::hbone::{self, HboneHeaders, HboneTarget, Inbound};
 use proxystack::identity::{PeerIdentity, SpiffeId};
 use proxystack::proxy_protocol::{
-    Cidr, Command, ProxiedAddrs, ProxiedBy, ProxyHeader, ProxyProtocolConnector,
-    ProxyProtocolLayer, SendProxyHeader, TrustedSources, PP2_TYPE_AUTHORITY, PP2_TYPE_UNIQUE_ID,
+    Command, ProxiedAddrs, ProxiedBy, ProxyHeader, ProxyProtocolConnector, ProxyProtocolLayer,
+    SendProxyHeader, TrustedSources, PP2_TYPE_AUTHORITY, PP2_TYPE_UNIQUE_ID,
 };
 use proxystack::serve::ServeStats;
 use proxystack::tls::{load_pem_certs, CertKey};

@@ -61,7 +61,7 @@ use proxystack::conn::{Metadata, OriginalDst, PeerAddr};
 use proxystack::connect::{lookup, TunnelInfo};
 use proxystack::hbone::{self, HboneTarget, Inbound};
 use proxystack::identity::{PeerIdentity, SpiffeId};
-use proxystack::tls::{rustls::RootCertStore, CertKey};
+use proxystack::tls::{CertKey, RootCertStore};
 use proxystack::{tcp, Authority, Conn, Target};
 use serde::Deserialize;
 use support::{IdentityPattern, MeshConnector};

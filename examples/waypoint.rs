@@ -77,7 +77,7 @@ use proxystack::hbone::{self, HboneHeaders, HboneTarget, Inbound};
 use proxystack::http::{Forward, HttpServer, Incoming, NormalizePathLayer, PoolKey};
 use proxystack::identity::{PeerIdentity, SpiffeId};
 use proxystack::steer::Steer;
-use proxystack::tls::{rustls::RootCertStore, CertKey};
+use proxystack::tls::{CertKey, RootCertStore};
 use proxystack::{tcp, Authority, Target};
 use serde::Deserialize;
 use support::{IdentityPattern, MeshConnector};

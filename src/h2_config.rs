@@ -99,6 +99,7 @@ impl H2Config {
     }
 
     /// `self`'s settings, falling back to `defaults` for what `self` does not set.
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
     pub(crate) fn or(&self, defaults: &H2Config) -> H2Config {
         H2Config {
             stream_window: self.stream_window.or(defaults.stream_window),

@@ -594,8 +594,8 @@ async fn forwarding_proto_comes_from_the_connection_not_the_request() {
         let in_tunnel = tower::service_fn(move |mut req: Request<Incoming>| {
             let mut outer = http::Extensions::new();
             outer.insert(proxystack::tls::TlsInfo {
-                version: proxystack::tls::rustls::ProtocolVersion::TLSv1_3,
-                cipher: proxystack::tls::rustls::CipherSuite::TLS13_AES_128_GCM_SHA256,
+                version: proxystack::tls::ProtocolVersion::TLSv1_3,
+                cipher: proxystack::tls::CipherSuite::TLS13_AES_128_GCM_SHA256,
             });
             req.extensions_mut().insert(Outer(Arc::new(outer)));
             fwd.clone().oneshot(req)

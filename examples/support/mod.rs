@@ -500,14 +500,14 @@ impl IdentityFiles {
         &self,
     ) -> (
         proxystack::tls::CertKey,
-        Arc<proxystack::tls::rustls::RootCertStore>,
+        Arc<proxystack::tls::RootCertStore>,
     ) {
         let cert = proxystack::tls::CertKey::from_pem_files(
             &self.cert.to_string_lossy(),
             &self.key.to_string_lossy(),
         )
         .unwrap_or_else(|e| fail(e));
-        let mut roots = proxystack::tls::rustls::RootCertStore::empty();
+        let mut roots = proxystack::tls::RootCertStore::empty();
         for root in proxystack::tls::load_pem_certs(&self.roots.to_string_lossy())
             .unwrap_or_else(|e| fail(e))
         {

@@ -51,7 +51,7 @@ pub use pool::{H2ConnectPool, PoolKey, PooledTunnel};
 pub use stream::H2Stream;
 pub use terminate::{ConnectTerminate, Decision, Policy, TunnelRequest};
 
-pub use crate::addr::{Authority, AuthorityError};
+use crate::addr::Authority;
 use crate::conn::Refusal;
 
 /// Metadata on a tunnel's connection: what the CONNECT request said.

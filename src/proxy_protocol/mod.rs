@@ -93,4 +93,4 @@ pub use tlv::{
     PP2_TYPE_ALPN, PP2_TYPE_AUTHORITY, PP2_TYPE_CRC32C, PP2_TYPE_ISTIO_IDENTITY,
     PP2_TYPE_ISTIO_SERVICE, PP2_TYPE_NETNS, PP2_TYPE_NOOP, PP2_TYPE_SSL, PP2_TYPE_UNIQUE_ID,
 };
-pub use trust::{Cidr, CidrError, TrustedSources};
+pub use trust::TrustedSources;

@@ -11,7 +11,7 @@
 
 use std::net::IpAddr;
 
-pub use crate::cidr::{Cidr, CidrError};
+use crate::cidr::{Cidr, CidrError};
 
 /// The peers allowed to send PROXY headers. Empty by default: nobody is trusted.
 ///

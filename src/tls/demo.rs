@@ -198,9 +198,9 @@ impl DemoCa {
     /// ```
     /// use std::sync::Arc;
     /// use proxystack::tls::demo::DemoCa;
-    /// use proxystack::tls::rustls;
+    /// use proxystack::tls::ServerConfig;
     /// let ca = Arc::new(DemoCa::new("example.org"));
-    /// let config = rustls::ServerConfig::builder()
+    /// let config = ServerConfig::builder()
     ///     .with_no_client_auth()
     ///     .with_cert_resolver(ca.resolver("localhost"));
     /// // TerminateLayer::new(Arc::new(config))

@@ -40,8 +40,15 @@ pub use server_config::{ClientAuth, ServerConfigBuilder, UnknownSni};
 pub use terminate::{TerminateLayer, TerminateService};
 pub use verify::{PinnedServerVerifier, TrustDomainClientVerifier};
 
-pub use crate::identity::{PeerIdentity, SpiffeId, SpiffeIdError};
-pub use rustls;
+use crate::identity::PeerIdentity;
+/// The rustls types that appear in this module's signatures, re-exported so that a user
+/// needs no direct rustls dependency to call them (and cannot pick a mismatched version).
+pub use rustls::{
+    crypto::CryptoProvider,
+    pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName},
+    server::ResolvesServerCert,
+    CipherSuite, ClientConfig, ProtocolVersion, RootCertStore, ServerConfig,
+};
 
 /// Metadata: the server name the client asked for (from the ClientHello).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
