@@ -71,17 +71,35 @@ fn have(program: &str) -> bool {
         .is_ok()
 }
 
-/// curl with bounded time; returns (exit code, stdout).
+/// curl with bounded time; returns (exit code, stdout, with curl's stderr appended when it
+/// failed). Exit 77 (CA file unreadable) is retried once after a short pause: seen once in
+/// CI with the demo's CA file in place; the retry's outcome, and both error texts, are what
+/// the caller asserts on.
 fn curl(args: &[&str]) -> (i32, String) {
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "10"])
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+    let run = || {
+        Command::new("curl")
+            .args(["-sS", "--max-time", "10"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let mut out = run();
+    let mut first_error = String::new();
+    if out.status.code() == Some(77) {
+        first_error = String::from_utf8_lossy(&out.stderr).into_owned();
+        std::thread::sleep(Duration::from_millis(300));
+        out = run();
+    }
+    let code = out.status.code().unwrap_or(-1);
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if code != 0 {
+        text.push_str(&format!(
+            "\n[curl stderr: {}{}]",
+            String::from_utf8_lossy(&out.stderr),
+            first_error
+        ));
+    }
+    (code, text)
 }
 
 /// A loopback HTTP/1.1 server (one thread per connection) that answers with the request
