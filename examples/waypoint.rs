@@ -5,7 +5,10 @@
 //! endpoints in HBONE or plain TCP. The client identity from the outer mTLS drives policy.
 //!
 //! What goes where, per service:
-//! * `protocol = "tcp"`: never sniffed, relayed as bytes (L7 rules are a config error);
+//! * `protocol = "tcp"`: never sniffed, relayed as bytes (L7 rules are a config error).
+//!   This is the east-west gateway shape for double HBONE across networks: the inner,
+//!   end-to-end HBONE tunnel is TLS to the waypoint, which relays it unread to the
+//!   destination's HBONE port (and passes on the caller's `x-forwarded-network`);
 //! * `protocol = "http"`, or any service with `[[service.rule]]`: **HTTP only**. Only
 //!   well-formed HTTP/1 and HTTP/2 reach the rules; anything else is refused (`400` when it
 //!   resembles HTTP, else closed) and counted in `proxystack_waypoint_refused_total`. A

@@ -1,12 +1,15 @@
 //! Istio ambient's HBONE, composed from the levels below: TLS 1.3 with SPIFFE mutual
 //! authentication, ALPN `h2`, HTTP/2, one CONNECT stream per application connection, on
-//! port 15008. Wire conventions follow ztunnel (see `REFERENCE.md` §2 of the project).
+//! port 15008. Wire conventions (headers, settings, status codes) follow ztunnel's.
 //!
 //! * [`Inbound`] = [`TerminateLayer`] (client certificate
 //!   required, same trust domain) + [`ConnectTerminate`]
 //!   (HTTP/2 only, only CONNECT → else 400, authority checks → 400, policy → 401,
 //!   illegal ports → 503, `200` only after the inner service connected). Tunnels carry
-//!   [`HboneHeaders`] parsed from `forwarded`, `baggage` and `traceparent`. The fixed
+//!   [`HboneHeaders`] parsed from `forwarded` (`for=` client, `host=` service),
+//!   `baggage`, `traceparent` and `x-forwarded-network` (the client's network, sent on the
+//!   inner CONNECT of double HBONE through a network gateway; see [`HboneTarget::network`]).
+//!   A hop in the middle passes them on with [`HboneTarget::continue_from`]. The fixed
 //!   [`ILLEGAL_PORTS`] cover ztunnel's well-known ports only; to refuse *every* listener
 //!   of the process (any port, the admin endpoint included) on every address of the host,
 //!   let the inner service dial with a `TcpConnector` that knows them
