@@ -708,13 +708,29 @@ impl fmt::Debug for Abort {
 /// recursive graphs store. Cheap to clone, `Send + Sync`.
 pub type BoxInbound = tower::util::BoxCloneSyncService<Conn<BoxIo>, (), crate::BoxError>;
 
-/// Erases an inbound service's type (and its error type) into a [`BoxInbound`].
-pub fn box_inbound<S>(service: S) -> BoxInbound
+/// The bound on every inbound service that a router, a fallback, a terminator or a
+/// recursive graph stores, named once: a cloneable, `Send + Sync`
+/// `Service<Conn<BoxIo>, Response = ()>` whose error converts into a
+/// [`BoxError`](crate::BoxError) and whose future is `Send`. Implemented for every such
+/// service; [`boxed`](Self::boxed) erases it into a [`BoxInbound`].
+pub trait BoxableInbound: Clone + Send + Sync + 'static {
+    /// The service, type-erased.
+    fn boxed(self) -> BoxInbound;
+}
+
+impl<S> BoxableInbound for S
 where
     S: tower::Service<Conn<BoxIo>, Response = ()> + Clone + Send + Sync + 'static,
     S::Error: Into<crate::BoxError>,
     S::Future: Send + 'static,
 {
-    use tower::ServiceExt;
-    BoxInbound::new(service.map_err(Into::into))
+    fn boxed(self) -> BoxInbound {
+        use tower::ServiceExt;
+        BoxInbound::new(self.map_err(Into::into))
+    }
+}
+
+/// Erases an inbound service's type (and its error type) into a [`BoxInbound`].
+pub fn box_inbound<S: BoxableInbound>(service: S) -> BoxInbound {
+    service.boxed()
 }

@@ -90,9 +90,7 @@ impl Recursive {
     pub fn new<F, S>(build: F) -> BoxInbound
     where
         F: FnOnce(LateBound) -> S,
-        S: Service<Conn<BoxIo>, Response = ()> + Clone + Send + Sync + 'static,
-        S::Error: Into<BoxError>,
-        S::Future: Send + 'static,
+        S: crate::conn::BoxableInbound,
     {
         let handle = LateBound::new();
         let graph = box_inbound(build(handle.clone()));

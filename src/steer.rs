@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 
 use tower::{Service, ServiceExt};
 
-use crate::conn::{box_inbound, BoxInbound, BoxIo, Conn, Io, Metadata};
+use crate::conn::{box_inbound, BoxInbound, Conn, Io, Metadata};
 use crate::BoxError;
 
 /// Sends each connection to one of several inbound services, chosen from the connection
@@ -65,12 +65,8 @@ impl Steer<()> {
     pub fn by<P, A, B>(predicate: P, yes: A, no: B) -> Steer<impl Fn(&Metadata) -> usize + Clone>
     where
         P: Fn(&Metadata) -> bool + Clone,
-        A: Service<Conn<BoxIo>, Response = ()> + Clone + Send + Sync + 'static,
-        A::Error: Into<BoxError>,
-        A::Future: Send + 'static,
-        B: Service<Conn<BoxIo>, Response = ()> + Clone + Send + Sync + 'static,
-        B::Error: Into<BoxError>,
-        B::Future: Send + 'static,
+        A: crate::conn::BoxableInbound,
+        B: crate::conn::BoxableInbound,
     {
         Steer::new(
             vec![box_inbound(yes), box_inbound(no)],

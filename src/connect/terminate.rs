@@ -120,9 +120,7 @@ impl ConnectTerminate {
     /// depth ≤ 4, non-CONNECT requests → 405, 30 s for the inner service to admit.
     pub fn new<S>(inner: S) -> Self
     where
-        S: Service<Conn<BoxIo>, Response = ()> + Clone + Send + Sync + 'static,
-        S::Error: Into<BoxError>,
-        S::Future: Send + 'static,
+        S: crate::conn::BoxableInbound,
     {
         Self {
             inner: box_inbound(inner),

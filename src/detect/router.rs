@@ -98,19 +98,15 @@ impl Router {
 
     fn boxed<S>(svc: S) -> Route
     where
-        S: Service<Conn<BoxIo>, Response = ()> + Clone + Send + Sync + 'static,
-        S::Error: Into<BoxError>,
-        S::Future: Send + 'static,
+        S: crate::conn::BoxableInbound,
     {
-        BoxCloneSyncService::new(svc.map_err(Into::into))
+        svc.boxed()
     }
 
     /// Route for TLS connections.
     pub fn tls<S>(mut self, svc: S) -> Self
     where
-        S: Service<Conn<BoxIo>, Response = ()> + Clone + Send + Sync + 'static,
-        S::Error: Into<BoxError>,
-        S::Future: Send + 'static,
+        S: crate::conn::BoxableInbound,
     {
         self.tls = Some(Self::boxed(svc));
         self
@@ -119,9 +115,7 @@ impl Router {
     /// Route for HTTP/1 connections.
     pub fn http1<S>(mut self, svc: S) -> Self
     where
-        S: Service<Conn<BoxIo>, Response = ()> + Clone + Send + Sync + 'static,
-        S::Error: Into<BoxError>,
-        S::Future: Send + 'static,
+        S: crate::conn::BoxableInbound,
     {
         self.http1 = Some(Self::boxed(svc));
         self
@@ -130,9 +124,7 @@ impl Router {
     /// Route for HTTP/2 prior-knowledge (h2c) connections.
     pub fn http2<S>(mut self, svc: S) -> Self
     where
-        S: Service<Conn<BoxIo>, Response = ()> + Clone + Send + Sync + 'static,
-        S::Error: Into<BoxError>,
-        S::Future: Send + 'static,
+        S: crate::conn::BoxableInbound,
     {
         self.http2 = Some(Self::boxed(svc));
         self
@@ -141,9 +133,7 @@ impl Router {
     /// Route for connections that are definitely something else ([`Protocol::Opaque`]).
     pub fn opaque<S>(mut self, svc: S) -> Self
     where
-        S: Service<Conn<BoxIo>, Response = ()> + Clone + Send + Sync + 'static,
-        S::Error: Into<BoxError>,
-        S::Future: Send + 'static,
+        S: crate::conn::BoxableInbound,
     {
         self.opaque = Some(Self::boxed(svc));
         self
@@ -155,9 +145,7 @@ impl Router {
     /// (typically the same relay as [`opaque`](Self::opaque)); without it they are refused.
     pub fn undecided<S>(mut self, svc: S) -> Self
     where
-        S: Service<Conn<BoxIo>, Response = ()> + Clone + Send + Sync + 'static,
-        S::Error: Into<BoxError>,
-        S::Future: Send + 'static,
+        S: crate::conn::BoxableInbound,
     {
         self.undecided = Some(Self::boxed(svc));
         self

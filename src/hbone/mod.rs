@@ -55,7 +55,7 @@ use crate::tls::{
     self, CertKey, ClientAuth, ExpectedIdentities, ServerConfigBuilder, SniMode, TerminateLayer,
     TerminateService, TlsConfigError, TlsConnector,
 };
-use crate::{BoxError, Target};
+use crate::Target;
 
 /// The HBONE port.
 pub const PORT: u16 = 15008;
@@ -185,9 +185,7 @@ impl Inbound {
     /// [`HboneHeaders`] metadata.
     pub fn service<S>(self, inner: S) -> Result<TerminateService<ConnectTerminate>, TlsConfigError>
     where
-        S: Service<Conn<BoxIo>, Response = ()> + Clone + Send + Sync + 'static,
-        S::Error: Into<BoxError>,
-        S::Future: Send + 'static,
+        S: crate::conn::BoxableInbound,
     {
         let tls = ServerConfigBuilder::new()
             .provider(tls::aes_gcm_provider())
@@ -209,11 +207,9 @@ impl Inbound {
     /// sees is whatever that layer recorded).
     pub fn tunnels<S>(self, inner: S) -> ConnectTerminate
     where
-        S: Service<Conn<BoxIo>, Response = ()> + Clone + Send + Sync + 'static,
-        S::Error: Into<BoxError>,
-        S::Future: Send + 'static,
+        S: crate::conn::BoxableInbound,
     {
-        let with_headers = inner.map_request(|mut conn: Conn<BoxIo>| {
+        let with_headers = inner.boxed().map_request(|mut conn: Conn<BoxIo>| {
             if let Some(info) = conn.get::<TunnelInfo>() {
                 let headers = HboneHeaders::parse(&info.headers);
                 conn.insert(headers);

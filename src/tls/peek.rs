@@ -90,9 +90,7 @@ impl PeekLayer {
     /// Where non-TLS connections (and silent ones, after the timeout) go.
     pub fn fallback<S>(mut self, service: S) -> Self
     where
-        S: Service<Conn<BoxIo>, Response = ()> + Clone + Send + Sync + 'static,
-        S::Error: Into<BoxError>,
-        S::Future: Send + 'static,
+        S: crate::conn::BoxableInbound,
     {
         self.fallback = Some(box_inbound(service));
         self
