@@ -98,6 +98,24 @@ impl H2Config {
         self
     }
 
+    /// The keep-alive (PING interval, answer timeout) that results from applying this
+    /// config's keep-alive settings to `current`: what is not set here stays as it was.
+    #[cfg_attr(not(feature = "connect"), allow(dead_code))]
+    pub(crate) fn keep_alive_over(
+        &self,
+        current: Option<(Duration, Duration)>,
+    ) -> Option<(Duration, Duration)> {
+        let interval = match self.keep_alive_interval {
+            Some(interval) => interval,
+            None => current.map(|(i, _)| i),
+        };
+        let timeout = self
+            .keep_alive_timeout
+            .or(current.map(|(_, t)| t))
+            .unwrap_or(Duration::from_secs(20));
+        interval.map(|i| (i, timeout))
+    }
+
     /// `self`'s settings, falling back to `defaults` for what `self` does not set.
     #[cfg_attr(not(feature = "http"), allow(dead_code))]
     pub(crate) fn or(&self, defaults: &H2Config) -> H2Config {

@@ -213,13 +213,7 @@ impl<C> H2ConnectPool<C> {
             s.connection_window = h2.connection_window.unwrap_or(s.connection_window);
             s.max_frame_size = h2.max_frame_size.unwrap_or(s.max_frame_size);
             s.max_header_list_size = h2.max_header_list_size.unwrap_or(s.max_header_list_size);
-            if let Some(interval) = h2.keep_alive_interval {
-                let timeout = s.keepalive.map_or(Duration::from_secs(20), |(_, t)| t);
-                s.keepalive = interval.map(|i| (i, timeout));
-            }
-            if let (Some(timeout), Some((_, t))) = (h2.keep_alive_timeout, s.keepalive.as_mut()) {
-                *t = timeout;
-            }
+            s.keepalive = h2.keep_alive_over(s.keepalive);
         })
     }
 

@@ -200,13 +200,7 @@ impl ConnectTerminate {
             s.max_local_error_reset_streams = h2
                 .max_local_error_reset_streams
                 .unwrap_or(s.max_local_error_reset_streams);
-            if let Some(interval) = h2.keep_alive_interval {
-                let timeout = s.keepalive.map_or(Duration::from_secs(20), |(_, t)| t);
-                s.keepalive = interval.map(|i| (i, timeout));
-            }
-            if let (Some(timeout), Some((_, t))) = (h2.keep_alive_timeout, s.keepalive.as_mut()) {
-                *t = timeout;
-            }
+            s.keepalive = h2.keep_alive_over(s.keepalive);
         })
     }
 

@@ -127,15 +127,21 @@ fn match_prefix(bytes: &[u8], expected: &[u8]) -> Option<bool> {
 
 pub(crate) use crate::sniff::Stop;
 
+/// A decided protocol with its reason when it is [`Protocol::Undecided`]: the classifier
+/// decides "undecided" only for text that breaks the HTTP/1 request-line grammar.
+pub(crate) fn decided(p: Protocol) -> (Protocol, Option<Undecided>) {
+    match p {
+        Protocol::Undecided => (p, Some(Undecided::MalformedHttp1)),
+        p => (p, None),
+    }
+}
+
 /// The answer when no more bytes will come: the classifier's verdict if it has one; a
 /// request line still in progress when the buffer filled is HTTP/1 (a very long target:
 /// the HTTP server answers `414`); everything else is [`Protocol::Undecided`], with why.
 pub(crate) fn settle(prefix: &[u8], stop: Stop) -> (Protocol, Option<Undecided>) {
     match classify(prefix) {
-        Verdict::Known(Protocol::Undecided) => {
-            (Protocol::Undecided, Some(Undecided::MalformedHttp1))
-        }
-        Verdict::Known(p) => (p, None),
+        Verdict::Known(p) => decided(p),
         Verdict::NeedMore if stop == Stop::Full && http1_target_started(prefix) => {
             (Protocol::Http1, None)
         }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tower::{Layer, Service, ServiceExt};
 use tracing::debug;
 
-use super::classify::{classify, settle, Protocol, Undecided, Verdict};
+use super::classify::{classify, decided, settle, Protocol, Undecided, Verdict};
 use crate::conn::{BoxIo, Conn, Io};
 use crate::sniff::{sniff, Outcome, SniffLimits, Sniffer, Step, Stop};
 use crate::BoxError;
@@ -183,10 +183,7 @@ impl Sniffer for Detect<'_> {
 
     fn push(&mut self, seen: &[u8]) -> Step<Found, Self::Error> {
         match classify(seen) {
-            Verdict::Known(Protocol::Undecided) => {
-                Step::Match(Some((Protocol::Undecided, Some(Undecided::MalformedHttp1))))
-            }
-            Verdict::Known(p) => Step::Match(Some((p, None))),
+            Verdict::Known(p) => Step::Match(Some(decided(p))),
             Verdict::NeedMore => Step::NeedMore,
         }
     }

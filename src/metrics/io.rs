@@ -125,16 +125,9 @@ impl<I: Io> CountingIo<I> {
             tally,
             pending_received: 0,
             pending_sent: 0,
-            reset: Some((abort, arm_reset::<I>)),
-        }
-    }
-}
-
-/// Makes the next close of the TCP socket under `io` (if any) a reset.
-fn arm_reset<I: Io>(io: &I) {
-    if let Some(tcp) = io.tcp_socket() {
-        if let Err(e) = socket2::SockRef::from(tcp).set_linger(Some(std::time::Duration::ZERO)) {
-            tracing::debug!(error = %e, "SO_LINGER for a reset");
+            reset: Some((abort, |io: &I| {
+                crate::tcp::arm_reset(io);
+            })),
         }
     }
 }

@@ -21,6 +21,7 @@ mod own;
 mod relay;
 mod service;
 mod socket;
+pub(crate) use socket::arm_reset;
 #[cfg(target_os = "linux")]
 mod splice;
 

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::sleep;
 
-use super::socket::arm_reset;
+use super::arm_reset;
 use crate::conn::Io;
 
 /// Relay settings.
