@@ -14,6 +14,7 @@
 //! Memory is asserted only against a generous bound; time is never asserted.
 #![cfg(all(feature = "http", feature = "hbone", feature = "demo-certs"))]
 
+#[path = "it/common/mod.rs"]
 mod common;
 
 use std::convert::Infallible;

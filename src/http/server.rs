@@ -34,7 +34,7 @@ use crate::{drain, BoxError, H2Config};
 ///   reset by the client before the server saw them (rapid reset, CVE-2023-44487);
 /// * only the head is timed: for slow bodies put tower-http's `TimeoutLayer` (whole
 ///   request, `408`) and `RequestBodyTimeoutLayer` (gap between body frames) in front of
-///   the service, as `tests/http_bad_input.rs` does;
+///   the service (the crate's HTTP bad-input tests do exactly that);
 /// * a strict HTTP/1 head check refuses `Content-Length` + `Transfer-Encoding`, any
 ///   `Transfer-Encoding` other than `chunked`, bare LF, obs-fold, control characters,
 ///   duplicate `Host` and HTTP/1.1 without `Host` with `400` before the service sees the

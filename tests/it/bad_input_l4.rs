@@ -12,7 +12,6 @@
 //! loopback-only subset, or skip with a printed reason, without it.
 #![cfg(all(feature = "connect", feature = "proxy-protocol", target_os = "linux"))]
 
-mod common;
 
 use proxystack::H2Config;
 use std::net::{IpAddr, SocketAddr};
@@ -20,8 +19,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::netns::Netns;
-use common::*;
+use crate::common::netns::Netns;
+use crate::common::*;
 use proxystack::addr::Cidr;
 use proxystack::conn::{OriginalDst, PeerAddr};
 use proxystack::connect::{
@@ -38,7 +37,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tower::{ServiceBuilder, ServiceExt};
 
-type Meta = http::Extensions;
 
 /// How a connection ended, seen from our side.
 #[derive(Debug, PartialEq, Eq)]
@@ -560,29 +558,6 @@ async fn pp_harness(layer: ProxyProtocolLayer) -> Harness {
     Harness::start(layer).await
 }
 
-impl Harness {
-    /// Sends `header` + `payload`, expects `payload` echoed; the metadata recorded.
-    async fn accepted(&mut self, header: &[u8], payload: &[u8]) -> (Meta, SocketAddr) {
-        let mut s = TcpStream::connect(self.proxy.addr).await.unwrap();
-        let me = s.local_addr().unwrap();
-        s.write_all(&[header, payload].concat()).await.unwrap();
-        let mut back = vec![0u8; payload.len()];
-        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(back, payload);
-        (self.next_seen().await, me)
-    }
-
-    async fn assert_good_connection_works(&mut self) {
-        let src: SocketAddr = "198.51.100.20:40000".parse().unwrap();
-        let dst: SocketAddr = "198.51.100.1:443".parse().unwrap();
-        let header = ProxyHeader::v2_proxy(src, dst).encode().unwrap();
-        let (meta, _) = self.accepted(&header, b"good").await;
-        assert_eq!(meta.get::<ProxiedAddrs>().unwrap().source, src);
-    }
-}
 
 /// v1 `PROXY UNKNOWN` (with or without the ignored rest of the line) is accepted and adds
 /// no addresses: the real ones stay, and a relay that forwards PROXY headers upstream

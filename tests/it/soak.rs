@@ -24,7 +24,7 @@
 //! warm-up, and every example drains and exits 0 within 15 s of SIGTERM.
 //!
 //! `soak_short` runs ~20 s of traffic; `soak` is ignored and runs `SOAK_SECONDS` (default
-//! 300): `cargo test --all-features --test soak -- --ignored soak --nocapture`.
+//! 300): `cargo test --all-features --test it soak:: -- --ignored soak --nocapture`.
 #![cfg(all(
     unix,
     feature = "http",
@@ -33,7 +33,7 @@
     feature = "demo-certs"
 ))]
 
-mod examples_common;
+use crate::examples_common;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -45,7 +45,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use examples_common::{http, identity_section, Example, TempFiles};
+use crate::examples_common::{http, identity_section, Example, TempFiles};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::{Request, Response};

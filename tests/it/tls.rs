@@ -2,13 +2,12 @@
 //! plus openssl s_client and curl where installed.
 #![cfg(all(feature = "tls", feature = "demo-certs"))]
 
-mod common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use proxystack::conn::Metadata;
 use proxystack::identity::{PeerIdentity, SpiffeId};
 use proxystack::tls::demo::DemoCa;

@@ -11,8 +11,8 @@
 //! serves the next good connection.
 #![cfg(all(feature = "http", feature = "hbone", feature = "demo-certs"))]
 
-mod common;
-mod http_common;
+use crate::common;
+use crate::http_common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{h2_frame, h2f, hpack_int, hpack_literal, hpack_literals, start, RawH2, RssWatch};
+use crate::common::{h2_frame, h2f, hpack_int, hpack_literal, hpack_literals, start, RawH2, RssWatch};
 use http::StatusCode;
 use proxystack::conn::{Admission, BoxIo, Metadata, Refusal};
 use proxystack::connect::{

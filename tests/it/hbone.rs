@@ -1,14 +1,13 @@
 //! HBONE: mutual TLS + HTTP/2 CONNECT composed from the levels, with ztunnel's rules.
 #![cfg(all(feature = "hbone", feature = "demo-certs"))]
 
-mod common;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use http::StatusCode;
 use proxystack::conn::Metadata;
 use proxystack::connect::{TunnelError, TunnelInfo};

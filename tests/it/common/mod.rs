@@ -724,3 +724,39 @@ pub async fn resilient_echo_server() -> SocketAddr {
     });
     addr
 }
+
+#[cfg(feature = "proxy-protocol")]
+impl Harness {
+    /// Sends `header` + `payload`, expects `payload` echoed; the metadata recorded and the
+    /// client's own address.
+    pub async fn accepted(
+        &mut self,
+        header: &[u8],
+        payload: &[u8],
+    ) -> (proxystack::Metadata, SocketAddr) {
+        let mut s = TcpStream::connect(self.proxy.addr).await.unwrap();
+        let me = s.local_addr().unwrap();
+        s.write_all(&[header, payload].concat()).await.unwrap();
+        let mut back = vec![0u8; payload.len()];
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, payload);
+        (self.next_seen().await, me)
+    }
+
+    /// A well-formed v2 connection from 127.0.0.1 still works and is recorded right.
+    pub async fn assert_good_connection_works(&mut self) {
+        use proxystack::proxy_protocol::{ProxiedAddrs, ProxyHeader};
+        let src: SocketAddr = "198.51.100.20:40000".parse().unwrap();
+        let dst: SocketAddr = "198.51.100.1:443".parse().unwrap();
+        let header = ProxyHeader::v2_proxy(src, dst).encode().unwrap();
+        let (meta, _) = self.accepted(&header, b"good").await;
+        let expected = ProxiedAddrs {
+            source: src,
+            destination: dst,
+        };
+        assert_eq!(meta.get::<ProxiedAddrs>(), Some(&expected));
+    }
+}

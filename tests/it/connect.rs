@@ -1,7 +1,6 @@
 //! CONNECT level: H1 and H2 tunnels, nesting, pooling, status codes — real sockets, curl.
 #![cfg(feature = "connect")]
 
-mod common;
 
 use proxystack::H2Config;
 use std::net::SocketAddr;
@@ -9,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use http::StatusCode;
 use proptest::prelude::*;
 use proxystack::conn::Metadata;

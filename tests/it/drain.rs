@@ -11,7 +11,6 @@
 //!   a reset, every `serve` returns, and no descriptor is left behind.
 #![cfg(all(feature = "http", feature = "hbone", feature = "demo-certs"))]
 
-mod common;
 
 use std::convert::Infallible;
 use std::io;
@@ -23,7 +22,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::*;
+use crate::common::*;
 use http::{Method, Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};

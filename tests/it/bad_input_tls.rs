@@ -7,7 +7,6 @@
 //! handshakes use rustls (async and blocking) and `openssl s_client` where installed.
 #![cfg(all(feature = "tls", feature = "demo-certs"))]
 
-mod common;
 
 use std::future::Future;
 use std::io::{Read, Write};
@@ -17,7 +16,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use proxystack::conn::Metadata;
 use proxystack::identity::{PeerIdentity, SpiffeId};
 use proxystack::tls::demo::DemoCa;

@@ -4,8 +4,8 @@
 //! connection — keeps serving.
 #![cfg(all(feature = "http", feature = "connect"))]
 
-mod common;
-mod http_common;
+use crate::common;
+use crate::http_common;
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;

@@ -5,10 +5,9 @@
 //! The example's own code is under test: it is compiled into this test as a module.
 #![cfg(all(feature = "hbone", feature = "proxy-protocol", feature = "demo-certs"))]
 
-mod common;
 
 #[allow(dead_code)]
-#[path = "../examples/insertion.rs"]
+#[path = "../../examples/insertion.rs"]
 mod insertion;
 
 use std::net::SocketAddr;
@@ -17,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use http::{HeaderValue, StatusCode};
 use insertion::{Destination, HaproxyChild, Hop, Plan, Settings, Started, INSERTIONS_HEADER};
 use proxystack::conn::Metadata;

@@ -12,16 +12,16 @@
 //! the proxy still serves the next good connection.
 #![cfg(all(feature = "http", feature = "connect"))]
 
-mod common;
-mod http_common;
+use crate::common;
+use crate::http_common;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{h2_frame, h2f, hpack_literal, hpack_literals, RawH2};
-use http_common::{backend, forward_to, raw_exchange, serve_http, status_of, Backend};
+use crate::common::{h2_frame, h2f, hpack_literal, hpack_literals, RawH2};
+use crate::http_common::{backend, forward_to, raw_exchange, serve_http, status_of, Backend};
 use proxystack::conn::Metadata;
 use proxystack::connect::{ConnectTerminate, Decision};
 use proxystack::http::{ForwardedMode, HttpServer};

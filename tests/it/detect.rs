@@ -2,11 +2,10 @@
 //! properties are unit tests in `src/detect/classify.rs`).
 #![cfg(feature = "detect")]
 
-mod common;
 
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use proxystack::detect::{classify, DetectLayer, Protocol, Router, Undecided, Verdict, H2_PREFACE};
 use proxystack::{tcp, BoxIo, Conn, Server, Target};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -4,12 +4,11 @@
 //! printed reason otherwise.
 #![cfg(all(feature = "tcp", target_os = "linux"))]
 
-mod common;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use common::netns::{self, Netns};
+use crate::common::netns::{self, Netns};
 
 use proxystack::conn::Metadata;
 use proxystack::conn::OriginalDst;

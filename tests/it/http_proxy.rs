@@ -1,7 +1,6 @@
 //! HTTP level: the reverse proxy with real clients (curl, h2load, hyper) on loopback.
 #![cfg(feature = "http")]
 
-mod http_common;
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -9,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use http_common::*;
+use crate::http_common::*;
 use hyper::body::Incoming;
 use proxystack::detect::{DetectLayer, Router};
 use proxystack::http::{Forward, ForwardedMode, HttpServer, UpstreamProtocol};

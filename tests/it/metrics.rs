@@ -3,17 +3,14 @@
 //! (`prometheus-parse`); access-log events are captured with a `tracing` layer.
 #![cfg(feature = "metrics")]
 
-mod common;
-#[cfg(feature = "http")]
-mod http_common;
-
+use crate::common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{echo_server, eventually, round_trip, start};
+use crate::common::{echo_server, eventually, round_trip, start};
 use prometheus_client::registry::Registry;
 use proxystack::conn::{Metadata, PeerAddr};
 use proxystack::metrics::{
@@ -916,7 +913,7 @@ async fn http_requests_are_counted_timed_and_logged() {
     use bytes::Bytes;
     use http::{Method, Request, StatusCode};
     use http_body_util::BodyExt;
-    use http_common::{backend, body, empty, h1_client, h2_client};
+    use crate::http_common::{backend, body, empty, h1_client, h2_client};
     use proxystack::http::{Forward, HttpServer, Incoming, UpstreamProtocol};
     use proxystack::metrics::{HttpAccessLogLayer, HttpMetrics, HttpMetricsLayer};
 

@@ -1,14 +1,13 @@
 //! L4 level: relay semantics over real loopback sockets.
 #![cfg(feature = "tcp")]
 
-mod common;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use proptest::prelude::*;
 use proxystack::conn::Metadata;
 use proxystack::tcp::{self, CloseKind, RelayConfig, Side};
@@ -478,7 +477,7 @@ async fn slow_reader_case(splice: bool) {
 fn accept_loop_survives_emfile() {
     let exe = std::env::current_exe().unwrap();
     let out = std::process::Command::new(exe)
-        .args(["--exact", "emfile_child", "--nocapture", "--test-threads=1"])
+        .args(["--exact", "tcp_relay::emfile_child", "--nocapture", "--test-threads=1"])
         .env("PROXYSTACK_EMFILE_CHILD", "1")
         .output()
         .unwrap();

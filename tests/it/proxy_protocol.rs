@@ -3,14 +3,13 @@
 //! inputs of REFERENCE §4.2.
 #![cfg(feature = "proxy-protocol")]
 
-mod common;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use proxystack::conn::{LocalAddr, PeerAddr};
 use proxystack::identity::{PeerIdentity, SpiffeId};
 use proxystack::proxy_protocol::{
@@ -35,27 +34,6 @@ async fn harness(layer: ProxyProtocolLayer) -> Harness {
     Harness::start(layer).await
 }
 
-impl Harness {
-    /// A well-formed v2 connection from 127.0.0.1 still works and is recorded right.
-    async fn assert_good_connection_works(&mut self) {
-        let src: SocketAddr = "198.51.100.20:40000".parse().unwrap();
-        let dst: SocketAddr = "198.51.100.1:443".parse().unwrap();
-        let header = ProxyHeader::v2_proxy(src, dst).encode().unwrap();
-        let mut s = TcpStream::connect(self.addr()).await.unwrap();
-        let mut wire = header.to_vec();
-        wire.extend_from_slice(b"good");
-        s.write_all(&wire).await.unwrap();
-        assert_eq!(read_n(&mut s, 4).await, b"good");
-        let meta = self.next_seen().await;
-        assert_eq!(
-            meta.get::<ProxiedAddrs>(),
-            Some(&ProxiedAddrs {
-                source: src,
-                destination: dst
-            })
-        );
-    }
-}
 
 async fn read_n(s: &mut (impl AsyncRead + Unpin), n: usize) -> Vec<u8> {
     let mut buf = vec![0u8; n];

@@ -4,16 +4,14 @@
 //! the proxy still serves the next good connection.
 #![cfg(feature = "http")]
 
-mod common;
-mod http_common;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::hpack_literal;
+use crate::common::hpack_literal;
 use http::{Request, StatusCode};
-use http_common::*;
+use crate::http_common::*;
 use proxystack::http::HttpServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -3,17 +3,15 @@
 //! non-zero exit with a message. Plus a few behaviours of the sidecar, the waypoint and the
 //! gateway (REFERENCE §3) and the CONNECT proxy's SSRF policy.
 //!
-//! `cargo test --test examples` builds only this file, so the first test brings the example
+//! `cargo test --test it examples::` does not build the examples itself, so the first test brings the example
 //! binaries up to date (`cargo build --examples` with the same features) and then runs them
 //! from `target/<profile>/examples/`. An example that is not there (not written yet, or its
 //! features are off) is skipped with a printed reason. Every wait is bounded; nothing
 //! leaves loopback.
 #![cfg(unix)]
 
-mod common;
-mod examples_common;
 
-use examples_common::*;
+use crate::examples_common::*;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
@@ -1055,7 +1053,7 @@ address = "{echo}"
 
 #[cfg(all(feature = "hbone", feature = "demo-certs", target_os = "linux"))]
 mod sidecar_redirect {
-    use super::common::netns::Netns;
+    use crate::common::netns::Netns;
     use super::*;
 
     /// The namespace of the test: a "pod" in the mesh and a host outside it, both on its
@@ -1085,7 +1083,7 @@ mod sidecar_redirect {
 
     #[test]
     fn redirected_traffic_leaves_as_hbone_or_passthrough() {
-        if !super::common::netns::is_root() {
+        if !crate::common::netns::is_root() {
             println!("SKIPPED: needs root (network namespace, iptables)");
             return;
         }
@@ -1347,6 +1345,7 @@ timeout_secs = 1
 
 /// A port nothing listens on right now (bound and released), for an `--admin` address a
 /// config must name before the example starts.
+#[cfg(all(feature = "hbone", feature = "demo-certs"))]
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -1554,7 +1553,7 @@ fn connect_proxy_allow_port_restricts_destination_ports() {
 #[cfg(target_os = "linux")]
 #[test]
 fn connect_proxy_refuses_this_hosts_interface_addresses() {
-    use common::netns::Netns;
+    use crate::common::netns::Netns;
     if binary("connect_proxy").is_none() {
         return;
     }
