@@ -130,11 +130,12 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use http::{HeaderMap, HeaderValue};
 use proxystack::addr::Cidr;
-use proxystack::conn::{BoxIo, Metadata, PeerAddr};
+use proxystack::conn::{Metadata, PeerAddr};
 use proxystack::connect::{lookup, ConnectHeaders, TunnelInfo, TunnelRequest};
 use proxystack::drain::Watch;
 use proxystack::hbone::{self, HboneHeaders, HboneTarget, Inbound};
 use proxystack::identity::{PeerIdentity, SpiffeId};
+use proxystack::io::BoxIo;
 use proxystack::proxy_protocol::{
     Command, ProxiedAddrs, ProxiedBy, ProxyHeader, ProxyProtocolConnector, ProxyProtocolLayer,
     SendProxyHeader, TrustedSources, PP2_TYPE_AUTHORITY, PP2_TYPE_UNIQUE_ID,

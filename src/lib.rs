@@ -82,6 +82,7 @@
 )]
 
 pub mod addr;
+pub mod admission;
 mod cidr;
 pub mod conn;
 #[cfg(feature = "connect")]
@@ -91,6 +92,8 @@ pub mod connect;
 #[cfg_attr(docsrs, doc(cfg(feature = "detect")))]
 pub mod detect;
 pub mod drain;
+#[cfg(feature = "tcp")]
+mod error_chain;
 #[cfg(any(feature = "http", feature = "connect"))]
 mod h2_config;
 #[cfg(feature = "hbone")]
@@ -100,6 +103,7 @@ pub mod hbone;
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod http;
 pub mod identity;
+pub mod io;
 #[cfg(feature = "metrics")]
 #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
 pub mod metrics;
@@ -121,10 +125,11 @@ pub mod tcp;
 pub mod tls;
 
 pub use addr::{Authority, AuthorityError, Host};
-pub use conn::{BoxIo, Conn, Io, Metadata, PrefixedIo, Target};
+pub use conn::{Conn, Metadata, Target};
 #[cfg(any(feature = "http", feature = "connect"))]
 #[cfg_attr(docsrs, doc(cfg(any(feature = "http", feature = "connect"))))]
 pub use h2_config::H2Config;
+pub use io::{BoxIo, Io, PrefixedIo};
 #[cfg(feature = "tcp")]
 pub use serve::{serve, Server};
 

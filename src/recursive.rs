@@ -11,7 +11,9 @@ use std::task::{Context, Poll};
 
 use tower::Service;
 
-use crate::conn::{box_inbound, BoxInbound, BoxIo, Conn};
+use crate::conn::{box_inbound, BoxInbound, Conn};
+
+use crate::io::BoxIo;
 use crate::BoxError;
 
 /// A handle to an inbound service that is defined later (usually: the graph containing

@@ -184,7 +184,7 @@ impl Server {
                     };
                     if let Err(e) = result {
                         stats.errors.fetch_add(1, Ordering::Relaxed);
-                        debug!(error = %DisplayChain(&*e), "connection ended with error");
+                        debug!(error = %crate::error_chain::DisplayChain(&*e), "connection ended with error");
                     }
                 })
                 .instrument(span),
@@ -346,62 +346,4 @@ pub(crate) fn peer_gone(e: Option<&io::Error>) -> bool {
                 | io::ErrorKind::NotConnected
         )
     })
-}
-
-/// Tasks that carry a connection on after its protocol handler returned: an HTTP/1.1
-/// `CONNECT` tunnel, a connection switched to another protocol (`101`). The connection's
-/// task ends with [`join`](Self::join), so the accept loop counts them against its limit
-/// and, when it aborts the connection at the drain deadline, they are aborted with it.
-#[cfg(any(feature = "http", feature = "connect"))]
-#[derive(Clone, Default)]
-pub(crate) struct ConnectionTasks(Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>);
-
-#[cfg(any(feature = "http", feature = "connect"))]
-impl ConnectionTasks {
-    pub(crate) fn push(&self, task: tokio::task::JoinHandle<()>) {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(task);
-    }
-
-    /// Waits for every task pushed so far; aborts those left if dropped first.
-    pub(crate) async fn join(&self) {
-        let tasks = std::mem::take(
-            &mut *self
-                .0
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
-        let guards: Vec<AbortOnDrop> = tasks.into_iter().map(AbortOnDrop).collect();
-        for mut guard in guards {
-            let _ = (&mut guard.0).await;
-        }
-    }
-}
-
-/// Aborts a task when dropped.
-#[cfg(any(feature = "http", feature = "connect"))]
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-#[cfg(any(feature = "http", feature = "connect"))]
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Displays an error with its `source()` chain: `a: b: c`.
-pub(crate) struct DisplayChain<'a>(pub &'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for DisplayChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(e) = source {
-            write!(f, ": {e}")?;
-            source = e.source();
-        }
-        Ok(())
-    }
 }

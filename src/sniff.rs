@@ -22,7 +22,7 @@ use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
-use crate::conn::{Io, PrefixedIo};
+use crate::io::{Io, PrefixedIo};
 
 /// The HTTP/2 connection preface a client sends first (RFC 9113 §3.4): what protocol
 /// detection and the HTTP servers look for.
@@ -166,6 +166,49 @@ pub async fn sniff<I: Io, S: Sniffer>(
         }
     };
     Ok((outcome, PrefixedIo::new(seen.freeze(), io)))
+}
+
+/// Reads until the bytes either are the HTTP/2 preface or cannot be; returns the stream with
+/// those bytes put back and whether it speaks HTTP/2. `None`: closed before sending a byte.
+/// Bounded by `limit` (the server's request-head timeout, `TimedOut` past it), so a client
+/// that sends nothing, or stops inside the preface, cannot hold a connection forever.
+#[cfg(any(feature = "http", feature = "connect"))]
+pub(crate) async fn sniff_h2_preface<I: crate::Io>(
+    io: I,
+    limit: std::time::Duration,
+) -> std::io::Result<Option<(crate::PrefixedIo<I>, bool)>> {
+    use crate::sniff::{sniff, Outcome, SniffLimits, Step, Stop, H2_PREFACE};
+
+    /// Decides at the first byte that leaves the preface, or at its last byte.
+    struct Preface;
+    impl crate::sniff::Sniffer for Preface {
+        type Output = bool;
+        type Error = std::convert::Infallible;
+        fn push(&mut self, seen: &[u8]) -> Step<bool, Self::Error> {
+            if seen.len() >= H2_PREFACE.len() || !H2_PREFACE.starts_with(seen) {
+                Step::Match(seen.starts_with(H2_PREFACE))
+            } else {
+                Step::NeedMore
+            }
+        }
+        fn finish(&mut self, seen: &[u8], stop: Stop) -> Outcome<bool, Self::Error> {
+            match stop {
+                Stop::Eof if !seen.is_empty() => Outcome::Match(false),
+                _ => Outcome::Undecided(stop),
+            }
+        }
+    }
+
+    let limits = SniffLimits::new(H2_PREFACE.len(), Some(limit));
+    match sniff(io, &mut Preface, limits).await? {
+        (Outcome::Match(is_h2), io) => Ok(Some((io, is_h2))),
+        (Outcome::Reject(never), _) => match never {},
+        (Outcome::Undecided(Stop::Eof), _) => Ok(None),
+        (Outcome::Undecided(_), _) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "no request on the connection in time",
+        )),
+    }
 }
 
 #[cfg(test)]

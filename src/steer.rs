@@ -7,7 +7,9 @@ use std::task::{Context, Poll};
 
 use tower::{Service, ServiceExt};
 
-use crate::conn::{box_inbound, BoxInbound, Conn, Io, Metadata};
+use crate::conn::{box_inbound, BoxInbound, Conn, Metadata};
+
+use crate::io::Io;
 use crate::BoxError;
 
 /// Sends each connection to one of several inbound services, chosen from the connection

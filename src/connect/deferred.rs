@@ -13,7 +13,9 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::oneshot;
 
-use crate::conn::{Admission, BoxIo};
+use crate::io::BoxIo;
+
+use crate::admission::Admission;
 
 pub(crate) type StreamSender = oneshot::Sender<io::Result<BoxIo>>;
 
@@ -67,16 +69,16 @@ use std::future::Future;
 
 /// The tunnel's stream, once the terminator handed it over (an HTTP/1.1 `CONNECT` tunnel
 /// runs on the client's TCP socket; an HTTP/2 one on a stream of a shared connection).
-impl crate::conn::Io for DeferredIo {
+impl crate::io::Io for DeferredIo {
     fn tcp_socket(&self) -> Option<&tokio::net::TcpStream> {
         match &self.state {
-            State::Ready(io) => crate::conn::Io::tcp_socket(io),
+            State::Ready(io) => crate::io::Io::tcp_socket(io),
             _ => None,
         }
     }
     fn raw_tcp_socket(&self) -> Option<&tokio::net::TcpStream> {
         match &self.state {
-            State::Ready(io) => crate::conn::Io::raw_tcp_socket(io),
+            State::Ready(io) => crate::io::Io::raw_tcp_socket(io),
             _ => None,
         }
     }

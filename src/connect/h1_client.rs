@@ -14,7 +14,8 @@ use tower::{Service, ServiceExt};
 use tracing::debug;
 
 use super::{ConnectAuthority, ConnectHeaders, ConnectResponse, TunnelError};
-use crate::conn::{Conn, Io};
+use crate::conn::Conn;
+use crate::io::Io;
 use crate::{BoxError, Target};
 
 /// Connects to an HTTP/1.1 proxy with any connector and asks it for a tunnel to the

@@ -7,7 +7,7 @@
 //!   [`Recursive`](crate::recursive::Recursive)), so tunnels nest to any depth (bounded).
 //!   The tunnel carries [`TunnelInfo`] (authority, headers, depth) and [`Outer`] (the
 //!   metadata of the connection it arrived on). `200` is sent only once the inner service
-//!   has *admitted* the tunnel ([`Admission`](crate::conn::Admission)): `tcp::Relay` does
+//!   has *admitted* the tunnel ([`Admission`](crate::admission::Admission)): `tcp::Relay` does
 //!   so after its upstream connected; a refusal becomes `502/503/504`, a policy denial
 //!   `401/403`, a malformed request or authority `400`, and a destination that is one of
 //!   the proxy's own listeners ([`tcp::OwnListeners`](crate::tcp::OwnListeners), checked
@@ -20,7 +20,7 @@
 //! HTTP/2 is spoken with the `h2` crate directly, on both sides, so that each tunnel is an
 //! [`H2Stream`] with RFC 9113 §8.5's mapping: FIN ↔ `END_STREAM`, TCP reset ↔
 //! `RST_STREAM(CONNECT_ERROR)`, both ways. A relay whose other side failed aborts the
-//! tunnel through the [`Abort`](crate::conn::Abort) handle in its metadata (the stream then
+//! tunnel through the [`Abort`](crate::admission::Abort) handle in its metadata (the stream then
 //! ends with `CONNECT_ERROR`); a received `CONNECT_ERROR` reads as a reset
 //! ([`ConnectionReset`](std::io::ErrorKind::ConnectionReset)), so the relay resets its TCP
 //! side. A received `RST_STREAM(NO_ERROR|CANCEL)` reads as EOF, as ztunnel does; a tunnel
@@ -52,7 +52,7 @@ pub use stream::H2Stream;
 pub use terminate::{ConnectTerminate, Decision, Policy, TunnelRequest};
 
 use crate::addr::Authority;
-use crate::conn::Refusal;
+use crate::admission::Refusal;
 
 /// Metadata on a tunnel's connection: what the CONNECT request said.
 #[derive(Debug, Clone)]
@@ -147,7 +147,7 @@ pub enum TunnelError {
         status: StatusCode,
         /// The refusal class, for an outer terminator.
         #[source]
-        refusal: crate::conn::UpstreamRefusal,
+        refusal: crate::admission::UpstreamRefusal,
     },
     /// The request or the upgrade failed.
     #[error("CONNECT request failed")]
@@ -171,7 +171,7 @@ impl TunnelError {
     fn refused(status: StatusCode) -> Self {
         TunnelError::Refused {
             status,
-            refusal: crate::conn::UpstreamRefusal(refusal_for_status(status)),
+            refusal: crate::admission::UpstreamRefusal(refusal_for_status(status)),
         }
     }
 

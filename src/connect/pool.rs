@@ -20,7 +20,9 @@ use tracing::debug;
 use super::keepalive;
 use super::stream::H2Stream;
 use super::{ConnectAuthority, ConnectHeaders, ConnectResponse, TunnelError};
-use crate::conn::{Abort, Conn, Io};
+use crate::admission::Abort;
+use crate::conn::Conn;
+use crate::io::Io;
 use crate::{BoxError, H2Config, Target};
 
 /// Target metadata: which pooled connections a tunnel may share. Tunnels with equal keys
@@ -519,7 +521,7 @@ impl std::fmt::Debug for PooledTunnel {
     }
 }
 
-impl crate::conn::Io for PooledTunnel {}
+impl crate::io::Io for PooledTunnel {}
 
 impl AsyncRead for PooledTunnel {
     fn poll_read(

@@ -24,7 +24,7 @@ use bytes::Bytes;
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::conn::Abort;
+use crate::admission::Abort;
 
 /// The most one write asks the connection for (h2 counts windows in `u32`).
 const MAX_RESERVE: usize = 16 << 20;
@@ -177,7 +177,7 @@ fn to_io(e: h2::Error) -> io::Error {
 }
 
 /// A stream of a multiplexed HTTP/2 connection: no socket of its own.
-impl crate::conn::Io for H2Stream {}
+impl crate::io::Io for H2Stream {}
 
 impl AsyncRead for H2Stream {
     fn poll_read(

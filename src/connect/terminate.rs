@@ -30,11 +30,11 @@ use super::deferred::{DeferredIo, StreamSender};
 use super::stream::H2Stream;
 use super::{keepalive, status_for, Outer, TunnelInfo};
 use crate::addr::Authority;
-use crate::conn::{
-    box_inbound, sniff_h2_preface, Abort, Admission, BoxInbound, BoxIo, Conn, ConnectionId, Io,
-    PrefixedIo, Refusal,
-};
-use crate::serve::ConnectionTasks;
+use crate::admission::{Abort, Admission, Refusal};
+use crate::conn::{box_inbound, BoxInbound, Conn, ConnectionId};
+use crate::io::{BoxIo, Io, PrefixedIo};
+use crate::sniff::sniff_h2_preface;
+use crate::task::ConnectionTasks;
 use crate::{drain, BoxError, H2Config};
 
 /// A policy's verdict on one tunnel.
@@ -391,7 +391,7 @@ impl Handler {
         let task = crate::task::spawn(
             async move {
                 if let Err(e) = inner.oneshot(tunnel).await {
-                    debug!(error = %crate::serve::DisplayChain(&*e), "tunnel ended with error");
+                    debug!(error = %crate::error_chain::DisplayChain(&*e), "tunnel ended with error");
                 }
             }
             .instrument(span),

@@ -10,7 +10,8 @@ use tower::{Layer, Service, ServiceExt};
 use tracing::debug;
 
 use super::classify::{classify, decided, settle, Protocol, Undecided, Verdict};
-use crate::conn::{BoxIo, Conn, Io};
+use crate::conn::Conn;
+use crate::io::{BoxIo, Io};
 use crate::sniff::{sniff, Outcome, SniffLimits, Sniffer, Step, Stop};
 use crate::BoxError;
 

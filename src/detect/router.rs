@@ -14,7 +14,8 @@ use tower::{Service, ServiceExt};
 use tracing::{debug, info, warn};
 
 use super::classify::{Protocol, Undecided};
-use crate::conn::{BoxIo, Conn, Io};
+use crate::conn::Conn;
+use crate::io::{BoxIo, Io};
 use crate::BoxError;
 
 type Route = BoxCloneSyncService<Conn<BoxIo>, (), BoxError>;

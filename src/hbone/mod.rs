@@ -44,12 +44,13 @@ use tower::{Layer, Service, ServiceExt};
 pub use headers::{HboneHeaders, TraceParent};
 
 use crate::addr::Authority;
-use crate::conn::{BoxIo, Conn, LocalAddr};
+use crate::conn::{Conn, LocalAddr};
 use crate::connect::{
     ConnectAuthority, ConnectHeaders, ConnectTerminate, Decision, H2ConnectPool, PoolKey,
     TunnelInfo, TunnelRequest,
 };
 use crate::identity::SpiffeId;
+use crate::io::BoxIo;
 use crate::tcp::TcpConnector;
 use crate::tls::{
     self, CertKey, ClientAuth, ExpectedIdentities, ServerConfigBuilder, SniMode, TerminateLayer,

@@ -23,8 +23,9 @@ use super::error::{ErrorOrigin, ForwardError, ForwardErrorKind};
 use super::headers;
 use super::pool::{Pool, PoolConfig};
 use super::BoxBody;
-use crate::conn::{Conn, Io, PeerAddr};
-use crate::serve::ConnectionTasks;
+use crate::conn::{Conn, PeerAddr};
+use crate::io::Io;
+use crate::task::ConnectionTasks;
 use crate::tcp::{relay_with, RelayConfig};
 use crate::{BoxError, Target};
 
@@ -332,11 +333,11 @@ where
                     let status = e.status();
                     match e.origin() {
                         ErrorOrigin::Upstream => warn!(
-                            %method, path = uri.path(), status = status.as_u16(), error = %crate::serve::DisplayChain(&e),
+                            %method, path = uri.path(), status = status.as_u16(), error = %crate::error_chain::DisplayChain(&e),
                             "forwarding failed"
                         ),
                         _ => debug!(
-                            %method, path = uri.path(), status = status.as_u16(), error = %crate::serve::DisplayChain(&e),
+                            %method, path = uri.path(), status = status.as_u16(), error = %crate::error_chain::DisplayChain(&e),
                             "request refused"
                         ),
                     }

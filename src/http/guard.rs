@@ -697,7 +697,7 @@ impl<I> H1Guard<I> {
     }
 }
 
-crate::conn::delegate_write!(H1Guard<I>, io, I: crate::conn::AsyncWriteUnpin);
+crate::io::delegate_write!(H1Guard<I>, io, I: crate::io::AsyncWriteUnpin);
 
 #[cfg(test)]
 mod tests {

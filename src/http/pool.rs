@@ -29,7 +29,8 @@ use tracing::{debug, trace};
 use super::error::{ForwardError, ForwardErrorKind};
 use super::forward::UpstreamProtocol;
 use super::BoxBody;
-use crate::conn::{Conn, Io};
+use crate::conn::Conn;
+use crate::io::Io;
 use crate::{Authority, BoxError, Target};
 
 /// Target metadata: connections are shared only between targets with the same authority

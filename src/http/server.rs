@@ -15,8 +15,10 @@ use tower::{Service, ServiceExt};
 use tracing::debug;
 
 use super::guard::{H1Guard, SwitchSignal};
-use crate::conn::{sniff_h2_preface, Conn, Io, PrefixedIo};
-use crate::serve::ConnectionTasks;
+use crate::conn::Conn;
+use crate::io::{Io, PrefixedIo};
+use crate::sniff::sniff_h2_preface;
+use crate::task::ConnectionTasks;
 use crate::{drain, BoxError, H2Config};
 
 /// The terminal HTTP service: serves HTTP/1.1 (with upgrades) and HTTP/2 (prior knowledge,

@@ -19,9 +19,10 @@ use super::io::{abort_handle, CountingIo, Tally};
 use super::reason::FailureReason;
 use super::scope::{self, Scope};
 use crate::addr::Authority;
-use crate::conn::{Conn, Io, LocalAddr, OriginalDst, PeerAddr};
+use crate::conn::{Conn, LocalAddr, OriginalDst, PeerAddr};
+use crate::error_chain::DisplayChain;
 use crate::identity::{PeerIdentity, SpiffeId};
-use crate::serve::DisplayChain;
+use crate::io::Io;
 use crate::BoxError;
 
 /// Which way the traffic goes, from this proxy's point of view (ztunnel's `direction`).
@@ -143,7 +144,7 @@ fn resolve<'a>(
 /// | `method`, `path`, `status`, `upstream` | — | the request's; `upstream` is the route [`record_route`](super::record_route) saw, else the authority dialled |
 ///
 /// Wraps an inbound service (`Service<Conn<I>, Response = ()>`); its inner service gets a
-/// `Conn<CountingIo<I>>` (with an [`Abort`](crate::conn::Abort) handle in its metadata,
+/// `Conn<CountingIo<I>>` (with an [`Abort`](crate::admission::Abort) handle in its metadata,
 /// as [`ConnectionMetricsLayer`](super::ConnectionMetricsLayer) adds) and its error is
 /// passed on boxed. A connection cut before its service finished is logged with reason
 /// `aborted`.

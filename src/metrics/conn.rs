@@ -21,8 +21,9 @@ use super::istio::{ConnLabels, IstioMetrics};
 use super::reason::FailureReason;
 use super::scope::{self, ConnScope, Scope};
 use super::LabelBudget;
-use crate::conn::{Conn, Io, PeerAddr};
+use crate::conn::{Conn, PeerAddr};
 use crate::identity::PeerIdentity;
+use crate::io::Io;
 use crate::{BoxError, Target};
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -262,7 +263,7 @@ impl LabelBudget {
 /// `Conn<CountingIo<I>>`. The error becomes a [`BoxError`] (the original, boxed, so layers
 /// above can still downcast it). A connection dropped before its service finished (the
 /// drain deadline) counts as closed with reason `aborted`. The connection gets an
-/// [`Abort`](crate::conn::Abort) handle in its metadata if it has none, so that resets
+/// [`Abort`](crate::admission::Abort) handle in its metadata if it has none, so that resets
 /// still reach the peer through the counting stream (see the
 /// [module docs](super#where-to-put-them)).
 ///

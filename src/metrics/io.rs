@@ -10,7 +10,9 @@ use std::task::{Context, Poll};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::conn::{Abort, Io};
+use crate::io::Io;
+
+use crate::admission::Abort;
 
 /// How many bytes a connection may move before its counts are published. Publishing on
 /// every read would put one shared atomic add per read on every core; batching keeps the

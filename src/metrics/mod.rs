@@ -117,7 +117,7 @@
 //!   [`Io::tcp_socket`](crate::Io::tcp_socket) on, so
 //!   [`tcp::OriginalDstLayer`](crate::tcp::OriginalDstLayer) may sit on either side and
 //!   resets propagate (the layers also give the connection an
-//!   [`Abort`](crate::conn::Abort) handle that resets the socket under the wrapper when it
+//!   [`Abort`](crate::admission::Abort) handle that resets the socket under the wrapper when it
 //!   is dropped aborted, for services other than the relay);
 //! * a [`tcp::Relay`](crate::tcp::Relay) behind them copies in user space: `splice(2)`
 //!   would move bytes past the count, so the wrapper does not offer

@@ -5,7 +5,7 @@ use std::io;
 
 use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
 
-use crate::conn::{Refusal, UpstreamRefusal};
+use crate::admission::{Refusal, UpstreamRefusal};
 
 /// Why a connection (or an upstream connect) failed: the `reason` label.
 ///

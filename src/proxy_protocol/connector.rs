@@ -26,8 +26,9 @@ use tracing::debug;
 use super::error::EncodeError;
 use super::header::ProxyHeader;
 use super::layer::ProxiedAddrs;
-use crate::conn::{Conn, Io, LocalAddr, OriginalDst};
+use crate::conn::{Conn, LocalAddr, OriginalDst};
 use crate::identity::{PeerIdentity, SpiffeId};
+use crate::io::Io;
 use crate::{BoxError, Target};
 
 /// Target metadata: the PROXY v2 header [`ProxyProtocolConnector`] sends for this target.

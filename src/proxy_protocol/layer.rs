@@ -28,8 +28,9 @@ use super::error::ProxyProtocolError;
 use super::header::{Addresses, Command, ProxyHeader};
 use super::trust::TrustedSources;
 use crate::cidr::CidrError;
-use crate::conn::{BoxIo, Conn, Io, PeerAddr, PrefixedIo};
+use crate::conn::{Conn, PeerAddr};
 use crate::identity::{PeerIdentity, SpiffeId};
+use crate::io::{BoxIo, Io, PrefixedIo};
 use crate::sniff::{sniff, Outcome, SniffLimits, Sniffer, Step, Stop};
 use crate::BoxError;
 
@@ -517,7 +518,7 @@ where
                     (buf, io, meta)
                 }
                 Err(e) => {
-                    debug!(error = %crate::serve::DisplayChain(&e), "rejecting connection");
+                    debug!(error = %crate::error_chain::DisplayChain(&e), "rejecting connection");
                     return Err(e);
                 }
             };

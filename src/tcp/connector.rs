@@ -14,7 +14,8 @@ use tracing::debug;
 
 use super::OwnListeners;
 use crate::addr::Host;
-use crate::conn::{Conn, LocalAddr, PeerAddr, Refusal};
+use crate::admission::Refusal;
+use crate::conn::{Conn, LocalAddr, PeerAddr};
 use crate::Target;
 
 /// Connects to a [`Target`] over TCP.

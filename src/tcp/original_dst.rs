@@ -12,7 +12,9 @@ use std::task::{Context, Poll};
 use tokio::net::TcpStream;
 use tower::{Layer, Service};
 
-use crate::conn::{Conn, Io, LocalAddr, OriginalDst};
+use crate::conn::{Conn, LocalAddr, OriginalDst};
+
+use crate::io::Io;
 
 /// Reads the original destination of a redirected TCP connection.
 pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {

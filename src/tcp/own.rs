@@ -220,7 +220,7 @@ fn read_interface_addresses() -> io::Result<Vec<IpAddr>> {
 /// accepted anywhere: [`register_listener`](Self::register_listener) does both.
 /// [`TcpConnector::own_listeners`](super::TcpConnector::own_listeners) then refuses every
 /// destination that [`contains`](Self::contains) one, and a tunnel terminator answers
-/// `503` ([`Refusal::Loop`](crate::conn::Refusal::Loop)).
+/// `503` ([`Refusal::Loop`](crate::admission::Refusal::Loop)).
 ///
 /// A destination is ours when its port is the port of one of our listeners and its
 /// address is this host ([`HostAddresses`]: loopback, unspecified, an interface address)

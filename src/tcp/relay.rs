@@ -7,7 +7,7 @@
 //! * A read or write error on one side → the other side is **reset** (`SO_LINGER 0`, so
 //!   dropping it sends RST, not FIN) when it is a TCP socket; an abort never looks like a
 //!   clean end to the other peer. Streams that are not sockets (HTTP/2 tunnels) are reset
-//!   by [`Relay`](super::Relay) through the [`Abort`](crate::conn::Abort) handle in their
+//!   by [`Relay`](super::Relay) through the [`Abort`](crate::admission::Abort) handle in their
 //!   connection's metadata.
 //! * Buffers are bounded: each direction starts with a small buffer and grows (×16, up to
 //!   [`RelayConfig::max_buffer`]) only after a read fills it, so an idle relay costs about
@@ -25,7 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::sleep;
 
 use super::arm_reset;
-use crate::conn::Io;
+use crate::io::Io;
 
 /// Relay settings.
 #[derive(Debug, Clone)]

@@ -9,7 +9,9 @@ use tower::{Service, ServiceExt};
 use tracing::{debug, warn};
 
 use super::relay::{relay_with, RelayConfig, RelayError, Side};
-use crate::conn::{refusal_for, Abort, Admission, Conn, Io, Metadata, Refusal};
+use crate::admission::{refusal_for, Abort, Admission, Refusal};
+use crate::conn::{Conn, Metadata};
+use crate::io::Io;
 use crate::{BoxError, Target};
 
 /// Relays each connection to an upstream chosen from its metadata.
@@ -215,7 +217,7 @@ where
                     } else if connect_warning_allowed() {
                         // Visible at the default level (a failed identity pin included),
                         // but a dead upstream under load must not flood the log.
-                        let error = crate::serve::DisplayChain(&*e);
+                        let error = crate::error_chain::DisplayChain(&*e);
                         warn!(upstream = %name, %error, "upstream connect failed");
                     } else {
                         debug!(upstream = %name, error = %e, "upstream connect failed");

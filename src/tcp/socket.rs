@@ -1,6 +1,6 @@
 //! Socket options that must reach the TCP socket under any stack of wrappers.
 
-use crate::conn::Io;
+use crate::io::Io;
 
 /// Makes the next close of the socket under `io` send a TCP RST instead of a FIN. `false`
 /// when `io` runs on no TCP socket (an in-memory stream, an HTTP/2 tunnel stream).

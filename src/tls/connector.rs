@@ -18,8 +18,9 @@ use tower::{Service, ServiceExt};
 use super::verify::PinnedServerVerifier;
 use super::{record_session, CertKey, TlsConfigError, TlsError};
 use crate::addr::Host;
-use crate::conn::{Conn, Io};
+use crate::conn::Conn;
 use crate::identity::SpiffeId;
+use crate::io::Io;
 use crate::{BoxError, Target};
 
 /// Which server name the ClientHello carries.

@@ -97,14 +97,14 @@ pub fn aes_gcm_provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// The socket under a TLS session: for socket options only (its bytes are ciphertext).
-impl<I: crate::conn::Io> crate::conn::Io for tokio_rustls::server::TlsStream<I> {
+impl<I: crate::io::Io> crate::io::Io for tokio_rustls::server::TlsStream<I> {
     fn tcp_socket(&self) -> Option<&tokio::net::TcpStream> {
         self.get_ref().0.tcp_socket()
     }
 }
 
 /// The socket under a TLS session: for socket options only (its bytes are ciphertext).
-impl<I: crate::conn::Io> crate::conn::Io for tokio_rustls::client::TlsStream<I> {
+impl<I: crate::io::Io> crate::io::Io for tokio_rustls::client::TlsStream<I> {
     fn tcp_socket(&self) -> Option<&tokio::net::TcpStream> {
         self.get_ref().0.tcp_socket()
     }

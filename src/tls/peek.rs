@@ -13,7 +13,8 @@ use super::client_hello::{
     ClientHello, ClientHelloError, ClientHelloParser, Status, DEFAULT_MAX_HELLO_LEN,
 };
 use super::{OfferedAlpn, PeekedHello, Sni, TlsError};
-use crate::conn::{box_inbound, BoxInbound, BoxIo, Conn, Io, PrefixedIo};
+use crate::conn::{box_inbound, BoxInbound, Conn};
+use crate::io::{BoxIo, Io, PrefixedIo};
 use crate::sniff::{sniff, Outcome, SniffLimits, Sniffer, Step, Stop};
 use crate::BoxError;
 

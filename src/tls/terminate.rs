@@ -11,7 +11,8 @@ use tower::{Layer, Service, ServiceExt};
 use tracing::debug;
 
 use super::{record_session, TlsError};
-use crate::conn::{BoxIo, Conn, Io};
+use crate::conn::Conn;
+use crate::io::{BoxIo, Io};
 use crate::BoxError;
 
 /// Terminates TLS on each connection and hands the plaintext on as `Conn<BoxIo>`.

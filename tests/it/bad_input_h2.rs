@@ -20,15 +20,19 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::common::{h2_frame, h2f, hpack_int, hpack_literal, hpack_literals, start, RawH2, RssWatch};
+use crate::common::{
+    h2_frame, h2f, hpack_int, hpack_literal, hpack_literals, start, RawH2, RssWatch,
+};
 use http::StatusCode;
-use proxystack::conn::{Admission, BoxIo, Metadata, Refusal};
+use proxystack::admission::{Admission, Refusal};
+use proxystack::conn::Metadata;
 use proxystack::connect::{
     ConnectAuthority, ConnectTerminate, Decision, H2ConnectPool, TunnelInfo,
 };
 use proxystack::hbone::{self, HboneHeaders, HboneTarget, Inbound};
 use proxystack::http::{Forward, HttpServer, Incoming};
 use proxystack::identity::SpiffeId;
+use proxystack::io::BoxIo;
 use proxystack::tls::demo::DemoCa;
 use proxystack::{tcp, Authority, Conn, Server, Target};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -12,7 +12,6 @@
 //! loopback-only subset, or skip with a printed reason, without it.
 #![cfg(all(feature = "connect", feature = "proxy-protocol", target_os = "linux"))]
 
-
 use proxystack::H2Config;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -36,7 +35,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tower::{ServiceBuilder, ServiceExt};
-
 
 /// How a connection ended, seen from our side.
 #[derive(Debug, PartialEq, Eq)]
@@ -557,7 +555,6 @@ async fn client_that_never_reads_applies_backpressure_upstream() {
 async fn pp_harness(layer: ProxyProtocolLayer) -> Harness {
     Harness::start(layer).await
 }
-
 
 /// v1 `PROXY UNKNOWN` (with or without the ignored rest of the line) is accepted and adds
 /// no addresses: the real ones stay, and a relay that forwards PROXY headers upstream

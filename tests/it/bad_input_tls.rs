@@ -7,7 +7,6 @@
 //! handshakes use rustls (async and blocking) and `openssl s_client` where installed.
 #![cfg(all(feature = "tls", feature = "demo-certs"))]
 
-
 use std::future::Future;
 use std::io::{Read, Write};
 use std::net::SocketAddr;

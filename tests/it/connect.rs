@@ -1,7 +1,6 @@
 //! CONNECT level: H1 and H2 tunnels, nesting, pooling, status codes — real sockets, curl.
 #![cfg(feature = "connect")]
 
-
 use proxystack::H2Config;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -11,12 +10,14 @@ use std::time::Duration;
 use crate::common::*;
 use http::StatusCode;
 use proptest::prelude::*;
+use proxystack::admission::Abort;
+use proxystack::conn::BoxInbound;
 use proxystack::conn::Metadata;
-use proxystack::conn::{Abort, BoxInbound, BoxIo};
 use proxystack::connect::{
     ConnectAuthority, ConnectTerminate, Decision, H2ConnectPool, Http1ConnectConnector,
     TunnelError, TunnelInfo,
 };
+use proxystack::io::BoxIo;
 use proxystack::recursive::Recursive;
 use proxystack::steer::Steer;
 use proxystack::{tcp, Authority, Conn, Server, Target};
@@ -1170,7 +1171,7 @@ async fn relay_to_own_listener_closes_without_dialling() {
             let kind = match &e {
                 tcp::RelayServiceError::Connect { source, .. } => source
                     .downcast_ref::<tcp::ConnectError>()
-                    .map(|c| (c.kind(), proxystack::conn::refusal_for(c))),
+                    .map(|c| (c.kind(), proxystack::admission::refusal_for(c))),
                 _ => None,
             };
             let _ = tx.send(kind);
@@ -1189,7 +1190,10 @@ async fn relay_to_own_listener_closes_without_dialling() {
     let kind = tokio::time::timeout(Duration::from_secs(10), kinds.recv()).await;
     assert_eq!(
         kind.unwrap().unwrap(),
-        Some((tcp::ConnectErrorKind::Loop, proxystack::conn::Refusal::Loop))
+        Some((
+            tcp::ConnectErrorKind::Loop,
+            proxystack::admission::Refusal::Loop
+        ))
     );
     assert_eq!(seen.accepted.load(Ordering::SeqCst), 0);
     proxy.shutdown().await;

@@ -2,7 +2,6 @@
 //! properties are unit tests in `src/detect/classify.rs`).
 #![cfg(feature = "detect")]
 
-
 use std::time::{Duration, Instant};
 
 use crate::common::*;

@@ -11,7 +11,6 @@
 //!   a reset, every `serve` returns, and no descriptor is left behind.
 #![cfg(all(feature = "http", feature = "hbone", feature = "demo-certs"))]
 
-
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
@@ -21,8 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use crate::common::*;
+use bytes::Bytes;
 use http::{Method, Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};

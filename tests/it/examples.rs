@@ -10,7 +10,6 @@
 //! leaves loopback.
 #![cfg(unix)]
 
-
 use crate::examples_common::*;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -1053,8 +1052,8 @@ address = "{echo}"
 
 #[cfg(all(feature = "hbone", feature = "demo-certs", target_os = "linux"))]
 mod sidecar_redirect {
-    use crate::common::netns::Netns;
     use super::*;
+    use crate::common::netns::Netns;
 
     /// The namespace of the test: a "pod" in the mesh and a host outside it, both on its
     /// loopback; every connection to them goes to the sidecar, except what the sidecar

@@ -1,7 +1,6 @@
 //! HBONE: mutual TLS + HTTP/2 CONNECT composed from the levels, with ztunnel's rules.
 #![cfg(all(feature = "hbone", feature = "demo-certs"))]
 
-
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -4,14 +4,13 @@
 //! the proxy still serves the next good connection.
 #![cfg(feature = "http")]
 
-
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::common::hpack_literal;
-use http::{Request, StatusCode};
 use crate::http_common::*;
+use http::{Request, StatusCode};
 use proxystack::http::HttpServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

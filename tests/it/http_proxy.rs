@@ -1,14 +1,13 @@
 //! HTTP level: the reverse proxy with real clients (curl, h2load, hyper) on loopback.
 #![cfg(feature = "http")]
 
-
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::http_common::*;
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use crate::http_common::*;
 use hyper::body::Incoming;
 use proxystack::detect::{DetectLayer, Router};
 use proxystack::http::{Forward, ForwardedMode, HttpServer, UpstreamProtocol};

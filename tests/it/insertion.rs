@@ -5,10 +5,9 @@
 //! The example's own code is under test: it is compiled into this test as a module.
 #![cfg(all(feature = "hbone", feature = "proxy-protocol", feature = "demo-certs"))]
 
-
 #[allow(dead_code)]
 #[path = "../../examples/insertion.rs"]
-mod insertion;
+mod example;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,8 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
+use example::{Destination, HaproxyChild, Hop, Plan, Settings, Started, INSERTIONS_HEADER};
 use http::{HeaderValue, StatusCode};
-use insertion::{Destination, HaproxyChild, Hop, Plan, Settings, Started, INSERTIONS_HEADER};
 use proxystack::conn::Metadata;
 use proxystack::connect::{lookup, ConnectHeaders, TunnelError, TunnelInfo};
 use proxystack::drain::{self, Signal};
@@ -147,7 +146,7 @@ struct Insertion {
 }
 
 impl Insertion {
-    fn stat(&self, pick: fn(&insertion::InsertionStats) -> &std::sync::atomic::AtomicU64) -> u64 {
+    fn stat(&self, pick: fn(&example::InsertionStats) -> &std::sync::atomic::AtomicU64) -> u64 {
         pick(&self.started.state.stats).load(Ordering::SeqCst)
     }
 
@@ -183,7 +182,7 @@ fn start_insertion(
         destinations,
     };
     let (signal, watch) = drain::channel();
-    let started = insertion::start(plan, ingress, egress, Duration::from_secs(1), &watch).unwrap();
+    let started = example::start(plan, ingress, egress, Duration::from_secs(1), &watch).unwrap();
     Insertion { started, signal }
 }
 
@@ -241,7 +240,7 @@ async fn send_through(connector: hbone::Connector, target: Target, data: &[u8]) 
 // haproxy as the inserted proxy.
 
 fn haproxy_bin() -> Option<PathBuf> {
-    let found = insertion::find_haproxy();
+    let found = example::find_haproxy();
     if found.is_none() {
         println!("SKIPPED: haproxy not installed");
     }
@@ -259,7 +258,7 @@ struct Haproxy {
 impl Haproxy {
     async fn start(bin: &std::path::Path, name: &str, upstream: SocketAddr) -> Self {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let config = insertion::haproxy_config(name, addr, upstream, "stdout");
+        let config = example::haproxy_config(name, addr, upstream, "stdout");
         let log = std::env::temp_dir().join(format!(
             "proxystack-insertion-test-{}-{name}-{}.log",
             std::process::id(),
@@ -533,7 +532,7 @@ async fn stand_in_proxy_forwards_the_identity_tlv() {
     let (signal, watch) = drain::channel();
     let stand_in = bind().await;
     let stand_in_addr = stand_in.local_addr().unwrap();
-    let (_, task) = insertion::spawn_stand_in(
+    let (_, task) = example::spawn_stand_in(
         stand_in,
         egress.local_addr().unwrap(),
         Duration::from_secs(1),
@@ -681,7 +680,7 @@ async fn self_references_fail_at_start_up() {
     // The same through start(): an error, not a running proxy.
     let bad = plan(vec![Hop::new("x", e)], vec![ok_dest()]);
     let (_signal, watch) = drain::channel();
-    let err = insertion::start(bad, ingress, egress, Duration::from_secs(1), &watch)
+    let err = example::start(bad, ingress, egress, Duration::from_secs(1), &watch)
         .err()
         .expect("refused");
     assert!(err.contains("would loop"), "{err}");
@@ -969,7 +968,7 @@ hbone = \"10.244.1.8:15008\"
 identity = \"spiffe://cluster.local/ns/default/sa/ratings\"";
 
 fn plan_from(text: &str) -> Result<Plan, String> {
-    let config: insertion::Config = toml::from_str(text).map_err(|e| e.to_string())?;
+    let config: example::Config = toml::from_str(text).map_err(|e| e.to_string())?;
     let plan = Plan::from_config(config)?;
     plan.validate(plan.ingress, plan.egress)?;
     Ok(plan)

@@ -8,10 +8,10 @@
 //! (`/proc/self/fd`, `VmRSS`, `RLIMIT_NOFILE`) that tests running beside it would disturb.
 
 mod common;
-#[cfg(feature = "http")]
-mod http_common;
 #[cfg(unix)]
 mod examples_common;
+#[cfg(feature = "http")]
+mod http_common;
 
 mod bad_input_h2;
 mod bad_input_http1;

@@ -910,10 +910,10 @@ async fn tls_handshake_failures_are_counted_by_alert() {
 #[cfg(feature = "http")]
 #[tokio::test]
 async fn http_requests_are_counted_timed_and_logged() {
+    use crate::http_common::{backend, body, empty, h1_client, h2_client};
     use bytes::Bytes;
     use http::{Method, Request, StatusCode};
     use http_body_util::BodyExt;
-    use crate::http_common::{backend, body, empty, h1_client, h2_client};
     use proxystack::http::{Forward, HttpServer, Incoming, UpstreamProtocol};
     use proxystack::metrics::{HttpAccessLogLayer, HttpMetrics, HttpMetricsLayer};
 

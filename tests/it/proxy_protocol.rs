@@ -3,7 +3,6 @@
 //! inputs of REFERENCE §4.2.
 #![cfg(feature = "proxy-protocol")]
 
-
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -33,7 +32,6 @@ const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
 async fn harness(layer: ProxyProtocolLayer) -> Harness {
     Harness::start(layer).await
 }
-
 
 async fn read_n(s: &mut (impl AsyncRead + Unpin), n: usize) -> Vec<u8> {
     let mut buf = vec![0u8; n];

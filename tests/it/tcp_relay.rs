@@ -1,7 +1,6 @@
 //! L4 level: relay semantics over real loopback sockets.
 #![cfg(feature = "tcp")]
 
-
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -477,7 +476,12 @@ async fn slow_reader_case(splice: bool) {
 fn accept_loop_survives_emfile() {
     let exe = std::env::current_exe().unwrap();
     let out = std::process::Command::new(exe)
-        .args(["--exact", "tcp_relay::emfile_child", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "tcp_relay::emfile_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("PROXYSTACK_EMFILE_CHILD", "1")
         .output()
         .unwrap();

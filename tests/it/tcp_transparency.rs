@@ -4,7 +4,6 @@
 //! printed reason otherwise.
 #![cfg(all(feature = "tcp", target_os = "linux"))]
 
-
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 

@@ -2,7 +2,6 @@
 //! plus openssl s_client and curl where installed.
 #![cfg(all(feature = "tls", feature = "demo-certs"))]
 
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
