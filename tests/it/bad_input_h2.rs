@@ -2403,3 +2403,199 @@ async fn large_and_small_streams_share_a_pooled_connection() {
     assert_eq!(pool.connections_dialled(), 1);
     drop(stalled);
 }
+
+// ---------------------------------------------------------------------------------------
+// The HTTP server with an HTTP/1 upstream: malformed HTTP/2 never reaches it; floods.
+mod behind_http_server {
+    use super::*;
+    use crate::common::{h2_frame, H2_PREFACE};
+    use crate::http_common::*;
+    use http::Request;
+
+    /// `GET http://a/` pseudo-fields: static-table :method GET, :scheme http, :path /, and
+    /// :authority `a` (literal, indexed name 1).
+    fn request_block() -> Vec<u8> {
+        let mut b = vec![0x82, 0x86, 0x84, 0x01, 0x01, b'a'];
+        b.shrink_to_fit();
+        b
+    }
+
+    /// Frames the server sent, until EOF/reset or `wait`: (type, flags, stream, payload).
+    async fn read_frames(s: &mut TcpStream, wait: Duration) -> (Vec<(u8, u8, u32, Vec<u8>)>, bool) {
+        let mut frames = Vec::new();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let mut head = [0u8; 9];
+            match tokio::time::timeout_at(deadline, s.read_exact(&mut head)).await {
+                Err(_) => return (frames, false),
+                Ok(Err(_)) => return (frames, true),
+                Ok(Ok(_)) => {}
+            }
+            let len =
+                (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+            let mut payload = vec![0u8; len];
+            if s.read_exact(&mut payload).await.is_err() {
+                return (frames, true);
+            }
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            frames.push((head[3], head[4], stream, payload));
+        }
+    }
+
+    async fn h2_raw(addr: SocketAddr) -> TcpStream {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let mut hello = H2_PREFACE.to_vec();
+        hello.extend(h2_frame(0x4, 0, 0, &[])); // SETTINGS
+        s.write_all(&hello).await.unwrap();
+        s
+    }
+
+    #[tokio::test]
+    async fn h2_malformed_fields_never_reach_the_http1_upstream() {
+        let b = backend().await;
+        let proxy = serve_http(HttpServer::new(forward_to(b.addr))).await;
+        let cases: [(&str, &[u8], &[u8]); 5] = [
+            ("CR LF in value", b"x-inject", b"a\r\nx-evil: 1"),
+            ("LF in value", b"x-inject", b"a\nb"),
+            ("connection header", b"connection", b"keep-alive"),
+            ("te: gzip", b"te", b"gzip"),
+            ("uppercase name", b"X-Upper", b"v"),
+        ];
+        for (name, field, value) in cases {
+            let mut s = h2_raw(proxy.addr).await;
+            let mut block = request_block();
+            hpack_literal(&mut block, field, value);
+            s.write_all(&h2_frame(0x1, 0x4 | 0x1, 1, &block))
+                .await
+                .unwrap(); // END_HEADERS|END_STREAM
+            let (frames, _) = read_frames(&mut s, Duration::from_millis(500)).await;
+            let refused = frames.iter().any(|(kind, _, stream, _)| {
+                (*kind == 0x3 && *stream == 1) || *kind == 0x7 // RST_STREAM or GOAWAY
+            });
+            // A 400 HEADERS answer would also be acceptable; a 200 is not.
+            let answered_ok = frames.iter().any(|(kind, _, stream, p)| {
+                *kind == 0x1 && *stream == 1 && p.first() == Some(&0x88)
+            });
+            assert!(refused && !answered_ok, "{name}: {frames:?}");
+            assert_eq!(
+                b.seen.heads.load(Ordering::SeqCst),
+                0,
+                "{name} reached the upstream"
+            );
+        }
+        // Leading/trailing whitespace is valid HPACK but malformed HTTP/2 (RFC 9113 §8.2.1):
+        // the proxy answers 400 itself.
+        let mut send = h2_client(proxy.addr).await;
+        for v in [" lead", "trail ", "\ttab"] {
+            let req = Request::get("http://a/headers")
+                .header("x-ws", v)
+                .body(empty())
+                .unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{v:?}");
+        }
+        assert_eq!(b.seen.heads.load(Ordering::SeqCst), 0);
+        assert_still_serves(proxy.addr).await;
+        proxy.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn h2_rapid_reset_gets_goaway() {
+        let b = backend().await;
+        let proxy = serve_http(HttpServer::new(forward_to(b.addr))).await;
+        let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+        let conn = tokio::spawn(conn);
+        let mut opened = 0;
+        for _ in 0..10_000 {
+            let mut client = match client.clone().ready().await {
+                Ok(c) => c,
+                Err(_) => break,
+            };
+            let req = Request::get("http://a/slow?ms=5000").body(()).unwrap();
+            match client.send_request(req, true) {
+                Ok((_resp, mut stream)) => {
+                    stream.send_reset(h2::Reason::CANCEL);
+                    opened += 1;
+                }
+                Err(_) => break,
+            }
+            if conn.is_finished() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let result = tokio::time::timeout(Duration::from_secs(10), conn)
+            .await
+            .expect("the server closed the connection")
+            .unwrap();
+        let err = result.expect_err("the server ended the connection, not the client");
+        // GOAWAY ENHANCE_YOUR_CALM, unless our own writes hit the closed socket before the
+        // GOAWAY was read (then the connection ends with an I/O error): closed either way.
+        assert!(
+            err.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) || err.is_io(),
+            "{err:?} after {opened} streams"
+        );
+        assert!(opened < 10_000);
+        assert_still_serves(proxy.addr).await;
+        proxy.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn h2_continuation_flood_gets_goaway() {
+        let b = backend().await;
+        let proxy = serve_http(HttpServer::new(forward_to(b.addr))).await;
+        let mut s = h2_raw(proxy.addr).await;
+        let (mut r, mut w) = s.split();
+        // HEADERS without END_HEADERS, then CONTINUATION frames without end.
+        let writer = async {
+            w.write_all(&h2_frame(0x1, 0x1, 1, &request_block()))
+                .await
+                .unwrap();
+            let mut sent = 0usize;
+            for i in 0..4096 {
+                let mut block = Vec::new();
+                hpack_literal(&mut block, format!("x-flood-{i}").as_bytes(), &[b'v'; 8000]);
+                if w.write_all(&h2_frame(0x9, 0, 1, &block)).await.is_err() {
+                    break;
+                }
+                sent += 1;
+            }
+            sent
+        };
+        let reader = async {
+            let mut frames = Vec::new();
+            let mut head = [0u8; 9];
+            loop {
+                match tokio::time::timeout(Duration::from_secs(10), r.read_exact(&mut head)).await {
+                    Ok(Ok(_)) => {}
+                    _ => break,
+                }
+                let len = (usize::from(head[0]) << 16)
+                    | (usize::from(head[1]) << 8)
+                    | usize::from(head[2]);
+                let mut payload = vec![0u8; len];
+                if r.read_exact(&mut payload).await.is_err() {
+                    break;
+                }
+                frames.push((head[3], payload));
+            }
+            frames
+        };
+        let (sent, frames) = tokio::join!(writer, reader);
+        let goaway = frames
+            .iter()
+            .find(|(kind, _)| *kind == 0x7)
+            .map(|(_, p)| u32::from_be_bytes([p[4], p[5], p[6], p[7]]));
+        // ENHANCE_YOUR_CALM (0xb) for too many CONTINUATION frames, or COMPRESSION_ERROR (0x9)
+        // for an over-long header block.
+        assert!(
+            matches!(goaway, Some(0xb) | Some(0x9)),
+            "GOAWAY {goaway:?} after {sent} frames"
+        );
+        assert!(sent < 4096, "the server kept reading the flood");
+        assert_eq!(b.seen.heads.load(Ordering::SeqCst), 0);
+        assert_still_serves(proxy.addr).await;
+        proxy.shutdown().await;
+    }
+}

@@ -1,6 +1,6 @@
 //! HTTP/1.1 bad inputs at the gateway / waypoint L7 level (REFERENCE.md §4.2 "HTTP/1.1",
-//! incl. "H2→H1 translation"), the cases `http_bad_input.rs` does not already cover:
-//! Transfer-Encoding case variants, chunk extensions, bare CR and control characters,
+//! incl. "H2→H1 translation"), all in this one file: CL+TE and the other smuggling heads,
+//! invalid chunk sizes, h2c upgrades, slowloris heads and slow bodies; Transfer-Encoding case variants, chunk extensions, bare CR and control characters,
 //! underscore names, size limits, HTTP/1.0 and missing Host, absolute-form URIs, requests
 //! pipelined behind CONNECT, CONNECT with a body, path tricks, forged forwarding headers,
 //! HTTP/2 requests whose fields must not be translated into HTTP/1, and requests behind an
@@ -20,8 +20,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::common::{h2_frame, h2f, hpack_literal, hpack_literals, RawH2};
-use crate::http_common::{backend, forward_to, raw_exchange, serve_http, status_of, Backend};
+use crate::common::{h2_frame, h2f, hpack_literal, hpack_literals, init_tracing, RawH2};
+use crate::http_common::{
+    assert_still_serves, backend, forward_to, raw_exchange, serve_http, status_of, Backend,
+};
+use http::{Request, StatusCode};
 use proxystack::conn::Metadata;
 use proxystack::connect::{ConnectTerminate, Decision};
 use proxystack::http::{ForwardedMode, HttpServer};
@@ -30,17 +33,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const WAIT: Duration = Duration::from_secs(5);
-const GOOD: &[u8] = b"GET /headers HTTP/1.1\r\nHost: good\r\nConnection: close\r\n\r\n";
-
-async fn assert_still_serves(proxy: SocketAddr) {
-    let (out, _) = raw_exchange(proxy, GOOD, WAIT).await;
-    assert_eq!(
-        status_of(&out),
-        Some(200),
-        "{}",
-        String::from_utf8_lossy(&out)
-    );
-}
 
 /// Sends `request` on a new connection; returns everything the proxy answered until it
 /// closed (which it must, within `WAIT`).
@@ -302,7 +294,7 @@ async fn underscore_header_names_are_forwarded_verbatim() {
 
 /// Size limits: 60 KiB of header fields are accepted (the limit is a 64 KiB head), a
 /// request line longer than the head limit is refused — `414 URI Too Long` or `431` from
-/// hyper — and 100 fields pass while 101 do not (`http_bad_input.rs` has the 431 cases).
+/// hyper — and 100 fields pass while 101 do not (the smuggling table below has the 431 cases).
 #[tokio::test]
 async fn head_size_limits_at_the_boundary() {
     let b = backend().await;
@@ -687,7 +679,7 @@ async fn h2_request(proxy: SocketAddr, fields: &[(&[u8], &[u8])]) -> RawH2<TcpSt
 
 /// Connection-specific fields are malformed in HTTP/2 (RFC 9113 §8.2.2): `keep-alive`,
 /// `proxy-connection`, `transfer-encoding`, `upgrade` (and `connection`, `te: gzip`, in
-/// `http_bad_input.rs`) reset the stream with PROTOCOL_ERROR before anything is forwarded;
+/// `bad_input_h2::behind_http_server`) reset the stream with PROTOCOL_ERROR before anything is forwarded;
 /// `te: trailers` is allowed and kept. Control characters in a value (NUL, DEL, SOH) never
 /// reach the HTTP/1 upstream either (the connection ends: h2 rejects the value while
 /// decoding). A value with obs-text (bytes ≥ 0x80) is legal and forwarded as is.
@@ -1155,4 +1147,233 @@ async fn switched_upgrade_and_connect_relay_byte_exact() {
     assert_eq!(lines, ["GET /upgrade", "CONNECT open:1"]);
     server.shutdown().await;
     forward.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// The HTTP server + Forward alone (no CONNECT): smuggling, malformed heads, slow clients.
+
+/// Sends `request` on a fresh connection and returns the status and whether the proxy
+/// closed the connection afterwards.
+async fn answer(proxy: SocketAddr, request: &[u8]) -> (Option<u16>, String) {
+    let (out, closed) = raw_exchange(proxy, request, Duration::from_secs(5)).await;
+    assert!(closed, "connection left open after a refused request");
+    (status_of(&out), String::from_utf8_lossy(&out).into_owned())
+}
+
+#[tokio::test]
+async fn http1_smuggling_and_malformed_heads_are_refused_before_the_upstream() {
+    init_tracing();
+    let b = backend().await;
+    let proxy = serve_http(HttpServer::new(forward_to(b.addr))).await;
+    let big_header = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(70 * 1024)
+    );
+    let many_headers = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\n{}\r\n",
+        (0..101)
+            .map(|i| format!("X-H{i}: v\r\n"))
+            .collect::<String>()
+    );
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("CL+TE", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nG".to_vec(), 400),
+        ("TE+CL", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 6\r\n\r\n0\r\n\r\nG".to_vec(), 400),
+        ("two different CL", b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nabcde".to_vec(), 400),
+        ("TE chunked<TAB>", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\t\r\n\r\n0\r\n\r\n".to_vec(), 400),
+        ("TE xchunked", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n".to_vec(), 400),
+        ("TE chunked, identity", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n".to_vec(), 400),
+        ("TE twice", b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".to_vec(), 400),
+        ("bare LF", b"GET / HTTP/1.1\nHost: a\n\n".to_vec(), 400),
+        ("obs-fold", b"GET / HTTP/1.1\r\nHost: a\r\nX-Folded: a\r\n b\r\n\r\n".to_vec(), 400),
+        ("NUL in header", b"GET / HTTP/1.1\r\nHost: a\r\nX-Nul: a\0b\r\n\r\n".to_vec(), 400),
+        ("two Host", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n".to_vec(), 400),
+        ("space before colon", b"GET / HTTP/1.1\r\nHost: a\r\nX-Bad : v\r\n\r\n".to_vec(), 400),
+        ("> 100 headers", many_headers.into_bytes(), 431),
+        ("> 64 KiB head", big_header.into_bytes(), 431),
+    ];
+    for (name, request, want) in cases {
+        let (status, raw) = answer(proxy.addr, &request).await;
+        assert_eq!(status, Some(want), "{name}: {raw}");
+        assert_eq!(
+            b.seen.heads.load(Ordering::SeqCst),
+            0,
+            "{name}: upstream saw the request"
+        );
+        assert_still_serves(proxy.addr).await;
+        b.seen.heads.store(0, Ordering::SeqCst);
+        b.seen.complete.store(0, Ordering::SeqCst);
+    }
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn invalid_chunk_size_is_400_and_never_completes_upstream() {
+    let b = backend().await;
+    let proxy = serve_http(HttpServer::new(forward_to(b.addr))).await;
+    for bad in [
+        &b"POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"[..],
+        b"POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffff\r\nx\r\n",
+        b"POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n",
+    ] {
+        let (status, raw) = answer(proxy.addr, bad).await;
+        // The head was valid, so it may have been forwarded (bodies stream); the body
+        // failed, so the upstream never got a complete request and the client gets 400.
+        let name = String::from_utf8_lossy(bad);
+        assert_eq!(status, Some(400), "{name}: {raw}");
+        assert_eq!(b.seen.complete.load(Ordering::SeqCst), 0, "{name}: {raw}");
+        assert_still_serves(proxy.addr).await;
+        b.seen.complete.store(0, Ordering::SeqCst);
+    }
+    proxy.shutdown().await;
+}
+
+/// Found by fuzzing (`fuzz/fuzz_targets/http1_server.rs`): chunked bodies that hyper
+/// accepts but the strict guard could not follow (17+ digit sizes, control bytes in chunk
+/// extensions) or ended elsewhere than hyper (a bare LF after the last chunk) turned the
+/// checks off for the rest of the connection, so a request pipelined after them reached
+/// the upstream unchecked.
+#[tokio::test]
+async fn strict_checks_survive_every_chunked_body_hyper_accepts() {
+    let b = backend().await;
+    let proxy = serve_http(HttpServer::new(forward_to(b.addr))).await;
+    // hyper accepts bare LF heads; the guard refuses them.
+    let smuggled = b"GET /smuggled HTTP/1.1\nHost: a\n\n";
+    for body in [
+        &b"00000000000000000005\r\nhello\r\n0\r\n\r\n"[..],
+        b"5;\x01\r\nhello\r\n0\r\n\r\n",
+        b"0\r\n\nX: 1\r\nContent-Length: 32\r\n\r\n",
+    ] {
+        let mut request =
+            b"POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        request.extend_from_slice(body);
+        request.extend_from_slice(smuggled);
+        let (out, _) = raw_exchange(proxy.addr, &request, Duration::from_secs(5)).await;
+        let out = String::from_utf8_lossy(&out);
+        let name = String::from_utf8_lossy(body);
+        assert!(out.contains("HTTP/1.1 400"), "{name}: {out}");
+        assert!(
+            b.seen.heads.load(Ordering::SeqCst) <= 1,
+            "{name}: the upstream saw the smuggled request"
+        );
+        assert_still_serves(proxy.addr).await;
+        b.seen.heads.store(0, Ordering::SeqCst);
+        b.seen.complete.store(0, Ordering::SeqCst);
+    }
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn h2c_upgrade_is_never_forwarded() {
+    let b = backend().await;
+    let proxy = serve_http(HttpServer::new(forward_to(b.addr))).await;
+    let (out, _) = raw_exchange(
+        proxy.addr,
+        b"GET /headers HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+          Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    let t = String::from_utf8_lossy(&out).to_ascii_lowercase();
+    assert_eq!(status_of(&out), Some(200), "{t}");
+    assert!(
+        !t.contains("upgrade:") && !t.contains("http2-settings"),
+        "{t}"
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test]
+async fn slowloris_head_is_cut_off() {
+    let b = backend().await;
+    let proxy = serve_http(
+        HttpServer::new(forward_to(b.addr)).header_read_timeout(Some(Duration::from_millis(500))),
+    )
+    .await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    let head =
+        b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+    let mut sent = 0;
+    let mut closed = false;
+    for byte in head {
+        if s.write_all(&[*byte]).await.is_err() {
+            closed = true;
+            break;
+        }
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut buf = [0u8; 256];
+        if let Ok(r) = tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await {
+            // Either a 408 or a plain close; both end the connection.
+            let n = r.unwrap_or(0);
+            assert!(
+                n == 0 || buf[..n].starts_with(b"HTTP/1.1 408"),
+                "{:?}",
+                &buf[..n]
+            );
+            closed = true;
+            break;
+        }
+    }
+    assert!(
+        closed,
+        "connection still open after the whole head trickled in"
+    );
+    assert!(sent < head.len());
+    assert_eq!(b.seen.heads.load(Ordering::SeqCst), 0);
+    assert_still_serves(proxy.addr).await;
+    proxy.shutdown().await;
+}
+
+/// A request body trickling in (slowloris on the body): `HttpServer` itself times only the
+/// head, so the documented defence is tower-http's timeouts in front of `Forward` — the
+/// client gets `408` once the request outlives its deadline, the upstream never sees a
+/// complete body, and the proxy serves the next client.
+#[tokio::test]
+async fn slow_request_body_is_cut_off_by_tower_http_timeouts() {
+    use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
+    let b = backend().await;
+    let upstream = b.addr;
+    let forward = proxystack::http::Forward::new(
+        proxystack::tcp::TcpConnector::new(),
+        move |_: &Request<_>| Some(proxystack::Target::from(upstream)),
+    );
+    let guarded = tower::ServiceBuilder::new()
+        // The whole request (head to last body byte and the answer) within 2 s…
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(2),
+        ))
+        // …and no gap of more than 1 s between body frames.
+        .layer(RequestBodyTimeoutLayer::new(Duration::from_secs(1)))
+        .service(forward);
+    let proxy = serve_http(HttpServer::new(guarded)).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let started = std::time::Instant::now();
+    // One byte every 300 ms: never idle long enough for the body timeout, so the request
+    // deadline has to end it. Bounded: at most 40 bytes (12 s).
+    for _ in 0..40 {
+        if s.write_all(b"x").await.is_err() {
+            break;
+        }
+        let mut buf = [0u8; 512];
+        if let Ok(r) = tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await {
+            answer.extend_from_slice(&buf[..r.unwrap_or(0)]);
+            break;
+        }
+    }
+    assert!(
+        answer.starts_with(b"HTTP/1.1 408"),
+        "after {:?}: {:?}",
+        started.elapsed(),
+        String::from_utf8_lossy(&answer)
+    );
+    assert_eq!(b.seen.complete.load(Ordering::SeqCst), 0);
+    assert_still_serves(proxy.addr).await;
+    proxy.shutdown().await;
 }

@@ -22,7 +22,6 @@ mod detect;
 mod drain;
 mod examples;
 mod hbone;
-mod http_bad_input;
 mod http_proxy;
 mod insertion;
 mod metrics;

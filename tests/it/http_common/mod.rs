@@ -315,3 +315,17 @@ pub fn init_tracing() {
         .with_test_writer()
         .try_init();
 }
+
+/// A good HTTP/1.1 request for `/headers` that closes the connection.
+pub const GOOD: &[u8] = b"GET /headers HTTP/1.1\r\nHost: good\r\nConnection: close\r\n\r\n";
+
+/// The proxy still answers a good request with `200` on a new connection (after a bad one).
+pub async fn assert_still_serves(proxy: SocketAddr) {
+    let (out, _) = raw_exchange(proxy, GOOD, Duration::from_secs(5)).await;
+    assert_eq!(
+        status_of(&out),
+        Some(200),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+}
