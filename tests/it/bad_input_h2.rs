@@ -1785,86 +1785,102 @@ async fn priority_flood_is_ignored_with_bounded_memory() {
     }
 }
 
-/// Rapid reset (CVE-2023-44487) on the CONNECT path: open-then-RST in a loop ends with
+/// Rapid reset (CVE-2023-44487), on both servers: open-then-RST in a loop ends with
 /// GOAWAY(ENHANCE_YOUR_CALM) after ~20 unaccepted resets. Streams that were accepted before
-/// their reset may have dialled; they are bounded by the loop ending, and no upstream
-/// connection is left open.
+/// their reset may have reached the upstream; they are bounded by the loop ending, and on
+/// the CONNECT path no upstream connection is left open.
 #[tokio::test]
-async fn connect_rapid_reset_gets_goaway() {
+async fn rapid_reset_gets_goaway() {
     let _serial = FLOODS.lock().await;
-    let up = capture_upstream().await;
-    let (proxy, dials) = connect_proxy(&up, |t| t).await;
-    let rss = RssWatch::start();
-    let mut raw = tcp_raw(proxy.addr).await;
-    let sent = flood(
-        &mut raw,
-        20_000,
-        100,
-        |i| {
-            let stream = 1 + 2 * i as u32;
-            let mut f = headers(stream, false, &connect_block("echo.test:7"));
-            f.extend(rst(stream, h2f::CANCEL));
-            f
-        },
-        |_, _| true,
-    )
-    .await;
-    raw.pump_until(WAIT, |s| s.goaway.is_some()).await;
-    let dialled = dials.load(Ordering::SeqCst);
-    println!(
-        "Connect rapid reset: GOAWAY {:?} after {sent} streams, {dialled} dials",
-        raw.seen.goaway
-    );
-    assert_eq!(raw.seen.goaway.map(|g| g.1), Some(h2f::ENHANCE_YOUR_CALM));
-    assert!(sent < 20_000);
-    assert!(rss.peak_growth_mib() < RSS_BOUND_MIB);
-    // Every upstream connection that was opened is closed again.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    for i in 0..up.accepted() {
-        assert_ne!(
-            up.ended(i).await.1,
-            End::Open,
-            "upstream connection {i} left open"
+    const N: usize = 20_000;
+    for t in FloodTarget::both().await {
+        let rss = RssWatch::start();
+        let mut raw = t.raw().await;
+        let block = t.open_block();
+        let sent = flood(
+            &mut raw,
+            N,
+            100,
+            |i| {
+                let stream = 1 + 2 * i as u32;
+                let mut f = headers(stream, false, &block);
+                f.extend(rst(stream, h2f::CANCEL));
+                f
+            },
+            |_, _| true,
+        )
+        .await;
+        raw.pump_until(WAIT, |s| s.goaway.is_some()).await;
+        println!(
+            "{:?} rapid reset: GOAWAY {:?} after {sent} streams, {} reached the upstream",
+            t.flavor,
+            raw.seen.goaway,
+            t.reached()
         );
+        assert_eq!(
+            raw.seen.goaway.map(|g| g.1),
+            Some(h2f::ENHANCE_YOUR_CALM),
+            "{:?}",
+            t.flavor
+        );
+        assert!(sent < N, "{:?}: the flood was read to the end", t.flavor);
+        assert!(rss.peak_growth_mib() < RSS_BOUND_MIB);
+        if let Some(up) = &t.upstream {
+            // Every upstream connection that was opened is closed again.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            for i in 0..up.accepted() {
+                assert_ne!(
+                    up.ended(i).await.1,
+                    End::Open,
+                    "upstream connection {i} left open"
+                );
+            }
+        }
+        t.still_serves().await;
     }
-    connect_still_serves(proxy.addr).await;
 }
 
-/// CONTINUATION flood (CVE-2024-27919 class) on the CONNECT path: HEADERS without
-/// END_HEADERS then endless CONTINUATION frames → GOAWAY (ENHANCE_YOUR_CALM: too many
-/// CONTINUATION frames), the flood is not read to the end, nothing is dialled.
+/// CONTINUATION flood (CVE-2024-27919 class), on both servers: HEADERS without END_HEADERS
+/// then endless CONTINUATION frames → GOAWAY (ENHANCE_YOUR_CALM: too many CONTINUATION
+/// frames), the flood is not read to the end, nothing reaches the upstream.
 #[tokio::test]
-async fn connect_continuation_flood_gets_goaway() {
+async fn continuation_flood_gets_goaway() {
     let _serial = FLOODS.lock().await;
-    let up = capture_upstream().await;
-    let (proxy, dials) = connect_proxy(&up, |t| t).await;
-    let rss = RssWatch::start();
-    let mut raw = tcp_raw(proxy.addr).await;
-    raw.send(&h2_frame(h2f::HEADERS, 0, 1, &connect_block("echo.test:7")))
-        .await
-        .unwrap();
-    let sent = flood(
-        &mut raw,
-        4_096,
-        16,
-        |i| {
-            let mut block = Vec::new();
-            hpack_literal(&mut block, format!("x-flood-{i}").as_bytes(), &[b'v'; 8000]);
-            h2_frame(h2f::CONTINUATION, 0, 1, &block)
-        },
-        |_, _| true,
-    )
-    .await;
-    raw.pump_until(WAIT, |s| s.goaway.is_some()).await;
-    println!(
-        "Connect CONTINUATION flood: GOAWAY {:?} after {sent} frames",
-        raw.seen.goaway
-    );
-    assert_eq!(raw.seen.goaway.map(|g| g.1), Some(h2f::ENHANCE_YOUR_CALM));
-    assert!(sent < 4_096);
-    assert_eq!(dials.load(Ordering::SeqCst), 0);
-    assert!(rss.peak_growth_mib() < RSS_BOUND_MIB);
-    connect_still_serves(proxy.addr).await;
+    const N: usize = 4_096;
+    for t in FloodTarget::both().await {
+        let rss = RssWatch::start();
+        let mut raw = t.raw().await;
+        raw.send(&h2_frame(h2f::HEADERS, 0, 1, &t.open_block()))
+            .await
+            .unwrap();
+        let sent = flood(
+            &mut raw,
+            N,
+            16,
+            |i| {
+                let mut block = Vec::new();
+                hpack_literal(&mut block, format!("x-flood-{i}").as_bytes(), &[b'v'; 8000]);
+                h2_frame(h2f::CONTINUATION, 0, 1, &block)
+            },
+            |_, _| true,
+        )
+        .await;
+        raw.pump_until(WAIT, |s| s.goaway.is_some()).await;
+        println!(
+            "{:?} CONTINUATION flood: GOAWAY {:?} after {sent} frames",
+            t.flavor, raw.seen.goaway
+        );
+        assert_eq!(
+            raw.seen.goaway.map(|g| g.1),
+            Some(h2f::ENHANCE_YOUR_CALM),
+            "{:?}",
+            t.flavor
+        );
+        assert!(sent < N, "{:?}: the flood was read to the end", t.flavor);
+        assert_eq!(t.reached(), 0, "{:?}", t.flavor);
+        assert!(rss.peak_growth_mib() < RSS_BOUND_MIB);
+        t.still_serves().await;
+    }
 }
 
 // =======================================================================================
@@ -2494,106 +2510,6 @@ mod behind_http_server {
             let resp = send.send_request(req).await.unwrap();
             assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{v:?}");
         }
-        assert_eq!(b.seen.heads.load(Ordering::SeqCst), 0);
-        assert_still_serves(proxy.addr).await;
-        proxy.shutdown().await;
-    }
-
-    #[tokio::test]
-    async fn h2_rapid_reset_gets_goaway() {
-        let b = backend().await;
-        let proxy = serve_http(HttpServer::new(forward_to(b.addr))).await;
-        let tcp = TcpStream::connect(proxy.addr).await.unwrap();
-        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-        let conn = tokio::spawn(conn);
-        let mut opened = 0;
-        for _ in 0..10_000 {
-            let mut client = match client.clone().ready().await {
-                Ok(c) => c,
-                Err(_) => break,
-            };
-            let req = Request::get("http://a/slow?ms=5000").body(()).unwrap();
-            match client.send_request(req, true) {
-                Ok((_resp, mut stream)) => {
-                    stream.send_reset(h2::Reason::CANCEL);
-                    opened += 1;
-                }
-                Err(_) => break,
-            }
-            if conn.is_finished() {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
-        let result = tokio::time::timeout(Duration::from_secs(10), conn)
-            .await
-            .expect("the server closed the connection")
-            .unwrap();
-        let err = result.expect_err("the server ended the connection, not the client");
-        // GOAWAY ENHANCE_YOUR_CALM, unless our own writes hit the closed socket before the
-        // GOAWAY was read (then the connection ends with an I/O error): closed either way.
-        assert!(
-            err.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) || err.is_io(),
-            "{err:?} after {opened} streams"
-        );
-        assert!(opened < 10_000);
-        assert_still_serves(proxy.addr).await;
-        proxy.shutdown().await;
-    }
-
-    #[tokio::test]
-    async fn h2_continuation_flood_gets_goaway() {
-        let b = backend().await;
-        let proxy = serve_http(HttpServer::new(forward_to(b.addr))).await;
-        let mut s = h2_raw(proxy.addr).await;
-        let (mut r, mut w) = s.split();
-        // HEADERS without END_HEADERS, then CONTINUATION frames without end.
-        let writer = async {
-            w.write_all(&h2_frame(0x1, 0x1, 1, &request_block()))
-                .await
-                .unwrap();
-            let mut sent = 0usize;
-            for i in 0..4096 {
-                let mut block = Vec::new();
-                hpack_literal(&mut block, format!("x-flood-{i}").as_bytes(), &[b'v'; 8000]);
-                if w.write_all(&h2_frame(0x9, 0, 1, &block)).await.is_err() {
-                    break;
-                }
-                sent += 1;
-            }
-            sent
-        };
-        let reader = async {
-            let mut frames = Vec::new();
-            let mut head = [0u8; 9];
-            loop {
-                match tokio::time::timeout(Duration::from_secs(10), r.read_exact(&mut head)).await {
-                    Ok(Ok(_)) => {}
-                    _ => break,
-                }
-                let len = (usize::from(head[0]) << 16)
-                    | (usize::from(head[1]) << 8)
-                    | usize::from(head[2]);
-                let mut payload = vec![0u8; len];
-                if r.read_exact(&mut payload).await.is_err() {
-                    break;
-                }
-                frames.push((head[3], payload));
-            }
-            frames
-        };
-        let (sent, frames) = tokio::join!(writer, reader);
-        let goaway = frames
-            .iter()
-            .find(|(kind, _)| *kind == 0x7)
-            .map(|(_, p)| u32::from_be_bytes([p[4], p[5], p[6], p[7]]));
-        // ENHANCE_YOUR_CALM (0xb) for too many CONTINUATION frames, or COMPRESSION_ERROR (0x9)
-        // for an over-long header block.
-        assert!(
-            matches!(goaway, Some(0xb) | Some(0x9)),
-            "GOAWAY {goaway:?} after {sent} frames"
-        );
-        assert!(sent < 4096, "the server kept reading the flood");
         assert_eq!(b.seen.heads.load(Ordering::SeqCst), 0);
         assert_still_serves(proxy.addr).await;
         proxy.shutdown().await;

@@ -505,7 +505,7 @@ fn emfile_child() {
         .unwrap();
     rt.block_on(async {
         // The echo server shares this process's descriptor limit: it must outlive EMFILE.
-        let echo = resilient_echo_server().await;
+        let echo = echo_server().await;
         let proxy = start(Server::new(), relay_to(echo)).await;
         let base = open_fds() as u64;
         let limit = base + 24;

@@ -15,20 +15,10 @@ use tower::Service;
 
 pub type BoxError = proxystack::BoxError;
 
-/// An echo server on 127.0.0.1: writes back what it reads, then FIN.
+/// An echo server on 127.0.0.1: writes back what it reads, then FIN. The one echo server
+/// of the tests: see [`counting_echo_server`] for its counters.
 pub async fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
+    counting_echo_server().await.0
 }
 
 /// A running proxy under test.
@@ -213,10 +203,11 @@ pub struct EchoCount {
     pub accepted: std::sync::atomic::AtomicUsize,
 }
 
-/// An [`echo_server`] that counts its open and accepted connections, so a test can tell
+/// The echo server, with counters of its open and accepted connections, so a test can tell
 /// how many upstream connections a proxy holds. Its listen backlog is 4096, not tokio's
-/// 128: past the backlog the kernel drops completed handshakes without telling the
-/// client, and an idle one would wait forever.
+/// 128: past the backlog the kernel drops completed handshakes without telling the client,
+/// and an idle one would wait forever. Its accept loop survives errors (EMFILE), for tests
+/// that run the process out of descriptors and need the upstream there afterwards.
 pub async fn counting_echo_server() -> (SocketAddr, std::sync::Arc<EchoCount>) {
     use std::sync::atomic::Ordering;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -226,7 +217,14 @@ pub async fn counting_echo_server() -> (SocketAddr, std::sync::Arc<EchoCount>) {
     let count = std::sync::Arc::new(EchoCount::default());
     let c = count.clone();
     tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
+        loop {
+            let mut s = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
             c.accepted.fetch_add(1, Ordering::SeqCst);
             c.live.fetch_add(1, Ordering::SeqCst);
             let c = c.clone();
@@ -701,28 +699,6 @@ impl Harness {
             "a refused connection reached the inner service"
         );
     }
-}
-
-/// Like [`echo_server`], but its accept loop survives errors (EMFILE): for tests that run a
-/// process out of descriptors and need the upstream to be there afterwards.
-pub async fn resilient_echo_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            match listener.accept().await {
-                Ok((mut s, _)) => {
-                    tokio::spawn(async move {
-                        let (mut r, mut w) = s.split();
-                        let _ = tokio::io::copy(&mut r, &mut w).await;
-                        let _ = w.shutdown().await;
-                    });
-                }
-                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
-            }
-        }
-    });
-    addr
 }
 
 #[cfg(feature = "proxy-protocol")]
