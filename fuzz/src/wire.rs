@@ -24,6 +24,19 @@ pub const END_HEADERS: u8 = 0x4;
 pub const PADDED: u8 = 0x8;
 pub const PRIORITY_FLAG: u8 = 0x20;
 
+/// Error codes (RFC 9113 §7).
+pub mod error_code {
+    pub const NO_ERROR: u32 = 0x0;
+    pub const PROTOCOL_ERROR: u32 = 0x1;
+    pub const FLOW_CONTROL_ERROR: u32 = 0x3;
+    pub const STREAM_CLOSED: u32 = 0x5;
+    pub const REFUSED_STREAM: u32 = 0x7;
+    pub const CANCEL: u32 = 0x8;
+    pub const COMPRESSION_ERROR: u32 = 0x9;
+    pub const CONNECT_ERROR: u32 = 0xa;
+    pub const ENHANCE_YOUR_CALM: u32 = 0xb;
+}
+
 /// Largest frame payload a peer must accept before it raised SETTINGS_MAX_FRAME_SIZE.
 pub const DEFAULT_MAX_FRAME: usize = 16_384;
 

@@ -1335,15 +1335,15 @@ async fn hpack_dynamic_table_churn_and_bombs() {
         for round in 0..300u32 {
             // Size update to 0 (evicts everything) and back to 4096, then new entries.
             let mut block = Vec::new();
-            hpack_int(&mut block, 0x20, 5, 0);
-            hpack_int(&mut block, 0x20, 5, 4096);
+            hpack_int(&mut block, 5, 0x20, 0);
+            hpack_int(&mut block, 5, 0x20, 4096);
             block.extend(t.open_block());
             for k in 0..20 {
                 block.push(0x40); // literal with incremental indexing, new name
                 let name = format!("x-churn-{round}-{k}");
-                hpack_int(&mut block, 0, 7, name.len());
+                hpack_int(&mut block, 7, 0, name.len());
                 block.extend_from_slice(name.as_bytes());
-                hpack_int(&mut block, 0, 7, value.len());
+                hpack_int(&mut block, 7, 0, value.len());
                 block.extend_from_slice(&value);
             }
             // Reference the newest entry too.
@@ -1357,7 +1357,7 @@ async fn hpack_dynamic_table_churn_and_bombs() {
 
         // Size update above the advertised table size.
         let mut block = Vec::new();
-        hpack_int(&mut block, 0x20, 5, 1 << 20);
+        hpack_int(&mut block, 5, 0x20, 1 << 20);
         block.extend(t.open_block());
         raw.send(&headers(stream, true, &block)).await.unwrap();
         assert_eq!(
@@ -1384,9 +1384,9 @@ async fn hpack_dynamic_table_churn_and_bombs() {
         let mut raw = t.raw().await;
         let mut block = t.open_block();
         block.push(0x40);
-        hpack_int(&mut block, 0, 7, 6);
+        hpack_int(&mut block, 7, 0, 6);
         block.extend_from_slice(b"x-bomb");
-        hpack_int(&mut block, 0, 7, 60);
+        hpack_int(&mut block, 7, 0, 60);
         block.extend_from_slice(&[b'b'; 60]);
         block.extend(std::iter::repeat_n(0x80 | 62, 60_000));
         let _ = raw.send(&header_frames(1, true, &block, 16_384)).await;

@@ -87,39 +87,22 @@ pub fn open_fds() -> usize {
         .unwrap_or(0)
 }
 
+/// The raw HTTP/2 frame and HPACK writer, shared with the fuzz targets (one writer for both).
+#[path = "../../../fuzz/src/wire.rs"]
+pub mod wire;
+
 /// The HTTP/2 client connection preface (RFC 9113 §3.4).
-pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub const H2_PREFACE: &[u8] = wire::PREFACE;
 
-/// One raw HTTP/2 frame (RFC 9113 §4.1), for tests that must see or send exact frames.
+// Not every test area uses every piece.
+#[allow(unused_imports)]
+pub use wire::{hpack_int, hpack_literal, read_frame as read_h2_frame, Frame as RawFrame};
+
+/// One raw HTTP/2 frame (RFC 9113 §4.1), as bytes.
 pub fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = (payload.len() as u32).to_be_bytes();
-    let mut f = vec![len[1], len[2], len[3], kind, flags];
-    f.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
-    f.extend_from_slice(payload);
+    let mut f = Vec::with_capacity(9 + payload.len());
+    wire::frame(&mut f, kind, flags, stream, payload);
     f
-}
-
-/// A raw HTTP/2 frame as read: type, flags, stream id, payload.
-pub struct RawFrame {
-    pub kind: u8,
-    pub flags: u8,
-    pub stream: u32,
-    pub payload: Vec<u8>,
-}
-
-/// Reads one raw HTTP/2 frame; `None` at EOF or on an error.
-pub async fn read_h2_frame(io: &mut (impl tokio::io::AsyncRead + Unpin)) -> Option<RawFrame> {
-    let mut head = [0u8; 9];
-    io.read_exact(&mut head).await.ok()?;
-    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-    let mut payload = vec![0u8; len];
-    io.read_exact(&mut payload).await.ok()?;
-    Some(RawFrame {
-        kind: head[3],
-        flags: head[4],
-        stream: u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff,
-        payload,
-    })
 }
 
 /// The (identifier, value) pairs of a SETTINGS payload.
@@ -256,32 +239,6 @@ pub async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool
 
 // ---- HPACK by hand (RFC 7541), for header blocks no well-behaved client would send ----
 
-/// An HPACK integer with an `n`-bit prefix (RFC 7541 §5.1); `first` carries the pattern bits
-/// above the prefix.
-pub fn hpack_int(out: &mut Vec<u8>, first: u8, n: u8, mut v: usize) {
-    let max = (1usize << n) - 1;
-    if v < max {
-        out.push(first | v as u8);
-        return;
-    }
-    out.push(first | max as u8);
-    v -= max;
-    while v >= 128 {
-        out.push((v % 128 + 128) as u8);
-        v /= 128;
-    }
-    out.push(v as u8);
-}
-
-/// A literal field without indexing, new name, no Huffman (RFC 7541 §6.2.2).
-pub fn hpack_literal(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.push(0x00);
-    hpack_int(out, 0, 7, name.len());
-    out.extend_from_slice(name);
-    hpack_int(out, 0, 7, value.len());
-    out.extend_from_slice(value);
-}
-
 /// A header block of literal fields (no indexing, no Huffman), pseudo-fields included.
 pub fn hpack_literals(fields: &[(&str, &str)]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -294,30 +251,13 @@ pub fn hpack_literals(fields: &[(&str, &str)]) -> Vec<u8> {
 // ---- a raw HTTP/2 client that sends exactly the frames a test writes ----
 
 /// HTTP/2 frame types and flags (RFC 9113 §6).
+#[allow(unused_imports)]
 pub mod h2f {
-    pub const DATA: u8 = 0x0;
-    pub const HEADERS: u8 = 0x1;
-    pub const PRIORITY: u8 = 0x2;
-    pub const RST_STREAM: u8 = 0x3;
-    pub const SETTINGS: u8 = 0x4;
-    pub const PING: u8 = 0x6;
-    pub const GOAWAY: u8 = 0x7;
-    pub const WINDOW_UPDATE: u8 = 0x8;
-    pub const CONTINUATION: u8 = 0x9;
-    pub const END_STREAM: u8 = 0x1;
-    pub const ACK: u8 = 0x1;
-    pub const END_HEADERS: u8 = 0x4;
-    pub const PADDED: u8 = 0x8;
-    // Error codes (RFC 9113 §7).
-    pub const NO_ERROR: u32 = 0x0;
-    pub const PROTOCOL_ERROR: u32 = 0x1;
-    pub const FLOW_CONTROL_ERROR: u32 = 0x3;
-    pub const STREAM_CLOSED: u32 = 0x5;
-    pub const REFUSED_STREAM: u32 = 0x7;
-    pub const CANCEL: u32 = 0x8;
-    pub const COMPRESSION_ERROR: u32 = 0x9;
-    pub const CONNECT_ERROR: u32 = 0xa;
-    pub const ENHANCE_YOUR_CALM: u32 = 0xb;
+    pub use super::wire::error_code::*;
+    pub use super::wire::{
+        ACK, CONTINUATION, DATA, END_HEADERS, END_STREAM, GOAWAY, HEADERS, PADDED, PING, PRIORITY,
+        RST_STREAM, SETTINGS, WINDOW_UPDATE,
+    };
 }
 
 /// What a [`RawH2`] client has seen from the server so far.
