@@ -1,4 +1,4 @@
-//! Service insertion ("the sandwich", `examples/insertion.rs`) over real loopback sockets:
+//! Service insertion ("the sandwich", `examples/insertion/`) over real loopback sockets:
 //! HBONE in, haproxy (or the built-in stand-in) in the middle, HBONE out; the chain of
 //! two; loop prevention; what the egress side refuses; config errors.
 //!
@@ -8,7 +8,7 @@
 mod common;
 
 #[allow(dead_code)]
-#[path = "../examples/insertion.rs"]
+#[path = "../examples/insertion/main.rs"]
 mod insertion;
 
 use std::net::SocketAddr;
