@@ -33,6 +33,7 @@ class Context:
         self.blocked = {}  # workload key → why none of its rows can run
         self.origin_error = None  # why the origins did not start, if they did not
         self.origins = []  # their pids: kept running between groups
+        self.iperf_error = None  # why the iperf3 server did not start, if it did not
 
     # ------------------------------------------------------------------ variants
     def up(self, name, keys, start, port, ns=None, needs=()):
@@ -60,6 +61,8 @@ class Context:
     def needs(self, keys, tools=(), origin=False):
         """Blocks `keys` when a load generator is missing or the origins did not start."""
         why = next((f"{t} not installed" for t in tools if not shutil.which(t)), None)
+        if "iperf3" in tools and self.iperf_error:
+            why = why or self.iperf_error
         if origin and self.origin_error:
             why = why or self.origin_error
         for k in keys:
@@ -79,7 +82,7 @@ class Context:
             return
         try:
             (v1, v2), cpu = self.runner.sample(pids, measure)
-        except MeasureError as e:
+        except (MeasureError, OSError, subprocess.SubprocessError) as e:
             for k in (key, key2):
                 if k:
                     self.results.record(k, variant, kind, rnd, None)
@@ -109,8 +112,12 @@ def start_origins(ctx):
     keep = []
     if shutil.which("iperf3"):
         pid = ctx.runner.start("iperf3-origin", ["iperf3", "-s", "-p", ctx.p_iperf], ctx.ep)
-        ctx.runner.wait_port(pid, ctx.p_iperf)
-        keep.append(pid)
+        try:
+            ctx.runner.wait_port(pid, ctx.p_iperf)
+            keep.append(pid)
+        except StartError as e:
+            ctx.iperf_error = f"origin iperf3: {e}"
+            ctx.runner.stop(pid)
     if not shutil.which("nginx"):
         ctx.origin_error = "the origin needs nginx, not installed"
         return keep
@@ -320,6 +327,15 @@ def group_hbone(ctx):
     ctx.results.workload("hbone", "Encrypted tunnel between two network namespaces (veth), iperf3 1 stream", "high", "Gb/s")
     if not ctx.needs(["hbone"], ["iperf3"]):
         return
+    try:
+        hbone_variants(ctx)
+    except (StartError, OSError, subprocess.SubprocessError) as e:
+        ctx.results.skip("hbone", "all variants", f"namespaces did not come up: {e}")
+    ctx.end_group(ctx.origins)
+    ctx.runner.stop_namespaces()
+
+
+def hbone_variants(ctx):
     b, px, pki, tag = ctx.base + 60, ctx.px, ctx.pki, os.getpid()
     A, B, va, vb = f"pscmpa{tag}", f"pscmpb{tag}", f"pca{tag}", f"pcb{tag}"
     ip = ctx.runner.netns
@@ -380,8 +396,6 @@ def group_hbone(ctx):
         ctx.run("hbone", "proxystack HBONE (client + server side)", "ours", r, ours, lambda: L.iperf3("127.0.0.1", b, A))
         ctx.run("hbone", "wireguard-go (both ends)", "peer", r, wg, lambda: L.iperf3("10.202.0.2", ctx.p_iperf, A))
         ctx.run("hbone", "nginx TLS tunnel (stream proxy_ssl → ssl)", "peer", r, ng, lambda: L.iperf3("127.0.0.1", b + 1, A))
-    ctx.end_group(ctx.origins)
-    ctx.runner.stop_namespaces()
 
 
 def wireguard(ctx, A, B, sh):
