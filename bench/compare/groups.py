@@ -146,8 +146,8 @@ def group_l4(ctx):
     ctx.needs(["tcp"], ["iperf3"])
     ctx.needs(["conns"], ["wrk"], origin=True)
     b, px, it, org = ctx.base + 10, ctx.px, f"127.0.0.1:{ctx.p_iperf}", f"127.0.0.1:{ctx.p_origin}"
-    ours_tcp = ctx.up("ours-tcp", ["tcp"], lambda: start_ours(ctx, "ours-tcp", px, "tcp_relay", "--listen", f"127.0.0.1:{b}", "--upstream", it), b)
-    ours_conns = ctx.up("ours-conns", ["conns"], lambda: start_ours(ctx, "ours-conns", px, "tcp_relay", "--listen", f"127.0.0.1:{b + 1}", "--upstream", org), b + 1)
+    ours_tcp = ctx.up("proxystack", ["tcp"], lambda: start_ours(ctx, "ours-tcp", px, "tcp_relay", "--listen", f"127.0.0.1:{b}", "--upstream", it), b)
+    ours_conns = ctx.up("proxystack", ["conns"], lambda: start_ours(ctx, "ours-conns", px, "tcp_relay", "--listen", f"127.0.0.1:{b + 1}", "--upstream", org), b + 1)
     haproxy = ctx.up("haproxy", ["tcp", "conns"], lambda: start_haproxy(ctx, "haproxy-l4", px, f"""  mode tcp
   option splice-auto
 listen tcp
@@ -500,7 +500,7 @@ def mem_measure(ctx, key, port, sink_port, variants):
         hold = ctx.runner.start("hold", [client, "hold", "--connect", f"127.0.0.1:{port}", "-n", n, "--seconds", "600"], ep)
         log = ctx.work / "log" / "hold.log"
         deadline = time.monotonic() + 180
-        while not log.read_text().startswith("held ") and "\nheld " not in log.read_text():
+        while not any(line.startswith("held ") for line in log.read_text().splitlines()):
             if ctx.runner.procs[hold][1].poll() is not None:
                 raise StartError(f"hold: {ctx.runner.log_tail('hold')}")
             if time.monotonic() > deadline:

@@ -21,10 +21,15 @@ def last_lines(text, n=2, width=200):
 def parse_iperf3(text):
     """iperf3 -J output → Gb/s received."""
     try:
-        bits = json.loads(text)["end"]["sum_received"]["bits_per_second"]
-    except (ValueError, KeyError, TypeError):
+        report = json.loads(text)
+    except ValueError:
         raise MeasureError(f"iperf3: unparsable output: {text[:200]}") from None
-    return bits / 1e9
+    if isinstance(report, dict) and report.get("error"):
+        raise MeasureError(f"iperf3: {report['error']}")
+    try:
+        return report["end"]["sum_received"]["bits_per_second"] / 1e9
+    except (KeyError, TypeError):
+        raise MeasureError("iperf3: no received total in its report") from None
 
 
 _UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}

@@ -64,8 +64,10 @@ class Parsers(unittest.TestCase):
 
     def test_iperf3(self):
         self.assertAlmostEqual(parse_iperf3('{"end": {"sum_received": {"bits_per_second": 25.5e9}}}'), 25.5)
-        with self.assertRaises(MeasureError):
-            parse_iperf3('{"error": "unable to connect to server"}')
+        with self.assertRaisesRegex(MeasureError, "iperf3: unable to connect to server"):
+            parse_iperf3('{"start": {"connected": []}, "error": "unable to connect to server"}')
+        with self.assertRaisesRegex(MeasureError, "no received total"):
+            parse_iperf3('{"start": {"connected": []}, "end": {}}')
         with self.assertRaises(MeasureError):
             parse_iperf3("not json")
 
