@@ -275,6 +275,44 @@ impl ResolvesServerCert for AnyNameResolver {
     }
 }
 
+/// PEM text (RFC 7468) of a certificate and its key, for a peer in another process that
+/// reads files: haproxy, nginx, curl, an example's `--config`. The inverse of
+/// [`CertKey::from_pem_files`].
+///
+/// ```
+/// use proxystack::tls::demo::DemoCa;
+/// let ck = DemoCa::new("cluster.local").workload_cert("default", "client");
+/// assert!(ck.chain_pem().starts_with("-----BEGIN CERTIFICATE-----\n"));
+/// assert!(ck.key_pem().starts_with("-----BEGIN PRIVATE KEY-----\n"));
+/// ```
+impl CertKey {
+    /// The chain as `CERTIFICATE` blocks, end entity first.
+    pub fn chain_pem(&self) -> String {
+        let blocks: Vec<pem::Pem> = self
+            .chain
+            .iter()
+            .map(|c| pem::Pem::new("CERTIFICATE", c.as_ref()))
+            .collect();
+        pem::encode_many_config(&blocks, pem_config())
+    }
+
+    /// The private key as one block labelled by its encoding: `PRIVATE KEY` (PKCS #8),
+    /// `RSA PRIVATE KEY` (PKCS #1) or `EC PRIVATE KEY` (SEC 1).
+    pub fn key_pem(&self) -> String {
+        let label = match &self.key {
+            PrivateKeyDer::Pkcs1(_) => "RSA PRIVATE KEY",
+            PrivateKeyDer::Sec1(_) => "EC PRIVATE KEY",
+            _ => "PRIVATE KEY",
+        };
+        pem::encode_config(&pem::Pem::new(label, self.key.secret_der()), pem_config())
+    }
+}
+
+/// `\n` line ends (the crate's default is `\r\n`), as OpenSSL writes them.
+fn pem_config() -> pem::EncodeConfig {
+    pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF)
+}
+
 impl std::fmt::Debug for AnyNameResolver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AnyNameResolver")
@@ -292,6 +330,28 @@ mod tests {
         let (_, parsed) = x509_parser::parse_x509_certificate(&cert.chain[0]).unwrap();
         let cn = parsed.subject().iter_common_name().next().unwrap();
         cn.as_str().unwrap().to_owned()
+    }
+
+    #[test]
+    fn pem_text_reads_back_as_the_same_certificate_and_key() {
+        let ca = DemoCa::new("cluster.local");
+        let dir = std::env::temp_dir().join(format!("proxystack-pem-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for ck in [
+            ca.workload_cert("default", "client"),
+            ca.server_cert(&["localhost"]),
+        ] {
+            let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+            std::fs::write(&cert, ck.chain_pem()).unwrap();
+            std::fs::write(&key, ck.key_pem()).unwrap();
+            let back =
+                CertKey::from_pem_files(cert.to_str().unwrap(), key.to_str().unwrap()).unwrap();
+            assert_eq!(back.chain, ck.chain);
+            assert_eq!(back.key.secret_der(), ck.key.secret_der());
+            assert!(!ck.chain_pem().contains('\r'));
+            assert!(ck.chain_pem().lines().all(|l| l.len() <= 64));
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

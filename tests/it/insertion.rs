@@ -1,4 +1,4 @@
-//! Service insertion ("the sandwich", `examples/insertion.rs`) over real loopback sockets:
+//! Service insertion ("the sandwich", `examples/insertion/`) over real loopback sockets:
 //! HBONE in, haproxy (or the built-in stand-in) in the middle, HBONE out; the chain of
 //! two; loop prevention; what the egress side refuses; config errors.
 //!
@@ -6,7 +6,7 @@
 #![cfg(all(feature = "hbone", feature = "proxy-protocol", feature = "demo-certs"))]
 
 #[allow(dead_code)]
-#[path = "../../examples/insertion.rs"]
+#[path = "../../examples/insertion/main.rs"]
 mod example;
 
 use std::net::SocketAddr;
