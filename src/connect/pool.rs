@@ -20,7 +20,7 @@ use tracing::debug;
 use super::keepalive;
 use super::stream::H2Stream;
 use super::{ConnectAuthority, ConnectHeaders, ConnectResponse, TunnelError};
-use crate::conn::{Abort, Conn, Io};
+use crate::conn::{Abort, Conn, CredentialsCurrent, Io};
 use crate::{BoxError, H2Config, Target};
 
 /// Target metadata: which pooled connections a tunnel may share. Tunnels with equal keys
@@ -140,9 +140,16 @@ struct PooledConn {
 impl PooledConn {
     /// Whether new streams may go on this connection: its task still runs and it has
     /// neither received a GOAWAY nor failed (h2 then refuses new streams at once).
+    /// Nor was it made with credentials that have since been replaced (a rotated client
+    /// certificate): it then drains, and the next tunnel dials afresh.
     fn usable(&self) -> bool {
         if self.closed.load(Ordering::Acquire) {
             return false;
+        }
+        if let Some(credentials) = self.metadata.get::<CredentialsCurrent>() {
+            if !credentials.is_current() {
+                return false;
+            }
         }
         let mut probe = self.sender.clone();
         let mut cx = Context::from_waker(std::task::Waker::noop());
