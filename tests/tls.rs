@@ -913,3 +913,35 @@ async fn file_source_picks_up_an_atomic_replace_and_refuses_a_broken_one() {
         fourth.chain[0].to_vec()
     );
 }
+
+#[tokio::test]
+async fn client_trusts_a_rotated_root_at_the_next_handshake() {
+    let old_ca = DemoCa::new("example.org");
+    let new_ca = DemoCa::new("example.org");
+    // The server already presents a certificate from the new root.
+    let (server, _meta) = terminating_server(
+        ServerConfigBuilder::new()
+            .default_cert(new_ca.server_cert(&["localhost"]))
+            .build()
+            .unwrap(),
+    )
+    .await;
+    let me = LiveIdentity::new(Credentials::new(
+        old_ca.server_cert(&["client.example.org"]),
+        [old_ca.root()],
+    ))
+    .unwrap();
+    let connector = TlsConnector::live(tcp::TcpConnector::new(), me.clone())
+        .sni(SniMode::Fixed("localhost".into()))
+        .handshake_timeout(Duration::from_secs(5));
+    let refused = connector
+        .clone()
+        .oneshot(Target::from(server.addr))
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, TlsError::Handshake(_)), "{refused}");
+    // Both roots during the rotation: the next handshake verifies.
+    me.set_roots([old_ca.root(), new_ca.root()]).unwrap();
+    let mut conn = connector.oneshot(Target::from(server.addr)).await.unwrap();
+    flows(&mut conn, 1).await;
+}

@@ -400,6 +400,12 @@ impl LiveIdentity {
 }
 
 impl IdentitySnapshot {
+    /// Whether `other` trusts and revokes exactly what this one does (a peer accepted under
+    /// one is accepted under the other).
+    pub(crate) fn same_trust(&self, other: &IdentitySnapshot) -> bool {
+        self.roots_der == other.roots_der && self.crls == other.crls
+    }
+
     fn roots_der(&self) -> Vec<CertificateDer<'static>> {
         self.roots_der.to_vec()
     }
@@ -684,5 +690,73 @@ pub struct FileWatch {
 impl Drop for FileWatch {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, content: &[u8]) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, content).unwrap();
+        path
+    }
+
+    fn files(dir: &Path, cert: &[u8], key: &[u8], roots: &[u8]) -> IdentityFiles {
+        IdentityFiles::new(
+            write(dir, "cert.pem", cert),
+            write(dir, "key.pem", key),
+            write(dir, "roots.pem", roots),
+        )
+    }
+
+    #[test]
+    fn unreadable_and_malformed_files_are_typed_errors() {
+        let dir = std::env::temp_dir().join(format!("proxystack-live-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let missing = IdentityFiles::new(dir.join("nope"), dir.join("nope"), dir.join("nope"));
+        assert!(matches!(missing.load(), Err(IdentityError::Read { .. })));
+
+        let no_cert = files(&dir, b"not pem", b"", b"");
+        let e = no_cert.load().unwrap_err();
+        assert!(
+            matches!(&e, IdentityError::Pem { path, .. } if path.ends_with("cert.pem")),
+            "{e}"
+        );
+
+        let big = vec![b'a'; usize::try_from(MAX_FILE_LEN).unwrap() + 1];
+        let too_large = files(&dir, &big, b"", b"");
+        assert!(matches!(
+            too_large.load(),
+            Err(IdentityError::FileTooLarge { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[cfg(feature = "demo-certs")]
+    #[test]
+    fn set_cert_keeps_roots_and_crls_and_counts_generations() {
+        let ca = crate::tls::demo::DemoCa::new("cluster.local");
+        let revoked = ca.workload_cert("ns", "gone");
+        let identity = LiveIdentity::new(
+            Credentials::new(ca.workload_cert("ns", "me"), [ca.root()])
+                .crls([ca.crl(&[&revoked]).unwrap()]),
+        )
+        .unwrap();
+        assert_eq!(identity.generation(), 1);
+        let before = identity.current();
+        assert_eq!(identity.set_cert(ca.workload_cert("ns", "me")).unwrap(), 2);
+        let after = identity.current();
+        assert!(after.same_trust(&before));
+        assert_eq!(after.crls().len(), 1);
+        assert_ne!(after.cert().chain, before.cert().chain);
+        // An unparsable CRL is refused like a bad certificate.
+        let bad_crl = CertificateRevocationListDer::from(vec![0x30, 0x00]);
+        assert!(matches!(
+            identity.set_crls([bad_crl]),
+            Err(IdentityError::Verifier(_))
+        ));
+        assert_eq!(identity.generation(), 2);
     }
 }

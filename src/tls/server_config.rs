@@ -313,11 +313,13 @@ impl LiveServerConfig {
         self.refreshed(|b| b.config.clone())
     }
 
-    /// Verifies a client chain accepted earlier against the current roots and revocation
-    /// lists (and trust domains); an error means the connection must end.
+    /// Verifies a client chain accepted earlier (at `verified_at`) against the current
+    /// roots and revocation lists (and trust domains); an error means the connection must
+    /// end.
     pub(crate) fn recheck_client(
         &self,
         chain: &[CertificateDer<'static>],
+        verified_at: UnixTime,
     ) -> Result<(), rustls::Error> {
         let Some(verifier) = self.refreshed(|b| b.verifier.clone()) else {
             return Ok(());
@@ -326,7 +328,7 @@ impl LiveServerConfig {
             return Ok(());
         };
         verifier
-            .verify_client_cert(end_entity, intermediates, UnixTime::now())
+            .verify_client_cert(end_entity, intermediates, verified_at)
             .map(|_| ())
     }
 

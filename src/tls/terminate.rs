@@ -130,10 +130,14 @@ where
             // Subscribed before the handshake: a change during it is seen afterwards.
             let (acceptor, live) = match &layer.source {
                 Source::Static(acceptor) => (acceptor.clone(), None),
-                Source::Live(live) => (
-                    TlsAcceptor::from(live.current()),
-                    Some((live.clone(), live.identity().subscribe())),
-                ),
+                Source::Live(live) => {
+                    // In this order: the snapshot is never newer than the config, so a
+                    // change that lands in between is re-checked, not skipped.
+                    let changes = live.identity().subscribe();
+                    let snapshot = changes.borrow().clone();
+                    let acceptor = TlsAcceptor::from(live.current());
+                    (acceptor, Some((live.clone(), changes, snapshot)))
+                }
             };
             let tls = match tokio::time::timeout(layer.handshake_timeout, acceptor.accept(io)).await
             {
@@ -158,6 +162,9 @@ where
                 "TLS established"
             );
             let peer_chain = session.peer_certificates().map(<[_]>::to_vec);
+            // Re-checks verify as of now-at-handshake: a revocation or a removed root ends
+            // the connection, a client certificate that merely expired since does not.
+            let verified_at = rustls::pki_types::UnixTime::now();
             let served = async move {
                 inner
                     .oneshot(Conn::from_parts(BoxIo::new(tls), metadata))
@@ -165,13 +172,24 @@ where
                     .map_err(|e| TlsError::Inner(e.into()))
             };
             match (live, peer_chain) {
-                (Some((live, changes)), Some(chain)) => {
-                    while_still_valid(served, &live, changes, &chain).await
+                (Some((live, changes, snapshot)), Some(chain)) => {
+                    let at_handshake = Checked {
+                        snapshot,
+                        time: verified_at,
+                    };
+                    while_still_valid(served, &live, changes, &chain, at_handshake).await
                 }
                 _ => served.await,
             }
         })
     }
+}
+
+/// What a connection's peer chain was last verified against, and the time it was
+/// verified at.
+struct Checked {
+    snapshot: Arc<super::IdentitySnapshot>,
+    time: rustls::pki_types::UnixTime,
 }
 
 /// Runs `served` until it ends or a change of the identity makes `chain` (the client's)
@@ -181,6 +199,7 @@ async fn while_still_valid<F>(
     live: &LiveServerConfig,
     mut changes: tokio::sync::watch::Receiver<Arc<super::IdentitySnapshot>>,
     chain: &[rustls::pki_types::CertificateDer<'static>],
+    mut checked: Checked,
 ) -> Result<(), TlsError>
 where
     F: Future<Output = Result<(), TlsError>>,
@@ -194,7 +213,13 @@ where
                     // The identity is gone (cannot happen while `live` holds it): serve on.
                     return served.await;
                 }
-                if let Err(e) = live.recheck_client(chain) {
+                let now = changes.borrow_and_update().clone();
+                if now.same_trust(&checked.snapshot) {
+                    // A new certificate of our own only: nothing about the peer changed.
+                    continue;
+                }
+                checked.snapshot = now;
+                if let Err(e) = live.recheck_client(chain, checked.time) {
                     warn!(
                         error = %e,
                         tls.peer_identity = chain
