@@ -945,3 +945,59 @@ async fn client_trusts_a_rotated_root_at_the_next_handshake() {
     let mut conn = connector.oneshot(Target::from(server.addr)).await.unwrap();
     flows(&mut conn, 1).await;
 }
+
+/// The server certificate `openssl s_client` received, as the PEM it prints.
+async fn openssl_served_pem(addr: SocketAddr, ca_file: &std::path::Path) -> String {
+    let mut child = tokio::process::Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &addr.to_string(),
+            "-servername",
+            "localhost",
+        ])
+        .args(["-verify_hostname", "localhost", "-CAfile"])
+        .arg(ca_file)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdin.take()); // EOF: s_client exits after the handshake
+    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("Verify return code: 0 (ok)"), "{text}");
+    text
+}
+
+#[tokio::test]
+async fn openssl_s_client_sees_the_rotated_certificate() {
+    if !have("openssl") {
+        println!("SKIPPED: openssl not installed");
+        return;
+    }
+    let ca = DemoCa::new("example.org");
+    let first = ca.server_cert(&["localhost"]);
+    let identity = LiveIdentity::new(Credentials::new(first.clone(), [ca.root()])).unwrap();
+    let (server, _meta) = live_server(ServerConfigBuilder::new(), &identity).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.root_pem()).unwrap();
+
+    let seen = openssl_served_pem(server.addr, &ca_file).await;
+    assert!(
+        seen.contains(&pem("CERTIFICATE", &first.chain[0])),
+        "{seen}"
+    );
+    let second = ca.server_cert(&["localhost"]);
+    identity.set_cert(second.clone()).unwrap();
+    let seen = openssl_served_pem(server.addr, &ca_file).await;
+    assert!(
+        seen.contains(&pem("CERTIFICATE", &second.chain[0])),
+        "{seen}"
+    );
+    assert!(!seen.contains(&pem("CERTIFICATE", &first.chain[0])));
+}
