@@ -26,6 +26,10 @@
 //! on the other side (see [`connect`](crate::connect)); `END_STREAM` ↔ FIN as usual, and a
 //! received `RST_STREAM(CANCEL)` is read as a FIN, as ztunnel sends it.
 //!
+//! Certificates rotate without a restart with [`Inbound::live`] and
+//! [`Connector::hbone_live`] (a [`LiveIdentity`] as the source): see
+//! [`tls::LiveIdentity`](crate::tls::LiveIdentity) for what changes when.
+//!
 //! Double HBONE is the same types nested: an unpooled HBONE connector whose TCP layer is
 //! replaced by a pooled HBONE connector to the gateway ([`Connector::through`]).
 //!
