@@ -28,7 +28,7 @@
 //!
 //! Certificates rotate without a restart with [`Inbound::live`] and
 //! [`Connector::hbone_live`] (a [`LiveIdentity`] as the source): see
-//! [`tls::LiveIdentity`](crate::tls::LiveIdentity) for what changes when.
+//! [`tls::LiveIdentity`] for what changes when.
 //!
 //! Double HBONE is the same types nested: an unpooled HBONE connector whose TCP layer is
 //! replaced by a pooled HBONE connector to the gateway ([`Connector::through`]).

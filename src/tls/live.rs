@@ -203,8 +203,22 @@ impl IdentitySnapshot {
     }
 }
 
-/// Changeable identity material; cheap to clone (clones share it). See the
-/// [module docs](self).
+/// Changeable identity material: the certificate chain and key a proxy presents, the roots
+/// it trusts and the revocation lists it applies; cheap to clone (clones share it).
+///
+/// It holds the current [`IdentitySnapshot`] and a generation that grows by one on every
+/// accepted change; every change is validated first (see [`set`](Self::set)) and a refused
+/// one leaves the material in use. Sources: code ([`set`](Self::set),
+/// [`set_cert`](Self::set_cert), [`set_roots`](Self::set_roots),
+/// [`set_crls`](Self::set_crls), e.g. from a CA client) and files ([`IdentityFiles`]).
+/// Consumers: [`ServerConfigBuilder::build_live`](super::ServerConfigBuilder::build_live)
+/// for [`TerminateLayer::live`](super::TerminateLayer::live) and `hbone::Inbound::live`,
+/// [`TlsConnector::live`](super::TlsConnector::live) and `hbone::Connector::hbone_live`.
+/// New handshakes use the new material at once, open connections keep theirs, pooled
+/// connections made with an older client certificate drain, and a server closes open
+/// connections whose client certificate new roots or revocation lists no longer accept.
+/// It also implements rustls's [`ResolvesServerCert`] and [`ResolvesClientCert`] for
+/// hand-built rustls configs.
 ///
 /// ```
 /// # #[cfg(feature = "demo-certs")] {

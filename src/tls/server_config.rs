@@ -215,7 +215,7 @@ impl ServerConfigBuilder {
         default_cert: Option<CertKey>,
         client_auth: &ClientAuth,
         crls: &[CertificateRevocationListDer<'static>],
-    ) -> Result<(Arc<ServerConfig>, Option<Arc<dyn ClientCertVerifier>>), TlsConfigError> {
+    ) -> Result<(Arc<ServerConfig>, Option<Verifier>), TlsConfigError> {
         let certified = |c: CertKey| -> Result<Arc<CertifiedKey>, TlsConfigError> {
             Ok(Arc::new(CertifiedKey::from_der(
                 c.chain,
@@ -255,7 +255,7 @@ impl ServerConfigBuilder {
                     .build()?,
             ),
         };
-        let verifier: Option<Arc<dyn ClientCertVerifier>> = match verifier {
+        let verifier: Option<Verifier> = match verifier {
             Some(v) if !self.trust_domains.is_empty() => Some(Arc::new(
                 TrustDomainClientVerifier::new(v, self.trust_domains.clone()),
             )),
@@ -288,10 +288,13 @@ struct LiveInner {
     built: Mutex<Built>,
 }
 
+/// The client-certificate verifier a config uses.
+type Verifier = Arc<dyn ClientCertVerifier>;
+
 struct Built {
     generation: u64,
     config: Arc<ServerConfig>,
-    verifier: Option<Arc<dyn ClientCertVerifier>>,
+    verifier: Option<Verifier>,
 }
 
 impl std::fmt::Debug for LiveServerConfig {
