@@ -112,7 +112,8 @@ impl<C> TlsConnector<C> {
     }
 
     /// Presents the certificate of `identity` and verifies servers against its roots, as
-    /// they are at each handshake; otherwise as [`new`](Self::new). Connections it makes
+    /// they are at each handshake ([`client_cert`](Self::client_cert) is then not used);
+    /// otherwise as [`new`](Self::new). Connections it makes
     /// carry [`CredentialsCurrent`] metadata, so a pool over it (such as
     /// [`H2ConnectPool`](crate::connect::H2ConnectPool)) opens no new tunnels on a
     /// connection made with an older certificate and lets it drain.

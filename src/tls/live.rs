@@ -420,6 +420,14 @@ impl IdentitySnapshot {
         self.roots_der == other.roots_der && self.crls == other.crls
     }
 
+    /// Whether `c` is exactly the material in use.
+    fn holds(&self, c: &Credentials) -> bool {
+        self.cert.chain == c.cert.chain
+            && self.cert.key.secret_der() == c.cert.key.secret_der()
+            && *self.roots_der == *c.roots
+            && *self.crls == *c.crls
+    }
+
     fn roots_der(&self) -> Vec<CertificateDer<'static>> {
         self.roots_der.to_vec()
     }
@@ -597,26 +605,45 @@ impl IdentityFiles {
         let files = self.clone();
         let identity = identity.clone();
         let task = crate::task::spawn(async move {
-            // What was last applied or refused: the same content is not tried again.
-            let mut last: Option<Vec<Vec<u8>>> = files.read_all().ok();
+            // What was last applied or refused: the same content is not tried again. None
+            // at first, so that a change between `load` and `watch` is not missed (content
+            // equal to the material in use is recognised and not applied twice).
+            let mut last: Option<Vec<Vec<u8>>> = None;
+            let mut unreadable_logged = false;
             let mut ticker = tokio::time::interval(files.interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            ticker.tick().await;
             loop {
                 ticker.tick().await;
-                let Ok(first) = files.read_all() else {
-                    // Missing for a moment (a replace in progress) or gone: keep what we have.
-                    continue;
+                // Twice: the files must agree with themselves, or a writer is mid-way. On a
+                // blocking thread: a network file system may be slow to answer.
+                let reader = files.clone();
+                let read = tokio::task::spawn_blocking(move || {
+                    let first = reader.read_all()?;
+                    let second = reader.read_all()?;
+                    Ok::<_, IdentityError>((second == first).then_some(first))
+                })
+                .await;
+                let content = match read {
+                    Ok(Ok(Some(content))) => content,
+                    // A writer is mid-way: look again at the next tick.
+                    Ok(Ok(None)) => continue,
+                    Ok(Err(e)) => {
+                        // Missing for a moment (a replace in progress) or gone: keep what
+                        // we have, and say so once.
+                        if !unreadable_logged {
+                            warn!(error = %e, "identity files unreadable; the current identity stays in use");
+                            unreadable_logged = true;
+                        }
+                        continue;
+                    }
+                    Err(_) => continue,
                 };
-                if last.as_ref() == Some(&first) {
+                unreadable_logged = false;
+                if last.as_ref() == Some(&content) {
                     continue;
                 }
-                // Read again: the files must agree with themselves, or a writer is mid-way.
-                match files.read_all() {
-                    Ok(second) if second == first => {}
-                    _ => continue,
-                }
-                match parse_files(&files, &first) {
+                match parse_files(&files, &content) {
+                    Ok(credentials) if identity.current().holds(&credentials) => {}
                     // `set` logs what it applies or refuses.
                     Ok(credentials) => {
                         let _ = identity.set(credentials);
@@ -626,7 +653,7 @@ impl IdentityFiles {
                         "identity files not applied; the current identity stays in use"
                     ),
                 }
-                last = Some(first);
+                last = Some(content);
             }
         });
         FileWatch { task }
