@@ -1001,3 +1001,26 @@ async fn openssl_s_client_sees_the_rotated_certificate() {
     );
     assert!(!seen.contains(&pem("CERTIFICATE", &first.chain[0])));
 }
+
+#[tokio::test]
+async fn file_source_reads_revocation_lists_and_refuses_an_empty_one() {
+    let ca = DemoCa::new("cluster.local");
+    let dir = tempfile::tempdir().unwrap();
+    let me = ca.workload_cert("default", "server");
+    publish(dir.path(), 1, &me, ca.root_pem());
+    let crl = ca.crl(&[&ca.workload_cert("default", "gone")]).unwrap();
+    std::fs::write(dir.path().join("crl.pem"), pem("X509 CRL", &crl)).unwrap();
+    std::fs::write(dir.path().join("empty.pem"), "").unwrap();
+    let files = |crl: &str| {
+        IdentityFiles::new(
+            dir.path().join("cert.pem"),
+            dir.path().join("key.pem"),
+            dir.path().join("roots.pem"),
+        )
+        .crls([dir.path().join(crl)])
+    };
+    let identity = LiveIdentity::new(files("crl.pem").load().unwrap()).unwrap();
+    assert_eq!(identity.current().crls(), &[crl]);
+    let refused = files("empty.pem").load().unwrap_err();
+    assert!(matches!(refused, IdentityError::Pem { .. }), "{refused}");
+}

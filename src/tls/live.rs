@@ -711,8 +711,13 @@ fn parse_files(files: &IdentityFiles, contents: &[Vec<u8>]) -> Result<Credential
     let roots = certs(2, &files.roots)?;
     let mut crls = Vec::new();
     for (i, path) in files.crls.iter().enumerate() {
+        let before = crls.len();
         for crl in CertificateRevocationListDer::pem_slice_iter(content(3 + i)) {
             crls.push(crl.map_err(|e| pem_err(path, e.to_string()))?);
+        }
+        if crls.len() == before {
+            // A configured list that says nothing would revoke nothing: refuse it.
+            return Err(pem_err(path, "no X509 CRL block".into()));
         }
     }
     Ok(Credentials {
