@@ -1,6 +1,7 @@
 //! TLS termination vs plaintext, in one run: bulk throughput through a relay that
 //! terminates TLS vs the same relay in plaintext, and handshakes/s with and without client
-//! certificates. Prints the ratios at the end.
+//! certificates, with static material and with a `LiveIdentity` (rotatable) on both sides.
+//! Prints the ratios at the end.
 //!
 //! `cargo bench --bench tls --all-features` (add `-- --quick` for a shorter run).
 
@@ -14,7 +15,10 @@ use std::time::Instant;
 use criterion::{criterion_group, Criterion, Throughput};
 use proxystack::conn::Metadata;
 use proxystack::tls::demo::DemoCa;
-use proxystack::tls::{ClientAuth, ServerConfigBuilder, SniMode, TerminateLayer, TlsConnector};
+use proxystack::tls::{
+    ClientAuth, Credentials, LiveIdentity, ServerConfigBuilder, SniMode, TerminateLayer,
+    TlsConnector,
+};
 use proxystack::{drain, tcp, Target};
 use support::{get, listen, record};
 use tokio::net::TcpStream;
@@ -33,7 +37,17 @@ fn benches(c: &mut Criterion) {
     let rt = support::runtime();
     let ca = DemoCa::new("cluster.local");
     let (_signal, watch) = drain::channel();
-    let (plain, tls, echo_tls, echo_mtls) = rt.block_on(async {
+    let server_identity = LiveIdentity::new(Credentials::new(
+        ca.workload_cert("default", "server"),
+        [ca.root()],
+    ))
+    .unwrap();
+    let client_identity = LiveIdentity::new(Credentials::new(
+        ca.workload_cert("default", "client"),
+        [ca.root()],
+    ))
+    .unwrap();
+    let (plain, tls, echo_tls, echo_mtls, echo_mtls_live) = rt.block_on(async {
         let sink = support::sink().await;
         let echo = support::echo().await;
         let server_tls = ServerConfigBuilder::new()
@@ -45,6 +59,13 @@ fn benches(c: &mut Criterion) {
             .client_auth(ClientAuth::Required(ca.roots()))
             .build()
             .unwrap();
+        let server_mtls_live = ServerConfigBuilder::new()
+            .client_auth(ClientAuth::Required(ca.roots()))
+            .build_live(&server_identity)
+            .unwrap();
+        let terminate_live = ServiceBuilder::new()
+            .layer(TerminateLayer::live(server_mtls_live))
+            .service(relay_to(echo));
         let terminate = |cfg: Arc<rustls::ServerConfig>, to| {
             ServiceBuilder::new()
                 .layer(TerminateLayer::new(cfg))
@@ -55,6 +76,7 @@ fn benches(c: &mut Criterion) {
             listen(terminate(server_tls.clone(), sink), watch.clone()).await,
             listen(terminate(server_tls, echo), watch.clone()).await,
             listen(terminate(server_mtls, echo), watch.clone()).await,
+            listen(terminate_live, watch.clone()).await,
         )
     });
     let tls_client = TlsConnector::new(tcp::TcpConnector::new(), ca.roots())
@@ -62,6 +84,9 @@ fn benches(c: &mut Criterion) {
     let mtls_client = TlsConnector::new(tcp::TcpConnector::new(), ca.roots())
         .client_cert(ca.workload_cert("default", "client"))
         .unwrap()
+        .sni(SniMode::None)
+        .expect_identities(ca.workload_cert("default", "server").spiffe_ids());
+    let mtls_live_client = TlsConnector::live(tcp::TcpConnector::new(), client_identity)
         .sni(SniMode::None)
         .expect_identities(ca.workload_cert("default", "server").spiffe_ids());
 
@@ -98,6 +123,7 @@ fn benches(c: &mut Criterion) {
     for (id, client, addr) in [
         ("tls", &tls_client, echo_tls),
         ("mtls", &mtls_client, echo_mtls),
+        ("mtls_live", &mtls_live_client, echo_mtls_live),
     ] {
         g.bench_function(id, |b| {
             b.iter_custom(|iters| {
@@ -126,7 +152,7 @@ fn summary() {
             p / t
         );
     }
-    for id in ["tls", "mtls"] {
+    for id in ["tls", "mtls", "mtls_live"] {
         if let Some(h) = get(&format!("handshake/{id}")) {
             println!(
                 "handshakes/s ({id}, incl. connect and 1-byte echo): {:.0}",

@@ -304,3 +304,30 @@ where
 pub fn box_inbound<S: BoxableInbound>(service: S) -> BoxInbound {
     service.boxed()
 }
+
+/// Metadata: whether the credentials a connection was made with (e.g. a TLS client
+/// certificate) are still the current ones. A pool that finds them outdated opens no new
+/// streams on the connection and lets the open ones finish, so every new stream presents
+/// the current credentials. [`TlsConnector::live`](crate::tls::TlsConnector::live) sets it.
+#[derive(Clone)]
+pub struct CredentialsCurrent(std::sync::Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl CredentialsCurrent {
+    /// Asks `check` each time the question comes up.
+    pub fn new(check: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        Self(std::sync::Arc::new(check))
+    }
+
+    /// Whether the credentials are still current.
+    pub fn is_current(&self) -> bool {
+        (self.0)()
+    }
+}
+
+impl fmt::Debug for CredentialsCurrent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("CredentialsCurrent")
+            .field(&self.is_current())
+            .finish()
+    }
+}

@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue};
 use proxystack::conn::{Metadata, PeerAddr};
-use proxystack::io::BoxIo;
 use proxystack::connect::{lookup, ConnectHeaders, TunnelInfo, TunnelRequest};
 use proxystack::drain::Watch;
 use proxystack::hbone::{self, HboneHeaders, HboneTarget, Inbound};
 use proxystack::identity::{PeerIdentity, SpiffeId};
+use proxystack::io::BoxIo;
 use proxystack::proxy_protocol::{
     Command, ProxiedAddrs, ProxiedBy, ProxyHeader, ProxyProtocolConnector, ProxyProtocolLayer,
     SendProxyHeader, TrustedSources, PP2_TYPE_AUTHORITY, PP2_TYPE_UNIQUE_ID,

@@ -21,7 +21,7 @@ use super::keepalive;
 use super::stream::H2Stream;
 use super::{ConnectAuthority, ConnectHeaders, ConnectResponse, TunnelError};
 use crate::admission::Abort;
-use crate::conn::Conn;
+use crate::conn::{Conn, CredentialsCurrent};
 use crate::io::Io;
 use crate::{BoxError, H2Config, Target};
 
@@ -142,9 +142,16 @@ struct PooledConn {
 impl PooledConn {
     /// Whether new streams may go on this connection: its task still runs and it has
     /// neither received a GOAWAY nor failed (h2 then refuses new streams at once).
+    /// Nor was it made with credentials that have since been replaced (a rotated client
+    /// certificate): it then drains, and the next tunnel dials afresh.
     fn usable(&self) -> bool {
         if self.closed.load(Ordering::Acquire) {
             return false;
+        }
+        if let Some(credentials) = self.metadata.get::<CredentialsCurrent>() {
+            if !credentials.is_current() {
+                return false;
+            }
         }
         let mut probe = self.sender.clone();
         let mut cx = Context::from_waker(std::task::Waker::noop());

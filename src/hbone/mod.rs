@@ -26,6 +26,10 @@
 //! on the other side (see [`connect`](crate::connect)); `END_STREAM` ↔ FIN as usual, and a
 //! received `RST_STREAM(CANCEL)` is read as a FIN, as ztunnel sends it.
 //!
+//! Certificates rotate without a restart with [`Inbound::live`] and
+//! [`Connector::hbone_live`] (a [`LiveIdentity`] as the source): see
+//! [`tls::LiveIdentity`] for what changes when.
+//!
 //! Double HBONE is the same types nested: an unpooled HBONE connector whose TCP layer is
 //! replaced by a pooled HBONE connector to the gateway ([`Connector::through`]).
 //!
@@ -53,8 +57,8 @@ use crate::identity::SpiffeId;
 use crate::io::BoxIo;
 use crate::tcp::TcpConnector;
 use crate::tls::{
-    self, CertKey, ClientAuth, ExpectedIdentities, ServerConfigBuilder, SniMode, TerminateLayer,
-    TerminateService, TlsConfigError, TlsConnector,
+    self, CertKey, ClientAuth, ExpectedIdentities, LiveIdentity, ServerConfigBuilder, SniMode,
+    TerminateLayer, TerminateService, TlsConfigError, TlsConnector,
 };
 use crate::Target;
 
@@ -97,6 +101,8 @@ pub struct Inbound {
     check_local_ip: bool,
     illegal_ports: Vec<u16>,
     connect: Option<Arc<dyn Fn(ConnectTerminate) -> ConnectTerminate + Send + Sync>>,
+    /// Certificate, roots and CRLs that can change while serving ([`Inbound::live`]).
+    live: Option<LiveIdentity>,
 }
 
 impl std::fmt::Debug for Inbound {
@@ -126,7 +132,20 @@ impl Inbound {
             check_local_ip: true,
             illegal_ports: ILLEGAL_PORTS.to_vec(),
             connect: None,
+            live: None,
         }
+    }
+
+    /// Serves HBONE with the certificate, roots and revocation lists of `identity` as they
+    /// are at each handshake: a rotated certificate is presented to the next client, and an
+    /// open connection whose client certificate a new revocation list revokes is closed
+    /// with its tunnels (see [`TerminateLayer::live`]). Clients must be in the trust domain
+    /// of the identity's certificate at the time of this call.
+    pub fn live(identity: LiveIdentity) -> Self {
+        let current = identity.current();
+        let mut inbound = Self::new(current.cert().clone(), current.roots().clone());
+        inbound.live = Some(identity);
+        inbound
     }
 
     /// Accept clients from these trust domains instead.
@@ -195,9 +214,12 @@ impl Inbound {
             .default_cert(self.cert.clone())
             .client_auth(ClientAuth::Required(self.roots.clone()))
             .trust_domains(self.trust_domains.clone())
-            .crls(self.crls.clone())
-            .build()?;
-        Ok(TerminateLayer::new(tls).layer(self.tunnels(inner)))
+            .crls(self.crls.clone());
+        let layer = match &self.live {
+            Some(identity) => TerminateLayer::live(tls.build_live(identity)?),
+            None => TerminateLayer::new(tls.build()?),
+        };
+        Ok(layer.layer(self.tunnels(inner)))
     }
 
     /// The CONNECT half of [`service`](Self::service) without TLS: HTTP/2 only, the
@@ -302,6 +324,25 @@ impl Connector {
         roots: Arc<RootCertStore>,
     ) -> Result<Self, TlsConfigError> {
         Ok(H2ConnectPool::new(hbone_tls(tcp, cert, roots)?))
+    }
+
+    /// An HBONE client presenting the certificate of `identity`, trusting its roots, as they
+    /// are at each handshake. After a rotation, pooled connections made with the old
+    /// certificate take no new tunnels and drain; the next tunnel dials a fresh connection
+    /// presenting the new one.
+    pub fn hbone_live(identity: LiveIdentity) -> Self {
+        Self::hbone_live_with(TcpConnector::new(), identity)
+    }
+
+    /// [`hbone_live`](Self::hbone_live), dialling with `tcp` (see [`hbone_with`](Self::hbone_with)).
+    pub fn hbone_live_with(tcp: TcpConnector, identity: LiveIdentity) -> Self {
+        H2ConnectPool::new(
+            TlsConnector::live(tcp, identity)
+                .provider(tls::aes_gcm_provider())
+                .tls13_only()
+                .alpn(["h2"])
+                .sni(SniMode::None),
+        )
     }
 }
 

@@ -16,9 +16,10 @@ use tokio_rustls::client::TlsStream;
 use tower::{Service, ServiceExt};
 
 use super::verify::PinnedServerVerifier;
+use super::LiveIdentity;
 use super::{record_session, CertKey, TlsConfigError, TlsError};
 use crate::addr::Host;
-use crate::conn::Conn;
+use crate::conn::{Conn, CredentialsCurrent};
 use crate::identity::SpiffeId;
 use crate::io::Io;
 use crate::{BoxError, Target};
@@ -63,7 +64,14 @@ pub struct ExpectedIdentities(pub Vec<SpiffeId>);
 pub struct TlsConnector<C> {
     inner: C,
     settings: Arc<Settings>,
-    configs: Arc<Mutex<HashMap<Vec<SpiffeId>, Arc<ClientConfig>>>>,
+    configs: Arc<Mutex<ConfigCache>>,
+}
+
+/// Client configs per expected-identity set, for one identity generation.
+#[derive(Default)]
+struct ConfigCache {
+    generation: u64,
+    by_expected: HashMap<Vec<SpiffeId>, Arc<ClientConfig>>,
 }
 
 #[derive(Clone)]
@@ -76,6 +84,8 @@ struct Settings {
     expected: Vec<SpiffeId>,
     tls12: bool,
     handshake_timeout: Duration,
+    /// When set, client certificate and roots come from here at every handshake.
+    identity: Option<LiveIdentity>,
 }
 
 /// Configs are cached per expected-identity set; past this many sets the cache restarts,
@@ -97,8 +107,33 @@ impl<C> TlsConnector<C> {
                 expected: Vec::new(),
                 tls12: true,
                 handshake_timeout: Duration::from_secs(10),
+                identity: None,
             },
         )
+    }
+
+    /// Presents the certificate of `identity` and verifies servers against its roots, as
+    /// they are at each handshake ([`client_cert`](Self::client_cert) is then not used);
+    /// otherwise as [`new`](Self::new). Connections it makes
+    /// carry [`CredentialsCurrent`] metadata, so a pool over it (such as
+    /// [`H2ConnectPool`](crate::connect::H2ConnectPool)) opens no new tunnels on a
+    /// connection made with an older certificate and lets it drain.
+    ///
+    /// ```
+    /// # #[cfg(feature = "demo-certs")] {
+    /// use proxystack::tls::{demo::DemoCa, Credentials, LiveIdentity, TlsConnector};
+    /// use proxystack::tcp::TcpConnector;
+    /// let ca = DemoCa::new("cluster.local");
+    /// let me = LiveIdentity::new(Credentials::new(ca.workload_cert("default", "client"), [ca.root()])).unwrap();
+    /// let connector = TlsConnector::live(TcpConnector::new(), me.clone()).alpn(["h2"]);
+    /// me.set_cert(ca.workload_cert("default", "client")).unwrap(); // next handshake presents it
+    /// # let _ = connector; }
+    /// ```
+    pub fn live(inner: C, identity: LiveIdentity) -> Self {
+        let roots = identity.current().roots().clone();
+        let provider = identity.provider().clone();
+        let this = Self::new(inner, roots).provider(provider);
+        this.with(|s| s.identity = Some(identity))
     }
 
     fn from_settings(inner: C, settings: Settings) -> Self {
@@ -157,14 +192,27 @@ impl<C> TlsConnector<C> {
         self.with(|s| s.handshake_timeout = timeout)
     }
 
-    fn config_for(&self, expected: &[SpiffeId]) -> Result<Arc<ClientConfig>, TlsError> {
+    /// The config for `expected` and the identity generation it was made with (0: static).
+    fn config_for(&self, expected: &[SpiffeId]) -> Result<(Arc<ClientConfig>, u64), TlsError> {
         let mut cache = self.configs.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(config) = cache.get(expected) {
-            return Ok(config.clone());
-        }
         let s = &self.settings;
+        let snapshot = s.identity.as_ref().map(LiveIdentity::current);
+        let generation = snapshot.as_ref().map_or(0, |c| c.generation());
+        if cache.generation != generation {
+            // New material: configs made with the old certificate or roots are dropped.
+            cache.by_expected.clear();
+            cache.generation = generation;
+        }
+        if let Some(config) = cache.by_expected.get(expected) {
+            return Ok((config.clone(), generation));
+        }
+        let roots = snapshot.as_ref().map_or(&s.roots, |c| c.roots());
+        let client_cert = snapshot
+            .as_ref()
+            .map(|c| c.cert())
+            .or(s.client_cert.as_ref());
         let verifier = Arc::new(PinnedServerVerifier::new(
-            s.roots.clone(),
+            roots.clone(),
             expected.to_vec(),
             s.provider.clone(),
         ));
@@ -179,7 +227,7 @@ impl<C> TlsConnector<C> {
             .map_err(config_err)?
             .dangerous()
             .with_custom_certificate_verifier(verifier);
-        let mut config = match &s.client_cert {
+        let mut config = match client_cert {
             Some(c) => builder
                 .with_client_auth_cert(c.chain.clone(), c.key.clone_key())
                 .map_err(config_err)?,
@@ -189,11 +237,11 @@ impl<C> TlsConnector<C> {
         config.enable_sni = s.sni != SniMode::None;
         config.resumption = Resumption::disabled();
         let config = Arc::new(config);
-        if cache.len() >= CONFIG_CACHE_LIMIT {
-            cache.clear();
+        if cache.by_expected.len() >= CONFIG_CACHE_LIMIT {
+            cache.by_expected.clear();
         }
-        cache.insert(expected.to_vec(), config.clone());
-        Ok(config)
+        cache.by_expected.insert(expected.to_vec(), config.clone());
+        Ok((config, generation))
     }
 
     fn server_name(&self, target: &Target) -> ServerName<'static> {
@@ -243,8 +291,9 @@ where
         let server_name = self.server_name(&target);
         let timeout = self.settings.handshake_timeout;
         let inner = self.inner.clone();
+        let identity = self.settings.identity.clone();
         Box::pin(async move {
-            let config = config?;
+            let (config, generation) = config?;
             let conn = inner
                 .oneshot(target)
                 .await
@@ -258,6 +307,11 @@ where
                 Err(_) => return Err(TlsError::HandshakeTimeout(timeout)),
             };
             record_session(&mut metadata, tls.get_ref().1, None);
+            if let Some(identity) = identity {
+                metadata.insert(CredentialsCurrent::new(move || {
+                    identity.generation() == generation
+                }));
+            }
             Ok(Conn::from_parts(tls, metadata))
         })
     }

@@ -30,6 +30,10 @@ pub enum TlsError {
     /// No ClientHello arrived in time.
     #[error("no TLS ClientHello within {0:?}")]
     PeekTimeout(Duration),
+    /// The peer's certificate stopped verifying after the identity's roots or revocation
+    /// lists changed (e.g. it was revoked); the connection was closed.
+    #[error("peer certificate no longer valid")]
+    PeerNoLongerValid(#[source] rustls::Error),
     /// The inner service failed.
     #[error("service behind TLS failed")]
     Inner(#[source] BoxError),

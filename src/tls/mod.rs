@@ -13,10 +13,15 @@
 //!   URI SAN must be one of the expected SPIFFE IDs, whatever its DNS names say.
 //! * [`demo`] (feature `demo-certs`) makes an in-memory CA for examples and tests.
 //!
+//! * [`LiveIdentity`] holds certificate, key, roots and CRLs that change while the proxy
+//!   runs (set from code, or polled from files with [`IdentityFiles`]);
+//!   [`TerminateLayer::live`] and [`TlsConnector::live`] use the current material for
+//!   every new handshake, and a server closes open connections whose client certificate a
+//!   new revocation list revokes.
+//!
 //! Built on rustls with the `ring` provider. Not here: session resumption (off, as in
 //! ztunnel), OCSP stapling, CRLs for *server* certificates (client certificates can be
-//! checked against CRLs: [`ServerConfigBuilder::crls`]), re-checking open connections when
-//! a list changes, ECH, TLS 1.0/1.1.
+//! checked against CRLs: [`ServerConfigBuilder::crls`]), ECH, TLS 1.0/1.1.
 
 pub mod client_hello;
 mod connector;
@@ -25,6 +30,7 @@ mod connector;
 pub mod demo;
 mod error;
 mod keys;
+mod live;
 mod peek;
 mod server_config;
 mod terminate;
@@ -35,8 +41,12 @@ use std::sync::Arc;
 pub use connector::{ExpectedIdentities, SniMode, TlsConnector};
 pub use error::{IdentityMismatch, TlsConfigError, TlsError};
 pub use keys::{load_pem_certs, spiffe_ids, CertKey};
+pub use live::{
+    Credentials, FileWatch, IdentityError, IdentityFiles, IdentitySnapshot, LiveIdentity,
+    LiveIdentityBuilder, MAX_FILE_LEN,
+};
 pub use peek::{PeekLayer, PeekService};
-pub use server_config::{ClientAuth, ServerConfigBuilder, UnknownSni};
+pub use server_config::{ClientAuth, LiveServerConfig, ServerConfigBuilder, UnknownSni};
 pub use terminate::{TerminateLayer, TerminateService};
 pub use verify::{PinnedServerVerifier, TrustDomainClientVerifier};
 
@@ -44,6 +54,7 @@ use crate::identity::PeerIdentity;
 /// The rustls types that appear in this module's signatures, re-exported so that a user
 /// needs no direct rustls dependency to call them (and cannot pick a mismatched version).
 pub use rustls::{
+    client::ResolvesClientCert,
     crypto::CryptoProvider,
     pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName},
     server::ResolvesServerCert,

@@ -2,14 +2,16 @@
 //! versions, client certificates.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::CertificateRevocationListDer;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{RootCertStore, ServerConfig};
 
+use super::live::{IdentitySnapshot, LiveIdentity};
 use super::verify::TrustDomainClientVerifier;
 use super::{CertKey, TlsConfigError};
 
@@ -132,8 +134,9 @@ impl ServerConfigBuilder {
     /// Certificate revocation lists (DER) for client certificates: a revoked client is
     /// refused with a `certificate_revoked` alert. Every certificate of a client's chain
     /// must be covered by a list from its issuer (webpki's default: an unknown status is a
-    /// refusal). The lists are read when the config is built; connections already open are
-    /// not re-checked when a list changes (build a new config, as for certificate rotation).
+    /// refusal). The lists are read when the config is built; to change them while serving,
+    /// and to close open connections they newly revoke, give them to a
+    /// [`LiveIdentity`] and use [`build_live`](Self::build_live).
     pub fn crls(
         mut self,
         crls: impl IntoIterator<Item = CertificateRevocationListDer<'static>>,
@@ -156,6 +159,63 @@ impl ServerConfigBuilder {
 
     /// Builds the configuration.
     pub fn build(self) -> Result<Arc<ServerConfig>, TlsConfigError> {
+        let (config, _) =
+            self.assemble(self.default_cert.clone(), &self.client_auth, &self.crls)?;
+        Ok(config)
+    }
+
+    /// Builds a configuration that follows `identity`: its certificate is the default
+    /// certificate (certificates for names given with [`cert_for`](Self::cert_for) stay as
+    /// they are), and with client authentication on, its roots replace the roots given in
+    /// [`ClientAuth`] and its revocation lists add to [`crls`](Self::crls). A new
+    /// `ServerConfig` is made on the first handshake after each change, so new handshakes
+    /// use the new material at once and open connections keep theirs.
+    ///
+    /// ```
+    /// # #[cfg(feature = "demo-certs")] {
+    /// use proxystack::tls::{demo::DemoCa, Credentials, LiveIdentity, ServerConfigBuilder, TerminateLayer};
+    /// let ca = DemoCa::new("example.org");
+    /// let identity = LiveIdentity::new(Credentials::new(ca.server_cert(&["localhost"]), [ca.root()])).unwrap();
+    /// let layer = TerminateLayer::live(ServerConfigBuilder::new().build_live(&identity).unwrap());
+    /// identity.set_cert(ca.server_cert(&["localhost"])).unwrap(); // the next handshake serves it
+    /// # let _ = layer; }
+    /// ```
+    pub fn build_live(self, identity: &LiveIdentity) -> Result<LiveServerConfig, TlsConfigError> {
+        let snapshot = identity.current();
+        let built = self.assemble_for(&snapshot)?;
+        Ok(LiveServerConfig {
+            inner: Arc::new(LiveInner {
+                template: self,
+                identity: identity.clone(),
+                built: Mutex::new(built),
+            }),
+        })
+    }
+
+    fn assemble_for(&self, snapshot: &IdentitySnapshot) -> Result<Built, TlsConfigError> {
+        let client_auth = match &self.client_auth {
+            ClientAuth::None => ClientAuth::None,
+            ClientAuth::Optional(_) => ClientAuth::Optional(snapshot.roots().clone()),
+            ClientAuth::Required(_) => ClientAuth::Required(snapshot.roots().clone()),
+        };
+        let mut crls = self.crls.clone();
+        crls.extend(snapshot.crls().iter().cloned());
+        let (config, verifier) =
+            self.assemble(Some(snapshot.cert().clone()), &client_auth, &crls)?;
+        Ok(Built {
+            generation: snapshot.generation(),
+            config,
+            verifier,
+        })
+    }
+
+    /// The config and the client verifier it uses (kept to re-check open connections).
+    fn assemble(
+        &self,
+        default_cert: Option<CertKey>,
+        client_auth: &ClientAuth,
+        crls: &[CertificateRevocationListDer<'static>],
+    ) -> Result<(Arc<ServerConfig>, Option<Verifier>), TlsConfigError> {
         let certified = |c: CertKey| -> Result<Arc<CertifiedKey>, TlsConfigError> {
             Ok(Arc::new(CertifiedKey::from_der(
                 c.chain,
@@ -167,7 +227,7 @@ impl ServerConfigBuilder {
         for (name, cert) in self.by_name.clone() {
             by_name.insert(name, certified(cert)?);
         }
-        let default = self.default_cert.clone().map(certified).transpose()?;
+        let default = default_cert.map(certified).transpose()?;
         let resolver = SniResolver {
             by_name,
             default,
@@ -181,34 +241,119 @@ impl ServerConfigBuilder {
         };
         let builder = ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(versions)?;
-        let verifier = match &self.client_auth {
+        let verifier = match client_auth {
             ClientAuth::None => None,
             ClientAuth::Optional(roots) => Some(
                 WebPkiClientVerifier::builder_with_provider(roots.clone(), self.provider.clone())
-                    .with_crls(self.crls.clone())
+                    .with_crls(crls.to_vec())
                     .allow_unauthenticated()
                     .build()?,
             ),
             ClientAuth::Required(roots) => Some(
                 WebPkiClientVerifier::builder_with_provider(roots.clone(), self.provider.clone())
-                    .with_crls(self.crls.clone())
+                    .with_crls(crls.to_vec())
                     .build()?,
             ),
         };
-        let builder = match verifier {
+        let verifier: Option<Verifier> = match verifier {
+            Some(v) if !self.trust_domains.is_empty() => Some(Arc::new(
+                TrustDomainClientVerifier::new(v, self.trust_domains.clone()),
+            )),
+            other => other,
+        };
+        let builder = match &verifier {
             None => builder.with_no_client_auth(),
-            Some(v) if self.trust_domains.is_empty() => builder.with_client_cert_verifier(v),
-            Some(v) => builder.with_client_cert_verifier(Arc::new(TrustDomainClientVerifier::new(
-                v,
-                self.trust_domains,
-            ))),
+            Some(v) => builder.with_client_cert_verifier(v.clone()),
         };
         let mut config = builder.with_cert_resolver(Arc::new(resolver));
-        config.alpn_protocols = self.alpn;
+        config.alpn_protocols = self.alpn.clone();
         // No tickets or session cache: every connection authenticates afresh, as ztunnel does.
         config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         config.send_tls13_tickets = 0;
-        Ok(Arc::new(config))
+        Ok((Arc::new(config), verifier))
+    }
+}
+
+/// A server configuration that follows a [`LiveIdentity`]; made by
+/// [`ServerConfigBuilder::build_live`], used by
+/// [`TerminateLayer::live`](super::TerminateLayer::live). Cheap to clone.
+#[derive(Clone)]
+pub struct LiveServerConfig {
+    inner: Arc<LiveInner>,
+}
+
+struct LiveInner {
+    template: ServerConfigBuilder,
+    identity: LiveIdentity,
+    built: Mutex<Built>,
+}
+
+/// The client-certificate verifier a config uses.
+type Verifier = Arc<dyn ClientCertVerifier>;
+
+struct Built {
+    generation: u64,
+    config: Arc<ServerConfig>,
+    verifier: Option<Verifier>,
+}
+
+impl std::fmt::Debug for LiveServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveServerConfig")
+            .field("identity", &self.inner.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LiveServerConfig {
+    /// The identity it follows.
+    pub fn identity(&self) -> &LiveIdentity {
+        &self.inner.identity
+    }
+
+    /// The config for the current generation (made now if the identity changed since).
+    pub fn current(&self) -> Arc<ServerConfig> {
+        self.refreshed(|b| b.config.clone())
+    }
+
+    /// Verifies a client chain accepted earlier (at `verified_at`) against the current
+    /// roots and revocation lists (and trust domains); an error means the connection must
+    /// end.
+    pub(crate) fn recheck_client(
+        &self,
+        chain: &[CertificateDer<'static>],
+        verified_at: UnixTime,
+    ) -> Result<(), rustls::Error> {
+        let Some(verifier) = self.refreshed(|b| b.verifier.clone()) else {
+            return Ok(());
+        };
+        let Some((end_entity, intermediates)) = chain.split_first() else {
+            return Ok(());
+        };
+        verifier
+            .verify_client_cert(end_entity, intermediates, verified_at)
+            .map(|_| ())
+    }
+
+    fn refreshed<T>(&self, f: impl FnOnce(&Built) -> T) -> T {
+        let mut built = self.inner.built.lock().unwrap_or_else(|p| p.into_inner());
+        let snapshot = self.inner.identity.current();
+        if built.generation != snapshot.generation() {
+            match self.inner.template.assemble_for(&snapshot) {
+                Ok(new) => *built = new,
+                Err(e) => {
+                    // The identity validated this material, so this is unexpected; the
+                    // config in use stays (fail towards the last known-good material).
+                    tracing::warn!(
+                        error = %e,
+                        tls.identity.generation = snapshot.generation(),
+                        "cannot build a TLS server config for the new identity; keeping the previous one"
+                    );
+                    built.generation = snapshot.generation();
+                }
+            }
+        }
+        f(&built)
     }
 }
 

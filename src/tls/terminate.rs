@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use tokio_rustls::TlsAcceptor;
 use tower::{Layer, Service, ServiceExt};
-use tracing::debug;
+use tracing::{debug, warn};
 
-use super::{record_session, TlsError};
+use super::{record_session, LiveServerConfig, TlsError};
 use crate::conn::Conn;
 use crate::io::{BoxIo, Io};
 use crate::BoxError;
@@ -37,10 +37,23 @@ use crate::BoxError;
 ///         .upstream(|_: &Metadata| Some(Target::from_static("127.0.0.1:8080"))));
 /// # let _ = svc; }
 /// ```
+///
+/// With a [`LiveServerConfig`] ([`TerminateLayer::live`]) each handshake uses the material
+/// current when it starts; open connections keep theirs, except that a connection whose
+/// client certificate no longer verifies after the identity's roots or revocation lists
+/// changed is closed (a `WARN` event; the inner service's future is dropped, which closes
+/// the connection). Each connection re-checks its own peer chain, which it keeps anyway, on
+/// every change: no shared registry to bound or clean up.
 #[derive(Clone)]
 pub struct TerminateLayer {
-    acceptor: TlsAcceptor,
+    source: Source,
     handshake_timeout: Duration,
+}
+
+#[derive(Clone)]
+enum Source {
+    Static(TlsAcceptor),
+    Live(LiveServerConfig),
 }
 
 impl TerminateLayer {
@@ -48,7 +61,17 @@ impl TerminateLayer {
     /// 10 s handshake timeout.
     pub fn new(config: Arc<rustls::ServerConfig>) -> Self {
         Self {
-            acceptor: TlsAcceptor::from(config),
+            source: Source::Static(TlsAcceptor::from(config)),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// Terminates with material that can change while serving (see
+    /// [`ServerConfigBuilder::build_live`](super::ServerConfigBuilder::build_live));
+    /// 10 s handshake timeout.
+    pub fn live(config: LiveServerConfig) -> Self {
+        Self {
+            source: Source::Live(config),
             handshake_timeout: Duration::from_secs(10),
         }
     }
@@ -105,8 +128,19 @@ where
         let inner = self.inner.clone();
         Box::pin(async move {
             let (io, mut metadata) = conn.into_parts();
-            let tls = match tokio::time::timeout(layer.handshake_timeout, layer.acceptor.accept(io))
-                .await
+            // Subscribed before the handshake: a change during it is seen afterwards.
+            let (acceptor, live) = match &layer.source {
+                Source::Static(acceptor) => (acceptor.clone(), None),
+                Source::Live(live) => {
+                    // In this order: the snapshot is never newer than the config, so a
+                    // change that lands in between is re-checked, not skipped.
+                    let changes = live.identity().subscribe();
+                    let snapshot = changes.borrow().clone();
+                    let acceptor = TlsAcceptor::from(live.current());
+                    (acceptor, Some((live.clone(), changes, snapshot)))
+                }
+            };
+            let tls = match tokio::time::timeout(layer.handshake_timeout, acceptor.accept(io)).await
             {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
@@ -128,10 +162,77 @@ where
                     .unwrap_or(""),
                 "TLS established"
             );
-            inner
-                .oneshot(Conn::from_parts(BoxIo::new(tls), metadata))
-                .await
-                .map_err(|e| TlsError::Inner(e.into()))
+            let peer_chain = session.peer_certificates().map(<[_]>::to_vec);
+            // Re-checks verify as of now-at-handshake: a revocation or a removed root ends
+            // the connection, a client certificate that merely expired since does not.
+            let verified_at = rustls::pki_types::UnixTime::now();
+            let served = async move {
+                inner
+                    .oneshot(Conn::from_parts(BoxIo::new(tls), metadata))
+                    .await
+                    .map_err(|e| TlsError::Inner(e.into()))
+            };
+            match (live, peer_chain) {
+                (Some((live, changes, snapshot)), Some(chain)) => {
+                    let at_handshake = Checked {
+                        snapshot,
+                        time: verified_at,
+                    };
+                    while_still_valid(served, &live, changes, &chain, at_handshake).await
+                }
+                _ => served.await,
+            }
         })
+    }
+}
+
+/// What a connection's peer chain was last verified against, and the time it was
+/// verified at.
+struct Checked {
+    snapshot: Arc<super::IdentitySnapshot>,
+    time: rustls::pki_types::UnixTime,
+}
+
+/// Runs `served` until it ends or a change of the identity makes `chain` (the client's)
+/// fail verification; then drops it, closing the connection.
+async fn while_still_valid<F>(
+    served: F,
+    live: &LiveServerConfig,
+    mut changes: tokio::sync::watch::Receiver<Arc<super::IdentitySnapshot>>,
+    chain: &[rustls::pki_types::CertificateDer<'static>],
+    mut checked: Checked,
+) -> Result<(), TlsError>
+where
+    F: Future<Output = Result<(), TlsError>>,
+{
+    tokio::pin!(served);
+    loop {
+        tokio::select! {
+            result = &mut served => return result,
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    // The identity is gone (cannot happen while `live` holds it): serve on.
+                    return served.await;
+                }
+                let now = changes.borrow_and_update().clone();
+                if now.same_trust(&checked.snapshot) {
+                    // A new certificate of our own only: nothing about the peer changed.
+                    continue;
+                }
+                checked.snapshot = now;
+                if let Err(e) = live.recheck_client(chain, checked.time) {
+                    warn!(
+                        error = %e,
+                        tls.peer_identity = chain
+                            .first()
+                            .and_then(|c| super::spiffe_ids(c).into_iter().next())
+                            .as_ref()
+                            .map_or("", |id| id.as_str()),
+                        "peer certificate no longer valid after an identity change; closing the connection"
+                    );
+                    return Err(TlsError::PeerNoLongerValid(e));
+                }
+            }
+        }
     }
 }

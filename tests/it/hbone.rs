@@ -573,3 +573,129 @@ async fn wildcard_listener_checks_the_address_the_client_dialled() {
         Some(StatusCode::BAD_REQUEST)
     );
 }
+
+// ---- Rotation (issue 17 item 1) ----
+
+use proxystack::tls::{Credentials, LiveIdentity, PeerCertificates};
+
+/// Sends `rounds` distinct 16 KiB chunks through an echo tunnel and checks each exactly.
+async fn flows(tunnel: &mut (impl AsyncReadExt + AsyncWriteExt + Unpin), rounds: u8) {
+    for round in 0..rounds {
+        let chunk: Vec<u8> = (0..16 * 1024u32)
+            .map(|i| (i as u8).wrapping_mul(7).wrapping_add(round))
+            .collect();
+        assert_eq!(echo_on(tunnel, &chunk).await, chunk, "round {round}");
+    }
+}
+
+#[tokio::test]
+async fn pooled_connection_stops_taking_tunnels_after_client_rotation() {
+    let ca = DemoCa::new(TD);
+    let app = echo_server().await;
+    // The client certificate each tunnel arrived with, as the server saw it.
+    let presented: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let p = presented.clone();
+    let (server, _) = hbone_server(&ca, app, move |i| {
+        i.allow(move |req| {
+            let cert = req.connection.get::<PeerCertificates>().unwrap().0[0].to_vec();
+            p.lock().unwrap().push(cert);
+            true
+        })
+    })
+    .await;
+    let first = ca.workload_cert("default", "client");
+    let identity = LiveIdentity::builder()
+        .expect_identity(id("default", "client"))
+        .build(Credentials::new(first.clone(), [ca.root()]))
+        .unwrap();
+    let connector = hbone::Connector::hbone_live(identity.clone());
+    let open = || connector.clone().oneshot(target(server.addr, app));
+
+    let mut old1 = open().await.unwrap();
+    let mut old2 = open().await.unwrap();
+    flows(&mut old1, 1).await;
+    flows(&mut old2, 1).await;
+    assert_eq!(connector.connections_dialled(), 1);
+
+    let second = ca.workload_cert("default", "client");
+    identity.set_cert(second.clone()).unwrap();
+
+    // The next tunnel does not join the old connection: a new one presents the new cert.
+    let mut new1 = open().await.unwrap();
+    let mut new2 = open().await.unwrap();
+    flows(&mut new1, 1).await;
+    flows(&mut new2, 1).await;
+    assert_eq!(connector.connections_dialled(), 2);
+    assert_eq!(server.stats.accepted.load(Ordering::Relaxed), 2);
+    let seen = presented.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        vec![
+            first.chain[0].to_vec(),
+            first.chain[0].to_vec(),
+            second.chain[0].to_vec(),
+            second.chain[0].to_vec()
+        ]
+    );
+    // Tunnels on the old connection keep flowing, byte-exact, while it drains.
+    flows(&mut old1, 8).await;
+    flows(&mut old2, 2).await;
+    // Once they end, the old connection closes (the pool let go of it at the next checkout).
+    drop((old1, old2));
+    let mut new3 = open().await.unwrap();
+    flows(&mut new3, 1).await;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            server.stats.active.load(Ordering::Relaxed) == 1
+        })
+        .await,
+        "the drained connection stayed open"
+    );
+    assert_eq!(connector.connections_dialled(), 2);
+}
+
+#[tokio::test]
+async fn inbound_rotates_its_certificate_and_cuts_a_revoked_client() {
+    let ca = DemoCa::new(TD);
+    let app = echo_server().await;
+    let server_first = ca.workload_cert("default", "server");
+    let identity = LiveIdentity::new(Credentials::new(server_first.clone(), [ca.root()])).unwrap();
+    let relay = tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |c: &Metadata| {
+        let info = c.get::<TunnelInfo>()?;
+        Some(Target::from((app.ip(), info.authority.port())))
+    });
+    let inbound = Inbound::live(identity.clone()).service(relay).unwrap();
+    let server = start(Server::new(), inbound).await;
+    let server_cert = |t: &proxystack::Conn<_>| t.get::<PeerCertificates>().unwrap().0[0].to_vec();
+
+    let doomed_cert = ca.workload_cert("default", "doomed");
+    let doomed = hbone::Connector::hbone(doomed_cert.clone(), ca.roots()).unwrap();
+    let mut before = doomed.oneshot(target(server.addr, app)).await.unwrap();
+    assert_eq!(server_cert(&before), server_first.chain[0].to_vec());
+    flows(&mut before, 1).await;
+
+    let server_second = ca.workload_cert("default", "server");
+    identity.set_cert(server_second.clone()).unwrap();
+    let fine = client(&ca);
+    let mut after = fine
+        .clone()
+        .oneshot(target(server.addr, app))
+        .await
+        .unwrap();
+    assert_eq!(server_cert(&after), server_second.chain[0].to_vec());
+    flows(&mut after, 1).await;
+    // The tunnel opened before the rotation is untouched by it.
+    flows(&mut before, 4).await;
+
+    // Revoking the first client's certificate closes its connection and tunnel.
+    identity
+        .set_crls([ca.crl(&[&doomed_cert]).unwrap()])
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let ended = tokio::time::timeout(Duration::from_secs(10), before.read(&mut buf)).await;
+    assert!(
+        matches!(ended, Ok(Ok(0)) | Ok(Err(_))),
+        "revoked client's tunnel still open: {ended:?}"
+    );
+    flows(&mut after, 2).await;
+}

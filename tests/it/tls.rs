@@ -617,3 +617,408 @@ async fn missing_sni_is_refused_where_unknown_names_are() {
         .get::<proxystack::tls::Sni>()
         .is_none());
 }
+
+// ---- Rotation: a LiveIdentity behind TerminateLayer::live (issue 17 item 1) ----
+
+use proxystack::tls::{
+    CertKey, Credentials, IdentityError, IdentityFiles, LiveIdentity, PeerCertificates,
+};
+
+/// A terminating echo server whose material follows `identity`.
+async fn live_server(
+    builder: ServerConfigBuilder,
+    identity: &LiveIdentity,
+) -> (Running, mpsc::UnboundedReceiver<Meta>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let layer = TerminateLayer::live(builder.build_live(identity).unwrap())
+        .handshake_timeout(Duration::from_secs(2));
+    let svc = ServiceBuilder::new().layer(layer).service(capture(tx));
+    (start(Server::new(), svc).await, rx)
+}
+
+/// The end-entity certificate the server presented on `conn`.
+fn served_cert<I>(conn: &proxystack::Conn<I>) -> Vec<u8> {
+    conn.get::<PeerCertificates>().unwrap().0[0].to_vec()
+}
+
+/// Sends `rounds` distinct 16 KiB chunks through an echo and checks each comes back exactly.
+async fn flows<I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(io: &mut I, rounds: u8) {
+    for round in 0..rounds {
+        let chunk: Vec<u8> = (0..16 * 1024u32)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(round))
+            .collect();
+        assert_eq!(echo_once(io, &chunk).await, chunk, "round {round}");
+    }
+}
+
+/// An open session's read ends (EOF or error) within a bound: the server closed it.
+async fn cut<I: tokio::io::AsyncRead + Unpin>(io: &mut I) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(10), io.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+fn localhost_client(ca: &DemoCa) -> TlsConnector<tcp::TcpConnector> {
+    client(ca).sni(SniMode::Fixed("localhost".into()))
+}
+
+#[tokio::test]
+async fn rotated_certificate_serves_new_clients_while_an_open_session_flows() {
+    let ca = DemoCa::new("example.org");
+    let first = ca.server_cert(&["localhost"]);
+    let identity = LiveIdentity::new(Credentials::new(first.clone(), [ca.root()])).unwrap();
+    let (server, _meta) = live_server(ServerConfigBuilder::new(), &identity).await;
+
+    let mut before = localhost_client(&ca)
+        .oneshot(Target::from(server.addr))
+        .await
+        .unwrap();
+    assert_eq!(served_cert(&before), first.chain[0].to_vec());
+    flows(&mut before, 2).await;
+
+    let second = ca.server_cert(&["localhost"]);
+    assert_eq!(identity.set_cert(second.clone()).unwrap(), 2);
+
+    let mut after = localhost_client(&ca)
+        .oneshot(Target::from(server.addr))
+        .await
+        .unwrap();
+    assert_eq!(served_cert(&after), second.chain[0].to_vec());
+    flows(&mut after, 2).await;
+    // The session opened before the rotation keeps its keys and flows byte-exact.
+    flows(&mut before, 8).await;
+    assert_eq!(served_cert(&before), first.chain[0].to_vec());
+}
+
+#[tokio::test]
+async fn broken_certificate_is_refused_and_the_old_one_serves_on() {
+    init_tracing();
+    let ca = DemoCa::new("cluster.local");
+    let me = server_id(&ca);
+    let good = ca.workload_cert("default", "server");
+    let identity = LiveIdentity::builder()
+        .expect_identity(me.clone())
+        .build(Credentials::new(good.clone(), [ca.root()]))
+        .unwrap();
+    let (server, _meta) = live_server(ServerConfigBuilder::new(), &identity).await;
+
+    // A key from another certificate.
+    let other = ca.workload_cert("default", "server");
+    let mismatched = CertKey {
+        chain: good.chain.clone(),
+        key: other.key.clone_key(),
+    };
+    assert!(matches!(
+        identity.set_cert(mismatched),
+        Err(IdentityError::KeyMismatch)
+    ));
+    // Not a certificate at all.
+    let garbage = CertKey {
+        chain: vec![vec![0x30, 0x03, 0x02, 0x01, 0x00].into()],
+        key: good.key.clone_key(),
+    };
+    assert!(matches!(
+        identity.set_cert(garbage),
+        Err(IdentityError::Unparsable(_))
+    ));
+    // Expired, with the right identity.
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = vec![rcgen::SanType::URI(me.as_str().try_into().unwrap())];
+    params.not_before = rcgen::date_time_ymd(2019, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2020, 1, 1);
+    let expired = ca.issue(params).unwrap();
+    let refused = identity.set_cert(expired).unwrap_err();
+    assert!(
+        matches!(refused, IdentityError::Expired { .. }),
+        "{refused}"
+    );
+    // Valid, but someone else's identity.
+    let refused = identity
+        .set_cert(ca.workload_cert("default", "intruder"))
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("sa/intruder"),
+        "the error names what was presented: {refused}"
+    );
+    // No roots.
+    assert!(matches!(
+        identity.set(Credentials::new(ca.workload_cert("default", "server"), [])),
+        Err(IdentityError::NoRoots)
+    ));
+
+    // Nothing applied: the first certificate still serves.
+    assert_eq!(identity.generation(), 1);
+    let mut conn = client(&ca)
+        .sni(SniMode::None)
+        .expect_identities([me])
+        .oneshot(Target::from(server.addr))
+        .await
+        .unwrap();
+    assert_eq!(served_cert(&conn), good.chain[0].to_vec());
+    flows(&mut conn, 1).await;
+}
+
+#[tokio::test]
+async fn revoked_client_is_cut_when_the_revocation_list_changes() {
+    init_tracing();
+    let ca = DemoCa::new("cluster.local");
+    let identity = LiveIdentity::new(Credentials::new(
+        ca.workload_cert("default", "server"),
+        [ca.root()],
+    ))
+    .unwrap();
+    let builder = ServerConfigBuilder::new()
+        .client_auth(ClientAuth::Required(ca.roots()))
+        .trust_domains([ca.trust_domain()])
+        .tls13_only();
+    let (server, _meta) = live_server(builder, &identity).await;
+    let mtls = |cert| {
+        client(&ca)
+            .sni(SniMode::None)
+            .expect_identities([server_id(&ca)])
+            .client_cert(cert)
+            .unwrap()
+    };
+    let doomed = ca.workload_cert("ns1", "doomed");
+    let fine = ca.workload_cert("ns1", "fine");
+    let mut doomed_conn = mtls(doomed.clone())
+        .oneshot(Target::from(server.addr))
+        .await
+        .unwrap();
+    let mut fine_conn = mtls(fine.clone())
+        .oneshot(Target::from(server.addr))
+        .await
+        .unwrap();
+    flows(&mut doomed_conn, 1).await;
+    flows(&mut fine_conn, 1).await;
+
+    identity.set_crls([ca.crl(&[&doomed]).unwrap()]).unwrap();
+
+    assert!(cut(&mut doomed_conn).await, "revoked peer still connected");
+    // The other client is untouched, and the revoked one cannot come back.
+    flows(&mut fine_conn, 2).await;
+    assert!(rejected(mtls(doomed), server.addr).await);
+    let mut again = mtls(fine).oneshot(Target::from(server.addr)).await.unwrap();
+    flows(&mut again, 1).await;
+}
+
+/// A minimal PEM encoder (RFC 7468) for writing test files.
+fn pem(label: &str, der: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut b64 = String::new();
+    for chunk in der.chunks(3) {
+        let n = chunk.len();
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let v = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= n {
+                b64.push(ALPHABET[((v >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                b64.push('=');
+            }
+        }
+    }
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|l| std::str::from_utf8(l).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+        lines.join("\n")
+    )
+}
+
+/// Publishes cert, key and roots the way the kubelet updates a secret volume: a new
+/// timestamped directory, then an atomic rename of the `..data` symlink onto it.
+fn publish(dir: &std::path::Path, version: u32, cert: &CertKey, roots_pem: &str) {
+    let data = dir.join(format!("..v{version}"));
+    std::fs::create_dir(&data).unwrap();
+    let chain: String = cert.chain.iter().map(|c| pem("CERTIFICATE", c)).collect();
+    std::fs::write(data.join("cert.pem"), chain).unwrap();
+    std::fs::write(
+        data.join("key.pem"),
+        pem("PRIVATE KEY", cert.key.secret_der()),
+    )
+    .unwrap();
+    std::fs::write(data.join("roots.pem"), roots_pem).unwrap();
+    let tmp = dir.join("..data_tmp");
+    std::os::unix::fs::symlink(format!("..v{version}"), &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    for name in ["cert.pem", "key.pem", "roots.pem"] {
+        let link = dir.join(name);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(format!("..data/{name}"), &link).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn file_source_picks_up_an_atomic_replace_and_refuses_a_broken_one() {
+    let ca = DemoCa::new("example.org");
+    let dir = tempfile::tempdir().unwrap();
+    let first = ca.server_cert(&["localhost"]);
+    publish(dir.path(), 1, &first, ca.root_pem());
+    let files = IdentityFiles::new(
+        dir.path().join("cert.pem"),
+        dir.path().join("key.pem"),
+        dir.path().join("roots.pem"),
+    )
+    .poll_interval(Duration::from_millis(20));
+    let identity = LiveIdentity::new(files.load().unwrap()).unwrap();
+    let _watch = files.watch(&identity);
+    let (server, _meta) = live_server(ServerConfigBuilder::new(), &identity).await;
+    let connect = || localhost_client(&ca).oneshot(Target::from(server.addr));
+
+    let mut before = connect().await.unwrap();
+    assert_eq!(served_cert(&before), first.chain[0].to_vec());
+
+    let second = ca.server_cert(&["localhost"]);
+    publish(dir.path(), 2, &second, ca.root_pem());
+    assert!(
+        eventually(Duration::from_secs(10), || identity.generation() == 2).await,
+        "the replaced files were not picked up"
+    );
+    let after = connect().await.unwrap();
+    assert_eq!(served_cert(&after), second.chain[0].to_vec());
+    flows(&mut before, 2).await;
+
+    // A broken update (a certificate with the previous key) is refused; the second stays.
+    let third = ca.server_cert(&["localhost"]);
+    let broken = CertKey {
+        chain: third.chain.clone(),
+        key: second.key.clone_key(),
+    };
+    publish(dir.path(), 3, &broken, ca.root_pem());
+    // Then a good one: applied, which shows the broken one was read and passed over.
+    let fourth = ca.server_cert(&["localhost"]);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(identity.generation(), 2, "the broken files were applied");
+    assert_eq!(
+        served_cert(&connect().await.unwrap()),
+        second.chain[0].to_vec()
+    );
+    publish(dir.path(), 4, &fourth, ca.root_pem());
+    assert!(eventually(Duration::from_secs(10), || identity.generation() == 3).await);
+    assert_eq!(
+        served_cert(&connect().await.unwrap()),
+        fourth.chain[0].to_vec()
+    );
+}
+
+#[tokio::test]
+async fn client_trusts_a_rotated_root_at_the_next_handshake() {
+    let old_ca = DemoCa::new("example.org");
+    let new_ca = DemoCa::new("example.org");
+    // The server already presents a certificate from the new root.
+    let (server, _meta) = terminating_server(
+        ServerConfigBuilder::new()
+            .default_cert(new_ca.server_cert(&["localhost"]))
+            .build()
+            .unwrap(),
+    )
+    .await;
+    let me = LiveIdentity::new(Credentials::new(
+        old_ca.server_cert(&["client.example.org"]),
+        [old_ca.root()],
+    ))
+    .unwrap();
+    let connector = TlsConnector::live(tcp::TcpConnector::new(), me.clone())
+        .sni(SniMode::Fixed("localhost".into()))
+        .handshake_timeout(Duration::from_secs(5));
+    let refused = connector
+        .clone()
+        .oneshot(Target::from(server.addr))
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, TlsError::Handshake(_)), "{refused}");
+    // Both roots during the rotation: the next handshake verifies.
+    me.set_roots([old_ca.root(), new_ca.root()]).unwrap();
+    let mut conn = connector.oneshot(Target::from(server.addr)).await.unwrap();
+    flows(&mut conn, 1).await;
+}
+
+/// The server certificate `openssl s_client` received, as the PEM it prints.
+async fn openssl_served_pem(addr: SocketAddr, ca_file: &std::path::Path) -> String {
+    let mut child = tokio::process::Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &addr.to_string(),
+            "-servername",
+            "localhost",
+        ])
+        .args(["-verify_hostname", "localhost", "-CAfile"])
+        .arg(ca_file)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdin.take()); // EOF: s_client exits after the handshake
+    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("Verify return code: 0 (ok)"), "{text}");
+    text
+}
+
+#[tokio::test]
+async fn openssl_s_client_sees_the_rotated_certificate() {
+    if !have("openssl") {
+        println!("SKIPPED: openssl not installed");
+        return;
+    }
+    let ca = DemoCa::new("example.org");
+    let first = ca.server_cert(&["localhost"]);
+    let identity = LiveIdentity::new(Credentials::new(first.clone(), [ca.root()])).unwrap();
+    let (server, _meta) = live_server(ServerConfigBuilder::new(), &identity).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.root_pem()).unwrap();
+
+    let seen = openssl_served_pem(server.addr, &ca_file).await;
+    assert!(
+        seen.contains(&pem("CERTIFICATE", &first.chain[0])),
+        "{seen}"
+    );
+    let second = ca.server_cert(&["localhost"]);
+    identity.set_cert(second.clone()).unwrap();
+    let seen = openssl_served_pem(server.addr, &ca_file).await;
+    assert!(
+        seen.contains(&pem("CERTIFICATE", &second.chain[0])),
+        "{seen}"
+    );
+    assert!(!seen.contains(&pem("CERTIFICATE", &first.chain[0])));
+}
+
+#[tokio::test]
+async fn file_source_reads_revocation_lists_and_refuses_an_empty_one() {
+    let ca = DemoCa::new("cluster.local");
+    let dir = tempfile::tempdir().unwrap();
+    let me = ca.workload_cert("default", "server");
+    publish(dir.path(), 1, &me, ca.root_pem());
+    let crl = ca.crl(&[&ca.workload_cert("default", "gone")]).unwrap();
+    std::fs::write(dir.path().join("crl.pem"), pem("X509 CRL", &crl)).unwrap();
+    std::fs::write(dir.path().join("empty.pem"), "").unwrap();
+    let files = |crl: &str| {
+        IdentityFiles::new(
+            dir.path().join("cert.pem"),
+            dir.path().join("key.pem"),
+            dir.path().join("roots.pem"),
+        )
+        .crls([dir.path().join(crl)])
+    };
+    let identity = LiveIdentity::new(files("crl.pem").load().unwrap()).unwrap();
+    assert_eq!(identity.current().crls(), &[crl]);
+    let refused = files("empty.pem").load().unwrap_err();
+    assert!(matches!(refused, IdentityError::Pem { .. }), "{refused}");
+}
