@@ -131,7 +131,7 @@ impl CaClient {
         match &result {
             Ok(issued) => tracing::info!(
                 identity = %issued.identity,
-                not_after = ?issued.not_after,
+                valid_for = ?issued.not_after.duration_since(SystemTime::now()).unwrap_or_default(),
                 "certificate obtained from the Istio CA"
             ),
             Err(e) if e.is_refused_certificate() => tracing::warn!(
@@ -434,9 +434,8 @@ impl CaClientBuilder {
 /// hyper's HTTP/2 sender as the tower service tonic's client drives.
 struct H2Service(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
 
-type ResponseFuture = Pin<
-    Box<dyn Future<Output = hyper::Result<http::Response<hyper::body::Incoming>>> + Send>,
->;
+type ResponseFuture =
+    Pin<Box<dyn Future<Output = hyper::Result<http::Response<hyper::body::Incoming>>> + Send>>;
 
 impl tower::Service<http::Request<tonic::body::Body>> for H2Service {
     type Response = http::Response<hyper::body::Incoming>;

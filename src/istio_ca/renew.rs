@@ -156,7 +156,7 @@ async fn run(
                 backoff = cfg.initial_backoff;
                 let issued = Arc::new(issued);
                 let renew_at = renewal_time(&issued, cfg.jitter);
-                tracing::info!(%identity, not_after = ?issued.not_after, renew_in = ?until(renew_at), "new certificate published");
+                tracing::info!(%identity, renew_in = ?until(renew_at), "new certificate published");
                 tx.send_replace(Some(issued.clone()));
                 current = Some(issued);
                 at(renew_at).max(Instant::now() + cfg.initial_backoff)
