@@ -458,3 +458,53 @@ impl Drop for AbortOnDrop {
         self.0.abort();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ROOT: &str =
+        "-----BEGIN CERTIFICATE-----\nMIIBZjCCAQ2gAwIBAgIUQ5Xf\n-----END CERTIFICATE-----\n";
+
+    fn build(addr: &str) -> Result<CaClient, CaError> {
+        let id = SpiffeId::istio("cluster.local", "default", "reviews").unwrap();
+        // A root file skips the PEM check: only the address is under test.
+        CaClient::builder(addr, "", id)
+            .root_file("/nonexistent")
+            .build()
+    }
+
+    #[test]
+    fn addresses() {
+        let c = build("istiod.istio-system.svc:15012").unwrap();
+        assert_eq!(c.inner.origin, "https://istiod.istio-system.svc:15012/");
+        assert!(matches!(c.inner.server_name, ServerName::DnsName(_)));
+        let c = build("https://[::1]:15012/").unwrap();
+        assert_eq!(c.inner.authority.as_str(), "[::1]:15012");
+        assert!(matches!(c.inner.server_name, ServerName::IpAddress(_)));
+        for bad in ["istiod", "", "https://", "a b:1", "host:port"] {
+            assert!(
+                matches!(build(bad), Err(CaError::Config(_))),
+                "{bad:?} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn roots_and_headers_are_checked_at_build() {
+        let id = SpiffeId::istio("cluster.local", "default", "reviews").unwrap();
+        let b = || CaClient::builder("127.0.0.1:15012", ROOT, id.clone());
+        assert!(matches!(
+            CaClient::builder("127.0.0.1:15012", "no PEM here", id.clone()).build(),
+            Err(CaError::Root(_))
+        ));
+        assert!(matches!(
+            b().header("bad name", "x").build(),
+            Err(CaError::Config(_))
+        ));
+        assert!(matches!(
+            b().cluster_id(Some("line\nbreak".into())).build(),
+            Err(CaError::Config(_))
+        ));
+    }
+}

@@ -171,3 +171,108 @@ fn to_system_time(unix: i64) -> SystemTime {
         Err(_) => SystemTime::UNIX_EPOCH,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{
+        BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, PublicKeyData, SanType,
+    };
+    use rustls::pki_types::PrivatePkcs8KeyDer;
+
+    fn id(sa: &str) -> SpiffeId {
+        SpiffeId::istio("cluster.local", "default", sa).unwrap()
+    }
+
+    struct Ca {
+        issuer: Issuer<'static, KeyPair>,
+        root_pem: String,
+    }
+
+    fn ca() -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let root = params.self_signed(&key).unwrap();
+        Ca {
+            issuer: Issuer::new(params, key),
+            root_pem: root.pem(),
+        }
+    }
+
+    /// A leaf for `key` with `sans` (URI SANs), signed by `ca`.
+    fn leaf(ca: &Ca, key: &KeyPair, sans: &[&str]) -> String {
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = sans
+            .iter()
+            .map(|s| SanType::URI((*s).try_into().unwrap()))
+            .collect();
+        params.signed_by(key, &ca.issuer).unwrap().pem()
+    }
+
+    fn check(chain: &[String], key: &KeyPair) -> Result<IssuedIdentity, CaError> {
+        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        IssuedIdentity::from_response(
+            chain,
+            der,
+            &key.subject_public_key_info(),
+            &id("reviews"),
+            &[],
+            SystemTime::now(),
+        )
+    }
+
+    #[test]
+    fn accepts_leaf_and_root_and_splits_them() {
+        let ca = ca();
+        let key = KeyPair::generate().unwrap();
+        let ok = check(
+            &[
+                leaf(&ca, &key, &[id("reviews").as_str()]),
+                ca.root_pem.clone(),
+            ],
+            &key,
+        )
+        .unwrap();
+        assert_eq!((ok.chain.len(), ok.roots.len()), (1, 1));
+        // Leaf alone: no root learned, nothing popped off the chain.
+        let ok = check(&[leaf(&ca, &key, &[id("reviews").as_str()])], &key).unwrap();
+        assert_eq!((ok.chain.len(), ok.roots.len()), (1, 0));
+    }
+
+    #[test]
+    fn refuses_bad_answers() {
+        let ca = ca();
+        let key = KeyPair::generate().unwrap();
+        let good = leaf(&ca, &key, &[id("reviews").as_str()]);
+        assert!(matches!(check(&[], &key), Err(CaError::EmptyResponse)));
+        assert!(matches!(
+            check(&["not a certificate".into()], &key),
+            Err(CaError::BadCertificate(_))
+        ));
+        let garbage = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        assert!(matches!(
+            check(&[garbage.into()], &key),
+            Err(CaError::BadCertificate(_))
+        ));
+        assert!(matches!(
+            check(&[good.clone(), garbage.into()], &key),
+            Err(CaError::BadCertificate(_))
+        ));
+        let other = KeyPair::generate().unwrap();
+        assert!(matches!(check(&[good], &other), Err(CaError::KeyMismatch)));
+        // A second SPIFFE ID besides the right one is refused too.
+        for sans in [
+            &[][..],
+            &[id("admin").as_str()][..],
+            &[id("reviews").as_str(), id("admin").as_str()][..],
+        ] {
+            match check(&[leaf(&ca, &key, sans)], &key) {
+                Err(CaError::IdentityMismatch { expected, .. }) => {
+                    assert_eq!(expected, id("reviews"))
+                }
+                other => panic!("{sans:?}: expected IdentityMismatch, got {other:?}"),
+            }
+        }
+    }
+}

@@ -147,9 +147,19 @@ async fn run(
     let mut backoff = cfg.initial_backoff;
     let mut current: Option<Arc<IssuedIdentity>> = None;
     loop {
-        let fetched = tokio::select! {
-            _ = &mut stop => break,
-            r = cfg.client.fetch() => r,
+        // A request may take long (or forever, with no client timeout): the current
+        // identity is still withdrawn at its expiry meanwhile.
+        let fetch = cfg.client.fetch();
+        tokio::pin!(fetch);
+        let fetched = loop {
+            let expiry = current.as_ref().map(|c| at(c.not_after));
+            tokio::select! {
+                _ = &mut stop => return,
+                r = &mut fetch => break r,
+                _ = sleep_until_some(expiry) => {
+                    withdraw(&identity, &mut current, &tx);
+                }
+            }
         };
         let next = match fetched {
             Ok(issued) => {
@@ -179,15 +189,33 @@ async fn run(
                 _ = &mut stop => return,
                 _ = tokio::time::sleep_until(wake) => {}
             }
-            if Some(wake) == expiry && current.is_some() {
-                tracing::error!(%identity, "certificate expired before it could be renewed; no identity until the CA answers");
-                current = None;
-                tx.send_replace(None);
+            if Some(wake) == expiry {
+                withdraw(&identity, &mut current, &tx);
             }
             if Instant::now() >= next {
                 break;
             }
         }
+    }
+}
+
+/// Publishes `None` in place of an expired identity (fail closed: peers would refuse it).
+fn withdraw(
+    identity: &crate::identity::SpiffeId,
+    current: &mut Option<Arc<IssuedIdentity>>,
+    tx: &watch::Sender<Option<Arc<IssuedIdentity>>>,
+) {
+    if current.take().is_some() {
+        tracing::error!(%identity, "certificate expired before it could be renewed; no identity until the CA answers");
+        tx.send_replace(None);
+    }
+}
+
+/// Sleeps until `t`, or forever when there is none.
+async fn sleep_until_some(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }
 
