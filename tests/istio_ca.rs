@@ -537,3 +537,28 @@ async fn follows_a_root_rotation() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_silent_ca_times_out() {
+    common::init_tracing();
+    let ca = TestCa::new("a");
+    // Accepts TCP and never says a word (no TLS ServerHello): the request's bound ends it.
+    let listener = TcpListener::bind(localhost()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = listener.accept().await {
+            held.push(conn);
+        }
+    });
+    let client = client(addr, &ca)
+        .timeout(Some(Duration::from_millis(300)))
+        .build()
+        .unwrap();
+    let result = tokio::time::timeout(LIMIT, client.fetch()).await.unwrap();
+    assert!(
+        matches!(result, Err(CaError::Timeout(t)) if t == Duration::from_millis(300)),
+        "{result:?}"
+    );
+    holder.abort();
+}
