@@ -117,7 +117,7 @@ impl CaClient {
 
     /// Obtains a new certificate: generates an ECDSA P-256 key pair, sends a CSR for the
     /// identity, and checks the returned chain (it parses, the leaf is for the new key, its
-    /// only SPIFFE ID is the requested one, it has not expired).
+    /// only SPIFFE ID is the requested one, it has not expired, it chains to the roots).
     ///
     /// A certificate that fails a check is refused with a typed error and a `tracing`
     /// warning; nothing is returned that a proxy should not present.
@@ -180,6 +180,7 @@ impl CaClient {
             &public_key,
             &inner.identity,
             &ca_roots,
+            &inner.provider,
             SystemTime::now(),
         )
     }

@@ -70,6 +70,10 @@ pub enum CaError {
         /// The SPIFFE IDs in the returned certificate.
         got: Vec<SpiffeId>,
     },
+    /// The returned chain does not lead to any of the roots (the CA's returned root and
+    /// the configured ones), or the leaf is not valid for TLS client authentication.
+    #[error("the CA returned a certificate that does not verify: {0}")]
+    Untrusted(String),
     /// The returned certificate has already expired.
     #[error("the CA returned a certificate that expired at {not_after:?}")]
     Expired {
@@ -90,6 +94,7 @@ impl CaError {
                 | CaError::KeyMismatch
                 | CaError::IdentityMismatch { .. }
                 | CaError::Expired { .. }
+                | CaError::Untrusted(_)
         )
     }
 }

@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::RootCertStore;
@@ -16,8 +17,8 @@ use crate::tls::{spiffe_ids, CertKey};
 /// the trust roots that came with it.
 ///
 /// Every instance has passed the checks of [`CaClient::fetch`](super::CaClient::fetch):
-/// the chain parses, the leaf is for `key`, its only SPIFFE ID is `identity`, and it had not
-/// expired when it arrived.
+/// the chain parses, the leaf is for `key`, its only SPIFFE ID is `identity`, it had not
+/// expired when it arrived, and it chains to `roots`.
 #[non_exhaustive]
 pub struct IssuedIdentity {
     /// The SPIFFE ID the certificate was requested for (and carries).
@@ -89,6 +90,7 @@ impl IssuedIdentity {
         public_key_der: &[u8],
         expected: &SpiffeId,
         ca_roots: &[CertificateDer<'static>],
+        provider: &Arc<CryptoProvider>,
         now: SystemTime,
     ) -> Result<Self, CaError> {
         let mut certs: Vec<CertificateDer<'static>> = Vec::new();
@@ -146,6 +148,7 @@ impl IssuedIdentity {
                 roots.push(root.clone());
             }
         }
+        verify_chain(&chain, &roots, provider)?;
         Ok(Self {
             identity: expected.clone(),
             chain,
@@ -155,6 +158,35 @@ impl IssuedIdentity {
             not_after,
         })
     }
+}
+
+/// The chain must lead to one of the roots it will be published with, as a client
+/// certificate (the use HBONE puts it to): peers would refuse it otherwise, so better
+/// keep the old identity and say why now.
+fn verify_chain(
+    chain: &[CertificateDer<'static>],
+    roots: &[CertificateDer<'static>],
+    provider: &Arc<CryptoProvider>,
+) -> Result<(), CaError> {
+    let untrusted = |reason: String| CaError::Untrusted(reason);
+    let mut store = RootCertStore::empty();
+    let (added, _) = store.add_parsable_certificates(roots.iter().cloned());
+    if added == 0 {
+        return Err(untrusted("no usable root to verify it with".into()));
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(store),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| untrusted(e.to_string()))?;
+    let Some((leaf, intermediates)) = chain.split_first() else {
+        return Err(CaError::EmptyResponse);
+    };
+    verifier
+        .verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now())
+        .map(|_| ())
+        .map_err(|e| untrusted(e.to_string()))
 }
 
 fn is_self_signed(cert: &CertificateDer<'_>) -> bool {
@@ -211,13 +243,22 @@ mod tests {
     }
 
     fn check(chain: &[String], key: &KeyPair) -> Result<IssuedIdentity, CaError> {
+        check_with_roots(chain, key, &[])
+    }
+
+    fn check_with_roots(
+        chain: &[String],
+        key: &KeyPair,
+        ca_roots: &[CertificateDer<'static>],
+    ) -> Result<IssuedIdentity, CaError> {
         let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         IssuedIdentity::from_response(
             chain,
             der,
             &key.subject_public_key_info(),
             &id("reviews"),
-            &[],
+            ca_roots,
+            &crate::tls::default_provider(),
             SystemTime::now(),
         )
     }
@@ -235,9 +276,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!((ok.chain.len(), ok.roots.len()), (1, 1));
-        // Leaf alone: no root learned, nothing popped off the chain.
-        let ok = check(&[leaf(&ca, &key, &[id("reviews").as_str()])], &key).unwrap();
-        assert_eq!((ok.chain.len(), ok.roots.len()), (1, 0));
+        // Leaf alone: verified against the configured root, nothing popped off the chain.
+        let ca_root = CertificateDer::from_pem_slice(ca.root_pem.as_bytes()).unwrap();
+        let alone = [leaf(&ca, &key, &[id("reviews").as_str()])];
+        let ok = check_with_roots(&alone, &key, &[ca_root.clone()]).unwrap();
+        assert_eq!((ok.chain.len(), ok.roots.len()), (1, 1));
+        // …and refused when nothing it chains to is known.
+        assert!(matches!(check(&alone, &key), Err(CaError::Untrusted(_))));
+        // A leaf from another CA, with this CA's root appended: refused.
+        let other = self::ca();
+        let foreign = [
+            leaf(&other, &key, &[id("reviews").as_str()]),
+            ca.root_pem.clone(),
+        ];
+        assert!(matches!(
+            check_with_roots(&foreign, &key, &[ca_root]),
+            Err(CaError::Untrusted(_))
+        ));
     }
 
     #[test]

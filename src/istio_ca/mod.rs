@@ -7,7 +7,8 @@
 //!   Kubernetes service-account token as `authorization: Bearer …` (RFC 6750) when one is
 //!   configured and ztunnel's `ClusterID` header. The answer is checked before it is
 //!   returned: every certificate parses, the leaf is for the new key, its only SPIFFE ID is
-//!   the requested one, it has not expired. Anything else is refused with a [`CaError`].
+//!   the requested one, it has not expired, and it chains (as a TLS client certificate) to
+//!   the roots it will be published with. Anything else is refused with a [`CaError`].
 //! * [`IssuedIdentity`] is the result: chain, key, roots, validity. Its
 //!   [`cert_key`](IssuedIdentity::cert_key) and [`root_store`](IssuedIdentity::root_store)
 //!   feed the [`tls`](crate::tls) module.
@@ -22,9 +23,10 @@
 //!
 //! Not here: SDS (serving certificates to Envoy), issuing or validating JWTs (the token is
 //! read from a file and passed through), impersonation of other identities (the node
-//! agent's `ImpersonatedIdentity` metadata), client-certificate authentication to the CA,
-//! and verification of the issued chain up to the root (the CA is trusted: it was
-//! authenticated by TLS).
+//! agent's `ImpersonatedIdentity` metadata), client-certificate authentication to the CA
+//! (renewing with the current certificate instead of a token), revocation checks of the
+//! issued chain, and pushing the identity into TLS configs (the caller subscribes to a
+//! [`Renewer`] and hands each [`IssuedIdentity`] on).
 //!
 //! ```no_run
 //! use proxystack::identity::SpiffeId;
