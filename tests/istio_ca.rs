@@ -90,6 +90,8 @@ enum Mode {
     OtherKey,
     /// Signs a certificate that has already expired.
     Expired,
+    /// Signs with another CA, but sends its usual root at the end of the chain.
+    ForeignCa,
 }
 
 struct CaState {
@@ -142,6 +144,8 @@ impl CaState {
         let leaf = if mode == Mode::OtherKey {
             let key = KeyPair::generate().unwrap();
             csr.params.signed_by(&key, &ca.issuer).unwrap()
+        } else if mode == Mode::ForeignCa {
+            csr.signed_by(&TestCa::new("foreign").issuer).unwrap()
         } else {
             csr.signed_by(&ca.issuer).unwrap()
         };
@@ -384,6 +388,8 @@ async fn bad_certificates_are_refused() {
     assert!(matches!(client.fetch().await, Err(CaError::KeyMismatch)));
     *state.mode.lock().unwrap() = Mode::Expired;
     assert!(matches!(client.fetch().await, Err(CaError::Expired { .. })));
+    *state.mode.lock().unwrap() = Mode::ForeignCa;
+    assert!(matches!(client.fetch().await, Err(CaError::Untrusted(_))));
 
     // A renewer never publishes a refused certificate.
     *state.mode.lock().unwrap() = Mode::WrongIdentity;
