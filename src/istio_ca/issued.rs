@@ -279,7 +279,7 @@ mod tests {
         // Leaf alone: verified against the configured root, nothing popped off the chain.
         let ca_root = CertificateDer::from_pem_slice(ca.root_pem.as_bytes()).unwrap();
         let alone = [leaf(&ca, &key, &[id("reviews").as_str()])];
-        let ok = check_with_roots(&alone, &key, &[ca_root.clone()]).unwrap();
+        let ok = check_with_roots(&alone, &key, std::slice::from_ref(&ca_root)).unwrap();
         assert_eq!((ok.chain.len(), ok.roots.len()), (1, 1));
         // …and refused when nothing it chains to is known.
         assert!(matches!(check(&alone, &key), Err(CaError::Untrusted(_))));
