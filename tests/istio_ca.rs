@@ -24,7 +24,7 @@ use rcgen::{
 };
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tonic::server::{NamedService, UnaryService};
+use tonic::server::UnaryService;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
@@ -157,16 +157,12 @@ impl CaState {
     }
 }
 
-// ---- the gRPC service, written out as tonic's codegen would ----
+// ---- the gRPC service, written out as tonic's codegen would (one method, no router) ----
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 #[derive(Clone)]
 struct CaService(Arc<CaState>);
-
-impl NamedService for CaService {
-    const NAME: &'static str = "istio.v1.auth.IstioCertificateService";
-}
 
 impl tower::Service<http::Request<tonic::body::Body>> for CaService {
     type Response = http::Response<tonic::body::Body>;
@@ -236,14 +232,11 @@ impl CaServer {
         let tls = ServerTlsConfig::new()
             .identity(Identity::from_pem(&ca.server_cert_pem, &ca.server_key_pem));
         let (stop, stopped) = oneshot::channel::<()>();
-        let router = Server::builder()
-            .tls_config(tls)
-            .unwrap()
-            .add_service(CaService(state));
+        let server = Server::builder().tls_config(tls).unwrap();
         let incoming = tonic::transport::server::TcpIncoming::from(listener);
         let task = tokio::spawn(async move {
-            let _ = router
-                .serve_with_incoming_shutdown(incoming, async {
+            let _ = server
+                .serve_with_incoming_shutdown(CaService(state), incoming, async {
                     let _ = stopped.await;
                 })
                 .await;
