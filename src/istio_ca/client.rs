@@ -1,6 +1,7 @@
 //! The CA client: one `CreateCertificate` call per [`CaClient::fetch`].
 
 use std::future::Future;
+use std::io::Read;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -28,6 +29,10 @@ use crate::tls::{default_provider, CryptoProvider, TlsConfigError};
 pub const DEFAULT_VALIDITY: Duration = Duration::from_secs(24 * 60 * 60);
 /// Default bound on one whole request (connect, TLS, HTTP/2, answer).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest token file accepted.
+const MAX_TOKEN_SIZE: u64 = 64 * 1024;
+/// Largest `CreateCertificate` answer accepted.
+const MAX_RESPONSE_SIZE: usize = 1024 * 1024;
 /// The cluster ID ztunnel sends when none is configured (its `CLUSTER_ID` default).
 pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
 
@@ -211,7 +216,19 @@ impl CaClient {
             path: path.display().to_string(),
             source,
         };
-        let raw = std::fs::read_to_string(path).map_err(token_err)?;
+        // Kubernetes tokens are about 1 KiB; read at most MAX_TOKEN_SIZE + 1 to notice more.
+        let mut raw = String::new();
+        std::fs::File::open(path)
+            .map_err(token_err)?
+            .take(MAX_TOKEN_SIZE + 1)
+            .read_to_string(&mut raw)
+            .map_err(token_err)?;
+        if raw.len() as u64 > MAX_TOKEN_SIZE {
+            return Err(token_err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("the token file is larger than {MAX_TOKEN_SIZE} bytes"),
+            )));
+        }
         let token = raw.trim();
         if token.is_empty() {
             return Err(token_err(std::io::Error::new(
@@ -273,7 +290,10 @@ impl CaClient {
             }
         }));
 
-        let mut grpc = tonic::client::Grpc::with_origin(H2Service(send), inner.origin.clone());
+        // A chain is a few KiB: 1 MiB bounds what a broken or hostile CA can make us hold
+        // (tonic's default is 4 MiB).
+        let mut grpc = tonic::client::Grpc::with_origin(H2Service(send), inner.origin.clone())
+            .max_decoding_message_size(MAX_RESPONSE_SIZE);
         grpc.ready().await.map_err(|e| connect_err(e.into()))?;
         let mut req = tonic::Request::new(request);
         let metadata = req.metadata_mut();

@@ -126,6 +126,9 @@ impl RenewerBuilder {
     }
 
     /// Spawns the task on the current Tokio runtime; the first request starts at once.
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime (as `tokio::spawn`).
     pub fn spawn(self) -> Renewer {
         let (tx, rx) = watch::channel(None);
         let (stop_tx, stop_rx) = oneshot::channel();
