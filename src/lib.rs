@@ -67,6 +67,7 @@
 //! | `proxy-protocol` | PROXY protocol v1/v2: codec (incl. ztunnel's `0xD0`/`0xD1` TLVs), inbound layer with trusted sources, v2 connector |
 //! | `detect` | protocol detection (TLS / HTTP/1 / HTTP/2 / opaque) and its router |
 //! | `http` | HTTP/1 + HTTP/2 server, reverse-proxy forwarding with an upstream pool |
+//! | `istio-ca` | Istio CA client: obtain and renew a SPIFFE workload certificate over gRPC (tonic + prost) |
 //! | `metrics` | metrics (Prometheus / OpenMetrics via `prometheus-client`, Istio's standard metrics) and access-log layers |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs)]
@@ -104,6 +105,9 @@ pub mod hbone;
 pub mod http;
 pub mod identity;
 pub mod io;
+#[cfg(feature = "istio-ca")]
+#[cfg_attr(docsrs, doc(cfg(feature = "istio-ca")))]
+pub mod istio_ca;
 #[cfg(feature = "metrics")]
 #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
 pub mod metrics;

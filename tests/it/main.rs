@@ -24,6 +24,7 @@ mod examples;
 mod hbone;
 mod http_proxy;
 mod insertion;
+mod istio_ca;
 mod metrics;
 mod panics;
 mod proxy_protocol;
