@@ -27,8 +27,10 @@ macro_rules! ready {
 }
 pub(crate) use ready;
 
-/// Resource limits applied while decoding.
+/// Resource limits applied while decoding. Build with `Limits::default()` and its setters
+/// (new limits may be added without a breaking change).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Limits {
     /// Largest v2 `len` (bytes after the 16-byte fixed header) to accept.
     ///
@@ -43,6 +45,14 @@ impl Default for Limits {
         Self {
             max_v2_len: 16 * 1024,
         }
+    }
+}
+
+impl Limits {
+    /// Sets [`max_v2_len`](Self::max_v2_len).
+    pub fn max_v2_len(mut self, bytes: usize) -> Self {
+        self.max_v2_len = bytes;
+        self
     }
 }
 
