@@ -49,7 +49,7 @@ use http::{HeaderMap, StatusCode};
 pub use h1_client::Http1ConnectConnector;
 pub use pool::{H2ConnectPool, PoolKey, PooledTunnel};
 pub use stream::H2Stream;
-pub use terminate::{ConnectTerminate, Decision, Policy, TunnelRequest};
+pub use terminate::{ConnectTerminate, ConnectTerminateLayer, Decision, Policy, TunnelRequest};
 
 use crate::addr::Authority;
 use crate::conn::Refusal;

@@ -54,4 +54,4 @@ mod router;
 pub use classify::{check_rechunking, fuzz_one};
 pub use classify::{classify, Protocol, Undecided, Verdict, H2_PREFACE};
 pub use layer::{DetectError, DetectLayer, DetectService};
-pub use router::{Router, RouterError, RouterStats};
+pub use router::{Router, RouterError, RouterLayer, RouterStats};
