@@ -87,7 +87,7 @@ struct Config {
     settings: ServerSettings,
     max_depth: u8,
     non_connect: StatusCode,
-    admission_timeout: Duration,
+    admission_timeout: Option<Duration>,
 }
 
 /// Builds [`ConnectTerminate`] services: the CONNECT terminator as a [`tower::Layer`]
@@ -170,7 +170,7 @@ impl ConnectTerminateLayer {
                 },
                 max_depth: 4,
                 non_connect: StatusCode::METHOD_NOT_ALLOWED,
-                admission_timeout: Duration::from_secs(30),
+                admission_timeout: Some(Duration::from_secs(30)),
             }),
         }
     }
@@ -244,8 +244,10 @@ impl ConnectTerminateLayer {
         self.with(|c| c.non_connect = status)
     }
 
-    /// How long the inner service may take to admit or refuse a tunnel (answer: 504).
-    pub fn admission_timeout(self, timeout: Duration) -> Self {
+    /// How long the inner service may take to admit or refuse a tunnel (default 30 s;
+    /// answer: 504). `None` waits as long as the inner service does (a relay is then
+    /// bounded by its connector's connect timeout).
+    pub fn admission_timeout(self, timeout: Option<Duration>) -> Self {
         self.with(|c| c.admission_timeout = timeout)
     }
 }
@@ -350,7 +352,7 @@ impl ConnectTerminate {
     }
 
     /// See [`ConnectTerminateLayer::admission_timeout`].
-    pub fn admission_timeout(self, timeout: Duration) -> Self {
+    pub fn admission_timeout(self, timeout: Option<Duration>) -> Self {
         self.with(|l| l.admission_timeout(timeout))
     }
 
@@ -429,20 +431,29 @@ struct Pending {
 
 impl Pending {
     /// The sender for the tunnel's stream once the inner service admitted it.
-    async fn admitted(self, timeout: Duration) -> Result<StreamSender, Refused> {
-        match tokio::time::timeout(timeout, self.decision).await {
-            Ok(Ok(Ok(()))) => Ok(self.stream_tx),
-            Ok(Ok(Err(refusal))) => {
+    async fn admitted(self, timeout: Option<Duration>) -> Result<StreamSender, Refused> {
+        let decision = match timeout {
+            Some(limit) => match tokio::time::timeout(limit, self.decision).await {
+                Ok(decision) => decision,
+                Err(_) => {
+                    debug!(tunnel.authority = %self.authority, "tunnel not admitted in time");
+                    return Err((
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream did not answer in time",
+                    ));
+                }
+            },
+            None => self.decision.await,
+        };
+        match decision {
+            Ok(Ok(())) => Ok(self.stream_tx),
+            Ok(Err(refusal)) => {
                 debug!(tunnel.authority = %self.authority, ?refusal, "tunnel refused");
                 Err((status_for(refusal), "upstream refused the tunnel"))
             }
-            Ok(Err(_)) => Err((
+            Err(_) => Err((
                 StatusCode::SERVICE_UNAVAILABLE,
                 "tunnel closed before it was admitted",
-            )),
-            Err(_) => Err((
-                StatusCode::GATEWAY_TIMEOUT,
-                "upstream did not answer in time",
             )),
         }
     }

@@ -195,7 +195,7 @@ impl Inbound {
 
     /// How long the inner service may take to admit or refuse a tunnel (default 30 s;
     /// answer: 504).
-    pub fn admission_timeout(mut self, timeout: Duration) -> Self {
+    pub fn admission_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.connect = self.connect.admission_timeout(timeout);
         self
     }
