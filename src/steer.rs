@@ -90,8 +90,8 @@ impl<F: Clone, S> Layer<S> for SteerLayer<F> {
     }
 }
 
-/// Sends each connection to one of several inbound services, chosen from the connection
-/// from its metadata; built by [`SteerLayer`], or by [`Steer::new`] and [`Steer::by`]
+/// Sends each connection to one of several inbound services, chosen from its metadata;
+/// built by [`SteerLayer`], or by [`Steer::new`] and [`Steer::by`]
 /// where every service is boxed alike.
 ///
 /// ```
