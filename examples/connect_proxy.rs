@@ -39,9 +39,10 @@ use clap::Parser;
 use http::StatusCode;
 use proxystack::addr::Cidr;
 use proxystack::conn::Metadata;
-use proxystack::connect::{ConnectTerminate, Decision, TunnelInfo};
+use proxystack::connect::{ConnectTerminateLayer, Decision, TunnelInfo};
 use proxystack::tcp::HostAddresses;
 use proxystack::{tcp, Server, Target};
+use tower::Layer;
 
 #[derive(Parser, Debug)]
 #[command(about = "Egress CONNECT proxy (HTTP/1.1 and h2c) with an SSRF-safe address policy")]
@@ -136,7 +137,7 @@ async fn main() {
     let relay = tcp::Relay::new(connector)
         .upstream(|m: &Metadata| Some(Target::from(m.get::<TunnelInfo>()?.authority.clone())));
     let ports = args.allow_port.clone();
-    let proxy = ConnectTerminate::new(relay)
+    let proxy = ConnectTerminateLayer::new()
         .max_depth(1)
         .policy(move |req| {
             let port = req.authority.port();
@@ -146,7 +147,8 @@ async fn main() {
                 tracing::info!(tunnel.authority = %req.authority, "destination port not allowed");
                 Decision::Deny(StatusCode::FORBIDDEN)
             }
-        });
+        })
+        .layer(relay);
 
     let mut addrs = support::local_addrs(&listeners);
     let server = Server::new().drain_timeout(Duration::from_secs(args.common.drain_secs));

@@ -45,6 +45,7 @@ use proxystack::identity::SpiffeId;
 use proxystack::tls::{load_pem_certs, CertKey};
 use proxystack::{tcp, Authority, Target};
 use serde::Deserialize;
+use tower::ServiceBuilder;
 
 #[derive(Parser, Debug)]
 #[command(about = "HBONE client and server sides built from proxystack layers")]
@@ -120,10 +121,11 @@ async fn main() {
                 c.get::<TunnelInfo>()?.authority.port(),
             )))
         });
-        let inbound = Inbound::new(cert, plan.roots.clone())
+        let hbone_in = Inbound::new(cert, plan.roots.clone())
             .check_local_ip(false)
-            .service(app)
+            .into_layer()
             .unwrap_or_else(|e| support::fail(format!("server TLS: {e}")));
+        let inbound = ServiceBuilder::new().layer(hbone_in).service(app);
         let listener = support::bind_all(&[listen]).await.remove(0);
         servers.spawn("hbone_server", listener, inbound);
     }

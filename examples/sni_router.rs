@@ -20,7 +20,7 @@
 //! upstream = "127.0.0.1:8080"
 //! ```
 //!
-//! Composition: `PeekLayer` (records SNI, replays the hello) → `Steer` on SNI →
+//! Composition: `PeekLayer` (records SNI, replays the hello) → `SteerLayer` on SNI →
 //! either `Relay` (passthrough) or `TerminateLayer` → `Relay` (plaintext).
 
 #[path = "support/mod.rs"]
@@ -33,7 +33,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use proxystack::conn::Metadata;
-use proxystack::steer::Steer;
+use proxystack::steer::SteerLayer;
 use proxystack::tls::{CertKey, PeekLayer, ServerConfigBuilder, Sni, TerminateLayer, UnknownSni};
 use proxystack::{tcp, Server, Target};
 use serde::Deserialize;
@@ -135,14 +135,14 @@ async fn main() {
     let terminate_names: Arc<[String]> = routes.terminate.keys().cloned().collect();
     let svc = ServiceBuilder::new()
         .layer(PeekLayer::new())
-        .service(Steer::by(
+        .layer(SteerLayer::when(
             move |c: &Metadata| {
                 c.get::<Sni>()
                     .is_some_and(|s| terminate_names.contains(&s.0.to_ascii_lowercase()))
             },
             terminated,
-            passthrough,
-        ));
+        ))
+        .service(passthrough);
 
     let listeners = support::bind_all(&listen).await;
     let mut addrs = support::local_addrs(&listeners);

@@ -75,7 +75,7 @@ use clap::Parser;
 use http::{Request, StatusCode};
 use proxystack::conn::Metadata;
 use proxystack::connect::{lookup, TunnelInfo};
-use proxystack::detect::{DetectLayer, Router};
+use proxystack::detect::{DetectLayer, Router, RouterLayer};
 use proxystack::hbone::{self, HboneHeaders, HboneTarget, Inbound};
 use proxystack::http::{Forward, HttpServer, Incoming, NormalizePathLayer, PoolKey};
 use proxystack::identity::{PeerIdentity, SpiffeId};
@@ -313,14 +313,14 @@ async fn main() {
     // with a short timeout: a server-first protocol pays it once per connection.
     let auto = ServiceBuilder::new()
         .layer(DetectLayer::new().timeout(Some(Duration::from_millis(500))))
-        .service(
+        .layer(RouterLayer::new(
+            // TLS and opaque streams fall through to `l4`; undecided ones only by name.
             Router::new()
                 .http1(http.clone())
                 .http2(http)
-                .tls(l4.clone())
-                .opaque(l4.clone())
                 .undecided(l4.clone()),
-        );
+        ))
+        .service(l4.clone());
     let (t, t2) = (table.clone(), table.clone());
     let per_tunnel = Steer::by(
         move |m: &Metadata| t.service(m).is_some_and(|s| s.protocol == AppProtocol::Tcp),

@@ -8,15 +8,15 @@
 //! ```text
 //!  level            inbound (accepting) side            outbound (connecting) side
 //!  ───────────────  ──────────────────────────────────  ────────────────────────────
-//!  HBONE            hbone::Inbound                      hbone::Connector (pooled mTLS + H2 CONNECT)
-//!  CONNECT          connect::ConnectTerminate           connect::H2ConnectPool<C>,
+//!  HBONE            hbone::InboundLayer                 hbone::Connector (pooled mTLS + H2 CONNECT)
+//!  CONNECT          connect::ConnectTerminateLayer      connect::H2ConnectPool<C>,
 //!                                                       connect::Http1ConnectConnector<C>
 //!  HTTP/1 + HTTP/2  http::HttpServer, http::Forward     (pooled inside http::Forward)
-//!  detection        detect::DetectLayer, detect::Router
+//!  detection        detect::DetectLayer, detect::RouterLayer
 //!  PROXY protocol   proxy_protocol::ProxyProtocolLayer  proxy_protocol::ProxyProtocolConnector<C>
 //!  TLS              tls::PeekLayer, tls::TerminateLayer tls::TlsConnector<C>
 //!  TCP (L4)         serve(), tcp::Relay                 tcp::TcpConnector
-//!  glue             steer::Steer, recursive::Recursive
+//!  glue             steer::SteerLayer, recursive::Recursive
 //! ```
 //!
 //! A terminated tunnel is a new [`Conn`] that re-enters an inbound service — usually the

@@ -13,7 +13,8 @@
 //!   the proxy's own listeners ([`tcp::OwnListeners`](crate::tcp::OwnListeners), checked
 //!   by the relay's `TcpConnector`) `503`.
 //!   A connection speaks HTTP/2 if it starts with the HTTP/2 preface, else HTTP/1.1
-//!   (unless one of them is switched off).
+//!   (unless one of them is switched off). [`ConnectTerminateLayer`] builds it in a
+//!   `ServiceBuilder`, the layered service running the tunnels.
 //! * [`H2ConnectPool`] opens tunnels as streams of pooled, multiplexed HTTP/2 connections
 //!   over any connector; [`Http1ConnectConnector`] opens one through an HTTP/1.1 proxy.
 //!
@@ -49,7 +50,7 @@ use http::{HeaderMap, StatusCode};
 pub use h1_client::Http1ConnectConnector;
 pub use pool::{H2ConnectPool, PoolKey, PooledTunnel};
 pub use stream::H2Stream;
-pub use terminate::{ConnectTerminate, Decision, Policy, TunnelRequest};
+pub use terminate::{ConnectTerminate, ConnectTerminateLayer, Decision, Policy, TunnelRequest};
 
 use crate::addr::Authority;
 use crate::admission::Refusal;

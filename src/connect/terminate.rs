@@ -23,7 +23,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tower::{Service, ServiceExt};
+use tower::{Layer, Service, ServiceExt};
 use tracing::{debug, info_span, Instrument};
 
 use super::deferred::{DeferredIo, StreamSender};
@@ -80,104 +80,133 @@ struct ServerSettings {
     header_read_timeout: Duration,
 }
 
-/// A terminal inbound service that accepts CONNECT tunnels (see the [module docs](super)).
+/// Everything a [`ConnectTerminateLayer`] configures, shared by the services it builds.
+#[derive(Clone)]
+struct Config {
+    policy: Option<Policy>,
+    settings: ServerSettings,
+    max_depth: u8,
+    non_connect: StatusCode,
+    admission_timeout: Option<Duration>,
+}
+
+/// Builds [`ConnectTerminate`] services: the CONNECT terminator as a [`tower::Layer`]
+/// whose inner service runs every accepted tunnel.
+///
+/// The layer carries all the terminator's configuration; [`layer`](Layer::layer) only adds
+/// the inner service. That service is type-erased into a [`BoxInbound`]: a tunnel is a new
+/// connection (an HTTP/2 stream or an upgraded HTTP/1.1 connection, as
+/// [`Conn<BoxIo>`](crate::Conn)), so this is a protocol boundary, boxing costs one
+/// allocation per tunnel next to the task spawned for it, and the HTTP/1.1 and HTTP/2
+/// servers are compiled once instead of once per inner service type.
+///
+/// Defaults: HTTP/1.1 and HTTP/2, no policy (allow all), depth ≤ 4, non-CONNECT
+/// requests → 405, 30 s for the inner service to admit, HTTP/2 settings as
+/// [`h2`](Self::h2) lists.
 ///
 /// ```
 /// use proxystack::conn::Metadata;
-/// use proxystack::connect::{ConnectTerminate, Decision};
-/// use proxystack::{tcp, Conn, Target};
-/// use proxystack::connect::TunnelInfo;
+/// use proxystack::connect::{ConnectTerminateLayer, Decision, TunnelInfo};
+/// use proxystack::{tcp, Target, H2Config};
 /// use http::StatusCode;
+/// use tower::ServiceBuilder;
 /// // An egress proxy: tunnels go to the requested authority, port 443 only.
 /// let relay = tcp::Relay::new(tcp::TcpConnector::new())
 ///     .upstream(|c: &Metadata| c.get::<TunnelInfo>().map(|t| Target::from(t.authority.clone())));
-/// let proxy = ConnectTerminate::new(relay).policy(|req| {
-///     if req.authority.port() == 443 { Decision::Allow } else { Decision::Deny(StatusCode::FORBIDDEN) }
-/// });
+/// let proxy = ServiceBuilder::new()
+///     .layer(
+///         ConnectTerminateLayer::new()
+///             .h2(H2Config::new().max_concurrent_streams(100))
+///             .policy(|req| match req.authority.port() {
+///                 443 => Decision::Allow,
+///                 _ => Decision::Deny(StatusCode::FORBIDDEN),
+///             }),
+///     )
+///     .service(relay);
 /// # let _ = proxy;
 /// ```
 #[derive(Clone)]
-pub struct ConnectTerminate {
-    inner: BoxInbound,
-    policy: Option<Policy>,
-    settings: Arc<ServerSettings>,
-    max_depth: u8,
-    non_connect: StatusCode,
-    admission_timeout: Duration,
+pub struct ConnectTerminateLayer {
+    config: Arc<Config>,
 }
 
-impl std::fmt::Debug for ConnectTerminate {
+impl std::fmt::Debug for ConnectTerminateLayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConnectTerminate")
-            .field("settings", &self.settings)
-            .field("max_depth", &self.max_depth)
-            .finish_non_exhaustive()
+        f.debug_struct("ConnectTerminateLayer")
+            .field("settings", &self.config.settings)
+            .field("max_depth", &self.config.max_depth)
+            .field("non_connect", &self.config.non_connect)
+            .field("admission_timeout", &self.config.admission_timeout)
+            .field("policy", &self.config.policy.is_some())
+            .finish()
     }
 }
 
-impl ConnectTerminate {
-    /// Runs each tunnel on `inner`. Defaults: HTTP/1.1 and HTTP/2, no policy (allow all),
-    /// depth ≤ 4, non-CONNECT requests → 405, 30 s for the inner service to admit.
-    pub fn new<S>(inner: S) -> Self
-    where
-        S: crate::conn::BoxableInbound,
-    {
+impl Default for ConnectTerminateLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ConnectTerminateLayer {
+    /// The defaults listed [above](Self).
+    pub fn new() -> Self {
         Self {
-            inner: box_inbound(inner),
-            policy: None,
-            settings: Arc::new(ServerSettings {
-                http1: true,
-                http2: true,
-                stream_window: 4 << 20,
-                connection_window: 16 << 20,
-                max_frame_size: 1 << 20,
-                max_concurrent_streams: 200,
-                max_header_list_size: 64 << 10,
-                max_pending_accept_reset_streams: 20,
-                max_local_error_reset_streams: Some(1024),
-                keepalive: Some((Duration::from_secs(10), Duration::from_secs(20))),
-                extended_connect: false,
-                header_read_timeout: Duration::from_secs(10),
+            config: Arc::new(Config {
+                policy: None,
+                settings: ServerSettings {
+                    http1: true,
+                    http2: true,
+                    stream_window: 4 << 20,
+                    connection_window: 16 << 20,
+                    max_frame_size: 1 << 20,
+                    max_concurrent_streams: 200,
+                    max_header_list_size: 64 << 10,
+                    max_pending_accept_reset_streams: 20,
+                    max_local_error_reset_streams: Some(1024),
+                    keepalive: Some((Duration::from_secs(10), Duration::from_secs(20))),
+                    extended_connect: false,
+                    header_read_timeout: Duration::from_secs(10),
+                },
+                max_depth: 4,
+                non_connect: StatusCode::METHOD_NOT_ALLOWED,
+                admission_timeout: Some(Duration::from_secs(30)),
             }),
-            max_depth: 4,
-            non_connect: StatusCode::METHOD_NOT_ALLOWED,
-            admission_timeout: Duration::from_secs(30),
         }
     }
 
-    fn with_settings(mut self, f: impl FnOnce(&mut ServerSettings)) -> Self {
-        f(Arc::make_mut(&mut self.settings));
+    fn with(mut self, f: impl FnOnce(&mut Config)) -> Self {
+        f(Arc::make_mut(&mut self.config));
         self
     }
 
     /// Decides per tunnel before anything is dialled.
     pub fn policy(
-        mut self,
+        self,
         policy: impl Fn(&TunnelRequest<'_>) -> Decision + Send + Sync + 'static,
     ) -> Self {
-        self.policy = Some(Arc::new(policy));
-        self
+        self.with(|c| c.policy = Some(Arc::new(policy)))
     }
 
     /// Serve only HTTP/2 (as HBONE does).
     pub fn http2_only(self) -> Self {
-        self.with_settings(|s| {
-            s.http1 = false;
-            s.http2 = true;
+        self.with(|c| {
+            c.settings.http1 = false;
+            c.settings.http2 = true;
         })
     }
 
     /// Serve only HTTP/1.1.
     pub fn http1_only(self) -> Self {
-        self.with_settings(|s| {
-            s.http1 = true;
-            s.http2 = false;
+        self.with(|c| {
+            c.settings.http1 = true;
+            c.settings.http2 = false;
         })
     }
 
     /// Accept extended CONNECT (RFC 8441, advertised with SETTINGS_ENABLE_CONNECT_PROTOCOL).
     pub fn extended_connect(self, on: bool) -> Self {
-        self.with_settings(|s| s.extended_connect = on)
+        self.with(|c| c.settings.extended_connect = on)
     }
 
     /// HTTP/2 settings; what `h2` leaves unset keeps the defaults, which follow ztunnel:
@@ -186,7 +215,8 @@ impl ConnectTerminate {
     /// answered within 20 s, and at most 20 streams reset before they were accepted
     /// (rapid reset) and 1,024 reset for client errors.
     pub fn h2(self, h2: H2Config) -> Self {
-        self.with_settings(|s| {
+        self.with(|c| {
+            let s = &mut c.settings;
             s.stream_window = h2.stream_window.unwrap_or(s.stream_window);
             s.connection_window = h2.connection_window.unwrap_or(s.connection_window);
             s.max_frame_size = h2.max_frame_size.unwrap_or(s.max_frame_size);
@@ -205,21 +235,129 @@ impl ConnectTerminate {
     }
 
     /// Deepest tunnel nesting accepted (default 4); deeper requests get 508.
-    pub fn max_depth(mut self, depth: u8) -> Self {
-        self.max_depth = depth;
-        self
+    pub fn max_depth(self, depth: u8) -> Self {
+        self.with(|c| c.max_depth = depth)
     }
 
     /// The status for requests that are not CONNECT (default 405; HBONE uses 400).
-    pub fn non_connect_status(mut self, status: StatusCode) -> Self {
-        self.non_connect = status;
+    pub fn non_connect_status(self, status: StatusCode) -> Self {
+        self.with(|c| c.non_connect = status)
+    }
+
+    /// How long the inner service may take to admit or refuse a tunnel (default 30 s;
+    /// answer: 504). `None` waits as long as the inner service does (a relay is then
+    /// bounded by its connector's connect timeout).
+    pub fn admission_timeout(self, timeout: Option<Duration>) -> Self {
+        self.with(|c| c.admission_timeout = timeout)
+    }
+}
+
+impl<S: crate::conn::BoxableInbound> Layer<S> for ConnectTerminateLayer {
+    type Service = ConnectTerminate;
+
+    fn layer(&self, inner: S) -> ConnectTerminate {
+        ConnectTerminate {
+            inner: box_inbound(inner),
+            layer: self.clone(),
+        }
+    }
+}
+
+/// A terminal inbound service that accepts CONNECT tunnels (see the [module docs](super)),
+/// built by [`ConnectTerminateLayer`].
+///
+/// `ConnectTerminate::new(inner)` and its setters are shorthand for the layer's:
+/// `ConnectTerminate::new(relay).max_depth(2)` is
+/// `ConnectTerminateLayer::new().max_depth(2).layer(relay)`.
+///
+/// ```
+/// use proxystack::conn::Metadata;
+/// use proxystack::connect::{ConnectTerminate, Decision};
+/// use proxystack::{tcp, Conn, Target};
+/// use proxystack::connect::TunnelInfo;
+/// use http::StatusCode;
+/// // An egress proxy: tunnels go to the requested authority, port 443 only.
+/// let relay = tcp::Relay::new(tcp::TcpConnector::new())
+///     .upstream(|c: &Metadata| c.get::<TunnelInfo>().map(|t| Target::from(t.authority.clone())));
+/// let proxy = ConnectTerminate::new(relay).policy(|req| {
+///     if req.authority.port() == 443 { Decision::Allow } else { Decision::Deny(StatusCode::FORBIDDEN) }
+/// });
+/// # let _ = proxy;
+/// ```
+#[derive(Clone)]
+pub struct ConnectTerminate {
+    inner: BoxInbound,
+    layer: ConnectTerminateLayer,
+}
+
+impl std::fmt::Debug for ConnectTerminate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectTerminate")
+            .field("settings", &self.layer.config.settings)
+            .field("max_depth", &self.layer.config.max_depth)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConnectTerminate {
+    /// Runs each tunnel on `inner`, with [`ConnectTerminateLayer`]'s defaults.
+    pub fn new<S>(inner: S) -> Self
+    where
+        S: crate::conn::BoxableInbound,
+    {
+        ConnectTerminateLayer::new().layer(inner)
+    }
+
+    fn with(mut self, f: impl FnOnce(ConnectTerminateLayer) -> ConnectTerminateLayer) -> Self {
+        self.layer = f(self.layer);
         self
     }
 
-    /// How long the inner service may take to admit or refuse a tunnel (answer: 504).
-    pub fn admission_timeout(mut self, timeout: Duration) -> Self {
-        self.admission_timeout = timeout;
-        self
+    /// See [`ConnectTerminateLayer::policy`].
+    pub fn policy(
+        self,
+        policy: impl Fn(&TunnelRequest<'_>) -> Decision + Send + Sync + 'static,
+    ) -> Self {
+        self.with(|l| l.policy(policy))
+    }
+
+    /// See [`ConnectTerminateLayer::http2_only`].
+    pub fn http2_only(self) -> Self {
+        self.with(ConnectTerminateLayer::http2_only)
+    }
+
+    /// See [`ConnectTerminateLayer::http1_only`].
+    pub fn http1_only(self) -> Self {
+        self.with(ConnectTerminateLayer::http1_only)
+    }
+
+    /// See [`ConnectTerminateLayer::extended_connect`].
+    pub fn extended_connect(self, on: bool) -> Self {
+        self.with(|l| l.extended_connect(on))
+    }
+
+    /// See [`ConnectTerminateLayer::h2`].
+    pub fn h2(self, h2: H2Config) -> Self {
+        self.with(|l| l.h2(h2))
+    }
+
+    /// See [`ConnectTerminateLayer::max_depth`].
+    pub fn max_depth(self, depth: u8) -> Self {
+        self.with(|l| l.max_depth(depth))
+    }
+
+    /// See [`ConnectTerminateLayer::non_connect_status`].
+    pub fn non_connect_status(self, status: StatusCode) -> Self {
+        self.with(|l| l.non_connect_status(status))
+    }
+
+    /// See [`ConnectTerminateLayer::admission_timeout`].
+    pub fn admission_timeout(self, timeout: Option<Duration>) -> Self {
+        self.with(|l| l.admission_timeout(timeout))
+    }
+
+    fn config(&self) -> &Config {
+        &self.layer.config
     }
 }
 
@@ -240,7 +378,7 @@ impl<I: Io> Service<Conn<I>> for ConnectTerminate {
                 .get::<drain::Watch>()
                 .cloned()
                 .unwrap_or_else(drain::Watch::never);
-            let settings = this.settings.clone();
+            let settings = this.config().settings.clone();
             let handler = Handler {
                 terminate: this,
                 outer: Arc::new(metadata),
@@ -293,20 +431,29 @@ struct Pending {
 
 impl Pending {
     /// The sender for the tunnel's stream once the inner service admitted it.
-    async fn admitted(self, timeout: Duration) -> Result<StreamSender, Refused> {
-        match tokio::time::timeout(timeout, self.decision).await {
-            Ok(Ok(Ok(()))) => Ok(self.stream_tx),
-            Ok(Ok(Err(refusal))) => {
+    async fn admitted(self, timeout: Option<Duration>) -> Result<StreamSender, Refused> {
+        let decision = match timeout {
+            Some(limit) => match tokio::time::timeout(limit, self.decision).await {
+                Ok(decision) => decision,
+                Err(_) => {
+                    debug!(tunnel.authority = %self.authority, "tunnel not admitted in time");
+                    return Err((
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream did not answer in time",
+                    ));
+                }
+            },
+            None => self.decision.await,
+        };
+        match decision {
+            Ok(Ok(())) => Ok(self.stream_tx),
+            Ok(Err(refusal)) => {
                 debug!(tunnel.authority = %self.authority, ?refusal, "tunnel refused");
                 Err((status_for(refusal), "upstream refused the tunnel"))
             }
-            Ok(Err(_)) => Err((
+            Err(_) => Err((
                 StatusCode::SERVICE_UNAVAILABLE,
                 "tunnel closed before it was admitted",
-            )),
-            Err(_) => Err((
-                StatusCode::GATEWAY_TIMEOUT,
-                "upstream did not answer in time",
             )),
         }
     }
@@ -321,7 +468,7 @@ impl Handler {
         head: Head<'_>,
         abort: Option<Abort>,
     ) -> Result<(Pending, JoinHandle<()>), Refused> {
-        let t = &self.terminate;
+        let t = self.terminate.config();
         if head.method != Method::CONNECT {
             debug!(method = %head.method, "not a CONNECT request");
             return Err((t.non_connect, "only CONNECT is served here"));
@@ -387,7 +534,7 @@ impl Handler {
         }
         let tunnel = Conn::from_parts(BoxIo::new(io), metadata);
         let span = info_span!("tunnel", id = id.0, tunnel.authority = %authority, depth);
-        let inner = t.inner.clone();
+        let inner = self.terminate.inner.clone();
         let task = crate::task::spawn(
             async move {
                 if let Err(e) = inner.oneshot(tunnel).await {
@@ -409,7 +556,7 @@ impl Handler {
     // ----- HTTP/1.1 (hyper) -----
 
     async fn serve_h1<I: Io>(self, io: I, watch: drain::Watch) -> Result<(), BoxError> {
-        let s = self.terminate.settings.clone();
+        let s = self.terminate.config().settings.clone();
         let tunnel = self.h1_tunnel.clone();
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
@@ -448,7 +595,9 @@ impl Handler {
         let carrier = self.outer.get::<Abort>().cloned();
         let (admitted, task) = match self.start(head, carrier) {
             Ok((pending, task)) => (
-                pending.admitted(self.terminate.admission_timeout).await,
+                pending
+                    .admitted(self.terminate.config().admission_timeout)
+                    .await,
                 Some(task),
             ),
             Err(refused) => (Err(refused), None),
@@ -480,7 +629,7 @@ impl Handler {
     // ----- HTTP/2 (h2) -----
 
     async fn serve_h2<I: Io>(self, io: I, watch: drain::Watch) -> Result<(), BoxError> {
-        let s = self.terminate.settings.clone();
+        let s = self.terminate.config().settings.clone();
         let mut builder = h2::server::Builder::new();
         builder
             .initial_window_size(keepalive::window(s.stream_window))
@@ -554,7 +703,7 @@ impl Handler {
             // An HTTP/2 tunnel's task needs no keeping: when the connection goes, so do its
             // streams, and the tunnel fails.
             Ok((pending, _task)) => {
-                let timeout = self.terminate.admission_timeout;
+                let timeout = self.terminate.config().admission_timeout;
                 tokio::select! {
                     admitted = pending.admitted(timeout) => admitted,
                     // The client gave up (RST_STREAM) while the inner service connected:

@@ -5,7 +5,8 @@
 //! buffer until [`classify`] can decide (possibly over several reads: a 3-byte first segment
 //! is never guessed at), records the [`Protocol`] as connection metadata and hands its inner
 //! service a [`Conn<BoxIo>`] wrapping a [`PrefixedIo`] that replays every byte read.
-//! [`Router`] then sends each protocol to its own service.
+//! [`Router`] then sends each protocol to its own service; as a [`RouterLayer`] it sends
+//! the decided protocols it has no route for on to the layered service.
 //!
 //! What it recognises:
 //! * TLS: a handshake record header (`0x16 0x03 0x00..=0x04`, RFC 8446 §5.1);
@@ -54,4 +55,4 @@ mod router;
 pub use classify::{check_rechunking, fuzz_one};
 pub use classify::{classify, Protocol, Undecided, Verdict, H2_PREFACE};
 pub use layer::{DetectError, DetectLayer, DetectService};
-pub use router::{Router, RouterError, RouterStats};
+pub use router::{Router, RouterError, RouterLayer, RouterStats};

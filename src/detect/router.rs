@@ -60,6 +60,8 @@ pub struct Router {
     http2: Option<Route>,
     opaque: Option<Route>,
     undecided: Option<Route>,
+    /// The layered service of a [`RouterLayer`]: every *decided* protocol without a route.
+    fallback: Option<Route>,
     stats: Arc<RouterStats>,
 }
 
@@ -157,13 +159,77 @@ impl Router {
         self.stats.clone()
     }
 
+    /// This router as a [`RouterLayer`] (the layered service serves the decided protocols
+    /// it has no route for).
+    pub fn into_layer(self) -> RouterLayer {
+        RouterLayer::new(self)
+    }
+
     fn route(&self, protocol: Protocol) -> Option<&Route> {
-        match protocol {
+        let own = match protocol {
             Protocol::Tls => self.tls.as_ref(),
             Protocol::Http1 => self.http1.as_ref(),
             Protocol::Http2 => self.http2.as_ref(),
             Protocol::Opaque => self.opaque.as_ref(),
-            Protocol::Undecided => self.undecided.as_ref(),
+            // Fail closed: only an explicit route takes what detection could not decide.
+            Protocol::Undecided => return self.undecided.as_ref(),
+        };
+        own.or(self.fallback.as_ref())
+    }
+}
+
+/// A [`Router`] as a [`tower::Layer`]: the layered service serves every **decided**
+/// protocol the router has no route for, so a stack reads as "these protocols here, the
+/// rest goes on" — typically an HTTP server on `http1`/`http2` over a relay for the rest.
+///
+/// Why the fallback, and why not for undecided connections: the layered service of a
+/// detection router can only be *one* of its routes, and the one a stack continues to is
+/// the general case (opaque bytes, TLS that is passed through). [`Protocol::Undecided`]
+/// still needs its own route ([`Router::undecided`]): a fallback taking it would relay
+/// malformed HTTP past the HTTP policy (see the [module docs](super), *fail closed*).
+/// The fallback is boxed like the routes: detection is a protocol boundary and every
+/// route gets a [`Conn<BoxIo>`](crate::Conn) anyway.
+///
+/// ```
+/// use proxystack::detect::{DetectLayer, Router, RouterLayer};
+/// use proxystack::http::{Forward, HttpServer};
+/// use proxystack::{tcp, Target};
+/// use tower::ServiceBuilder;
+/// let upstream = Target::from_static("127.0.0.1:8080");
+/// let http = HttpServer::new(Forward::to(tcp::TcpConnector::new(), upstream.clone()));
+/// // HTTP/1 and h2c get the HTTP server; TLS and other protocols are relayed as bytes.
+/// let svc = ServiceBuilder::new()
+///     .layer(DetectLayer::new())
+///     .layer(RouterLayer::new(Router::new().http1(http.clone()).http2(http)))
+///     .service(tcp::Relay::new(tcp::TcpConnector::new()).to(upstream));
+/// # let _ = svc;
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct RouterLayer {
+    router: Router,
+}
+
+impl RouterLayer {
+    /// `router`'s routes; the layered service takes the decided protocols without one.
+    /// The routers it builds share `router`'s [`stats`](Router::stats).
+    pub fn new(router: Router) -> Self {
+        Self { router }
+    }
+}
+
+impl From<Router> for RouterLayer {
+    fn from(router: Router) -> Self {
+        Self::new(router)
+    }
+}
+
+impl<S: crate::conn::BoxableInbound> tower::Layer<S> for RouterLayer {
+    type Service = Router;
+
+    fn layer(&self, inner: S) -> Router {
+        Router {
+            fallback: Some(Router::boxed(inner)),
+            ..self.router.clone()
         }
     }
 }
@@ -214,6 +280,7 @@ impl fmt::Debug for Router {
             .field("http2", &self.http2.is_some())
             .field("opaque", &self.opaque.is_some())
             .field("undecided", &self.undecided.is_some())
+            .field("fallback", &self.fallback.is_some())
             .finish()
     }
 }

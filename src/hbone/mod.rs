@@ -2,7 +2,7 @@
 //! authentication, ALPN `h2`, HTTP/2, one CONNECT stream per application connection, on
 //! port 15008. Wire conventions (headers, settings, status codes) follow ztunnel's.
 //!
-//! * [`Inbound`] = [`TerminateLayer`] (client certificate
+//! * [`Inbound`] (as a layer: [`InboundLayer`]) = [`TerminateLayer`] (client certificate
 //!   required, same trust domain) + [`ConnectTerminate`]
 //!   (HTTP/2 only, only CONNECT → else 400, authority checks → 400, policy → 401,
 //!   illegal ports → 503, `200` only after the inner service connected). Tunnels carry
@@ -39,6 +39,7 @@ mod headers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::StatusCode;
 use rustls::pki_types::CertificateRevocationListDer;
@@ -50,8 +51,8 @@ pub use headers::{HboneHeaders, TraceParent};
 use crate::addr::Authority;
 use crate::conn::{Conn, LocalAddr};
 use crate::connect::{
-    ConnectAuthority, ConnectHeaders, ConnectTerminate, Decision, H2ConnectPool, PoolKey,
-    TunnelInfo, TunnelRequest,
+    ConnectAuthority, ConnectHeaders, ConnectTerminate, ConnectTerminateLayer, Decision,
+    H2ConnectPool, PoolKey, TunnelInfo, TunnelRequest,
 };
 use crate::identity::SpiffeId;
 use crate::io::BoxIo;
@@ -60,7 +61,7 @@ use crate::tls::{
     self, CertKey, ClientAuth, ExpectedIdentities, LiveIdentity, ServerConfigBuilder, SniMode,
     TerminateLayer, TerminateService, TlsConfigError, TlsConnector,
 };
-use crate::Target;
+use crate::{H2Config, Target};
 
 /// The HBONE port.
 pub const PORT: u16 = 15008;
@@ -71,7 +72,13 @@ pub const ILLEGAL_PORTS: [u16; 4] = [15001, 15006, 15008, 15080];
 
 type PolicyFn = Arc<dyn Fn(&TunnelRequest<'_>) -> bool + Send + Sync>;
 
-/// Builds the HBONE server side (the listener on port 15008).
+/// Builds the HBONE server side (the listener on port 15008): configure it, then turn it
+/// into an [`InboundLayer`] with [`into_layer`](Self::into_layer) (or call
+/// [`service`](Self::service) for the service directly).
+///
+/// The CONNECT terminator's knobs that HBONE leaves open (HTTP/2 settings, nesting depth,
+/// admission timeout) are set here; HBONE fixes the rest (HTTP/2 only, `400` for anything
+/// but CONNECT, its own policy, see [`allow`](Self::allow)).
 ///
 /// ```
 /// # #[cfg(feature = "demo-certs")] {
@@ -100,7 +107,7 @@ pub struct Inbound {
     policy: Option<PolicyFn>,
     check_local_ip: bool,
     illegal_ports: Vec<u16>,
-    connect: Option<Arc<dyn Fn(ConnectTerminate) -> ConnectTerminate + Send + Sync>>,
+    connect: ConnectTerminateLayer,
     /// Certificate, roots and CRLs that can change while serving ([`Inbound::live`]).
     live: Option<LiveIdentity>,
 }
@@ -110,6 +117,7 @@ impl std::fmt::Debug for Inbound {
         f.debug_struct("Inbound")
             .field("trust_domains", &self.trust_domains)
             .field("check_local_ip", &self.check_local_ip)
+            .field("connect", &self.connect)
             .finish_non_exhaustive()
     }
 }
@@ -131,7 +139,7 @@ impl Inbound {
             policy: None,
             check_local_ip: true,
             illegal_ports: ILLEGAL_PORTS.to_vec(),
-            connect: None,
+            connect: ConnectTerminateLayer::new(),
             live: None,
         }
     }
@@ -192,21 +200,28 @@ impl Inbound {
         self
     }
 
-    /// Adjusts the CONNECT terminator (windows, depth, timeouts…).
-    pub fn configure_connect(
-        mut self,
-        f: impl Fn(ConnectTerminate) -> ConnectTerminate + Send + Sync + 'static,
-    ) -> Self {
-        self.connect = Some(Arc::new(f));
+    /// HTTP/2 settings of the tunnels' connections (see [`ConnectTerminateLayer::h2`] for
+    /// the defaults, which follow ztunnel).
+    pub fn h2(mut self, h2: H2Config) -> Self {
+        self.connect = self.connect.h2(h2);
         self
     }
 
-    /// The inbound service: every accepted tunnel runs on `inner` with [`TunnelInfo`] and
-    /// [`HboneHeaders`] metadata.
-    pub fn service<S>(self, inner: S) -> Result<TerminateService<ConnectTerminate>, TlsConfigError>
-    where
-        S: crate::conn::BoxableInbound,
-    {
+    /// Deepest tunnel nesting accepted (default 4; see [`ConnectTerminateLayer::max_depth`]).
+    pub fn max_depth(mut self, depth: u8) -> Self {
+        self.connect = self.connect.max_depth(depth);
+        self
+    }
+
+    /// How long the inner service may take to admit or refuse a tunnel (default 30 s;
+    /// answer: 504).
+    pub fn admission_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.connect = self.connect.admission_timeout(timeout);
+        self
+    }
+
+    /// The HBONE inbound as a layer; fails if the TLS configuration cannot be built.
+    pub fn into_layer(self) -> Result<InboundLayer, TlsConfigError> {
         let tls = ServerConfigBuilder::new()
             .provider(tls::aes_gcm_provider())
             .tls13_only()
@@ -215,43 +230,115 @@ impl Inbound {
             .client_auth(ClientAuth::Required(self.roots.clone()))
             .trust_domains(self.trust_domains.clone())
             .crls(self.crls.clone());
-        let layer = match &self.live {
+        let tls = match &self.live {
             Some(identity) => TerminateLayer::live(tls.build_live(identity)?),
             None => TerminateLayer::new(tls.build()?),
         };
-        Ok(layer.layer(self.tunnels(inner)))
+        Ok(InboundLayer {
+            tls,
+            connect: self.connect_layer(),
+        })
+    }
+
+    /// The inbound service: every accepted tunnel runs on `inner` with [`TunnelInfo`] and
+    /// [`HboneHeaders`] metadata (`self.into_layer()?.layer(inner)`).
+    pub fn service<S>(self, inner: S) -> Result<TerminateService<ConnectTerminate>, TlsConfigError>
+    where
+        S: crate::conn::BoxableInbound,
+    {
+        Ok(self.into_layer()?.layer(inner))
     }
 
     /// The CONNECT half of [`service`](Self::service) without TLS: HTTP/2 only, the
-    /// authority, port and policy checks, [`HboneHeaders`] metadata and
-    /// [`configure_connect`](Self::configure_connect). For connections whose TLS is
-    /// terminated by another layer, e.g. in tests and fuzzing; it does not check the client
-    /// certificate, so in front of it something must (the `connection` metadata the policy
-    /// sees is whatever that layer recorded).
+    /// authority, port and policy checks, [`HboneHeaders`] metadata and the CONNECT knobs
+    /// set here. For connections whose TLS is terminated by another layer, e.g. in tests
+    /// and fuzzing; it does not check the client certificate, so in front of it something
+    /// must (the `connection` metadata the policy sees is whatever that layer recorded).
     pub fn tunnels<S>(self, inner: S) -> ConnectTerminate
     where
         S: crate::conn::BoxableInbound,
     {
-        let with_headers = inner.boxed().map_request(|mut conn: Conn<BoxIo>| {
-            if let Some(info) = conn.get::<TunnelInfo>() {
-                let headers = HboneHeaders::parse(&info.headers);
-                conn.insert(headers);
-            }
-            conn
-        });
+        tunnels(&self.connect_layer(), inner)
+    }
+
+    /// The terminator with HBONE's fixed rules over the knobs set here.
+    fn connect_layer(&self) -> ConnectTerminateLayer {
         let rules = Rules {
-            policy: self.policy,
+            policy: self.policy.clone(),
             check_local_ip: self.check_local_ip,
-            illegal_ports: self.illegal_ports,
+            illegal_ports: self.illegal_ports.clone(),
         };
-        let connect = ConnectTerminate::new(with_headers)
+        self.connect
+            .clone()
             .http2_only()
             .non_connect_status(StatusCode::BAD_REQUEST)
-            .policy(move |req| rules.decide(req));
-        match &self.connect {
-            Some(f) => f(connect),
-            None => connect,
+            .policy(move |req| rules.decide(req))
+    }
+}
+
+/// The CONNECT terminator over `inner`, which sees [`HboneHeaders`] on every tunnel.
+fn tunnels<S>(connect: &ConnectTerminateLayer, inner: S) -> ConnectTerminate
+where
+    S: crate::conn::BoxableInbound,
+{
+    let with_headers = inner.boxed().map_request(|mut conn: Conn<BoxIo>| {
+        if let Some(info) = conn.get::<TunnelInfo>() {
+            let headers = HboneHeaders::parse(&info.headers);
+            conn.insert(headers);
         }
+        conn
+    });
+    connect.layer(with_headers)
+}
+
+/// The HBONE server side as a [`tower::Layer`], built by [`Inbound::into_layer`]: mutual
+/// TLS 1.3 ([`TerminateLayer`]), then HTTP/2 CONNECT ([`ConnectTerminate`]); every
+/// accepted tunnel runs on the layered service, with [`TunnelInfo`] and [`HboneHeaders`]
+/// metadata.
+///
+/// The layered service is boxed once, where the tunnels start (a protocol boundary: each
+/// tunnel is a new connection over an HTTP/2 stream), not per level.
+///
+/// ```
+/// # #[cfg(feature = "demo-certs")] {
+/// use proxystack::conn::Metadata;
+/// use proxystack::hbone::Inbound;
+/// use proxystack::tls::demo::DemoCa;
+/// use proxystack::{tcp, Target, H2Config, connect::TunnelInfo};
+/// use tower::ServiceBuilder;
+/// let ca = DemoCa::new("cluster.local");
+/// let hbone = Inbound::new(ca.workload_cert("default", "server"), ca.roots())
+///     .h2(H2Config::new().max_concurrent_streams(100))
+///     .into_layer()
+///     .unwrap();
+/// // Tunnels go to the local application on the port the client asked for.
+/// let inbound = ServiceBuilder::new().layer(hbone).service(
+///     tcp::Relay::new(tcp::TcpConnector::new()).upstream(|c: &Metadata| {
+///         let port = c.get::<TunnelInfo>()?.authority.port();
+///         Some(Target::from(([127, 0, 0, 1], port)))
+///     }),
+/// );
+/// # let _ = inbound; }
+/// ```
+#[derive(Clone)]
+pub struct InboundLayer {
+    tls: TerminateLayer,
+    connect: ConnectTerminateLayer,
+}
+
+impl std::fmt::Debug for InboundLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InboundLayer")
+            .field("connect", &self.connect)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: crate::conn::BoxableInbound> Layer<S> for InboundLayer {
+    type Service = TerminateService<ConnectTerminate>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        self.tls.layer(tunnels(&self.connect, inner))
     }
 }
 

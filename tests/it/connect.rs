@@ -1198,3 +1198,112 @@ async fn relay_to_own_listener_closes_without_dialling() {
     assert_eq!(seen.accepted.load(Ordering::SeqCst), 0);
     proxy.shutdown().await;
 }
+
+/// Issue 15 item 4: `ConnectTerminateLayer` composes in a `ServiceBuilder` — here over a
+/// layer that sees every tunnel — and its knobs (policy, HTTP/2 settings) hold on real
+/// HTTP/1.1 and HTTP/2 tunnels.
+#[tokio::test]
+async fn connect_terminate_layer_composes_in_service_builder() {
+    use proxystack::connect::ConnectTerminateLayer;
+    use tower::ServiceBuilder;
+
+    let echo = echo_server().await;
+    let tunnels = Arc::new(Mutex::new(Vec::new()));
+    let t = tunnels.clone();
+    let svc = ServiceBuilder::new()
+        .layer(
+            ConnectTerminateLayer::new()
+                .h2(H2Config::new().max_concurrent_streams(8))
+                .policy(|req| match req.authority.port() {
+                    22 => Decision::Deny(StatusCode::FORBIDDEN),
+                    _ => Decision::Allow,
+                }),
+        )
+        .layer(tower::util::MapRequestLayer::new(
+            move |conn: Conn<BoxIo>| {
+                if let Some(info) = conn.get::<TunnelInfo>() {
+                    t.lock()
+                        .unwrap()
+                        .push((info.version, info.authority.to_string()));
+                }
+                conn
+            },
+        ))
+        .service(relay_to(echo));
+    let proxy = start(Server::new(), svc).await;
+    let target =
+        Target::from(proxy.addr).with(ConnectAuthority(Authority::parse("echo.test:7").unwrap()));
+
+    let mut t1 = Http1ConnectConnector::new(tcp::TcpConnector::new())
+        .oneshot(target.clone())
+        .await
+        .unwrap();
+    t1.write_all(b"layered h1").await.unwrap();
+    t1.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    t1.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"layered h1");
+
+    let mut t2 = H2ConnectPool::new(tcp::TcpConnector::new())
+        .oneshot(target)
+        .await
+        .unwrap();
+    t2.write_all(b"layered h2").await.unwrap();
+    t2.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    t2.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"layered h2");
+
+    // The layer's policy: refused before the inner layers see anything.
+    let denied = status_of(
+        proxy.addr,
+        "CONNECT a.test:22 HTTP/1.1\r\nHost: a.test:22\r\n\r\n",
+    )
+    .await;
+    assert!(denied.contains("403"), "{denied:?}");
+    assert_eq!(
+        *tunnels.lock().unwrap(),
+        [
+            (http::Version::HTTP_11, "echo.test:7".to_owned()),
+            (http::Version::HTTP_2, "echo.test:7".to_owned()),
+        ]
+    );
+    proxy.shutdown().await;
+}
+
+/// Issue 15 item 4: `SteerLayer` composes in a `ServiceBuilder` with
+/// `ConnectTerminateLayer`: a recursive graph where connections and `nest.test` tunnels
+/// are terminated again and all other tunnels go on to the layered relay (typed, not
+/// boxed), over real nested HTTP/2 and HTTP/1.1 tunnels.
+#[tokio::test]
+async fn steer_layer_composes_in_service_builder() {
+    use proxystack::connect::ConnectTerminateLayer;
+    use proxystack::steer::SteerLayer;
+    use tower::Layer;
+    use tower::ServiceBuilder;
+
+    let echo = echo_server().await;
+    let graph = Recursive::new(move |itself| {
+        ServiceBuilder::new()
+            .layer(SteerLayer::when(
+                |m: &Metadata| {
+                    m.get::<TunnelInfo>()
+                        .is_none_or(|t| t.authority.to_string() == "nest.test:1")
+                },
+                ConnectTerminateLayer::new().max_depth(3).layer(itself),
+            ))
+            .service(relay_to(echo))
+    });
+    let proxy = start(
+        Server::new(),
+        graph.map_request(|c: Conn<TcpStream>| c.boxed()),
+    )
+    .await;
+    let mut conn = open_nested(proxy.addr, &[Hop::H2, Hop::H1, Hop::H2]).await;
+    conn.write_all(b"steered").await.unwrap();
+    conn.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    conn.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"steered");
+    proxy.shutdown().await;
+}

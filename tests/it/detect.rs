@@ -279,3 +279,62 @@ fn classify_examples_from_the_docs() {
     assert_eq!(classify(b"GET"), Verdict::NeedMore);
     assert_eq!(classify(H2_PREFACE), Verdict::Known(Protocol::Http2));
 }
+
+/// Issue 15 item 4: `RouterLayer` composes in a `ServiceBuilder` under `DetectLayer` and
+/// over another layer: HTTP/1 goes to its route, the decided protocols without a route
+/// (opaque bytes, the HTTP/2 preface) go on to the layered service, and an undecided
+/// connection is still refused (`400`), never handed to that fallback.
+#[tokio::test]
+async fn router_layer_composes_in_service_builder_with_a_fallback() {
+    use proxystack::detect::RouterLayer;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let echo = echo_server().await;
+    let relay = tcp::Relay::new(tcp::TcpConnector::new())
+        .upstream(move |_: &proxystack::Metadata| Some(Target::from(echo)));
+    // The HTTP/1 route answers itself, so which service served is visible on the wire.
+    let http1 = tower::service_fn(|conn: Conn<BoxIo>| async move {
+        let (mut io, _) = conn.into_parts();
+        // Read the request to its end first: closing with unread bytes would reset.
+        io.read_to_end(&mut Vec::new()).await?;
+        io.write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")
+            .await?;
+        io.shutdown().await?;
+        Ok::<_, std::io::Error>(())
+    });
+    let fallbacks = Arc::new(AtomicUsize::new(0));
+    let f = fallbacks.clone();
+    let router = Router::new().http1(http1);
+    let stats = router.stats();
+    let svc = ServiceBuilder::new()
+        .layer(DetectLayer::new().timeout(Some(Duration::from_millis(300))))
+        .layer(RouterLayer::new(router))
+        .layer(tower::util::MapRequestLayer::new(
+            move |conn: Conn<BoxIo>| {
+                f.fetch_add(1, Ordering::SeqCst);
+                conn
+            },
+        ))
+        .service(relay);
+    let proxy = start(Server::new(), svc).await;
+
+    let answer = round_trip(proxy.addr, b"GET / HTTP/1.1\r\nhost: a\r\n\r\n").await;
+    assert!(answer.starts_with(b"HTTP/1.1 204"), "{answer:?}");
+    assert_eq!(
+        round_trip(proxy.addr, b"\x01\x02\x03").await,
+        b"\x01\x02\x03"
+    );
+    assert_eq!(round_trip(proxy.addr, H2_PREFACE).await, H2_PREFACE);
+    assert_eq!(fallbacks.load(Ordering::SeqCst), 2);
+
+    let refused = round_trip(proxy.addr, b"GET  /admin HTTP/1.1\r\n\r\n").await;
+    assert!(refused.starts_with(b"HTTP/1.1 400"), "{refused:?}");
+    assert_eq!(
+        fallbacks.load(Ordering::SeqCst),
+        2,
+        "undecided reached the fallback"
+    );
+    assert_eq!(stats.refused.load(Ordering::Relaxed), 1);
+    proxy.shutdown().await;
+}

@@ -699,3 +699,59 @@ async fn inbound_rotates_its_certificate_and_cuts_a_revoked_client() {
     );
     flows(&mut after, 2).await;
 }
+
+/// Issue 15 item 4: `hbone::InboundLayer` composes in a `ServiceBuilder` over a layer that
+/// sees every tunnel (with its `HboneHeaders`), serves real HBONE, and the CONNECT knobs
+/// set on `Inbound` (here the nesting depth) reach the terminator.
+#[tokio::test]
+async fn inbound_layer_composes_in_service_builder() {
+    use proxystack::io::BoxIo;
+    use proxystack::Conn;
+
+    let ca = DemoCa::new(TD);
+    let app = echo_server().await;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let inbound = |depth: u8| {
+        let s = s.clone();
+        ServiceBuilder::new()
+            .layer(
+                Inbound::new(ca.workload_cert("default", "server"), ca.roots())
+                    .h2(proxystack::H2Config::new().max_concurrent_streams(16))
+                    .max_depth(depth)
+                    .into_layer()
+                    .unwrap(),
+            )
+            .layer(tower::util::MapRequestLayer::new(
+                move |conn: Conn<BoxIo>| {
+                    let forwarded = conn.get::<HboneHeaders>().and_then(|h| h.forwarded_for);
+                    s.lock().unwrap().push(forwarded);
+                    conn
+                },
+            ))
+            .service(
+                tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |c: &Metadata| {
+                    let port = c.get::<TunnelInfo>()?.authority.port();
+                    Some(Target::from((app.ip(), port)))
+                }),
+            )
+    };
+    let server = start(Server::new(), inbound(4)).await;
+    let mut t = client(&ca).oneshot(target(server.addr, app)).await.unwrap();
+    assert_eq!(echo_on(&mut t, b"layered hbone").await, b"layered hbone");
+    drop(t);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [Some("10.1.2.3:4567".parse().unwrap())]
+    );
+
+    // Depth 0 admits no tunnel at all: 508 from the terminator, the inner layers see nothing.
+    let shallow = start(Server::new(), inbound(0)).await;
+    assert_eq!(
+        refused_status(client(&ca), target(shallow.addr, app)).await,
+        Some(StatusCode::LOOP_DETECTED)
+    );
+    assert_eq!(seen.lock().unwrap().len(), 1);
+    server.shutdown().await;
+    shallow.shutdown().await;
+}
