@@ -80,6 +80,12 @@ impl crate::conn::Io for DeferredIo {
             _ => None,
         }
     }
+    fn take_read_ahead(&mut self) -> bytes::Bytes {
+        match &mut self.state {
+            State::Ready(io) => crate::conn::Io::take_read_ahead(io),
+            _ => bytes::Bytes::new(),
+        }
+    }
 }
 
 impl AsyncRead for DeferredIo {

@@ -75,7 +75,10 @@ impl RelayConfig {
     }
 
     /// Use `splice(2)` when both ends are plain TCP sockets (Linux; default on): bytes
-    /// then never enter user space. Off forces the portable copy loop.
+    /// then never enter user space. That includes sockets behind wrappers that do not
+    /// change the bytes ([`Io::raw_tcp_socket`](crate::Io::raw_tcp_socket)), such as an
+    /// HTTP/1.1 `CONNECT` tunnel over TCP from `connect::ConnectTerminate`. Off forces
+    /// the portable copy loop.
     pub fn splice(mut self, on: bool) -> Self {
         self.splice = on;
         self
