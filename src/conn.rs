@@ -78,6 +78,15 @@ pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {
     fn take_read_ahead(&mut self) -> Bytes {
         Bytes::new()
     }
+
+    /// The HTTP/2 CONNECT stream this stream is, byte for byte, through wrappers that
+    /// neither buffer nor change bytes: a relay then writes h2's received `Bytes` straight
+    /// to the other side and hands h2 the buffers it read, instead of copying both ways
+    /// through `AsyncRead`/`AsyncWrite`. `None` by default.
+    #[cfg(feature = "connect")]
+    fn h2_stream(&mut self) -> Option<&mut crate::connect::H2Stream> {
+        None
+    }
 }
 
 impl Io for TcpStream {
@@ -108,6 +117,10 @@ macro_rules! delegate_socket {
         }
         fn take_read_ahead(&mut self) -> bytes::Bytes {
             self.$field.take_read_ahead()
+        }
+        #[cfg(feature = "connect")]
+        fn h2_stream(&mut self) -> Option<&mut crate::connect::H2Stream> {
+            self.$field.h2_stream()
         }
     };
 }
@@ -277,6 +290,15 @@ impl<I: Io> Io for PrefixedIo<I> {
     fn raw_tcp_socket(&self) -> Option<&TcpStream> {
         if self.prefix.is_empty() {
             self.io.raw_tcp_socket()
+        } else {
+            None
+        }
+    }
+    /// Only once every replayed byte has been read.
+    #[cfg(feature = "connect")]
+    fn h2_stream(&mut self) -> Option<&mut crate::connect::H2Stream> {
+        if self.prefix.is_empty() {
+            self.io.h2_stream()
         } else {
             None
         }

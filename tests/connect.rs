@@ -1342,3 +1342,35 @@ async fn h1_tunnel_over_tcp_passes_resets_both_ways() {
     let err = expect_reset(&mut t).await;
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err:?}");
 }
+
+/// Bulk bytes both ways through two relays that hand h2 their buffers and write h2's
+/// received `Bytes` in place (client side: TCP → pooled HTTP/2 CONNECT; server side: the
+/// terminated stream → TCP): byte-identical across buffer growth, FIN ↔ END_STREAM.
+#[tokio::test]
+async fn bulk_through_h2_relays_is_byte_identical_and_half_closes() {
+    let echo = echo_server().await;
+    let proxy = proxy_to(echo, |t| t).await;
+    let client_side = client_relay(proxy.addr).await;
+    let app = TcpStream::connect(client_side.addr).await.unwrap();
+    let data: Vec<u8> = (0..5 << 20).map(|i| (i * 7 % 253) as u8).collect();
+    let (mut rd, mut wr) = app.into_split();
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        for chunk in sent.chunks(100_000) {
+            wr.write_all(chunk).await.unwrap();
+        }
+        wr.shutdown().await.unwrap(); // FIN → END_STREAM → FIN at the echo server
+    });
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), rd.read_to_end(&mut got))
+        .await
+        .expect("the echo must end after our FIN")
+        .unwrap();
+    writer.await.unwrap();
+    assert!(
+        got == data,
+        "bytes differ ({} of {})",
+        got.len(),
+        data.len()
+    );
+}

@@ -80,6 +80,12 @@ impl crate::conn::Io for DeferredIo {
             _ => None,
         }
     }
+    fn h2_stream(&mut self) -> Option<&mut super::H2Stream> {
+        match &mut self.state {
+            State::Ready(io) => crate::conn::Io::h2_stream(io),
+            _ => None,
+        }
+    }
     fn take_read_ahead(&mut self) -> bytes::Bytes {
         match &mut self.state {
             State::Ready(io) => crate::conn::Io::take_read_ahead(io),
