@@ -1374,3 +1374,25 @@ async fn bulk_through_h2_relays_is_byte_identical_and_half_closes() {
         data.len()
     );
 }
+
+/// An upstream that stops reading stops the client after bounded buffering, also on the
+/// relays' `Bytes` paths: the server side keeps unconsumed DATA charged to the stream
+/// window, so the client side's h2 cannot take more than the window.
+#[tokio::test]
+async fn a_stalled_upstream_stalls_the_client_through_h2_relays() {
+    let (upstream, accepted) = one_upstream().await;
+    let proxy = proxy_to(upstream, |t| t).await;
+    let client_side = client_relay(proxy.addr).await;
+    let mut app = TcpStream::connect(client_side.addr).await.unwrap();
+    let _up = accepted; // accepted but never read
+    const CAP: usize = 96 << 20;
+    let chunk = vec![5u8; 64 << 10];
+    let mut sent = 0;
+    while sent < CAP {
+        match tokio::time::timeout(Duration::from_millis(500), app.write(&chunk)).await {
+            Ok(r) => sent += r.unwrap(),
+            Err(_) => break, // stalled
+        }
+    }
+    assert!(sent < CAP, "{sent} bytes accepted without the upstream reading");
+}
