@@ -1394,5 +1394,8 @@ async fn a_stalled_upstream_stalls_the_client_through_h2_relays() {
             Err(_) => break, // stalled
         }
     }
-    assert!(sent < CAP, "{sent} bytes accepted without the upstream reading");
+    assert!(
+        sent < CAP,
+        "{sent} bytes accepted without the upstream reading"
+    );
 }
