@@ -57,6 +57,25 @@ pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {
     fn raw_tcp_socket(&self) -> Option<&TcpStream> {
         None
     }
+
+    /// Takes the bytes this stream read from its socket ahead of its reader and still
+    /// holds (a replay buffer), for a caller that passes them on itself and then moves the
+    /// rest on [`raw_tcp_socket`](Io::raw_tcp_socket) directly, as the TCP relay does to
+    /// `splice(2)` an HTTP/1.1 tunnel whose client sent bytes behind its `CONNECT`.
+    /// Non-empty only when the stream is its socket byte for byte once they are taken;
+    /// empty by default.
+    fn take_read_ahead(&mut self) -> Bytes {
+        Bytes::new()
+    }
+
+    /// The HTTP/2 CONNECT stream this stream is, byte for byte, through wrappers that
+    /// neither buffer nor change bytes: a relay then writes h2's received `Bytes` straight
+    /// to the other side and hands h2 the buffers it read, instead of copying both ways
+    /// through `AsyncRead`/`AsyncWrite`. `None` by default.
+    #[cfg(feature = "connect")]
+    fn h2_stream(&mut self) -> Option<&mut crate::connect::H2Stream> {
+        None
+    }
 }
 
 impl Io for TcpStream {
@@ -84,6 +103,13 @@ macro_rules! delegate_socket {
         }
         fn raw_tcp_socket(&self) -> Option<&tokio::net::TcpStream> {
             self.$field.raw_tcp_socket()
+        }
+        fn take_read_ahead(&mut self) -> bytes::Bytes {
+            self.$field.take_read_ahead()
+        }
+        #[cfg(feature = "connect")]
+        fn h2_stream(&mut self) -> Option<&mut crate::connect::H2Stream> {
+            self.$field.h2_stream()
         }
     };
 }
@@ -251,6 +277,31 @@ impl<I: Io> Io for PrefixedIo<I> {
         } else {
             None
         }
+    }
+    /// Only once every replayed byte has been read.
+    #[cfg(feature = "connect")]
+    fn h2_stream(&mut self) -> Option<&mut crate::connect::H2Stream> {
+        if self.prefix.is_empty() {
+            self.io.h2_stream()
+        } else {
+            None
+        }
+    }
+    /// The bytes not yet replayed, when the stream under them is a plain socket.
+    fn take_read_ahead(&mut self) -> Bytes {
+        if self.io.raw_tcp_socket().is_none() {
+            return Bytes::new();
+        }
+        let mut ahead = std::mem::take(&mut self.prefix);
+        let below = self.io.take_read_ahead();
+        if !below.is_empty() {
+            // Replayed in order: ours first, then what the stream under us held.
+            let mut both = bytes::BytesMut::with_capacity(ahead.len() + below.len());
+            both.extend_from_slice(&ahead);
+            both.extend_from_slice(&below);
+            ahead = both.freeze();
+        }
+        ahead
     }
 }
 

@@ -82,6 +82,18 @@ impl crate::io::Io for DeferredIo {
             _ => None,
         }
     }
+    fn h2_stream(&mut self) -> Option<&mut super::H2Stream> {
+        match &mut self.state {
+            State::Ready(io) => crate::io::Io::h2_stream(io),
+            _ => None,
+        }
+    }
+    fn take_read_ahead(&mut self) -> bytes::Bytes {
+        match &mut self.state {
+            State::Ready(io) => crate::io::Io::take_read_ahead(io),
+            _ => bytes::Bytes::new(),
+        }
+    }
 }
 
 impl AsyncRead for DeferredIo {

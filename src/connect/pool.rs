@@ -528,7 +528,11 @@ impl std::fmt::Debug for PooledTunnel {
     }
 }
 
-impl crate::io::Io for PooledTunnel {}
+impl crate::io::Io for PooledTunnel {
+    fn h2_stream(&mut self) -> Option<&mut H2Stream> {
+        Some(&mut self.io)
+    }
+}
 
 impl AsyncRead for PooledTunnel {
     fn poll_read(

@@ -20,9 +20,9 @@ use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use h2::{Reason, RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::admission::Abort;
 
@@ -98,6 +98,77 @@ impl H2Stream {
             ));
         }
         Ok(())
+    }
+
+    /// Sends the front of `data` without copying it, as much as the connection granted
+    /// (split off `data`); `Ready(Ok(n))` with `n > 0`, or the error a write would get.
+    /// What a relay uses instead of [`AsyncWrite::poll_write`], which must copy the slice
+    /// it is lent into a `Bytes` of its own.
+    pub(crate) fn poll_send_bytes(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &mut Bytes,
+    ) -> Poll<io::Result<usize>> {
+        self.poll_send(cx, data.len(), |n| data.split_to(n))
+    }
+
+    /// Waits for send capacity for up to `len` bytes, then sends `take(n)`: the `n` bytes
+    /// granted (`n > 0`).
+    fn poll_send(
+        &mut self,
+        cx: &mut Context<'_>,
+        len: usize,
+        take: impl FnOnce(usize) -> Bytes,
+    ) -> Poll<io::Result<usize>> {
+        self.check_abort()?;
+        if self.send_closed {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "write after the tunnel was closed",
+            )));
+        }
+        if len == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        // A reset from the peer ends writing, also while we wait for capacity below (both
+        // register this task for the stream's send-side events).
+        if let Poll::Ready(reset) = self.send.poll_reset(cx) {
+            return Poll::Ready(Err(reset_error(reset)));
+        }
+        let want = len.min(MAX_RESERVE);
+        self.send.reserve_capacity(want);
+        let n = loop {
+            let granted = self.send.capacity();
+            if granted > 0 {
+                break granted.min(want);
+            }
+            match ready!(self.send.poll_capacity(cx)) {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Poll::Ready(Err(self.send_error(cx, to_io(e)))),
+                None => {
+                    let closed = io::Error::new(io::ErrorKind::BrokenPipe, "stream closed");
+                    return Poll::Ready(Err(self.send_error(cx, closed)));
+                }
+            }
+        };
+        Poll::Ready(match self.send.send_data(take(n), false) {
+            Ok(()) => Ok(n),
+            Err(e) => Err(self.send_error(cx, to_io(e))),
+        })
+    }
+
+    /// Makes `buf` hold received bytes, unless the stream ended (then it stays empty).
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.check_abort()?;
+        while self.buf.is_empty() {
+            match ready!(self.recv.poll_data(cx)) {
+                None => break,
+                // Empty DATA frames carry nothing (h2 bounds how many it accepts).
+                Some(Ok(chunk)) => self.buf = chunk,
+                Some(Err(e)) => return Poll::Ready(read_result(e)),
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 
     /// The error for a failed send: the peer's reset reason if there is one.
@@ -177,7 +248,11 @@ fn to_io(e: h2::Error) -> io::Error {
 }
 
 /// A stream of a multiplexed HTTP/2 connection: no socket of its own.
-impl crate::io::Io for H2Stream {}
+impl crate::io::Io for H2Stream {
+    fn h2_stream(&mut self) -> Option<&mut H2Stream> {
+        Some(self)
+    }
+}
 
 impl AsyncRead for H2Stream {
     fn poll_read(
@@ -186,26 +261,30 @@ impl AsyncRead for H2Stream {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        this.check_abort()?;
-        if this.buf.is_empty() {
-            loop {
-                match ready!(this.recv.poll_data(cx)) {
-                    None => return Poll::Ready(Ok(())),
-                    // Empty DATA frames carry nothing (h2 bounds how many it accepts).
-                    Some(Ok(chunk)) if chunk.is_empty() => continue,
-                    Some(Ok(chunk)) => {
-                        this.buf = chunk;
-                        break;
-                    }
-                    Some(Err(e)) => return Poll::Ready(read_result(e)),
-                }
-            }
-        }
+        ready!(this.poll_fill(cx))?;
         let n = out.remaining().min(this.buf.len());
         out.put_slice(&this.buf.split_to(n));
         // Handed to the reader: the peer may send this much more.
         let _ = this.recv.flow_control().release_capacity(n);
         Poll::Ready(Ok(()))
+    }
+}
+
+/// Received `DATA` lent out in place, so that a relay writes h2's `Bytes` straight to the
+/// other side instead of copying them into a buffer of its own; flow-control capacity is
+/// released as bytes are consumed, as for reads.
+impl AsyncBufRead for H2Stream {
+    fn poll_fill_buf(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<&[u8]>> {
+        let this = self.get_mut();
+        ready!(this.poll_fill(cx))?;
+        Poll::Ready(Ok(&this.buf))
+    }
+
+    fn consume(self: Pin<&mut Self>, amt: usize) {
+        let this = self.get_mut();
+        let n = amt.min(this.buf.len());
+        this.buf.advance(n);
+        let _ = this.recv.flow_control().release_capacity(n);
     }
 }
 
@@ -215,47 +294,9 @@ impl AsyncWrite for H2Stream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        this.check_abort()?;
-        if this.send_closed {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "write after the tunnel was closed",
-            )));
-        }
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        // A reset from the peer ends writing, also while we wait for capacity below (both
-        // register this task for the stream's send-side events).
-        if let Poll::Ready(reset) = this.send.poll_reset(cx) {
-            return Poll::Ready(Err(reset_error(reset)));
-        }
-        let want = buf.len().min(MAX_RESERVE);
-        this.send.reserve_capacity(want);
-        loop {
-            let granted = this.send.capacity();
-            if granted > 0 {
-                let n = granted.min(want);
-                return Poll::Ready(
-                    match this.send.send_data(
-                        Bytes::copy_from_slice(buf.get(..n).unwrap_or_default()),
-                        false,
-                    ) {
-                        Ok(()) => Ok(n),
-                        Err(e) => Err(this.send_error(cx, to_io(e))),
-                    },
-                );
-            }
-            match ready!(this.send.poll_capacity(cx)) {
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Poll::Ready(Err(this.send_error(cx, to_io(e)))),
-                None => {
-                    let closed = io::Error::new(io::ErrorKind::BrokenPipe, "stream closed");
-                    return Poll::Ready(Err(this.send_error(cx, closed)));
-                }
-            }
-        }
+        self.get_mut().poll_send(cx, buf.len(), |n| {
+            Bytes::copy_from_slice(buf.get(..n).unwrap_or_default())
+        })
     }
 
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -20,6 +20,7 @@ use h2::RecvStream;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -383,6 +384,7 @@ impl<I: Io> Service<Conn<I>> for ConnectTerminate {
                 terminate: this,
                 outer: Arc::new(metadata),
                 h1_tunnel: ConnectionTasks::default(),
+                recover: recover_upgraded::<PrefixedIo<I>>,
             };
             let (io, h2) = match (settings.http1, settings.http2) {
                 (false, true) => (PrefixedIo::new(Bytes::new(), io), true),
@@ -408,6 +410,22 @@ struct Handler {
     outer: Arc<http::Extensions>,
     /// HTTP/1.1: the task of the tunnel this connection turned into.
     h1_tunnel: ConnectionTasks,
+    /// HTTP/1.1: the accepted stream back from hyper's upgrade (it knows the stream's type).
+    recover: fn(Upgraded) -> BoxIo,
+}
+
+/// The stream under an HTTP/1.1 tunnel, taken back from hyper: the accepted connection
+/// itself, so that a tunnel over plain TCP is the socket byte for byte and the relay can
+/// `splice(2)` it ([`Io::raw_tcp_socket`]). Bytes hyper read past the `CONNECT` head (a
+/// client that did not wait for the `200`) are replayed first; until they are read, the
+/// stream does not claim its socket. A type other than the one served (never, with hyper's
+/// HTTP/1 server) falls back to hyper's upgraded stream.
+fn recover_upgraded<I: Io>(upgraded: Upgraded) -> BoxIo {
+    match upgraded.downcast::<TokioIo<I>>() {
+        Ok(parts) if parts.read_buf.is_empty() => BoxIo::new(parts.io.into_inner()),
+        Ok(parts) => BoxIo::new(PrefixedIo::new(parts.read_buf, parts.io.into_inner())),
+        Err(upgraded) => BoxIo::new(TokioIo::new(upgraded)),
+    }
 }
 
 /// What the checks need of a CONNECT request, whichever protocol carried it.
@@ -608,11 +626,9 @@ impl Handler {
                     self.h1_tunnel.push(task);
                 }
                 let upgrade = hyper::upgrade::on(req);
+                let recover = self.recover;
                 crate::task::spawn(async move {
-                    let stream = upgrade
-                        .await
-                        .map(|u| BoxIo::new(TokioIo::new(u)))
-                        .map_err(std::io::Error::other);
+                    let stream = upgrade.await.map(recover).map_err(std::io::Error::other);
                     let _ = stream_tx.send(stream);
                 });
                 Response::new(Full::new(Bytes::new()))

@@ -21,7 +21,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::ReadBuf;
 use tokio::time::sleep;
 
 use super::arm_reset;
@@ -75,7 +75,10 @@ impl RelayConfig {
     }
 
     /// Use `splice(2)` when both ends are plain TCP sockets (Linux; default on): bytes
-    /// then never enter user space. Off forces the portable copy loop.
+    /// then never enter user space. That includes sockets behind wrappers that do not
+    /// change the bytes ([`Io::raw_tcp_socket`](crate::Io::raw_tcp_socket)), such as an
+    /// HTTP/1.1 `CONNECT` tunnel over TCP from `connect::ConnectTerminate`. Off forces
+    /// the portable copy loop.
     pub fn splice(mut self, on: bool) -> Self {
         self.splice = on;
         self
@@ -314,9 +317,128 @@ enum PipeError {
     Write(io::Error),
 }
 
+/// How a direction moves bytes, chosen at its first poll.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Undecided,
+    /// `AsyncRead` into our buffer, `AsyncWrite` out of it.
+    Copy,
+    /// From an HTTP/2 stream: h2's received `Bytes` are written out in place.
+    #[cfg(feature = "connect")]
+    FromH2,
+    /// To an HTTP/2 stream: what we read is handed to h2 as it is.
+    #[cfg(feature = "connect")]
+    ToH2,
+}
+
+#[cfg(feature = "connect")]
+impl Pipe {
+    /// [`Mode::FromH2`]: writes the stream's received `DATA` in place (no copy into our
+    /// buffer); its flow-control capacity is released as the writer takes the bytes.
+    fn poll_from_h2<W: Io>(
+        &mut self,
+        cx: &mut Context<'_>,
+        h2: &mut crate::connect::H2Stream,
+        writer: &mut W,
+        progressed: &mut bool,
+    ) -> Poll<Result<(), PipeError>> {
+        use tokio::io::AsyncBufRead;
+        while !self.eof {
+            let chunk = match Pin::new(&mut *h2).poll_fill_buf(cx) {
+                Poll::Pending => {
+                    if self.need_flush {
+                        ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(PipeError::Write)?;
+                        self.need_flush = false;
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(PipeError::Read(e))),
+                Poll::Ready(Ok(chunk)) => chunk,
+            };
+            if chunk.is_empty() {
+                self.eof = true;
+                break;
+            }
+            let len = chunk.len();
+            let n =
+                ready!(Pin::new(&mut *writer).poll_write(cx, chunk)).map_err(PipeError::Write)?;
+            if n == 0 {
+                return Poll::Ready(Err(PipeError::Write(io::ErrorKind::WriteZero.into())));
+            }
+            let n = n.min(len);
+            Pin::new(&mut *h2).consume(n);
+            self.bytes += n as u64;
+            self.need_flush = true;
+            *progressed = true;
+        }
+        if self.need_flush {
+            ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(PipeError::Write)?;
+            self.need_flush = false;
+        }
+        ready!(Pin::new(&mut *writer).poll_shutdown(cx)).map_err(PipeError::Write)?;
+        Poll::Ready(Ok(()))
+    }
+
+    /// [`Mode::ToH2`]: reads into a `BytesMut` and hands each chunk to h2 as it is (no
+    /// copy into a new `Bytes`). The same buffer sizes as the copy loop; a chunk is read
+    /// only once the previous one was handed over, and h2 takes only what the peer's
+    /// window allows, so memory stays bounded as before.
+    fn poll_to_h2<R: Io>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        h2: &mut crate::connect::H2Stream,
+        progressed: &mut bool,
+    ) -> Poll<Result<(), PipeError>> {
+        use tokio::io::AsyncWrite;
+        loop {
+            if self.out.is_empty() && !self.eof {
+                if self.grow {
+                    self.size = (self.size * 16).min(self.max);
+                    self.grow = false;
+                }
+                let size = self.size;
+                self.inbuf.reserve(size);
+                let mut limited = bytes::BufMut::limit(&mut self.inbuf, size);
+                match tokio_util::io::poll_read_buf(Pin::new(&mut *reader), cx, &mut limited) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(PipeError::Read(e))),
+                    Poll::Ready(Ok(0)) => self.eof = true,
+                    Poll::Ready(Ok(n)) => {
+                        self.out = self.inbuf.split().freeze();
+                        self.bytes += n as u64;
+                        self.grow = n == size && size < self.max;
+                        *progressed = true;
+                    }
+                }
+            }
+            while !self.out.is_empty() {
+                let n = ready!(h2.poll_send_bytes(cx, &mut self.out)).map_err(PipeError::Write)?;
+                if n == 0 {
+                    return Poll::Ready(Err(PipeError::Write(io::ErrorKind::WriteZero.into())));
+                }
+                *progressed = true;
+            }
+            if self.eof {
+                ready!(Pin::new(&mut *h2).poll_shutdown(cx)).map_err(PipeError::Write)?;
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}
+
 /// One direction of the relay.
 struct Pipe {
+    mode: Mode,
+    /// Read, not yet handed to h2 ([`Mode::ToH2`]).
+    #[cfg(feature = "connect")]
+    out: bytes::Bytes,
+    /// Where [`Mode::ToH2`] reads to; its chunks are frozen and handed over.
+    #[cfg(feature = "connect")]
+    inbuf: bytes::BytesMut,
     buf: Vec<u8>,
+    /// The read size: `initial_buffer`, ×16 up to `max` after reads that fill it.
+    size: usize,
     start: usize,
     end: usize,
     max: usize,
@@ -330,7 +452,14 @@ struct Pipe {
 impl Pipe {
     fn new(config: &RelayConfig) -> Self {
         Self {
-            buf: vec![0; config.initial_buffer],
+            mode: Mode::Undecided,
+            #[cfg(feature = "connect")]
+            out: bytes::Bytes::new(),
+            #[cfg(feature = "connect")]
+            inbuf: bytes::BytesMut::new(),
+            // Allocated at the first read in copy mode (see `poll_copy`).
+            buf: Vec::new(),
+            size: config.initial_buffer,
             start: 0,
             end: 0,
             max: config.max_buffer,
@@ -342,17 +471,39 @@ impl Pipe {
         }
     }
 
-    fn poll_copy<R, W>(
+    fn poll_copy<R: Io, W: Io>(
         &mut self,
         cx: &mut Context<'_>,
         reader: &mut R,
         writer: &mut W,
         progressed: &mut bool,
-    ) -> Poll<Result<(), PipeError>>
-    where
-        R: AsyncRead + Unpin + ?Sized,
-        W: AsyncWrite + Unpin + ?Sized,
-    {
+    ) -> Poll<Result<(), PipeError>> {
+        if self.mode == Mode::Undecided {
+            self.mode = Mode::Copy;
+            #[cfg(feature = "connect")]
+            if reader.h2_stream().is_some() {
+                self.mode = Mode::FromH2;
+            } else if writer.h2_stream().is_some() {
+                self.mode = Mode::ToH2;
+            }
+            if self.mode == Mode::Copy {
+                self.buf = vec![0; self.size];
+            }
+        }
+        #[cfg(feature = "connect")]
+        match self.mode {
+            Mode::FromH2 => {
+                if let Some(h2) = reader.h2_stream() {
+                    return self.poll_from_h2(cx, h2, writer, progressed);
+                }
+            }
+            Mode::ToH2 => {
+                if let Some(h2) = writer.h2_stream() {
+                    return self.poll_to_h2(cx, reader, h2, progressed);
+                }
+            }
+            _ => {}
+        }
         loop {
             if self.start == self.end && !self.eof {
                 if self.grow {

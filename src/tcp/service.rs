@@ -105,19 +105,107 @@ impl<C, U> Relay<C, U> {
 }
 
 /// The splice fast path when both ends are plain TCP sockets (also behind a `BoxIo` or a
-/// drained replay buffer), else the copy loop.
+/// drained replay buffer, or a deferred tunnel stream once it exists), else the copy loop
+/// (which passes `Bytes` to and from an HTTP/2 tunnel stream).
 async fn relay_any<I: Io, O: Io>(
     down: &mut I,
     up: &mut O,
     config: &RelayConfig,
 ) -> super::RelayStats {
+    // A stream handed over later (a CONNECT tunnel, which exists only once the `200` is
+    // written) names its socket, or its HTTP/2 stream, only then: a flush, which moves no
+    // bytes, waits for it, within the relay's timeouts (past them, the copy loop ends it).
+    if down.raw_tcp_socket().is_none() {
+        let _ = settle(down, config).await;
+    }
     #[cfg(target_os = "linux")]
-    if config.splice_enabled() {
+    if config.splice_enabled() && down.tcp_socket().is_some() && up.tcp_socket().is_some() {
+        // Bytes a wrapper read ahead of us (hyper, with a CONNECT head) go first; then
+        // the sockets are spliced.
+        let (to_up, to_down) = (down.take_read_ahead(), up.take_read_ahead());
+        if !to_up.is_empty() || !to_down.is_empty() {
+            if let Err(stats) = pass_on(down, up, &to_up, &to_down, config).await {
+                return stats;
+            }
+        }
         if let (Some(d), Some(u)) = (down.raw_tcp_socket(), up.raw_tcp_socket()) {
-            return super::splice::splice_relay(d, u, config).await;
+            let mut stats = super::splice::splice_relay(d, u, config).await;
+            stats.bytes_up += to_up.len() as u64;
+            stats.bytes_down += to_down.len() as u64;
+            return stats;
+        }
+        if !to_up.is_empty() || !to_down.is_empty() {
+            // Unreachable by `take_read_ahead`'s contract (bytes only for a stream
+            // that then is its socket); the copy loop goes on after the bytes passed.
+            let mut stats = relay_with(down, up, config).await;
+            stats.bytes_up += to_up.len() as u64;
+            stats.bytes_down += to_down.len() as u64;
+            return stats;
         }
     }
     relay_with(down, up, config).await
+}
+
+/// Writes bytes read ahead of the relay to the other side (both directions at once, so
+/// neither waits on the other), within the idle timeout. `Err`: the relay's result.
+#[cfg(target_os = "linux")]
+async fn pass_on<I: Io, O: Io>(
+    down: &mut I,
+    up: &mut O,
+    to_up: &[u8],
+    to_down: &[u8],
+    config: &RelayConfig,
+) -> Result<(), super::RelayStats> {
+    use super::relay::{finish, Ending};
+    use tokio::io::AsyncWriteExt;
+    let started = std::time::Instant::now();
+    let (idle, _) = config.timeouts();
+    let both = async {
+        let (u, d) = tokio::join!(
+            async { up.write_all(to_up).await.map_err(|e| (Side::Upstream, e)) },
+            async {
+                down.write_all(to_down)
+                    .await
+                    .map_err(|e| (Side::Downstream, e))
+            },
+        );
+        u.and(d)
+    };
+    let ending = match idle {
+        Some(t) => match tokio::time::timeout(t, both).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err((side, e))) => Ending::Failed(side, e),
+            Err(_) => Ending::IdleTimeout(t),
+        },
+        None => match both.await {
+            Ok(()) => return Ok(()),
+            Err((side, e)) => Ending::Failed(side, e),
+        },
+    };
+    let mut first_close = None;
+    let result = finish(ending, &mut first_close, |side| {
+        match side {
+            Side::Downstream => crate::tcp::arm_reset(&*up),
+            Side::Upstream => crate::tcp::arm_reset(&*down),
+        };
+    });
+    Err(super::RelayStats {
+        bytes_up: 0,
+        bytes_down: 0,
+        duration: started.elapsed(),
+        first_close,
+        result,
+    })
+}
+
+/// Flushes `io` (no bytes move), within the idle timeout (else the total timeout).
+async fn settle<I: Io>(io: &mut I, config: &RelayConfig) -> Option<std::io::Result<()>> {
+    use tokio::io::AsyncWriteExt;
+    let (idle, total) = config.timeouts();
+    match idle.or(total) {
+        Some(idle) => tokio::time::timeout(idle, io.flush()).await.ok(),
+        None => Some(io.flush().await),
+    }
 }
 
 /// Whether one more connect failure may be logged at WARN: at most 10 per second for the

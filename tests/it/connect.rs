@@ -1307,3 +1307,207 @@ async fn steer_layer_composes_in_service_builder() {
     assert_eq!(got, b"steered");
     proxy.shutdown().await;
 }
+
+/// A CONNECT proxy whose tunnels go to `upstream`, reporting for each tunnel whether the
+/// stream handed to the inner service is the accepted TCP socket byte for byte (so the
+/// relay may `splice(2)` it).
+async fn raw_reporting_proxy(
+    upstream: SocketAddr,
+) -> (Running, tokio::sync::mpsc::UnboundedReceiver<bool>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let relay = relay_to(upstream);
+    let reporting = service_fn(move |mut conn: Conn<BoxIo>| {
+        let (relay, tx) = (relay.clone(), tx.clone());
+        async move {
+            // The tunnel's stream exists once the `200` is out; a flush waits for it.
+            let _ = conn.flush().await;
+            let _ = tx.send(proxystack::Io::raw_tcp_socket(&conn).is_some());
+            relay.oneshot(conn).await
+        }
+    });
+    (
+        start(Server::new(), ConnectTerminate::new(reporting)).await,
+        rx,
+    )
+}
+
+/// Sends an HTTP/1.1 CONNECT head (and `early` bytes in the same write) and reads the
+/// `200` head byte by byte, so nothing after it is consumed.
+async fn h1_connect(proxy: SocketAddr, early: &[u8]) -> TcpStream {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    let mut request = b"CONNECT x.test:1 HTTP/1.1\r\nHost: x.test:1\r\n\r\n".to_vec();
+    request.extend_from_slice(early);
+    s.write_all(&request).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        assert!(head.len() < 1024, "no end of head: {head:?}");
+        let mut byte = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut byte))
+            .await
+            .expect("the proxy must answer")
+            .unwrap();
+        assert_eq!(n, 1, "closed inside the head: {head:?}");
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 200"), "{head:?}");
+    s
+}
+
+/// An HTTP/1.1 CONNECT tunnel over plain TCP is the accepted socket itself once hyper is
+/// done with it (so it is spliced), and keeps FIN ↔ FIN in both directions and orders.
+#[tokio::test]
+async fn h1_tunnel_over_tcp_is_the_socket_and_half_closes() {
+    for client_first in [true, false] {
+        let (upstream, accepted) = one_upstream().await;
+        let (proxy, mut raw) = raw_reporting_proxy(upstream).await;
+        let mut t = h1_connect(proxy.addr, b"").await;
+        let mut up = accepted.await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), raw.recv()).await;
+        assert_eq!(got.unwrap(), Some(true), "the tunnel is not the raw socket");
+        // Bigger than a pipe, so the spliced path loops.
+        let data: Vec<u8> = (0..3 << 20).map(|i| (i % 251) as u8).collect();
+        let (first, second): (&mut TcpStream, &mut TcpStream) = if client_first {
+            (&mut t, &mut up)
+        } else {
+            (&mut up, &mut t)
+        };
+        let (write, read) = tokio::join!(
+            async {
+                first.write_all(&data).await.unwrap();
+                first.shutdown().await.unwrap(); // FIN
+            },
+            async {
+                let mut got = Vec::new();
+                second.read_to_end(&mut got).await.unwrap(); // FIN
+                got
+            }
+        );
+        let () = write;
+        assert!(
+            read == data,
+            "bytes differ ({} of {})",
+            read.len(),
+            data.len()
+        );
+        // The other direction is still open after the first FIN.
+        second.write_all(b"after").await.unwrap();
+        second.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        first.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"after");
+    }
+}
+
+/// Bytes a client sends right behind its CONNECT head (before the `200`) are read by hyper
+/// with the head; they reach the upstream first, then the stream goes on.
+#[tokio::test]
+async fn h1_tunnel_passes_on_bytes_sent_with_the_connect_head() {
+    let (upstream, accepted) = one_upstream().await;
+    let (proxy, _raw) = raw_reporting_proxy(upstream).await;
+    let mut t = h1_connect(proxy.addr, b"early ").await;
+    t.write_all(b"late").await.unwrap();
+    t.shutdown().await.unwrap();
+    let mut up = accepted.await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), up.read_to_end(&mut got))
+        .await
+        .expect("the upstream must see the FIN")
+        .unwrap();
+    assert_eq!(got, b"early late");
+    up.write_all(b"reply").await.unwrap();
+    drop(up);
+    let mut got = Vec::new();
+    t.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"reply");
+}
+
+/// A reset on either side of a spliced HTTP/1.1 tunnel reaches the other side as a reset.
+#[tokio::test]
+async fn h1_tunnel_over_tcp_passes_resets_both_ways() {
+    // The client resets.
+    let (upstream, accepted) = one_upstream().await;
+    let (proxy, _raw) = raw_reporting_proxy(upstream).await;
+    let mut t = h1_connect(proxy.addr, b"").await;
+    t.write_all(b"hello").await.unwrap();
+    let mut up = accepted.await.unwrap();
+    let mut got = [0u8; 5];
+    up.read_exact(&mut got).await.unwrap();
+    socket2::SockRef::from(&t)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(t);
+    let err = expect_reset(&mut up).await;
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err:?}");
+
+    // The upstream resets.
+    let (upstream, accepted) = one_upstream().await;
+    let (proxy, _raw) = raw_reporting_proxy(upstream).await;
+    let mut t = h1_connect(proxy.addr, b"").await;
+    t.write_all(b"hello").await.unwrap();
+    let mut up = accepted.await.unwrap();
+    let mut got = [0u8; 5];
+    up.read_exact(&mut got).await.unwrap();
+    socket2::SockRef::from(&up)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(up);
+    let err = expect_reset(&mut t).await;
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err:?}");
+}
+
+/// Bulk bytes both ways through two relays that hand h2 their buffers and write h2's
+/// received `Bytes` in place (client side: TCP → pooled HTTP/2 CONNECT; server side: the
+/// terminated stream → TCP): byte-identical across buffer growth, FIN ↔ END_STREAM.
+#[tokio::test]
+async fn bulk_through_h2_relays_is_byte_identical_and_half_closes() {
+    let echo = echo_server().await;
+    let proxy = proxy_to(echo, |t| t).await;
+    let client_side = client_relay(proxy.addr).await;
+    let app = TcpStream::connect(client_side.addr).await.unwrap();
+    let data: Vec<u8> = (0..5 << 20).map(|i| (i * 7 % 253) as u8).collect();
+    let (mut rd, mut wr) = app.into_split();
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        for chunk in sent.chunks(100_000) {
+            wr.write_all(chunk).await.unwrap();
+        }
+        wr.shutdown().await.unwrap(); // FIN → END_STREAM → FIN at the echo server
+    });
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), rd.read_to_end(&mut got))
+        .await
+        .expect("the echo must end after our FIN")
+        .unwrap();
+    writer.await.unwrap();
+    assert!(
+        got == data,
+        "bytes differ ({} of {})",
+        got.len(),
+        data.len()
+    );
+}
+
+/// An upstream that stops reading stops the client after bounded buffering, also on the
+/// relays' `Bytes` paths: the server side keeps unconsumed DATA charged to the stream
+/// window, so the client side's h2 cannot take more than the window.
+#[tokio::test]
+async fn a_stalled_upstream_stalls_the_client_through_h2_relays() {
+    let (upstream, accepted) = one_upstream().await;
+    let proxy = proxy_to(upstream, |t| t).await;
+    let client_side = client_relay(proxy.addr).await;
+    let mut app = TcpStream::connect(client_side.addr).await.unwrap();
+    let _up = accepted; // accepted but never read
+    const CAP: usize = 96 << 20;
+    let chunk = vec![5u8; 64 << 10];
+    let mut sent = 0;
+    while sent < CAP {
+        match tokio::time::timeout(Duration::from_millis(500), app.write(&chunk)).await {
+            Ok(r) => sent += r.unwrap(),
+            Err(_) => break, // stalled
+        }
+    }
+    assert!(
+        sent < CAP,
+        "{sent} bytes accepted without the upstream reading"
+    );
+}
