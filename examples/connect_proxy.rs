@@ -152,8 +152,10 @@ async fn main() {
 
     let mut addrs = support::local_addrs(&listeners);
     let server = Server::new().drain_timeout(Duration::from_secs(args.common.drain_secs));
+    let metrics = support::Metrics::new();
+    let proxy = metrics.listener("connect_proxy", &server, proxy);
     if let Some(admin) = args.common.admin {
-        addrs.push(support::admin(admin, vec![("connect_proxy".into(), server.stats())]).await);
+        addrs.push(support::admin(admin, metrics, std::sync::Arc::new(String::new)).await);
     }
     support::announce(&addrs);
     support::serve_all(listeners, server, proxy).await;

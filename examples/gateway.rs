@@ -60,6 +60,7 @@
 #[path = "support/mod.rs"]
 mod support;
 
+use proxystack::metrics::{HttpAccessLogLayer, HttpMetrics, HttpMetricsLayer};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -375,8 +376,12 @@ async fn main() {
             forward.oneshot(req).await
         }
     });
+    let mut servers = support::Servers::new(&args.common);
+    let http_metrics = HttpMetrics::new(servers.metrics().registry());
     // Routes and backends see one normal path: `/x/../admin` cannot dodge a route.
     let edge = ServiceBuilder::new()
+        .layer(HttpMetricsLayer::new(&http_metrics))
+        .layer(HttpAccessLogLayer::inbound())
         .layer(NormalizePathLayer)
         .service(edge);
     let http = HttpServer::new(edge).header_read_timeout(Some(Duration::from_secs(10)));
@@ -389,7 +394,6 @@ async fn main() {
             .cloned()
     });
 
-    let mut servers = support::Servers::new(&args.common);
     for (i, l) in config.listener.iter().enumerate() {
         // PROXY protocol first, on the raw socket; "off" is a pass-through, same types.
         let pp = if l.proxy_protocol.is_empty() {

@@ -33,6 +33,7 @@
 #[path = "support/mod.rs"]
 mod support;
 
+use proxystack::metrics::Reporter;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
@@ -111,6 +112,10 @@ async fn main() {
     let mut servers = support::Servers::new(&args.common);
 
     if let Some((listen, app_ip, cert)) = plan.server {
+        // Istio's metrics as the destination side, per tunnel, with the client's identity.
+        let me = cert.spiffe_ids().into_iter().next();
+        let istio = servers.metrics().istio(Reporter::Destination, me.as_ref());
+        let tunnel_metrics = servers.metrics().tunnels("hbone_tunnels", &istio);
         // Tunnels reach the local app on the requested port; the peer never picks the IP,
         // and never one of our own ports (this listener, the client side's, the admin
         // endpoint): those get 503, nothing is dialled.
@@ -125,7 +130,10 @@ async fn main() {
             .check_local_ip(false)
             .into_layer()
             .unwrap_or_else(|e| support::fail(format!("server TLS: {e}")));
-        let inbound = ServiceBuilder::new().layer(hbone_in).service(app);
+        let inbound = ServiceBuilder::new()
+            .layer(hbone_in)
+            .layer(tunnel_metrics)
+            .service(app);
         let listener = support::bind_all(&[listen]).await.remove(0);
         servers.spawn("hbone_server", listener, inbound);
     }

@@ -17,6 +17,7 @@
 #[path = "support/mod.rs"]
 mod support;
 
+use proxystack::metrics::{HttpAccessLogLayer, HttpMetrics, HttpMetricsLayer};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -108,7 +109,11 @@ async fn main() {
     .forwarded(mode)
     .x_forwarded(mode)
     .via(Some("proxystack"));
+    let mut metrics = support::Metrics::new();
+    let http_metrics = HttpMetrics::new(metrics.registry());
     let app = ServiceBuilder::new()
+        .layer(HttpMetricsLayer::new(&http_metrics))
+        .layer(HttpAccessLogLayer::inbound())
         .layer(TraceLayer::new_for_http())
         .service(forward);
     let http = HttpServer::new(app)
@@ -137,8 +142,9 @@ async fn main() {
     let listeners = support::bind_all(&args.listen).await;
     let mut addrs = support::local_addrs(&listeners);
     let server = Server::new().drain_timeout(Duration::from_secs(args.common.drain_secs));
+    let svc = metrics.listener("http", &server, svc);
     if let Some(admin) = args.common.admin {
-        addrs.push(support::admin(admin, vec![("http".into(), server.stats())]).await);
+        addrs.push(support::admin(admin, metrics, std::sync::Arc::new(String::new)).await);
     }
     support::announce(&addrs);
     if args.demo {

@@ -51,6 +51,7 @@
 #[path = "support/mod.rs"]
 mod support;
 
+use proxystack::metrics::{ConnectionMetricsLayer, Reporter};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -65,7 +66,6 @@ use proxystack::tls::{CertKey, RootCertStore};
 use proxystack::{tcp, Authority, Conn, Target};
 use serde::Deserialize;
 use support::{IdentityPattern, MeshConnector};
-use tokio::net::TcpStream;
 use tower::ServiceBuilder;
 
 #[derive(Parser, Debug)]
@@ -202,8 +202,11 @@ async fn main() {
         tcp,
     };
     let me = cert.spiffe_ids().into_iter().next();
-    let relay = tcp::Relay::new(connector).upstream(outbound_route(&config, me));
     let mut servers = support::Servers::new(&args.common);
+    // Istio's metrics as the destination side: per inbound tunnel, with the client's identity.
+    let istio = servers.metrics().istio(Reporter::Destination, me.as_ref());
+    let tunnel_metrics = servers.metrics().tunnels("inbound_tunnels", &istio);
+    let relay = tcp::Relay::new(connector).upstream(outbound_route(&config, me));
     servers.spawn(
         "outbound",
         outbound,
@@ -219,14 +222,14 @@ async fn main() {
         // No REDIRECT happened, so say where the connection "was going" ourselves.
         let dst = OriginalDst(f.original_dst);
         let pretend = ServiceBuilder::new()
-            .map_request(move |mut c: Conn<TcpStream>| {
+            .map_request(move |mut c: Conn<proxystack::BoxIo>| {
                 c.insert(dst);
                 c
             })
             .service(relay.clone());
         servers.spawn(&format!("outbound_fixed_{i}"), listener, pretend);
     }
-    let inbound_svc = inbound_service(&config, cert, roots);
+    let inbound_svc = inbound_service(&config, cert, roots, tunnel_metrics);
     servers.spawn("inbound", inbound, inbound_svc);
     if args.demo {
         let [_, mesh, outside, own_port, ..] = own[..] else {
@@ -300,8 +303,9 @@ fn inbound_service(
     config: &Config,
     cert: CertKey,
     roots: Arc<RootCertStore>,
+    tunnel_metrics: ConnectionMetricsLayer,
 ) -> impl tower::Service<
-    Conn<TcpStream>,
+    Conn<proxystack::BoxIo>,
     Response = (),
     Error = impl Into<proxystack::BoxError>,
     Future = impl Send,
@@ -329,7 +333,7 @@ fn inbound_service(
             }
             ok
         })
-        .service(app)
+        .service(ServiceBuilder::new().layer(tunnel_metrics).service(app))
         .unwrap_or_else(|e| support::fail(format!("inbound TLS: {e}")))
 }
 

@@ -148,8 +148,10 @@ async fn main() {
     let mut addrs = support::local_addrs(&listeners);
     let server =
         Server::new().drain_timeout(std::time::Duration::from_secs(args.common.drain_secs));
+    let metrics = support::Metrics::new();
+    let svc = metrics.listener("sni_router", &server, svc);
     if let Some(admin) = args.common.admin {
-        addrs.push(support::admin(admin, vec![("sni_router".into(), server.stats())]).await);
+        addrs.push(support::admin(admin, metrics, std::sync::Arc::new(String::new)).await);
     }
     support::announce(&addrs);
     if args.demo {

@@ -75,8 +75,10 @@ async fn main() {
     let listeners = support::bind_all(&args.listen).await;
     let mut addrs = support::local_addrs(&listeners);
     let server = Server::new().drain_timeout(Duration::from_secs(args.common.drain_secs));
+    let metrics = support::Metrics::new();
+    let svc = metrics.listener("relay", &server, svc);
     if let Some(admin) = args.common.admin {
-        addrs.push(support::admin(admin, vec![("relay".into(), server.stats())]).await);
+        addrs.push(support::admin(admin, metrics, std::sync::Arc::new(String::new)).await);
     }
     support::announce(&addrs);
     if args.demo {

@@ -64,6 +64,7 @@
 #[path = "support/mod.rs"]
 mod support;
 
+use proxystack::metrics::{HttpAccessLogLayer, HttpMetrics, HttpMetricsLayer, Reporter};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -260,6 +261,12 @@ async fn main() {
     };
     let listen = args.listen.unwrap_or(config.listen);
     let table = Arc::new(Table::new(config.service, &cert));
+    let mut servers = support::Servers::new(&args.common);
+    // Istio's metrics as a waypoint: per tunnel (TCP) and per request (HTTP).
+    let me = cert.spiffe_ids().into_iter().next();
+    let istio = servers.metrics().istio(Reporter::Waypoint, me.as_ref());
+    let tunnel_metrics = servers.metrics().tunnels("waypoint_tunnels", &istio);
+    let http_metrics = HttpMetrics::new(servers.metrics().registry());
     let connector = MeshConnector {
         hbone: Some(
             hbone::Connector::hbone(cert.clone(), roots.clone())
@@ -300,8 +307,14 @@ async fn main() {
     // Rules match, and the backend receives, the normalized path: `/x/../admin`, `//admin`
     // and `/%61dmin` are all `/admin` (encoded separators are refused with 400).
     let head_timeout = Duration::from_secs(10);
-    let http = HttpServer::new(ServiceBuilder::new().layer(NormalizePathLayer).service(l7))
-        .header_read_timeout(Some(head_timeout));
+    let http = HttpServer::new(
+        ServiceBuilder::new()
+            .layer(HttpMetricsLayer::new(&http_metrics).istio(&istio))
+            .layer(HttpAccessLogLayer::inbound())
+            .layer(NormalizePathLayer)
+            .service(l7),
+    )
+    .header_read_timeout(Some(head_timeout));
     // HTTP only (rules, or declared): nothing but well-formed HTTP reaches the rules, and
     // nothing else is relayed past them. A client gets as long as the HTTP head timeout.
     let strict = Router::new().http1(http.clone()).http2(http.clone());
@@ -349,10 +362,13 @@ async fn main() {
             }
             ok
         })
-        .service(per_tunnel)
+        .service(
+            ServiceBuilder::new()
+                .layer(tunnel_metrics)
+                .service(per_tunnel),
+        )
         .unwrap_or_else(|e| support::fail(format!("inbound TLS: {e}")));
 
-    let mut servers = support::Servers::new(&args.common);
     servers.extra_metrics(move || {
         let name = "proxystack_waypoint_refused_total";
         format!(

@@ -246,7 +246,11 @@ async fn main() {
     }
     if let Some(admin) = args.common.admin {
         let state = started.state.clone();
-        addrs.push(support::admin_with(admin, stats, Arc::new(move || state.metrics())).await);
+        let metrics = support::Metrics::new();
+        for (name, s) in stats {
+            metrics.serve_stats(&name, s);
+        }
+        addrs.push(support::admin(admin, metrics, Arc::new(move || state.metrics())).await);
     }
     support::announce(&addrs);
     drop(watch);

@@ -12,14 +12,19 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
-use proxystack::serve::ServeStats;
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::registry::Registry;
+use proxystack::metrics::{
+    AccessLogLayer, ConnectionMetrics, ConnectionMetricsLayer, ServeMetrics,
+};
+use proxystack::{BoxIo, Conn};
 use tokio::net::TcpListener;
+use tower::ServiceBuilder;
 
 /// Flags every example accepts.
 #[derive(clap::Args, Debug, Clone)]
@@ -192,27 +197,120 @@ pub async fn run_until_signal(
     tracing::info!("drained");
 }
 
-/// Serves `/ready` (200 once called) and `/metrics` (Prometheus text) from `stats`.
-/// Returns the bound address, registered in [`own_listeners`]: tunnels cannot read it.
-pub async fn admin(addr: SocketAddr, stats: Vec<(String, Arc<ServeStats>)>) -> SocketAddr {
-    admin_with(addr, stats, Arc::new(String::new)).await
+/// The process's metrics: one `prometheus-client` registry, with the accept loops'
+/// counters ([`ServeMetrics`]) and per-listener connection metrics (bytes, durations,
+/// failures by reason: [`ConnectionMetricsLayer`]) registered; examples register more
+/// (HTTP, Istio, their own) through [`registry`](Self::registry). [`admin`] serves it.
+pub struct Metrics {
+    registry: Registry,
+    connections: ConnectionMetrics,
+    serve: Arc<ServeMetrics>,
 }
 
-/// Like [`admin`], with `extra()` (more Prometheus text) appended to `/metrics`.
-pub async fn admin_with(
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let connections = ConnectionMetrics::new(&mut registry);
+        let serve = ServeMetrics::register(&mut registry);
+        Self {
+            registry,
+            connections,
+            serve,
+        }
+    }
+
+    /// For more metrics: HTTP, Istio, an example's own.
+    pub fn registry(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    /// The connection and upstream metrics, e.g. for an [`UpstreamMetricsLayer`].
+    pub fn connections(&self) -> &ConnectionMetrics {
+        &self.connections
+    }
+
+    /// Istio's standard metrics (`istio_tcp_*`, `istio_requests_total`…), reported by this
+    /// proxy as `reporter` for workload `me`. One reporter per process: the families are
+    /// registered once.
+    #[cfg(feature = "tls")]
+    pub fn istio(
+        &mut self,
+        reporter: proxystack::metrics::Reporter,
+        me: Option<&proxystack::identity::SpiffeId>,
+    ) -> proxystack::metrics::IstioMetrics {
+        let workload = me
+            .map(proxystack::metrics::Workload::from_identity)
+            .unwrap_or_default();
+        proxystack::metrics::IstioMetrics::builder(reporter)
+            .workload(workload)
+            .register(&mut self.registry)
+    }
+
+    /// Connection metrics (and Istio's TCP metrics) per tunnel, where the peer's identity
+    /// is known: put it in front of the service an HBONE inbound hands its tunnels to.
+    #[cfg(feature = "tls")]
+    pub fn tunnels(
+        &self,
+        name: &str,
+        istio: &proxystack::metrics::IstioMetrics,
+    ) -> ConnectionMetricsLayer {
+        ConnectionMetricsLayer::new(&self.connections, name).istio(istio)
+    }
+
+    /// Reports an accept loop's counters as listener `name` (for a server whose service is
+    /// wrapped elsewhere; [`listener`](Self::listener) does this itself).
+    pub fn serve_stats(&self, name: &str, stats: Arc<proxystack::serve::ServeStats>) {
+        self.serve.listener(name, stats);
+    }
+
+    /// Wraps the service of listener `name`: its accept loop's counters, connection metrics
+    /// and one access-log line per connection (target `proxystack::access`, INFO).
+    pub fn listener<S>(
+        &self,
+        name: &str,
+        server: &proxystack::Server,
+        svc: S,
+    ) -> impl tower::Service<
+        Conn<tokio::net::TcpStream>,
+        Response = (),
+        Error = proxystack::BoxError,
+        Future = impl Send + 'static,
+    > + Clone
+           + Send
+           + 'static
+    where
+        S: tower::Service<Conn<BoxIo>, Response = ()> + Clone + Send + 'static,
+        S::Error: Into<proxystack::BoxError>,
+        S::Future: Send + 'static,
+    {
+        self.serve.listener(name, server.stats());
+        // Boxed under the layers: one stream type for every example's service.
+        ServiceBuilder::new()
+            .layer(ConnectionMetricsLayer::new(&self.connections, name))
+            .layer(AccessLogLayer::inbound())
+            .map_request(|conn: Conn<_>| conn.boxed())
+            .map_err(Into::into)
+            .service(svc)
+    }
+}
+
+/// Serves `/ready` (200 once called) and `/metrics` (Prometheus text, from `metrics` plus
+/// `extra()`, an example's hand-counted additions) on `addr`. Returns the bound address,
+/// registered in [`own_listeners`]: tunnels cannot read it.
+pub async fn admin(
     addr: SocketAddr,
-    stats: Vec<(String, Arc<ServeStats>)>,
+    metrics: Metrics,
     extra: Arc<dyn Fn() -> String + Send + Sync>,
 ) -> SocketAddr {
     let listener = bind_own(addr, "admin address ").await;
     let bound = listener.local_addr().unwrap_or(addr);
+    let registry = Arc::new(metrics.registry);
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            let stats = stats.clone();
-            tokio::spawn(serve_admin(stream, stats, extra.clone()));
+            tokio::spawn(serve_admin(stream, registry.clone(), extra.clone()));
         }
     });
     bound
@@ -220,16 +318,23 @@ pub async fn admin_with(
 
 fn serve_admin(
     stream: tokio::net::TcpStream,
-    stats: Vec<(String, Arc<ServeStats>)>,
+    registry: Arc<Registry>,
     extra: Arc<dyn Fn() -> String + Send + Sync>,
 ) -> impl Future<Output = ()> {
     let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-        let stats = stats.clone();
+        let registry = registry.clone();
         let extra = extra.clone();
         async move {
             let (status, body) = match req.uri().path() {
                 "/ready" => (StatusCode::OK, "ready\n".to_string()),
-                "/metrics" => (StatusCode::OK, metrics(&stats) + &extra()),
+                "/metrics" => {
+                    // The Prometheus 0.0.4 text format: what every scraper reads.
+                    let mut text = String::new();
+                    match prometheus_text::encode(&mut text, &registry) {
+                        Ok(()) => (StatusCode::OK, text + &extra()),
+                        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, String::new()),
+                    }
+                }
                 _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
             };
             let mut resp = Response::new(Full::new(Bytes::from(body)));
@@ -243,50 +348,6 @@ fn serve_admin(
             .serve_connection(io, svc)
             .await;
     }
-}
-
-fn metrics(stats: &[(String, Arc<ServeStats>)]) -> String {
-    let mut out = String::new();
-    for (name, help, get) in [
-        (
-            "proxystack_connections_accepted_total",
-            "Connections accepted.",
-            &(|s: &ServeStats| s.accepted.load(Ordering::Relaxed)) as &dyn Fn(&ServeStats) -> u64,
-        ),
-        (
-            "proxystack_connections_active",
-            "Connections open now.",
-            &|s: &ServeStats| s.active.load(Ordering::Relaxed),
-        ),
-        (
-            "proxystack_connection_errors_total",
-            "Connections that ended with an error.",
-            &|s: &ServeStats| s.errors.load(Ordering::Relaxed),
-        ),
-        (
-            "proxystack_connection_panics_total",
-            "Connection tasks that panicked.",
-            &|s: &ServeStats| s.panics.load(Ordering::Relaxed),
-        ),
-        (
-            "proxystack_accept_errors_total",
-            "Failed accept calls.",
-            &|s: &ServeStats| s.accept_errors.load(Ordering::Relaxed),
-        ),
-    ] {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} {}\n",
-            if name.ends_with("_total") {
-                "counter"
-            } else {
-                "gauge"
-            }
-        ));
-        for (listener, s) in stats {
-            out.push_str(&format!("{name}{{listener=\"{listener}\"}} {}\n", get(s)));
-        }
-    }
-    out
 }
 
 /// A loopback HTTP/1.1 server answering every request with `body`, standing in for a real
@@ -414,7 +475,7 @@ pub struct Servers {
     signal: proxystack::drain::Signal,
     watch: proxystack::drain::Watch,
     addrs: Vec<SocketAddr>,
-    stats: Vec<(String, Arc<ServeStats>)>,
+    metrics: Metrics,
     extra_metrics: Arc<dyn Fn() -> String + Send + Sync>,
     pending: Vec<PendingServer>,
 }
@@ -428,7 +489,7 @@ impl Servers {
             signal,
             watch,
             addrs: Vec::new(),
-            stats: Vec::new(),
+            metrics: Metrics::new(),
             extra_metrics: Arc::new(String::new),
             pending: Vec::new(),
         }
@@ -439,20 +500,23 @@ impl Servers {
         self.extra_metrics = Arc::new(extra);
     }
 
-    /// Serves `svc` on `listener` once [`run`](Self::run) starts; `name` labels its
-    /// metrics. The listener must come from [`bind_all`] (which registered it).
+    /// The process's metrics, to register more (HTTP, Istio) before [`run`](Self::run).
+    pub fn metrics(&mut self) -> &mut Metrics {
+        &mut self.metrics
+    }
+
+    /// Serves `svc` on `listener` once [`run`](Self::run) starts, under the connection
+    /// metrics and access log of [`Metrics::listener`]; `name` labels its metrics. The
+    /// listener must come from [`bind_all`] (which registered it).
     pub fn spawn<S>(&mut self, name: &str, listener: TcpListener, svc: S)
     where
-        S: tower::Service<proxystack::Conn<tokio::net::TcpStream>, Response = ()>
-            + Clone
-            + Send
-            + 'static,
+        S: tower::Service<Conn<BoxIo>, Response = ()> + Clone + Send + 'static,
         S::Error: Into<proxystack::BoxError>,
         S::Future: Send + 'static,
     {
         let server = proxystack::Server::new().drain_timeout(self.drain);
+        let svc = self.metrics.listener(name, &server, svc);
         self.addrs.extend(listener.local_addr().ok());
-        self.stats.push((name.to_string(), server.stats()));
         self.pending.push(Box::new(move |watch| {
             tokio::spawn(async move { server.serve(listener, svc, watch).await })
         }));
@@ -467,7 +531,7 @@ impl Servers {
     /// for every listener (admin last), then runs until SIGTERM/Ctrl-C and drains.
     pub async fn run(mut self, admin_addr: Option<SocketAddr>) {
         if let Some(addr) = admin_addr {
-            let bound = admin_with(addr, self.stats.clone(), self.extra_metrics.clone()).await;
+            let bound = admin(addr, self.metrics, self.extra_metrics.clone()).await;
             self.addrs.push(bound);
         }
         let watch = self.watch;

@@ -13,6 +13,9 @@
 //!   `istio_tcp_*` with Istio's labels, so Istio's dashboards and Kiali work unchanged.
 //! * [`AccessLogLayer`] and [`HttpAccessLogLayer`] — one `tracing` event per connection
 //!   or request, at target `proxystack::access`, with ztunnel's field names.
+//! * [`ServeMetrics`] — the accept loop's own counters ([`ServeStats`](crate::serve::ServeStats):
+//!   accepted, open, failed, panicked, aborted connections, failed `accept` calls), read
+//!   at scrape time.
 //! * [`record_route`] — wraps a `Relay` upstream function or a `Forward` router so the
 //!   layers above learn which upstream was picked.
 //!
@@ -138,6 +141,7 @@ mod io;
 mod istio;
 mod reason;
 mod scope;
+mod serve;
 
 use std::collections::hash_map::RandomState;
 use std::collections::HashSet;
@@ -164,6 +168,7 @@ pub use self::http::{
 pub use self::io::CountingIo;
 pub use self::istio::{IstioMetrics, IstioMetricsBuilder, Reporter, Workload};
 pub use self::reason::FailureReason;
+pub use self::serve::ServeMetrics;
 
 /// Wraps an upstream function (`tcp::Relay::upstream`) or router (`http::Forward::new`)
 /// so that the metrics and access-log layers above learn which upstream it picked.

@@ -437,6 +437,42 @@ fn sidecar_demo_mesh_passthrough_and_self_call() {
         metrics.contains("proxystack_connections_accepted_total{listener=\"inbound\"} 1"),
         "{metrics}"
     );
+    // Issue 18: the library's layers behind /metrics, read with a Prometheus parser:
+    // Istio's TCP metrics for the inbound tunnel, as the destination, with both identities.
+    let demo_id = "spiffe://cluster.local/ns/default/sa/demo";
+    let opened = metric(a[5], "istio_tcp_connections_opened_total");
+    let tunnel = opened
+        .iter()
+        .find(|(l, _)| l.get("reporter").map(String::as_str) == Some("destination"))
+        .unwrap_or_else(|| panic!("no istio_tcp_connections_opened_total: {opened:?}"));
+    assert_eq!(tunnel.1, 1.0, "{opened:?}");
+    for label in ["source_principal", "destination_principal"] {
+        assert_eq!(
+            tunnel.0.get(label).map(String::as_str),
+            Some(demo_id),
+            "{label}: {opened:?}"
+        );
+    }
+    assert_eq!(
+        tunnel
+            .0
+            .get("connection_security_policy")
+            .map(String::as_str),
+        Some("mutual_tls")
+    );
+    // Bytes each way were counted per listener.
+    let received = metric(a[5], "proxystack_connection_received_bytes_total");
+    assert!(
+        received
+            .iter()
+            .any(
+                |(l, v)| l.get("listener").map(String::as_str) == Some("inbound_tunnels")
+                    && *v >= 10.0
+            ),
+        "{received:?}"
+    );
+    // One access-log line per connection, with ztunnel's fields.
+    ex.stderr_line("dst.addr");
     let (status, _) = http(a[5], "admin", "/ready", "").unwrap();
     assert_eq!(status, 200);
     ex.stop();
@@ -447,11 +483,20 @@ fn sidecar_demo_mesh_passthrough_and_self_call() {
 
 #[test]
 fn waypoint_demo_l7_deny_and_unknown_authority() {
-    let Some(mut ex) = Example::start("waypoint", &["--demo", "--listen", "127.0.0.1:0"]) else {
+    let Some(mut ex) = Example::start(
+        "waypoint",
+        &[
+            "--demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ],
+    ) else {
         return;
     };
-    // waypoint, then the demo HBONE clients: reviews VIP, echo VIP, unknown authority
-    let a = ex.listening(4);
+    // waypoint, then the demo HBONE clients: reviews VIP, echo VIP, unknown authority; admin
+    let a = ex.listening(5);
     let (status, body) = http(a[1], "reviews", "/", "").expect("a response");
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("hello from reviews"), "{body}");
@@ -478,6 +523,21 @@ fn waypoint_demo_l7_deny_and_unknown_authority() {
     // without an answer, and the waypoint says why.
     assert_eq!(http(a[3], "x", "/", ""), None);
     ex.stderr_line("tunnel refused");
+    // Issue 18: Istio's request metrics as the waypoint reports them, by response code.
+    let requests = metric(a[4], "istio_requests_total");
+    let count = |code: &str| -> f64 {
+        requests
+            .iter()
+            .filter(|(l, _)| l.get("response_code").map(String::as_str) == Some(code))
+            .inspect(|(l, _)| assert_eq!(l.get("reporter").map(String::as_str), Some("waypoint")))
+            .map(|(_, v)| v)
+            .sum()
+    };
+    assert_eq!(
+        (count("200"), count("403"), count("400")),
+        (1.0, 6.0, 1.0),
+        "{requests:?}"
+    );
     ex.stop();
 }
 

@@ -320,6 +320,37 @@ pub fn http(addr: SocketAddr, host: &str, path: &str, extra: &str) -> Option<(u1
     parse_response(&exchange_with(addr, req.as_bytes(), false))
 }
 
+/// `--admin`'s `/metrics`, read with a real Prometheus text parser: the samples named
+/// `name` as (labels, value).
+pub fn metric(
+    admin: SocketAddr,
+    name: &str,
+) -> Vec<(std::collections::BTreeMap<String, String>, f64)> {
+    let (status, text) = http(admin, "admin", "/metrics", "").expect("a /metrics answer");
+    assert_eq!(status, 200, "{text}");
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .unwrap_or_else(|e| panic!("not Prometheus text: {e}\n{text}"));
+    scrape
+        .samples
+        .into_iter()
+        .filter(|s| s.metric == name)
+        .map(|s| {
+            let value = match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            };
+            let labels = s
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            (labels, value)
+        })
+        .collect()
+}
+
 pub fn parse_response(raw: &[u8]) -> Option<(u16, String)> {
     let text = String::from_utf8_lossy(raw);
     let status = text.split(' ').nth(1)?.parse().ok()?;
