@@ -60,7 +60,6 @@
 #[path = "support/mod.rs"]
 mod support;
 
-use proxystack::metrics::{HttpAccessLogLayer, HttpMetrics, HttpMetricsLayer};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -76,6 +75,7 @@ use proxystack::http::{
     Forward, ForwardedMode, HttpServer, Incoming, NormalizePathLayer, PoolKey, UpstreamTimeout,
 };
 use proxystack::identity::SpiffeId;
+use proxystack::metrics::{HttpAccessLogLayer, HttpMetrics, HttpMetricsLayer};
 use proxystack::proxy_protocol::ProxyProtocolLayer;
 use proxystack::tls::RootCertStore;
 use proxystack::tls::{

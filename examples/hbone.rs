@@ -33,7 +33,6 @@
 #[path = "support/mod.rs"]
 mod support;
 
-use proxystack::metrics::Reporter;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
@@ -43,6 +42,7 @@ use proxystack::conn::PeerAddr;
 use proxystack::connect::TunnelInfo;
 use proxystack::hbone::{self, HboneTarget, Inbound};
 use proxystack::identity::SpiffeId;
+use proxystack::metrics::Reporter;
 use proxystack::tls::{load_pem_certs, CertKey};
 use proxystack::{tcp, Authority, Target};
 use serde::Deserialize;

@@ -17,7 +17,6 @@
 #[path = "support/mod.rs"]
 mod support;
 
-use proxystack::metrics::{HttpAccessLogLayer, HttpMetrics, HttpMetricsLayer};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -26,6 +25,7 @@ use clap::{Parser, ValueEnum};
 use http::{Request, Response};
 use proxystack::detect::{DetectLayer, Router};
 use proxystack::http::{Forward, ForwardedMode, HttpServer, Incoming, UpstreamProtocol};
+use proxystack::metrics::{HttpAccessLogLayer, HttpMetrics, HttpMetricsLayer};
 use proxystack::tls::{CertKey, ServerConfigBuilder, TerminateLayer};
 use proxystack::{drain, tcp, Server, Target};
 use tower::ServiceBuilder;

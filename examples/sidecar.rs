@@ -51,7 +51,6 @@
 #[path = "support/mod.rs"]
 mod support;
 
-use proxystack::metrics::{ConnectionMetricsLayer, Reporter};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -62,6 +61,7 @@ use proxystack::conn::{Metadata, OriginalDst, PeerAddr};
 use proxystack::connect::{lookup, TunnelInfo};
 use proxystack::hbone::{self, HboneTarget, Inbound};
 use proxystack::identity::{PeerIdentity, SpiffeId};
+use proxystack::metrics::{ConnectionMetricsLayer, Reporter};
 use proxystack::tls::{CertKey, RootCertStore};
 use proxystack::{tcp, Authority, Conn, Target};
 use serde::Deserialize;

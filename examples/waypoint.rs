@@ -64,7 +64,6 @@
 #[path = "support/mod.rs"]
 mod support;
 
-use proxystack::metrics::{HttpAccessLogLayer, HttpMetrics, HttpMetricsLayer, Reporter};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -80,6 +79,7 @@ use proxystack::detect::{DetectLayer, Router, RouterLayer};
 use proxystack::hbone::{self, HboneHeaders, HboneTarget, Inbound};
 use proxystack::http::{Forward, HttpServer, Incoming, NormalizePathLayer, PoolKey};
 use proxystack::identity::{PeerIdentity, SpiffeId};
+use proxystack::metrics::{HttpAccessLogLayer, HttpMetrics, HttpMetricsLayer, Reporter};
 use proxystack::steer::Steer;
 use proxystack::tls::{CertKey, RootCertStore};
 use proxystack::{tcp, Authority, Target};
