@@ -649,7 +649,14 @@ async fn upstream_reset_reaches_the_client_through_nested_wrappers() {
 #[tokio::test]
 async fn accepted_sockets_inherit_options_and_addresses_are_right() {
     use proxystack::conn::{Conn, LocalAddr, PeerAddr};
-    type Seen = (bool, bool, Duration, Duration, Option<SocketAddr>, SocketAddr);
+    type Seen = (
+        bool,
+        bool,
+        Duration,
+        Duration,
+        Option<SocketAddr>,
+        SocketAddr,
+    );
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Seen>(4);
     let svc = tower::service_fn(move |conn: Conn<TcpStream>| {
         let tx = tx.clone();
