@@ -129,7 +129,9 @@ impl Server {
         // Connections that completed their handshake before that were cloned from the
         // listener without the options: take them off the queue now and configure each.
         let mut early = std::collections::VecDeque::new();
-        if !per_connection_options {
+        // (Nothing to take when there are no options to set.)
+        let has_options = self.nodelay || self.keepalive.is_some();
+        if has_options && !per_connection_options {
             per_connection_options = !take_backlog(&listener, self.max_connections, &mut early);
         }
         // The address a client dialled is the listener's own unless the listener is a
