@@ -3,7 +3,9 @@
 //! certificates, with static material and with a `LiveIdentity` (rotatable) on both sides.
 //! Prints the ratios at the end.
 //!
-//! `cargo bench --bench tls --all-features` (add `-- --quick` for a shorter run).
+//! `cargo bench --bench tls --all-features` (add `-- --quick` for a shorter run). The
+//! `records` group compares the two crypto libraries rustls can run on (ring, aws-lc-rs) on
+//! TLS 1.3 AES-GCM records: `cargo bench --all-features --bench tls -- records`.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -152,6 +154,19 @@ fn summary() {
             p / t
         );
     }
+    for suite in ["aes128", "aes256"] {
+        if let (Some(r), Some(a)) = (
+            get(&format!("records/ring/{suite}")),
+            get(&format!("records/aws-lc-rs/{suite}")),
+        ) {
+            println!(
+                "{suite}-gcm, 16 KiB records sealed + opened: ring {:.2} Gb/s, aws-lc-rs {:.2} Gb/s, aws-lc-rs / ring {:.2}",
+                support::gbps(RECORDS, r),
+                support::gbps(RECORDS, a),
+                r / a
+            );
+        }
+    }
     for id in ["tls", "mtls", "mtls_live"] {
         if let Some(h) = get(&format!("handshake/{id}")) {
             println!(
@@ -162,7 +177,86 @@ fn summary() {
     }
 }
 
-criterion_group!(tls_benches, benches);
+/// Seals then opens `bytes` of 16 KiB TLS 1.3 records (5-byte header as AAD) with one AEAD:
+/// what rustls's provider does per record on the bulk paths, without the record layer, which
+/// is the same code for both libraries. `$lib` is `ring` or `aws_lc_rs` (same `aead` API).
+macro_rules! aead_records {
+    ($lib:ident, $alg:expr, $bytes:expr) => {{
+        use $lib::aead::{Aad, LessSafeKey, Nonce, UnboundKey};
+        let key = LessSafeKey::new(UnboundKey::new($alg, &[7u8; 32][..$alg.key_len()]).unwrap());
+        let mut record = vec![0x17u8; 16 << 10];
+        let header = [0x17, 0x03, 0x03, 0x40, 0x11];
+        let t = Instant::now();
+        for i in 0..($bytes / record.len()) as u64 {
+            let mut nonce = [0u8; 12];
+            nonce[4..].copy_from_slice(&i.to_be_bytes());
+            let tag = key
+                .seal_in_place_separate_tag(
+                    Nonce::assume_unique_for_key(nonce),
+                    Aad::from(header),
+                    &mut record,
+                )
+                .unwrap();
+            let mut sealed = std::mem::take(&mut record);
+            sealed.extend_from_slice(tag.as_ref());
+            let opened = key
+                .open_in_place(
+                    Nonce::assume_unique_for_key(nonce),
+                    Aad::from(header),
+                    &mut sealed,
+                )
+                .unwrap()
+                .len();
+            sealed.truncate(opened);
+            record = sealed;
+        }
+        t.elapsed()
+    }};
+}
+
+const RECORDS: usize = 16 << 20;
+
+/// ring vs aws-lc-rs on the TLS 1.3 AES-GCM suites, in one run.
+fn providers(c: &mut Criterion) {
+    let mut g = c.benchmark_group("records");
+    g.throughput(Throughput::Bytes(RECORDS as u64));
+    for (suite, ring_alg, lc_alg) in [
+        (
+            "aes128",
+            &ring::aead::AES_128_GCM,
+            &aws_lc_rs::aead::AES_128_GCM,
+        ),
+        (
+            "aes256",
+            &ring::aead::AES_256_GCM,
+            &aws_lc_rs::aead::AES_256_GCM,
+        ),
+    ] {
+        g.bench_function(format!("ring/{suite}"), |b| {
+            b.iter_custom(|iters| {
+                let mut total = std::time::Duration::ZERO;
+                for _ in 0..iters {
+                    total += aead_records!(ring, ring_alg, RECORDS);
+                }
+                record(&format!("records/ring/{suite}"), total, iters);
+                total
+            })
+        });
+        g.bench_function(format!("aws-lc-rs/{suite}"), |b| {
+            b.iter_custom(|iters| {
+                let mut total = std::time::Duration::ZERO;
+                for _ in 0..iters {
+                    total += aead_records!(aws_lc_rs, lc_alg, RECORDS);
+                }
+                record(&format!("records/aws-lc-rs/{suite}"), total, iters);
+                total
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(tls_benches, benches, providers);
 
 fn main() {
     tls_benches();

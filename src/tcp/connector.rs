@@ -174,7 +174,7 @@ impl TcpConnector {
             let allowed = self.dialable(addrs).map_err(|(kind, e)| err(kind, e))?;
             for addr in allowed {
                 match self.connect_addr(addr).await {
-                    Ok(stream) => return Ok(stream),
+                    Ok(stream) => return Ok((stream, addr)),
                     Err(e) => {
                         debug!(%addr, error = %e, "connect attempt failed");
                         last = Some(e);
@@ -186,7 +186,7 @@ impl TcpConnector {
             });
             Err(err(ConnectErrorKind::from_io(&e), e))
         };
-        let stream = match tokio::time::timeout(self.connect_timeout, attempt).await {
+        let (stream, dialled) = match tokio::time::timeout(self.connect_timeout, attempt).await {
             Ok(result) => result?,
             Err(_) => {
                 return Err(err(
@@ -202,9 +202,8 @@ impl TcpConnector {
         if let Ok(local) = conn.io().local_addr() {
             conn.insert(LocalAddr(local));
         }
-        if let Ok(peer) = conn.io().peer_addr() {
-            conn.insert(PeerAddr(peer));
-        }
+        // The address just dialled is the peer's: no getpeername(2) per connection.
+        conn.insert(PeerAddr(dialled));
         Ok(conn)
     }
 

@@ -640,3 +640,106 @@ async fn upstream_reset_reaches_the_client_through_nested_wrappers() {
         proxy.shutdown().await;
     }
 }
+
+/// What the accept loop no longer asks or sets per connection is still right: on Linux
+/// `TCP_NODELAY` and keepalive are set once on the listener and every accepted socket has
+/// them; `LocalAddr` of a listener bound to one address is that address without a
+/// `getsockname`; a connector's `PeerAddr` is the address it dialled.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn accepted_sockets_inherit_options_and_addresses_are_right() {
+    use proxystack::conn::{Conn, LocalAddr, PeerAddr};
+    type Seen = (
+        bool,
+        bool,
+        Duration,
+        Duration,
+        Option<SocketAddr>,
+        SocketAddr,
+    );
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Seen>(4);
+    let svc = tower::service_fn(move |conn: Conn<TcpStream>| {
+        let tx = tx.clone();
+        async move {
+            let sock = socket2::SockRef::from(conn.io());
+            let seen = (
+                sock.tcp_nodelay()?,
+                sock.keepalive()?,
+                sock.tcp_keepalive_time()?,
+                sock.tcp_keepalive_interval()?,
+                conn.get::<LocalAddr>().map(|a| a.0),
+                conn.io().local_addr()?,
+            );
+            let _ = tx.send(seen).await;
+            Ok::<(), std::io::Error>(())
+        }
+    });
+    let server = Server::new().tcp_keepalive(Some(Duration::from_secs(42)));
+    let proxy = start(server, svc).await;
+    for _ in 0..3 {
+        let _c = TcpStream::connect(proxy.addr).await.unwrap();
+        let (nodelay, keepalive, idle, interval, recorded, actual) =
+            tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+        assert!(nodelay && keepalive);
+        assert_eq!(idle, Duration::from_secs(42));
+        assert_eq!(interval, Duration::from_secs(10));
+        assert_eq!(recorded, Some(actual));
+        assert_eq!(actual, proxy.addr);
+    }
+    proxy.shutdown().await;
+
+    let origin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = origin.local_addr().unwrap();
+    let conn = tcp::TcpConnector::new()
+        .connect(&Target::from(addr))
+        .await
+        .unwrap();
+    assert_eq!(conn.get::<PeerAddr>().map(|p| p.0), Some(addr));
+    assert_eq!(
+        conn.get::<LocalAddr>().map(|l| l.0),
+        conn.io().local_addr().ok()
+    );
+}
+
+/// Connections that completed their handshake before `serve` set the options on the
+/// listener were cloned without them: the accept loop sets them on those itself.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn connections_queued_before_serve_get_the_options_too() {
+    use proxystack::conn::Conn;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Queued in the kernel before the accept loop runs.
+    let _early: Vec<TcpStream> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            v.push(TcpStream::connect(addr).await.unwrap());
+        }
+        v
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(bool, bool)>(8);
+    let svc = tower::service_fn(move |conn: Conn<TcpStream>| {
+        let tx = tx.clone();
+        async move {
+            let sock = socket2::SockRef::from(conn.io());
+            let _ = tx.send((sock.tcp_nodelay()?, sock.keepalive()?)).await;
+            Ok::<(), std::io::Error>(())
+        }
+    });
+    let (signal, watch) = proxystack::drain::channel();
+    let task = tokio::spawn(async move { Server::new().serve(listener, svc, watch).await });
+    let _late = TcpStream::connect(addr).await.unwrap();
+    for _ in 0..4 {
+        let seen = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(seen, (true, true));
+    }
+    signal.start();
+    signal.drain().await;
+    task.await.unwrap().unwrap();
+}
