@@ -561,3 +561,64 @@ async fn a_silent_ca_times_out() {
     );
     holder.abort();
 }
+
+/// Issue 17: `Renewer::publish_to` feeds each renewed identity into a `LiveIdentity`, so a TLS
+/// server built on it presents the renewed certificate to the next client.
+#[tokio::test]
+async fn renewed_certificates_reach_a_live_tls_server() {
+    use proxystack::tls::{
+        LiveIdentity, PeerCertificates, ServerConfigBuilder, SniMode, TerminateLayer, TlsConnector,
+    };
+    use proxystack::{tcp, BoxIo, Conn, Target};
+    use tower::{Layer, ServiceExt};
+
+    common::init_tracing();
+    let ca = TestCa::new("a");
+    let state = CaState::new(ca.clone(), Duration::from_secs(6));
+    let server = CaServer::start(localhost(), state.clone()).await;
+    let renewer = Renewer::builder(client(server.addr, &ca).build().unwrap())
+        .initial_backoff(Duration::from_millis(100))
+        .spawn();
+    let mut rx = renewer.subscribe();
+    let first = wait_for(&mut rx, Option::is_some).await.unwrap();
+    let live = LiveIdentity::new(first.credentials()).unwrap();
+    let feed = renewer.publish_to(&live);
+
+    let config = ServerConfigBuilder::new().build_live(&live).unwrap();
+    let done = tower::service_fn(|_: Conn<BoxIo>| async { Ok::<_, std::convert::Infallible>(()) });
+    let tls = common::start(
+        proxystack::Server::new(),
+        TerminateLayer::live(config).layer(done),
+    )
+    .await;
+    let presented = |roots| {
+        TlsConnector::new(tcp::TcpConnector::new(), roots)
+            .sni(SniMode::None)
+            .expect_identities([reviews()])
+            .oneshot(Target::from(tls.addr))
+    };
+    let conn = presented(first.root_store()).await.unwrap();
+    assert_eq!(conn.get::<PeerCertificates>().unwrap().0[0], first.chain[0]);
+
+    let second = wait_for(&mut rx, |c| matches!(c, Some(c) if !Arc::ptr_eq(c, &first)))
+        .await
+        .unwrap();
+    assert!(
+        common::eventually(Duration::from_secs(5), || live.current().cert().chain[0]
+            == second.chain[0])
+        .await,
+        "the renewed certificate never reached the live identity"
+    );
+    let conn = presented(second.root_store()).await.unwrap();
+    assert_eq!(
+        conn.get::<PeerCertificates>().unwrap().0[0],
+        second.chain[0]
+    );
+    renewer.stop().await;
+    // The feed ends with the renewer.
+    tokio::time::timeout(Duration::from_secs(5), feed)
+        .await
+        .expect("publish_to's task ends when the renewer stops")
+        .unwrap();
+    server.stop().await;
+}
