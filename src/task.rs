@@ -32,7 +32,7 @@ pub(crate) async fn serving<F: Future<Output = ()>>(stats: Arc<ServeStats>, fut:
 }
 
 /// Spawns `fut` as part of the current connection's work (see the module docs).
-#[cfg(any(feature = "http", feature = "connect"))]
+#[cfg(any(feature = "http", feature = "connect", feature = "tls"))]
 pub(crate) fn spawn<F>(fut: F) -> tokio::task::JoinHandle<()>
 where
     F: Future<Output = ()> + Send + 'static,
