@@ -191,6 +191,7 @@ impl Router {
 /// route gets a [`Conn<BoxIo>`](crate::Conn) anyway.
 ///
 /// ```
+/// # #[cfg(feature = "http")] {
 /// use proxystack::detect::{DetectLayer, Router, RouterLayer};
 /// use proxystack::http::{Forward, HttpServer};
 /// use proxystack::{tcp, Target};
@@ -202,7 +203,7 @@ impl Router {
 ///     .layer(DetectLayer::new())
 ///     .layer(RouterLayer::new(Router::new().http1(http.clone()).http2(http)))
 ///     .service(tcp::Relay::new(tcp::TcpConnector::new()).to(upstream));
-/// # let _ = svc;
+/// # let _ = svc; }
 /// ```
 #[derive(Clone, Debug, Default)]
 pub struct RouterLayer {
