@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 /// io crate does), instead of a list of known wrapper types.
 ///
 /// Implemented here for `TcpStream`, every wrapper of this crate ([`BoxIo`], [`PrefixedIo`],
-/// [`Conn`], TLS streams, CONNECT tunnel streams), hyper's upgraded connections and tokio's
+/// [`Conn`](crate::Conn), TLS streams, CONNECT tunnel streams), hyper's upgraded connections and tokio's
 /// in-memory `DuplexStream`. For a stream type of your own, one line is enough:
 ///
 /// ```
