@@ -479,6 +479,9 @@ impl Servers {
     }
 }
 
+#[cfg(feature = "tls")]
+mod live;
+
 /// `[identity]` in the mesh examples' configs: this proxy's SPIFFE certificate chain, its
 /// key and the mesh trust roots, as PEM files.
 #[cfg(feature = "tls")]
