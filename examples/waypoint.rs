@@ -80,7 +80,7 @@ use proxystack::hbone::{self, HboneHeaders, HboneTarget, Inbound};
 use proxystack::http::{Forward, HttpServer, Incoming, NormalizePathLayer, PoolKey};
 use proxystack::identity::{PeerIdentity, SpiffeId};
 use proxystack::steer::Steer;
-use proxystack::tls::{CertKey, RootCertStore};
+use proxystack::tls::{CertKey, Credentials, LiveIdentity, RootCertStore};
 use proxystack::{tcp, Authority, Target};
 use serde::Deserialize;
 use support::{IdentityPattern, MeshConnector};
@@ -246,25 +246,26 @@ impl Rule {
 async fn main() {
     support::init_tracing();
     let args = Args::parse();
-    let (config, cert, roots, demo_clients) = match (&args.config, args.demo) {
+    let (config, identity, _watch, demo_clients) = match (&args.config, args.demo) {
         (Some(path), false) => {
             let config: Config = support::load_config(path);
             let Some(files) = &config.identity else {
                 support::fail(format!("{}: [identity] is missing", path.display()));
             };
-            let (cert, roots) = files.load();
-            (config, cert, roots, None)
+            // Watched: a rotated certificate is used by new handshakes.
+            let (identity, watch) = files.live();
+            (config, identity, Some(watch), None)
         }
-        (None, true) => demo::config().await,
+        (None, true) => {
+            let (config, identity, clients) = demo::config().await;
+            (config, identity, None, clients)
+        }
         _ => support::fail("give exactly one of --config FILE or --demo"),
     };
     let listen = args.listen.unwrap_or(config.listen);
-    let table = Arc::new(Table::new(config.service, &cert));
+    let table = Arc::new(Table::new(config.service, identity.current().cert()));
     let connector = MeshConnector {
-        hbone: Some(
-            hbone::Connector::hbone(cert.clone(), roots.clone())
-                .unwrap_or_else(|e| support::fail(format!("HBONE client TLS: {e}"))),
-        ),
+        hbone: Some(hbone::Connector::hbone_live(identity.clone())),
         tcp: tcp::TcpConnector::new().connect_timeout(Duration::from_secs(5)),
     };
 
@@ -335,7 +336,7 @@ async fn main() {
     // HBONE in: the authority must name a served service and the client pass its `allow`
     // (else 401, nothing dialled). Many addresses are served, so no local-IP check.
     let t = table.clone();
-    let inbound = Inbound::new(cert, roots)
+    let inbound = Inbound::live(identity)
         .check_local_ip(false)
         .allow(move |req| {
             let client = lookup::<PeerIdentity>(req.connection).map(|p| &p.0);
@@ -382,7 +383,7 @@ mod demo {
 
     /// Two services on made-up VIPs: `reviews` (HTTP, behind an HBONE endpoint, `/admin`
     /// denied) and `echo` (declared TCP, plain TCP endpoint).
-    pub async fn config() -> (Config, CertKey, Arc<RootCertStore>, Option<Clients>) {
+    pub async fn config() -> (Config, LiveIdentity, Option<Clients>) {
         let ca = proxystack::tls::demo::DemoCa::new("cluster.local");
         let web = support::demo_http_backend("hello from reviews, through the waypoint\n").await;
         let echo = support::demo_echo_backend().await;
@@ -413,8 +414,9 @@ mod demo {
             waypoint_id: SpiffeId::istio("cluster.local", "default", "waypoint")
                 .unwrap_or_else(|e| support::fail(e)),
         };
-        let cert = ca.workload_cert("default", "waypoint");
-        (config, cert, ca.roots(), Some(clients))
+        let credentials = Credentials::new(ca.workload_cert("default", "waypoint"), [ca.root()]);
+        let identity = LiveIdentity::new(credentials).unwrap_or_else(|e| support::fail(e));
+        (config, identity, Some(clients))
     }
 
     /// Plain TCP in, HBONE to the waypoint out, one port per `:authority`: what the
