@@ -226,6 +226,8 @@ async fn main() {
             .service(relay.clone());
         servers.spawn(&format!("outbound_fixed_{i}"), listener, pretend);
     }
+    let live = identity.clone();
+    servers.extra_metrics(move || support::identity_metrics(&live));
     let inbound_svc = inbound_service(&config, identity);
     servers.spawn("inbound", inbound, inbound_svc);
     if args.demo {

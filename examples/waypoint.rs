@@ -336,6 +336,7 @@ async fn main() {
     // HBONE in: the authority must name a served service and the client pass its `allow`
     // (else 401, nothing dialled). Many addresses are served, so no local-IP check.
     let t = table.clone();
+    let identity_for_metrics = identity.clone();
     let inbound = Inbound::live(identity)
         .check_local_ip(false)
         .allow(move |req| {
@@ -354,12 +355,14 @@ async fn main() {
         .unwrap_or_else(|e| support::fail(format!("inbound TLS: {e}")));
 
     let mut servers = support::Servers::new(&args.common);
+    let live = identity_for_metrics;
     servers.extra_metrics(move || {
         let name = "proxystack_waypoint_refused_total";
         format!(
             "# HELP {name} Connections to HTTP-only services refused as not HTTP.\n\
-             # TYPE {name} counter\n{name} {}\n",
-            refused.refused.load(std::sync::atomic::Ordering::Relaxed)
+             # TYPE {name} counter\n{name} {}\n{}",
+            refused.refused.load(std::sync::atomic::Ordering::Relaxed),
+            support::identity_metrics(&live)
         )
     });
     let listener = support::bind_all(&[listen]).await.remove(0);

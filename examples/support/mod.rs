@@ -481,6 +481,8 @@ impl Servers {
 
 #[cfg(feature = "tls")]
 mod live;
+#[cfg(feature = "tls")]
+pub use live::identity_metrics;
 
 /// `[identity]` in the mesh examples' configs: this proxy's SPIFFE certificate chain, its
 /// key and the mesh trust roots, as PEM files.

@@ -747,9 +747,22 @@ mod mesh_configs {
             roots.display().to_string()
         );
         let config = files.add("sidecar.toml", &config);
-        let started = Example::start("sidecar", &["--config", &config.to_string_lossy()]);
-        let Some(mut ex) = started else { return };
-        let inbound = ex.listening(2)[1];
+        let cfg = config.to_string_lossy().into_owned();
+        let args = ["--config", &cfg, "--admin", "127.0.0.1:0"];
+        let Some(mut ex) = Example::start("sidecar", &args) else {
+            return;
+        };
+        let [_, inbound, admin] = ex.listening(3)[..] else {
+            unreachable!()
+        };
+        let metric = |name: &str| -> Option<u64> {
+            let (_, text) = http(admin, "admin", "/metrics", "")?;
+            let line = text.lines().find(|l| l.starts_with(&format!("{name} ")))?;
+            line.rsplit(' ').next()?.parse().ok()
+        };
+        let expiry = "proxystack_identity_cert_expiry_timestamp_seconds";
+        assert!(metric(expiry).is_some_and(|t| t > 0), "expiry metric");
+        assert_eq!(metric("proxystack_identity_changes_total"), Some(0));
         let node = id("default", "node");
         let app = format!("127.0.0.1:{}", echo.port());
         // The old CA's clients get through.
@@ -789,6 +802,8 @@ mod mesh_configs {
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
         assert!(through, "the rotated certificate was not picked up");
+        // One change applied (all three files at once, or in up to three steps).
+        assert!(metric("proxystack_identity_changes_total").is_some_and(|n| (1..=3).contains(&n)));
         ex.stop();
     }
 
