@@ -482,6 +482,7 @@ impl Servers {
 #[cfg(feature = "tls")]
 mod live;
 #[cfg(feature = "tls")]
+#[allow(unused_imports)] // only the mesh examples use it
 pub use live::identity_metrics;
 
 /// `[identity]` in the mesh examples' configs: this proxy's SPIFFE certificate chain, its
