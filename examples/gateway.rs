@@ -77,9 +77,9 @@ use proxystack::http::{
 use proxystack::identity::SpiffeId;
 use proxystack::metrics::{HttpAccessLogLayer, HttpMetrics, HttpMetricsLayer};
 use proxystack::proxy_protocol::ProxyProtocolLayer;
-use proxystack::tls::RootCertStore;
 use proxystack::tls::{
-    CertKey, PeekLayer, ServerConfigBuilder, Sni, TerminateLayer, TlsInfo, UnknownSni,
+    CertKey, Credentials, FileWatch, LiveIdentity, PeekLayer, ServerConfigBuilder, Sni,
+    TerminateLayer, TlsInfo, UnknownSni,
 };
 use proxystack::{tcp, Authority, Target};
 use serde::Deserialize;
@@ -192,8 +192,8 @@ struct Passthrough {
 
 /// Certificates by server name, loaded (or made up by the demo).
 type Certs = Vec<(Vec<String>, CertKey)>;
-/// The gateway's mesh identity and roots, for HBONE backends.
-type Mesh = Option<(CertKey, Arc<RootCertStore>)>;
+/// The gateway's mesh identity and roots, for HBONE backends, and the watch on their files.
+type Mesh = Option<(LiveIdentity, Option<FileWatch>)>;
 
 impl Route {
     /// How well this route matches, or `None`: (host specificity, prefix length).
@@ -331,14 +331,11 @@ async fn main() {
     }
 
     // Outbound: plain TCP, or HBONE with the gateway's identity for mesh backends.
-    let me = mesh
-        .as_ref()
-        .and_then(|(c, _)| c.spiffe_ids().into_iter().next());
+    // The watch (if any) lives as long as main: rotated files reach new HBONE connections.
+    let (mesh, _watch) = mesh.map_or((None, None), |(id, w)| (Some(id), w));
+    let me = mesh.as_ref().and_then(|c| c.current().spiffe_id().cloned());
     let connector = MeshConnector {
-        hbone: mesh.map(|(cert, roots)| {
-            hbone::Connector::hbone(cert, roots)
-                .unwrap_or_else(|e| support::fail(format!("HBONE client TLS: {e}")))
-        }),
+        hbone: mesh.map(hbone::Connector::hbone_live),
         tcp: tcp::TcpConnector::new().connect_timeout(Duration::from_secs(5)),
     };
     let routes = Arc::new(config.route);
@@ -473,7 +470,10 @@ fn tls_config(certs: &Certs, unknown: Unknown) -> Arc<proxystack::tls::ServerCon
 }
 
 fn load(config: Config) -> (Config, Certs, Mesh) {
-    let mesh = config.identity.as_ref().map(|i| i.load());
+    let mesh = config.identity.as_ref().map(|i| {
+        let (identity, watch) = i.live();
+        (identity, Some(watch))
+    });
     if let Some(r) = config.route.iter().find(|r| r.timeout_secs == 0) {
         support::fail(format!(
             "route to {}: timeout_secs must be at least 1",
@@ -551,7 +551,8 @@ async fn demo() -> (Config, Certs, Mesh) {
     );
     let certs = ["app.example.com", "admin.example.com"]
         .map(|n| (vec![n.to_string()], ca.server_cert(&[n])));
-    let mesh = (ca.workload_cert("istio-system", "gateway"), ca.roots());
+    let credentials = Credentials::new(ca.workload_cert("istio-system", "gateway"), [ca.root()]);
+    let mesh = LiveIdentity::new(credentials).unwrap_or_else(|e| support::fail(e));
     let config = toml::from_str(&config).unwrap_or_else(|e| support::fail(e));
-    (config, certs.into(), Some(mesh))
+    (config, certs.into(), Some((mesh, None)))
 }

@@ -43,7 +43,7 @@ use proxystack::connect::TunnelInfo;
 use proxystack::hbone::{self, HboneTarget, Inbound};
 use proxystack::identity::SpiffeId;
 use proxystack::metrics::Reporter;
-use proxystack::tls::{load_pem_certs, CertKey};
+use proxystack::tls::{Credentials, FileWatch, LiveIdentity};
 use proxystack::{tcp, Authority, Target};
 use serde::Deserialize;
 use tower::ServiceBuilder;
@@ -64,17 +64,9 @@ struct Args {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Config {
-    identity: IdentityFiles,
+    identity: support::IdentityFiles,
     server: Option<ServerSide>,
     client: Option<ClientSide>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct IdentityFiles {
-    cert: PathBuf,
-    key: PathBuf,
-    roots: PathBuf,
 }
 
 #[derive(Deserialize)]
@@ -95,9 +87,10 @@ struct ClientSide {
 
 /// Everything both sides need, resolved.
 struct Plan {
-    server: Option<(SocketAddr, IpAddr, CertKey)>,
-    client: Option<(SocketAddr, SocketAddr, Authority, SpiffeId, CertKey)>,
-    roots: std::sync::Arc<rustls::RootCertStore>,
+    server: Option<(SocketAddr, IpAddr, LiveIdentity)>,
+    client: Option<(SocketAddr, SocketAddr, Authority, SpiffeId, LiveIdentity)>,
+    /// Keeps the `[identity]` files watched while the proxy runs.
+    _watch: Option<FileWatch>,
 }
 
 #[tokio::main]
@@ -113,7 +106,7 @@ async fn main() {
 
     if let Some((listen, app_ip, cert)) = plan.server {
         // Istio's metrics as the destination side, per tunnel, with the client's identity.
-        let me = cert.spiffe_ids().into_iter().next();
+        let me = cert.current().spiffe_id().cloned();
         let istio = servers.metrics().istio(Reporter::Destination, me.as_ref());
         let tunnel_metrics = servers.metrics().tunnels("hbone_tunnels", &istio);
         // Tunnels reach the local app on the requested port; the peer never picks the IP,
@@ -126,7 +119,7 @@ async fn main() {
                 c.get::<TunnelInfo>()?.authority.port(),
             )))
         });
-        let hbone_in = Inbound::new(cert, plan.roots.clone())
+        let hbone_in = Inbound::live(cert)
             .check_local_ip(false)
             .into_layer()
             .unwrap_or_else(|e| support::fail(format!("server TLS: {e}")));
@@ -139,10 +132,9 @@ async fn main() {
     }
     let mut client_addr = None;
     if let Some((listen, peer, authority, identity, cert)) = plan.client {
-        let source = cert.spiffe_ids().into_iter().next();
+        let source = cert.current().spiffe_id().cloned();
         // The peer may well be our own server side (the demo): HBONE to it is no loop.
-        let connector = hbone::Connector::hbone(cert, plan.roots.clone())
-            .unwrap_or_else(|e| support::fail(format!("client TLS: {e}")));
+        let connector = hbone::Connector::hbone_live(cert);
         let relay = tcp::Relay::new(connector).upstream(move |c: &Metadata| {
             let mut target = HboneTarget::new(peer, authority.clone(), [identity.clone()]);
             if let Some(src) = &source {
@@ -169,16 +161,8 @@ async fn main() {
 }
 
 fn from_config(config: Config) -> Plan {
-    let files = &config.identity;
-    let cert = CertKey::from_pem_files(&files.cert.to_string_lossy(), &files.key.to_string_lossy())
-        .unwrap_or_else(|e| support::fail(e));
-    let mut roots = rustls::RootCertStore::empty();
-    for root in load_pem_certs(&files.roots.to_string_lossy()).unwrap_or_else(|e| support::fail(e))
-    {
-        roots.add(root).unwrap_or_else(|e| {
-            support::fail(format!("bad root in {}: {e}", files.roots.display()))
-        });
-    }
+    // Watched: a rotated certificate is used by new handshakes on both sides.
+    let (cert, watch) = config.identity.live();
     let client = config.client.map(|c| {
         let authority = Authority::parse(&c.authority)
             .unwrap_or_else(|e| support::fail(format!("client.authority {:?}: {e}", c.authority)));
@@ -189,7 +173,7 @@ fn from_config(config: Config) -> Plan {
     Plan {
         server: config.server.map(|s| (s.listen, s.app_ip, cert.clone())),
         client,
-        roots: std::sync::Arc::new(roots),
+        _watch: Some(watch),
     }
 }
 
@@ -201,15 +185,22 @@ async fn demo() -> Plan {
     let server_id =
         SpiffeId::istio("cluster.local", "default", "server").unwrap_or_else(|e| support::fail(e));
     let server_addr: SocketAddr = ([127, 0, 0, 1], hbone::PORT).into();
+    let live = |sa: &str| {
+        LiveIdentity::new(Credentials::new(
+            ca.workload_cert("default", sa),
+            [ca.root()],
+        ))
+        .unwrap_or_else(|e| support::fail(e))
+    };
     Plan {
-        server: Some((server_addr, app.ip(), ca.workload_cert("default", "server"))),
+        server: Some((server_addr, app.ip(), live("server"))),
         client: Some((
             ([127, 0, 0, 1], 15001).into(),
             server_addr,
             Authority::from(SocketAddr::new(server_addr.ip(), app.port())),
             server_id,
-            ca.workload_cert("default", "client"),
+            live("client"),
         )),
-        roots: ca.roots(),
+        _watch: None,
     }
 }

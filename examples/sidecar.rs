@@ -62,7 +62,7 @@ use proxystack::connect::{lookup, TunnelInfo};
 use proxystack::hbone::{self, HboneTarget, Inbound};
 use proxystack::identity::{PeerIdentity, SpiffeId};
 use proxystack::metrics::{ConnectionMetricsLayer, Reporter};
-use proxystack::tls::{CertKey, RootCertStore};
+use proxystack::tls::{Credentials, FileWatch, LiveIdentity};
 use proxystack::{tcp, Authority, Conn, Target};
 use serde::Deserialize;
 use support::{IdentityPattern, MeshConnector};
@@ -160,14 +160,15 @@ impl std::str::FromStr for Key {
 async fn main() {
     support::init_tracing();
     let args = Args::parse();
-    let (mut config, cert, roots) = match (&args.config, args.demo) {
+    let (mut config, identity, _watch) = match (&args.config, args.demo) {
         (Some(path), false) => {
             let config: Config = support::load_config(path);
             let Some(files) = &config.identity else {
                 support::fail(format!("{}: [identity] is missing", path.display()));
             };
-            let (cert, roots) = files.load();
-            (config, cert, roots)
+            // Watched: a rotated certificate is used by new handshakes.
+            let (identity, watch) = files.live();
+            (config, identity, Some(watch))
         }
         (None, true) => demo(&args).await,
         _ => support::fail("give exactly one of --config FILE or --demo"),
@@ -195,13 +196,12 @@ async fn main() {
 
     // Everything we dial carries the mark, or a REDIRECT rule would send it back to us.
     let tcp = tcp::TcpConnector::new().mark(config.mark);
-    let hbone = hbone::Connector::hbone_with(tcp.clone(), cert.clone(), roots.clone());
-    let hbone = hbone.unwrap_or_else(|e| support::fail(format!("HBONE client TLS: {e}")));
+    let hbone = hbone::Connector::hbone_live_with(tcp.clone(), identity.clone());
     let connector = MeshConnector {
         hbone: Some(hbone),
         tcp,
     };
-    let me = cert.spiffe_ids().into_iter().next();
+    let me = identity.current().spiffe_id().cloned();
     let mut servers = support::Servers::new(&args.common);
     // Istio's metrics as the destination side: per inbound tunnel, with the client's identity.
     let istio = servers.metrics().istio(Reporter::Destination, me.as_ref());
@@ -229,7 +229,9 @@ async fn main() {
             .service(relay.clone());
         servers.spawn(&format!("outbound_fixed_{i}"), listener, pretend);
     }
-    let inbound_svc = inbound_service(&config, cert, roots, tunnel_metrics);
+    let live = identity.clone();
+    servers.extra_metrics(move || support::identity_metrics(&live));
+    let inbound_svc = inbound_service(&config, identity, tunnel_metrics);
     servers.spawn("inbound", inbound, inbound_svc);
     if args.demo {
         let [_, mesh, outside, own_port, ..] = own[..] else {
@@ -301,8 +303,7 @@ fn outbound_route(
 /// listeners (503).
 fn inbound_service(
     config: &Config,
-    cert: CertKey,
-    roots: Arc<RootCertStore>,
+    identity: LiveIdentity,
     tunnel_metrics: ConnectionMetricsLayer,
 ) -> impl tower::Service<
     Conn<proxystack::BoxIo>,
@@ -323,7 +324,7 @@ fn inbound_service(
         )))
     });
     let allow = config.inbound.allow.clone();
-    Inbound::new(cert, roots)
+    Inbound::live(identity)
         .allow(move |req| {
             let client = lookup::<PeerIdentity>(req.connection).map(|p| &p.0);
             let ok = IdentityPattern::admits(&allow, client);
@@ -340,7 +341,7 @@ fn inbound_service(
 /// The demo: an in-memory CA, an echo app that counts as a mesh workload (with our own
 /// identity; its node proxy is us), an HTTP server outside the mesh, and three listeners
 /// that pretend their connections were redirected (mesh, outside, our own port).
-async fn demo(args: &Args) -> (Config, CertKey, Arc<RootCertStore>) {
+async fn demo(args: &Args) -> (Config, LiveIdentity, Option<FileWatch>) {
     let ca = proxystack::tls::demo::DemoCa::new("cluster.local");
     let echo = support::demo_echo_backend().await;
     let web = support::demo_http_backend("hello from a host outside the mesh\n").await;
@@ -377,5 +378,7 @@ async fn demo(args: &Args) -> (Config, CertKey, Arc<RootCertStore>) {
         port(hbone::PORT),
     );
     let config = toml::from_str(&config).unwrap_or_else(|e| support::fail(e));
-    (config, ca.workload_cert("default", "demo"), ca.roots())
+    let credentials = Credentials::new(ca.workload_cert("default", "demo"), [ca.root()]);
+    let identity = LiveIdentity::new(credentials).unwrap_or_else(|e| support::fail(e));
+    (config, identity, None)
 }

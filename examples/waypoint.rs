@@ -81,7 +81,7 @@ use proxystack::http::{Forward, HttpServer, Incoming, NormalizePathLayer, PoolKe
 use proxystack::identity::{PeerIdentity, SpiffeId};
 use proxystack::metrics::{HttpAccessLogLayer, HttpMetrics, HttpMetricsLayer, Reporter};
 use proxystack::steer::Steer;
-use proxystack::tls::{CertKey, RootCertStore};
+use proxystack::tls::{CertKey, Credentials, LiveIdentity, RootCertStore};
 use proxystack::{tcp, Authority, Target};
 use serde::Deserialize;
 use support::{IdentityPattern, MeshConnector};
@@ -247,31 +247,32 @@ impl Rule {
 async fn main() {
     support::init_tracing();
     let args = Args::parse();
-    let (config, cert, roots, demo_clients) = match (&args.config, args.demo) {
+    let (config, identity, _watch, demo_clients) = match (&args.config, args.demo) {
         (Some(path), false) => {
             let config: Config = support::load_config(path);
             let Some(files) = &config.identity else {
                 support::fail(format!("{}: [identity] is missing", path.display()));
             };
-            let (cert, roots) = files.load();
-            (config, cert, roots, None)
+            // Watched: a rotated certificate is used by new handshakes.
+            let (identity, watch) = files.live();
+            (config, identity, Some(watch), None)
         }
-        (None, true) => demo::config().await,
+        (None, true) => {
+            let (config, identity, clients) = demo::config().await;
+            (config, identity, None, clients)
+        }
         _ => support::fail("give exactly one of --config FILE or --demo"),
     };
     let listen = args.listen.unwrap_or(config.listen);
-    let table = Arc::new(Table::new(config.service, &cert));
+    let table = Arc::new(Table::new(config.service, identity.current().cert()));
     let mut servers = support::Servers::new(&args.common);
     // Istio's metrics as a waypoint: per tunnel (TCP) and per request (HTTP).
-    let me = cert.spiffe_ids().into_iter().next();
+    let me = identity.current().spiffe_id().cloned();
     let istio = servers.metrics().istio(Reporter::Waypoint, me.as_ref());
     let tunnel_metrics = servers.metrics().tunnels("waypoint_tunnels", &istio);
     let http_metrics = HttpMetrics::new(servers.metrics().registry());
     let connector = MeshConnector {
-        hbone: Some(
-            hbone::Connector::hbone(cert.clone(), roots.clone())
-                .unwrap_or_else(|e| support::fail(format!("HBONE client TLS: {e}"))),
-        ),
+        hbone: Some(hbone::Connector::hbone_live(identity.clone())),
         tcp: tcp::TcpConnector::new().connect_timeout(Duration::from_secs(5)),
     };
 
@@ -348,7 +349,8 @@ async fn main() {
     // HBONE in: the authority must name a served service and the client pass its `allow`
     // (else 401, nothing dialled). Many addresses are served, so no local-IP check.
     let t = table.clone();
-    let inbound = Inbound::new(cert, roots)
+    let identity_for_metrics = identity.clone();
+    let inbound = Inbound::live(identity)
         .check_local_ip(false)
         .allow(move |req| {
             let client = lookup::<PeerIdentity>(req.connection).map(|p| &p.0);
@@ -369,12 +371,14 @@ async fn main() {
         )
         .unwrap_or_else(|e| support::fail(format!("inbound TLS: {e}")));
 
+    let live = identity_for_metrics;
     servers.extra_metrics(move || {
         let name = "proxystack_waypoint_refused_total";
         format!(
             "# HELP {name} Connections to HTTP-only services refused as not HTTP.\n\
-             # TYPE {name} counter\n{name} {}\n",
-            refused.refused.load(std::sync::atomic::Ordering::Relaxed)
+             # TYPE {name} counter\n{name} {}\n{}",
+            refused.refused.load(std::sync::atomic::Ordering::Relaxed),
+            support::identity_metrics(&live)
         )
     });
     let listener = support::bind_all(&[listen]).await.remove(0);
@@ -398,7 +402,7 @@ mod demo {
 
     /// Two services on made-up VIPs: `reviews` (HTTP, behind an HBONE endpoint, `/admin`
     /// denied) and `echo` (declared TCP, plain TCP endpoint).
-    pub async fn config() -> (Config, CertKey, Arc<RootCertStore>, Option<Clients>) {
+    pub async fn config() -> (Config, LiveIdentity, Option<Clients>) {
         let ca = proxystack::tls::demo::DemoCa::new("cluster.local");
         let web = support::demo_http_backend("hello from reviews, through the waypoint\n").await;
         let echo = support::demo_echo_backend().await;
@@ -429,8 +433,9 @@ mod demo {
             waypoint_id: SpiffeId::istio("cluster.local", "default", "waypoint")
                 .unwrap_or_else(|e| support::fail(e)),
         };
-        let cert = ca.workload_cert("default", "waypoint");
-        (config, cert, ca.roots(), Some(clients))
+        let credentials = Credentials::new(ca.workload_cert("default", "waypoint"), [ca.root()]);
+        let identity = LiveIdentity::new(credentials).unwrap_or_else(|e| support::fail(e));
+        (config, identity, Some(clients))
     }
 
     /// Plain TCP in, HBONE to the waypoint out, one port per `:authority`: what the

@@ -543,6 +543,12 @@ impl Servers {
     }
 }
 
+#[cfg(feature = "tls")]
+mod live;
+#[cfg(feature = "tls")]
+#[allow(unused_imports)] // only the mesh examples use it
+pub use live::identity_metrics;
+
 /// `[identity]` in the mesh examples' configs: this proxy's SPIFFE certificate chain, its
 /// key and the mesh trust roots, as PEM files.
 #[cfg(feature = "tls")]

@@ -11,7 +11,7 @@ use rustls::RootCertStore;
 
 use super::CaError;
 use crate::identity::SpiffeId;
-use crate::tls::{spiffe_ids, CertKey, Credentials};
+use crate::tls::{spiffe_ids, CertKey};
 
 /// A workload identity obtained from the CA: the certificate chain, its private key, and
 /// the trust roots that came with it.
@@ -65,11 +65,6 @@ impl IssuedIdentity {
         let mut store = RootCertStore::empty();
         store.add_parsable_certificates(self.roots.iter().cloned());
         Arc::new(store)
-    }
-
-    /// The chain, key and roots as [`Credentials`] for a [`LiveIdentity`](crate::tls::LiveIdentity).
-    pub fn credentials(&self) -> Credentials {
-        Credentials::new(self.cert_key(), self.roots.iter().cloned())
     }
 
     /// `notAfter − notBefore`.

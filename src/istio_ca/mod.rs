@@ -25,8 +25,12 @@
 //! read from a file and passed through), impersonation of other identities (the node
 //! agent's `ImpersonatedIdentity` metadata), client-certificate authentication to the CA
 //! (renewing with the current certificate instead of a token), revocation checks of the
-//! issued chain, and pushing the identity into TLS configs (the caller subscribes to a
-//! [`Renewer`] and hands each [`IssuedIdentity`] on).
+//! issued chain.
+//!
+//! **Into TLS.** [`Renewer::publish_to`] (or
+//! [`LiveIdentity::follow`](crate::tls::LiveIdentity::follow)) feeds each new identity to a
+//! [`LiveIdentity`](crate::tls::LiveIdentity), which checks it and serves it on new
+//! handshakes of every layer built on it.
 //!
 //! ```no_run
 //! use proxystack::identity::SpiffeId;
@@ -59,6 +63,7 @@
 mod client;
 mod error;
 mod issued;
+mod live;
 pub mod proto;
 mod renew;
 
@@ -67,6 +72,7 @@ pub use client::{
 };
 pub use error::CaError;
 pub use issued::IssuedIdentity;
+pub use live::Following;
 pub use renew::{
     IdentityReceiver, Renewer, RenewerBuilder, DEFAULT_INITIAL_BACKOFF, DEFAULT_JITTER,
     DEFAULT_MAX_BACKOFF,

@@ -8,7 +8,6 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 use super::{CaClient, IssuedIdentity};
-use crate::tls::LiveIdentity;
 
 /// What a [`Renewer`] publishes: the current identity, or `None` before the first one
 /// arrives and after the last one expired without a successor.
@@ -83,52 +82,6 @@ impl Renewer {
     /// The identity published last.
     pub fn current(&self) -> Option<Arc<IssuedIdentity>> {
         self.rx.borrow().clone()
-    }
-
-    /// Feeds every identity this renewer publishes from now on into `live`, so that TLS
-    /// layers built on it (`TerminateLayer::live`, `TlsConnector::live`, `hbone::Inbound::live`,
-    /// `hbone::Connector::hbone_live`) present each renewed certificate at their next
-    /// handshake. `live` validates each one as it does any change (a refused one is logged
-    /// and the current one stays in use); a withdrawn identity (`None`, expired without a
-    /// successor) leaves `live` as it is, with a warning. Build `live` from
-    /// [`current`](Self::current) first: the value current at this call is not re-applied.
-    /// The returned task ends when the renewer stops.
-    ///
-    /// ```no_run
-    /// # async fn run(client: proxystack::istio_ca::CaClient) -> Result<(), proxystack::BoxError> {
-    /// use proxystack::istio_ca::Renewer;
-    /// use proxystack::tls::LiveIdentity;
-    /// let renewer = Renewer::builder(client).spawn();
-    /// let mut updates = renewer.subscribe();
-    /// let first = loop {
-    ///     if let Some(id) = updates.borrow_and_update().clone() { break id; }
-    ///     updates.changed().await?;
-    /// };
-    /// let live = LiveIdentity::new(first.credentials())?;
-    /// let _feed = renewer.publish_to(&live);
-    /// # Ok(()) }
-    /// ```
-    pub fn publish_to(&self, live: &LiveIdentity) -> tokio::task::JoinHandle<()> {
-        let mut rx = self.rx.clone();
-        rx.mark_unchanged();
-        let live = live.clone();
-        tokio::spawn(async move {
-            while rx.changed().await.is_ok() {
-                let issued = rx.borrow_and_update().clone();
-                match issued {
-                    Some(issued) => {
-                        // `set` logs a refusal itself and keeps the current material.
-                        if let Ok(generation) = live.set(issued.credentials()) {
-                            tracing::info!(generation, identity = %issued.identity, "renewed certificate in use");
-                        }
-                    }
-                    None => tracing::warn!(
-                        "the CA client withdrew the identity (expired, no successor); \
-                         the last certificate stays configured"
-                    ),
-                }
-            }
-        })
     }
 
     /// Stops the task and waits for it to end. Receivers keep the last value and see the

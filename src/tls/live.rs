@@ -421,7 +421,7 @@ impl IdentitySnapshot {
     }
 
     /// Whether `c` is exactly the material in use.
-    fn holds(&self, c: &Credentials) -> bool {
+    pub(crate) fn holds(&self, c: &Credentials) -> bool {
         self.cert.chain == c.cert.chain
             && self.cert.key.secret_der() == c.cert.key.secret_der()
             && *self.roots_der == *c.roots
