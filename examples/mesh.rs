@@ -143,11 +143,15 @@ async fn main() {
     // What each hop saw, from its own Istio metrics: the peer identities on both sides.
     for (name, admin) in [("sidecar B", b_admin), ("waypoint", wp_admin)] {
         let text = get(admin, "/metrics").await;
-        for line in text.lines().filter(|l| {
-            (l.starts_with("istio_requests_total") || l.starts_with("istio_tcp_connections_opened_total"))
-                && !l.ends_with(" 0")
-        }) {
-            eprintln!("mesh: {name} recorded {line}");
+        let moved = text.lines().filter(|l| !l.ends_with(" 0")).filter(|l| {
+            l.starts_with("istio_requests_total{") || l.starts_with("istio_tcp_connections_opened_total{")
+        });
+        for line in moved {
+            let (metric, value) = (line.split('{').next().unwrap_or(""), line.rsplit(' ').next().unwrap_or(""));
+            let code = label(line, "response_code").map(|c| format!(" {c}")).unwrap_or_default();
+            let (from, to) = (label(line, "source_principal"), label(line, "destination_principal"));
+            let (from, to) = (from.unwrap_or("?"), to.unwrap_or("?"));
+            eprintln!("mesh: {name} saw {from} → {to}: {metric}{code} = {value}");
         }
     }
     eprintln!("mesh: metrics at http://{a_admin}/metrics (sidecar A), http://{b_admin}/metrics (sidecar B),");
@@ -161,6 +165,12 @@ async fn main() {
         let _ = t.await;
     }
     drop(dir);
+}
+
+/// The value of label `key` in one line of Prometheus text (ours: no `"` in values).
+fn label<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let rest = line.split_once(&format!("{key}=\""))?.1;
+    Some(rest.split('"').next().unwrap_or(rest))
 }
 
 /// Writes `contents` to `dir/name`, or exits.
