@@ -64,7 +64,11 @@ async fn main() {
         write(d, &format!("{sa}.key"), &cert.key_pem());
     }
     let identity = |sa: &str| {
-        let (c, k, r) = (d.join(format!("{sa}.pem")), d.join(format!("{sa}.key")), d.join("root.pem"));
+        let (c, k, r) = (
+            d.join(format!("{sa}.pem")),
+            d.join(format!("{sa}.key")),
+            d.join("root.pem"),
+        );
         format!("[identity]\ncert = {c:?}\nkey = {k:?}\nroots = {r:?}\n")
     };
 
@@ -104,16 +108,27 @@ async fn main() {
 
     // Each proxy is its example's `run`, in its own task; all of them drain on Ctrl-C.
     let config = |name: &str, toml: &str| write(d, &format!("{name}.toml"), toml);
-    let (sa, sb) = (config("sidecar-a", &sidecar_a), config("sidecar-b", &sidecar_b));
+    let (sa, sb) = (
+        config("sidecar-a", &sidecar_a),
+        config("sidecar-b", &sidecar_b),
+    );
     let (w, g) = (config("waypoint", &waypoint), config("gateway", &gateway));
     let args = |path: &Path, admin: SocketAddr| {
         let path = path.display().to_string();
-        ["mesh".to_string(), "--config".into(), path, "--admin".into(), admin.to_string()]
+        [
+            "mesh".to_string(),
+            "--config".into(),
+            path,
+            "--admin".into(),
+            admin.to_string(),
+        ]
     };
     let tasks = vec![
         tokio::spawn(sidecar::run(sidecar::Args::parse_from(args(&sa, a_admin)))),
         tokio::spawn(sidecar::run(sidecar::Args::parse_from(args(&sb, b_admin)))),
-        tokio::spawn(waypoint::run(waypoint::Args::parse_from(args(&w, wp_admin)))),
+        tokio::spawn(waypoint::run(waypoint::Args::parse_from(args(
+            &w, wp_admin,
+        )))),
         tokio::spawn(gateway::run(gateway::Args::parse_from(args(&g, gw_admin)))),
     ];
     for admin in [a_admin, b_admin, wp_admin, gw_admin] {
@@ -129,8 +144,16 @@ async fn main() {
     let hops = "sidecar A → HBONE → waypoint → HBONE → sidecar B → app";
     let tour = [
         (a_http, "/", format!("app client → {hops}")),
-        (a_http, "/admin", "app client → sidecar A → waypoint: denied by its L7 rule".into()),
-        (gw, "/", format!("curl → ingress gateway → HBONE → waypoint → HBONE → sidecar B → app")),
+        (
+            a_http,
+            "/admin",
+            "app client → sidecar A → waypoint: denied by its L7 rule".into(),
+        ),
+        (
+            gw,
+            "/",
+            format!("curl → ingress gateway → HBONE → waypoint → HBONE → sidecar B → app"),
+        ),
     ];
     for (addr, path, what) in &tour {
         let answer = get(*addr, path).await;
@@ -144,12 +167,21 @@ async fn main() {
     for (name, admin) in [("sidecar B", b_admin), ("waypoint", wp_admin)] {
         let text = get(admin, "/metrics").await;
         let moved = text.lines().filter(|l| !l.ends_with(" 0")).filter(|l| {
-            l.starts_with("istio_requests_total{") || l.starts_with("istio_tcp_connections_opened_total{")
+            l.starts_with("istio_requests_total{")
+                || l.starts_with("istio_tcp_connections_opened_total{")
         });
         for line in moved {
-            let (metric, value) = (line.split('{').next().unwrap_or(""), line.rsplit(' ').next().unwrap_or(""));
-            let code = label(line, "response_code").map(|c| format!(" {c}")).unwrap_or_default();
-            let (from, to) = (label(line, "source_principal"), label(line, "destination_principal"));
+            let (metric, value) = (
+                line.split('{').next().unwrap_or(""),
+                line.rsplit(' ').next().unwrap_or(""),
+            );
+            let code = label(line, "response_code")
+                .map(|c| format!(" {c}"))
+                .unwrap_or_default();
+            let (from, to) = (
+                label(line, "source_principal"),
+                label(line, "destination_principal"),
+            );
             let (from, to) = (from.unwrap_or("?"), to.unwrap_or("?"));
             eprintln!("mesh: {name} saw {from} → {to}: {metric}{code} = {value}");
         }
@@ -158,7 +190,11 @@ async fn main() {
     eprintln!("mesh:   http://{wp_admin}/metrics (waypoint), http://{gw_admin}/metrics (gateway)");
     eprintln!("mesh: try  curl http://{a_http}/            # allowed: 200");
     eprintln!("mesh: try  curl http://{a_http}/admin       # denied by the waypoint: 403");
-    eprintln!("mesh: try  echo hello | nc -N {} {}   # plain TCP through the mesh", a_echo.ip(), a_echo.port());
+    eprintln!(
+        "mesh: try  echo hello | nc -N {} {}   # plain TCP through the mesh",
+        a_echo.ip(),
+        a_echo.port()
+    );
     eprintln!("mesh: try  curl http://{gw}/            # through the ingress gateway");
     eprintln!("mesh: serving; Ctrl-C drains every proxy");
     for t in tasks {

@@ -1697,9 +1697,15 @@ fn mesh_allowed_denied_tcp_gateway_and_metrics() {
     ex.stderr_line("mesh: serving");
     let stderr = ex.stderr();
     // The tour's own requests: allowed, denied by the waypoint, through the gateway, TCP.
-    assert!(stderr.contains("mesh: GET / via") && stderr.contains("200 OK"), "{stderr}");
+    assert!(
+        stderr.contains("mesh: GET / via") && stderr.contains("200 OK"),
+        "{stderr}"
+    );
     assert!(stderr.contains("403 Forbidden"), "{stderr}");
-    assert!(stderr.contains("echoed \"hello over plain TCP\\n\""), "{stderr}");
+    assert!(
+        stderr.contains("echoed \"hello over plain TCP\\n\""),
+        "{stderr}"
+    );
     let waypoint_admin = mesh_address(&ex, "waypoint-admin");
     let before = metric(waypoint_admin, "istio_requests_total");
     let count = |samples: &[(std::collections::BTreeMap<String, String>, f64)], code: &str| {
@@ -1718,7 +1724,10 @@ fn mesh_allowed_denied_tcp_gateway_and_metrics() {
     let app = mesh_address(&ex, "app-http");
     let (status, body) = http(app, "reviews", "/", "").expect("a response");
     assert_eq!(status, 200, "{body}");
-    assert!(body.contains("hello from the app behind sidecar B"), "{body}");
+    assert!(
+        body.contains("hello from the app behind sidecar B"),
+        "{body}"
+    );
     let (status, _) = http(app, "reviews", "/admin", "").expect("a response");
     assert_eq!(status, 403);
     let echo = mesh_address(&ex, "app-tcp");
@@ -1726,7 +1735,10 @@ fn mesh_allowed_denied_tcp_gateway_and_metrics() {
     let gateway = mesh_address(&ex, "gateway");
     let (status, body) = http(gateway, "shop.example.com", "/", "").expect("a response");
     assert_eq!(status, 200, "{body}");
-    assert!(body.contains("hello from the app behind sidecar B"), "{body}");
+    assert!(
+        body.contains("hello from the app behind sidecar B"),
+        "{body}"
+    );
 
     // The waypoint counted one more 200 and one more 403 from sidecar A's identity.
     let after = metric(waypoint_admin, "istio_requests_total");
