@@ -23,6 +23,12 @@
 //! ports are picked by binding `127.0.0.1:0` first, so a port can in theory be taken in
 //! between (start again).
 
+// Each example brings its own copy of `support` on purpose: its statics (the registry of
+// own listeners every connector refuses to dial) are then per example, not one for the
+// whole process, so the waypoint and the gateway may dial the sidecars' ports. The two
+// sidecars share one copy: they only reach each other through the waypoint here.
+#![allow(clippy::duplicate_mod)]
+
 #[path = "support/mod.rs"]
 mod support;
 
@@ -152,7 +158,7 @@ async fn main() {
         (
             gw,
             "/",
-            format!("curl → ingress gateway → HBONE → waypoint → HBONE → sidecar B → app"),
+            "curl → ingress gateway → HBONE → waypoint → HBONE → sidecar B → app".to_string(),
         ),
     ];
     for (addr, path, what) in &tour {
