@@ -88,7 +88,7 @@ use tower::{ServiceBuilder, ServiceExt};
 
 #[derive(Parser, Debug)]
 #[command(about = "Ingress gateway: TLS by SNI, Host/path routing, edge hardening, HBONE backends")]
-struct Args {
+pub struct Args {
     /// TOML config (see the example's docs).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -314,7 +314,12 @@ fn request_host(req: &Request<Incoming>) -> Option<String> {
 #[tokio::main]
 async fn main() {
     support::init_tracing();
-    let args = Args::parse();
+    run(Args::parse()).await
+}
+
+/// Everything `main` does after logging is set up: serves until SIGTERM/Ctrl-C, then drains.
+/// Public for `examples/mesh.rs`, which runs several examples in one process.
+pub async fn run(args: Args) {
     let (mut config, certs, mesh) = match (&args.config, args.demo) {
         (Some(path), false) => load(support::load_config(path)),
         (None, true) => demo().await,

@@ -70,7 +70,7 @@ use tower::ServiceBuilder;
 
 #[derive(Parser, Debug)]
 #[command(about = "ztunnel-shaped node proxy: outbound HBONE or passthrough, inbound HBONE")]
-struct Args {
+pub struct Args {
     /// TOML config (see the example's docs).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -159,7 +159,12 @@ impl std::str::FromStr for Key {
 #[tokio::main]
 async fn main() {
     support::init_tracing();
-    let args = Args::parse();
+    run(Args::parse()).await
+}
+
+/// Everything `main` does after logging is set up: serves until SIGTERM/Ctrl-C, then drains.
+/// Public for `examples/mesh.rs`, which runs several examples in one process.
+pub async fn run(args: Args) {
     let (mut config, identity, _watch) = match (&args.config, args.demo) {
         (Some(path), false) => {
             let config: Config = support::load_config(path);

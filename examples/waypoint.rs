@@ -89,7 +89,7 @@ use tower::{ServiceBuilder, ServiceExt};
 
 #[derive(Parser, Debug)]
 #[command(about = "Istio-shaped waypoint: HBONE in, L7 policy, HBONE or TCP to endpoints")]
-struct Args {
+pub struct Args {
     /// TOML config (see the example's docs).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -246,7 +246,12 @@ impl Rule {
 #[tokio::main]
 async fn main() {
     support::init_tracing();
-    let args = Args::parse();
+    run(Args::parse()).await
+}
+
+/// Everything `main` does after logging is set up: serves until SIGTERM/Ctrl-C, then drains.
+/// Public for `examples/mesh.rs`, which runs several examples in one process.
+pub async fn run(args: Args) {
     let (config, identity, _watch, demo_clients) = match (&args.config, args.demo) {
         (Some(path), false) => {
             let config: Config = support::load_config(path);

@@ -462,9 +462,11 @@ where
     parse(d).map(Some)
 }
 
-/// An accept loop waiting for [`Servers::run`] to start it.
-type PendingServer =
-    Box<dyn FnOnce(proxystack::drain::Watch) -> tokio::task::JoinHandle<std::io::Result<()>>>;
+/// An accept loop waiting for [`Servers::run`] to start it (`Send`, so that an example's
+/// whole `run` can be a task of its own, as in `mesh`).
+type PendingServer = Box<
+    dyn FnOnce(proxystack::drain::Watch) -> tokio::task::JoinHandle<std::io::Result<()>> + Send,
+>;
 
 /// The listeners of one process: each served by its own accept loop (own stats for
 /// `/metrics`), all announced together, all drained together. No loop accepts before

@@ -1758,3 +1758,73 @@ fn connect_proxy_refuses_this_hosts_interface_addresses() {
     }
     ex.stop();
 }
+
+/// `mesh.rs` runs sidecar A, the waypoint, sidecar B and the gateway in one process: the
+/// address it printed for a role (`mesh: address ROLE ADDR`).
+fn mesh_address(ex: &Example, role: &str) -> SocketAddr {
+    let line = ex.stderr_line(&format!("mesh: address {role} "));
+    let addr = line.split_whitespace().last().unwrap_or_default();
+    addr.parse()
+        .unwrap_or_else(|e| panic!("bad line {line:?}: {e}"))
+}
+
+#[test]
+fn mesh_allowed_denied_tcp_gateway_and_metrics() {
+    let Some(mut ex) = Example::start("mesh", &[]) else {
+        return;
+    };
+    // sidecar A: 5 listeners (outbound, 2 fixed, inbound, admin), sidecar B: 3, waypoint: 2,
+    // gateway: 2; then the tour, then `serving`.
+    ex.listening(12);
+    ex.stderr_line("mesh: serving");
+    let stderr = ex.stderr();
+    // The tour's own requests: allowed, denied by the waypoint, through the gateway, TCP.
+    assert!(
+        stderr.contains("mesh: GET / via") && stderr.contains("200 OK"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("403 Forbidden"), "{stderr}");
+    assert!(
+        stderr.contains("echoed \"hello over plain TCP\\n\""),
+        "{stderr}"
+    );
+    let waypoint_admin = mesh_address(&ex, "waypoint-admin");
+    let before = metric(waypoint_admin, "istio_requests_total");
+    let count = |samples: &[(std::collections::BTreeMap<String, String>, f64)], code: &str| {
+        samples
+            .iter()
+            .filter(|(l, _)| l.get("response_code").map(String::as_str) == Some(code))
+            .filter(|(l, _)| {
+                l.get("source_principal").map(String::as_str)
+                    == Some("spiffe://cluster.local/ns/default/sa/productpage")
+            })
+            .map(|(_, v)| v)
+            .sum::<f64>()
+    };
+
+    // Again from here, the way the printed `curl` lines do.
+    let app = mesh_address(&ex, "app-http");
+    let (status, body) = http(app, "reviews", "/", "").expect("a response");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("hello from the app behind sidecar B"),
+        "{body}"
+    );
+    let (status, _) = http(app, "reviews", "/admin", "").expect("a response");
+    assert_eq!(status, 403);
+    let echo = mesh_address(&ex, "app-tcp");
+    assert_eq!(exchange_with(echo, b"ping\n", true), b"ping\n");
+    let gateway = mesh_address(&ex, "gateway");
+    let (status, body) = http(gateway, "shop.example.com", "/", "").expect("a response");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("hello from the app behind sidecar B"),
+        "{body}"
+    );
+
+    // The waypoint counted one more 200 and one more 403 from sidecar A's identity.
+    let after = metric(waypoint_admin, "istio_requests_total");
+    assert_eq!(count(&after, "200") - count(&before, "200"), 1.0);
+    assert_eq!(count(&after, "403") - count(&before, "403"), 1.0);
+    ex.stop();
+}
