@@ -38,16 +38,49 @@ pub struct Common {
 }
 
 /// Process setup every example does first: logs to stderr (`RUST_LOG` overrides the
-/// default `info`), and [`tune_allocator`].
+/// default `info`), and [`tune_allocator`]. Access-log lines (target `proxystack::access`,
+/// one per connection and per request) are formatted as `PROXYSTACK_ACCESS_LOG` says:
+/// `text` (the default, like every other line), `json` (one JSON object per line, for log
+/// shippers) or `off`.
 pub fn init_tracing() {
+    use std::io::IsTerminal;
+    use tracing_subscriber::filter::filter_fn;
+    use tracing_subscriber::prelude::*;
+
     tune_allocator();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let ansi = std::io::stderr().is_terminal();
+    let is_access = |m: &tracing::Metadata<'_>| m.target() == "proxystack::access";
+    let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(ansi)
+        .with_filter(filter_fn(move |m| !is_access(m)));
+    let format = std::env::var("PROXYSTACK_ACCESS_LOG").unwrap_or_else(|_| "text".into());
+    let access = match format.as_str() {
+        "text" => Some(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(ansi)
+                .with_filter(filter_fn(is_access))
+                .boxed(),
+        ),
+        "json" => Some(
+            tracing_subscriber::fmt::layer()
+                .json()
+                .with_writer(std::io::stderr)
+                .with_filter(filter_fn(is_access))
+                .boxed(),
+        ),
+        "off" => None,
+        other => fail(format!(
+            "PROXYSTACK_ACCESS_LOG={other:?}: expected \"text\", \"json\" or \"off\""
+        )),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(logs)
+        .with(access)
         .init();
 }
 

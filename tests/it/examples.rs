@@ -142,6 +142,31 @@ fn tcp_relay_demo() {
     ex.stop();
 }
 
+/// Issue 18: `PROXYSTACK_ACCESS_LOG=json` makes each connection's access-log line one JSON
+/// object with ztunnel's field names; other log lines stay text.
+#[test]
+fn access_log_as_json() {
+    let args = ["--demo", "--listen", "127.0.0.1:0"];
+    let wrapper = ["env", "PROXYSTACK_ACCESS_LOG=json"];
+    let Some(mut ex) = Example::start_with(&wrapper, "tcp_relay", &args) else {
+        return;
+    };
+    let addrs = ex.listening(1);
+    assert_eq!(exchange(addrs[0], b"logged"), b"logged");
+    let line = ex.stderr_line("proxystack::access");
+    assert!(line.starts_with('{') && line.ends_with('}'), "{line}");
+    for field in [
+        "\"target\":\"proxystack::access\"",
+        "\"src.addr\":",
+        "\"dst.addr\":",
+        "\"bytes_sent\":6",
+        "\"bytes_recv\":6",
+    ] {
+        assert!(line.contains(field), "{field} in {line}");
+    }
+    ex.stop();
+}
+
 /// Issue 19 item 1: an upstream that cannot be reached is reported at the default log level
 /// (INFO shows WARN), naming the upstream and the cause.
 #[test]
