@@ -234,8 +234,7 @@ pub async fn run(args: Args) {
             .service(relay.clone());
         servers.spawn(&format!("outbound_fixed_{i}"), listener, pretend);
     }
-    let live = identity.clone();
-    servers.extra_metrics(move || support::identity_metrics(&live));
+    support::identity_metrics(servers.metrics(), &identity);
     let inbound_svc = inbound_service(&config, identity, tunnel_metrics);
     servers.spawn("inbound", inbound, inbound_svc);
     if args.demo {

@@ -354,7 +354,7 @@ pub async fn run(args: Args) {
     // HBONE in: the authority must name a served service and the client pass its `allow`
     // (else 401, nothing dialled). Many addresses are served, so no local-IP check.
     let t = table.clone();
-    let identity_for_metrics = identity.clone();
+    support::identity_metrics(servers.metrics(), &identity);
     let inbound = Inbound::live(identity)
         .check_local_ip(false)
         .allow(move |req| {
@@ -376,16 +376,11 @@ pub async fn run(args: Args) {
         )
         .unwrap_or_else(|e| support::fail(format!("inbound TLS: {e}")));
 
-    let live = identity_for_metrics;
-    servers.extra_metrics(move || {
-        let name = "proxystack_waypoint_refused_total";
-        format!(
-            "# HELP {name} Connections to HTTP-only services refused as not HTTP.\n\
-             # TYPE {name} counter\n{name} {}\n{}",
-            refused.refused.load(std::sync::atomic::Ordering::Relaxed),
-            support::identity_metrics(&live)
-        )
-    });
+    servers.metrics().counter_fn(
+        "proxystack_waypoint_refused",
+        "Connections to HTTP-only services refused as not HTTP.",
+        move || refused.refused.load(std::sync::atomic::Ordering::Relaxed),
+    );
     let listener = support::bind_all(&[listen]).await.remove(0);
     let waypoint = listener.local_addr().unwrap_or(listen);
     servers.spawn("waypoint", listener, inbound);

@@ -31,23 +31,24 @@ impl IdentityFiles {
     }
 }
 
-/// Prometheus text for `/metrics` (through [`Servers::extra_metrics`](super::Servers::extra_metrics)):
-/// when the certificate in use expires, and how many identity changes were applied.
-pub fn identity_metrics(identity: &LiveIdentity) -> String {
-    let current = identity.current();
-    let expiry = current
-        .not_after()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let (exp, changes) = (
+/// Registers, in `metrics`, when the certificate in use expires and how many identity
+/// changes were applied (both read at scrape time).
+pub fn identity_metrics(metrics: &mut super::Metrics, identity: &LiveIdentity) {
+    let live = identity.clone();
+    metrics.gauge_fn(
         "proxystack_identity_cert_expiry_timestamp_seconds",
-        "proxystack_identity_changes_total",
+        "notAfter of the certificate in use, seconds since the epoch.",
+        move || {
+            let not_after = live.current().not_after();
+            not_after
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        },
     );
-    format!(
-        "# HELP {exp} notAfter of the certificate in use, seconds since the epoch.\n\
-         # TYPE {exp} gauge\n{exp} {expiry}\n\
-         # HELP {changes} Certificate or root changes applied since start.\n\
-         # TYPE {changes} counter\n{changes} {}\n",
-        current.generation().saturating_sub(1)
-    )
+    let live = identity.clone();
+    metrics.counter_fn(
+        "proxystack_identity_changes",
+        "Certificate or root changes applied since start.",
+        move || live.generation().saturating_sub(1),
+    );
 }

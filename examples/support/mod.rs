@@ -290,6 +290,39 @@ impl Metrics {
         ConnectionMetricsLayer::new(&self.connections, name).istio(istio)
     }
 
+    /// A counter read at scrape time from `read` (e.g. an atomic a layer already keeps), in
+    /// the registry like every other metric. `name` without `_total`: the encoder adds it.
+    pub fn counter_fn(
+        &mut self,
+        name: &'static str,
+        help: &'static str,
+        read: impl Fn() -> u64 + Send + Sync + 'static,
+    ) {
+        let sampled = Sampled {
+            name,
+            help,
+            counter: true,
+            read: Box::new(read),
+        };
+        self.registry.register_collector(Box::new(sampled));
+    }
+
+    /// A gauge read at scrape time from `read`.
+    pub fn gauge_fn(
+        &mut self,
+        name: &'static str,
+        help: &'static str,
+        read: impl Fn() -> u64 + Send + Sync + 'static,
+    ) {
+        let sampled = Sampled {
+            name,
+            help,
+            counter: false,
+            read: Box::new(read),
+        };
+        self.registry.register_collector(Box::new(sampled));
+    }
+
     /// Reports an accept loop's counters as listener `name` (for a server whose service is
     /// wrapped elsewhere; [`listener`](Self::listener) does this itself).
     pub fn serve_stats(&self, name: &str, stats: Arc<proxystack::serve::ServeStats>) {
@@ -324,6 +357,48 @@ impl Metrics {
             .map_request(|conn: Conn<_>| conn.boxed())
             .map_err(Into::into)
             .service(svc)
+    }
+}
+
+/// One value read at scrape time: [`Metrics::counter_fn`], [`Metrics::gauge_fn`].
+struct Sampled {
+    name: &'static str,
+    help: &'static str,
+    counter: bool,
+    read: Box<dyn Fn() -> u64 + Send + Sync>,
+}
+
+impl std::fmt::Debug for Sampled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sampled").field("name", &self.name).finish()
+    }
+}
+
+impl prometheus_client::collector::Collector for Sampled {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::{counter::ConstCounter, gauge::ConstGauge};
+        let value = (self.read)();
+        if self.counter {
+            let metric = ConstCounter::new(value);
+            metric.encode(encoder.encode_descriptor(
+                self.name,
+                self.help,
+                None,
+                metric.metric_type(),
+            )?)
+        } else {
+            let metric = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+            metric.encode(encoder.encode_descriptor(
+                self.name,
+                self.help,
+                None,
+                metric.metric_type(),
+            )?)
+        }
     }
 }
 
@@ -511,7 +586,6 @@ pub struct Servers {
     watch: proxystack::drain::Watch,
     addrs: Vec<SocketAddr>,
     metrics: Metrics,
-    extra_metrics: Arc<dyn Fn() -> String + Send + Sync>,
     pending: Vec<PendingServer>,
 }
 
@@ -525,14 +599,8 @@ impl Servers {
             watch,
             addrs: Vec::new(),
             metrics: Metrics::new(),
-            extra_metrics: Arc::new(String::new),
             pending: Vec::new(),
         }
-    }
-
-    /// More Prometheus text for `/metrics`, produced on every scrape.
-    pub fn extra_metrics(&mut self, extra: impl Fn() -> String + Send + Sync + 'static) {
-        self.extra_metrics = Arc::new(extra);
     }
 
     /// The process's metrics, to register more (HTTP, Istio) before [`run`](Self::run).
@@ -566,7 +634,7 @@ impl Servers {
     /// for every listener (admin last), then runs until SIGTERM/Ctrl-C and drains.
     pub async fn run(mut self, admin_addr: Option<SocketAddr>) {
         if let Some(addr) = admin_addr {
-            let bound = admin(addr, self.metrics, self.extra_metrics.clone()).await;
+            let bound = admin(addr, self.metrics, Arc::new(String::new)).await;
             self.addrs.push(bound);
         }
         let watch = self.watch;
