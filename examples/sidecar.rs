@@ -57,6 +57,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Parser;
+use proxystack::admission::RecheckLayer;
 use proxystack::conn::{Metadata, OriginalDst, PeerAddr};
 use proxystack::connect::{lookup, TunnelInfo};
 use proxystack::hbone::{self, HboneTarget, Inbound};
@@ -164,6 +165,8 @@ async fn main() {
 
 /// Everything `main` does after logging is set up: serves until SIGTERM/Ctrl-C, then drains.
 /// Public for `examples/mesh.rs`, which runs several examples in one process.
+///
+/// With `--config`, SIGHUP re-reads the file (see [`reload`]).
 pub async fn run(args: Args) {
     let (mut config, identity, _watch) = match (&args.config, args.demo) {
         (Some(path), false) => {
@@ -178,26 +181,23 @@ pub async fn run(args: Args) {
         (None, true) => demo(&args).await,
         _ => support::fail("give exactly one of --config FILE or --demo"),
     };
-    config.outbound.listen = args.outbound.unwrap_or(config.outbound.listen);
-    config.inbound.listen = args.inbound.unwrap_or(config.inbound.listen);
+    let overrides = Overrides {
+        outbound: args.outbound,
+        inbound: args.inbound,
+    };
 
     // Bind everything first: our own ports take part in the routing decisions below.
-    let mut addrs = vec![config.outbound.listen];
-    addrs.extend(config.outbound.fixed.iter().map(|f| f.listen));
-    addrs.push(config.inbound.listen);
-    let mut listeners = support::bind_all(&addrs).await;
+    let wanted = overrides.listeners(&config);
+    let addrs: Vec<_> = wanted.iter().map(|(_, a)| *a).collect();
+    let listeners = support::bind_all(&addrs).await;
     let own = support::local_addrs(&listeners);
     if args.demo {
         // The demo's self call goes to our outbound port, its HBONE to our inbound one.
         config.outbound.fixed[2].original_dst = own[0];
         config.workload[0].next_hop = own.last().copied();
     }
-    let (inbound, outbound) = (listeners.remove(own.len() - 1), listeners.remove(0));
-
-    let unpinned = |w: &Workload| w.protocol == Protocol::Hbone && w.identity.is_none();
-    if let Some(i) = config.workload.iter().position(unpinned) {
-        support::fail(format!("workload[{i}]: HBONE needs an identity to pin"));
-    }
+    let policy = Policy::new(&config).unwrap_or_else(|e| support::fail(e));
+    let (policies, policy) = tokio::sync::watch::channel(Arc::new(policy));
 
     // Everything we dial carries the mark, or a REDIRECT rule would send it back to us.
     let tcp = tcp::TcpConnector::new().mark(config.mark);
@@ -211,32 +211,43 @@ pub async fn run(args: Args) {
     // Istio's metrics as the destination side: per inbound tunnel, with the client's identity.
     let istio = servers.metrics().istio(Reporter::Destination, me.as_ref());
     let tunnel_metrics = servers.metrics().tunnels("inbound_tunnels", &istio);
-    let relay = tcp::Relay::new(connector).upstream(outbound_route(&config, me));
-    servers.spawn(
-        "outbound",
-        outbound,
-        ServiceBuilder::new()
-            .layer(tcp::OriginalDstLayer::new())
-            .service(relay.clone()),
-    );
-    for (i, (listener, f)) in listeners
-        .into_iter()
-        .zip(&config.outbound.fixed)
-        .enumerate()
-    {
-        // No REDIRECT happened, so say where the connection "was going" ourselves.
-        let dst = OriginalDst(f.original_dst);
-        let pretend = ServiceBuilder::new()
-            .map_request(move |mut c: Conn<proxystack::BoxIo>| {
-                c.insert(dst);
-                c
-            })
-            .service(relay.clone());
-        servers.spawn(&format!("outbound_fixed_{i}"), listener, pretend);
-    }
     support::identity_metrics(servers.metrics(), &identity);
-    let inbound_svc = inbound_service(&config, identity, tunnel_metrics);
-    servers.spawn("inbound", inbound, inbound_svc);
+    let relay = tcp::Relay::new(connector).upstream(outbound_route(policy.clone(), me));
+    let inbound = inbound_service(config.mark, policy.clone(), identity, tunnel_metrics);
+    // One place that knows which service each listener name gets: used at start and when
+    // a reload opens a listener.
+    let spawn = move |servers: &mut support::Servers, name: &str, at, listener| match name {
+        "outbound" => servers.spawn_configured(
+            name,
+            Some(at),
+            listener,
+            ServiceBuilder::new()
+                .layer(tcp::OriginalDstLayer::new())
+                .service(relay.clone()),
+        ),
+        "inbound" => servers.spawn_configured(name, Some(at), listener, inbound.clone()),
+        fixed => {
+            // No REDIRECT happened, so say where the connection "was going" ourselves:
+            // the current config's destination for this listener.
+            let index = fixed
+                .strip_prefix(FIXED)
+                .and_then(|i| i.parse::<usize>().ok());
+            let policy = policy.clone();
+            let pretend = ServiceBuilder::new()
+                .map_request(move |mut c: Conn<proxystack::BoxIo>| {
+                    let dst = index.and_then(|i| policy.borrow().fixed.get(i).copied());
+                    if let Some(dst) = dst {
+                        c.insert(OriginalDst(dst));
+                    }
+                    c
+                })
+                .service(relay.clone());
+            servers.spawn_configured(name, Some(at), listener, pretend)
+        }
+    };
+    for ((name, at), listener) in wanted.into_iter().zip(listeners) {
+        spawn(&mut servers, &name, at, listener);
+    }
     if args.demo {
         let [_, mesh, outside, own_port, ..] = own[..] else {
             unreachable!()
@@ -245,22 +256,103 @@ pub async fn run(args: Args) {
         eprintln!("demo: curl http://{outside}/     # outside the mesh: passthrough");
         eprintln!("demo: nc -v {own_port}           # to our own port: closed");
     }
-    servers.run(args.common.admin).await;
+    let Some(path) = args.config.clone() else {
+        return servers
+            .run_reloading(args.common.admin, |_| {
+                Err("--demo has no config file to re-read".into())
+            })
+            .await;
+    };
+    let mark = config.mark;
+    servers
+        .run_reloading(args.common.admin, move |servers| {
+            let config: Config = support::reload::read_config(&path)?;
+            if config.mark != mark {
+                return Err("mark: a new SO_MARK needs a restart".into());
+            }
+            let policy = Policy::new(&config)?;
+            let wanted = overrides.listeners(&config);
+            let opened = servers.bind_changed(&wanted)?;
+            // From here on nothing can fail: new connections, tunnels and requests follow
+            // the new policy, running tunnels it refuses are cut (`RecheckLayer`).
+            policies.send_replace(Arc::new(policy));
+            for (name, at, listener) in opened {
+                spawn(servers, &name, at, listener);
+            }
+            servers.retain(|name| wanted.iter().any(|(n, _)| n == name));
+            Ok(())
+        })
+        .await;
 }
+
+/// Listener name prefix of `[[outbound.fixed]]` entries, followed by their index.
+const FIXED: &str = "outbound_fixed_";
+
+/// The listener addresses given on the command line; they win over the config's, at start
+/// and on every reload.
+#[derive(Clone, Copy)]
+struct Overrides {
+    outbound: Option<SocketAddr>,
+    inbound: Option<SocketAddr>,
+}
+
+impl Overrides {
+    /// Every listener by name and configured address: outbound, each fixed one, inbound.
+    fn listeners(&self, config: &Config) -> Vec<(String, SocketAddr)> {
+        let outbound = self.outbound.unwrap_or(config.outbound.listen);
+        let mut all = vec![("outbound".to_owned(), outbound)];
+        let fixed = config.outbound.fixed.iter().enumerate();
+        all.extend(fixed.map(|(i, f)| (format!("{FIXED}{i}"), f.listen)));
+        let inbound = self.inbound.unwrap_or(config.inbound.listen);
+        all.push(("inbound".to_owned(), inbound));
+        all
+    }
+}
+
+/// What a reload can change besides listeners: the workload table, the baggage, where fixed
+/// listeners pretend to go, and who may tunnel in. (`mark` and `[identity]` are read once;
+/// the identity files are watched for rotation.)
+struct Policy {
+    workloads: HashMap<Key, Workload>,
+    baggage: Option<String>,
+    fixed: Vec<SocketAddr>,
+    app_ip: IpAddr,
+    allow: Vec<IdentityPattern>,
+}
+
+impl Policy {
+    /// Checks what parsing cannot: every HBONE workload pins an identity.
+    fn new(config: &Config) -> Result<Self, String> {
+        let unpinned = |w: &Workload| w.protocol == Protocol::Hbone && w.identity.is_none();
+        if let Some(i) = config.workload.iter().position(unpinned) {
+            return Err(format!("workload[{i}]: HBONE needs an identity to pin"));
+        }
+        Ok(Self {
+            workloads: config
+                .workload
+                .iter()
+                .map(|w| (w.address, w.clone()))
+                .collect(),
+            baggage: config.outbound.baggage.clone(),
+            fixed: config
+                .outbound
+                .fixed
+                .iter()
+                .map(|f| f.original_dst)
+                .collect(),
+            app_ip: config.inbound.app_ip,
+            allow: config.inbound.allow.clone(),
+        })
+    }
+}
+
+type Policies = tokio::sync::watch::Receiver<Arc<Policy>>;
 
 /// Outbound: where each redirected connection goes (`None` closes it without a dial).
 fn outbound_route(
-    config: &Config,
+    policy: Policies,
     me: Option<SpiffeId>,
 ) -> impl Fn(&Metadata) -> Option<Target> + Clone {
-    let table: Arc<HashMap<Key, Workload>> = Arc::new(
-        config
-            .workload
-            .iter()
-            .map(|w| (w.address, w.clone()))
-            .collect(),
-    );
-    let baggage = config.outbound.baggage.clone();
     let own = support::own_listeners().clone();
     move |m: &Metadata| {
         let Some(OriginalDst(dst)) = m.get::<OriginalDst>().copied() else {
@@ -274,10 +366,12 @@ fn outbound_route(
             tracing::warn!(%dst, "self call; closing without dialling");
             return None;
         }
+        let policy = policy.borrow().clone();
         let ip = dst.ip().to_canonical();
-        let workload = table
+        let workload = policy
+            .workloads
             .get(&Key(ip, Some(dst.port())))
-            .or_else(|| table.get(&Key(ip, None)));
+            .or_else(|| policy.workloads.get(&Key(ip, None)));
         match workload {
             Some(w) if w.protocol == Protocol::Hbone => {
                 let next_hop = w.next_hop.unwrap_or(SocketAddr::new(ip, hbone::PORT));
@@ -288,7 +382,7 @@ fn outbound_route(
                 if let Some(PeerAddr(client)) = m.get::<PeerAddr>() {
                     t = t.forwarded_for(*client);
                 }
-                if let Some(b) = &baggage {
+                if let Some(b) = &policy.baggage {
                     t = t.baggage(b.clone());
                 }
                 tracing::debug!(%dst, %next_hop, "mesh destination: HBONE");
@@ -304,9 +398,11 @@ fn outbound_route(
 
 /// Inbound: mTLS + CONNECT (hbone::Inbound), an allow rule on the client identity (401),
 /// then the local app on the port the client asked for, unless that is one of our own
-/// listeners (503).
+/// listeners (503). A running tunnel whose client a reloaded allow list no longer admits
+/// is cut.
 fn inbound_service(
-    config: &Config,
+    mark: Option<u32>,
+    policy: Policies,
     identity: LiveIdentity,
     tunnel_metrics: ConnectionMetricsLayer,
 ) -> impl tower::Service<
@@ -315,30 +411,39 @@ fn inbound_service(
     Error = impl Into<proxystack::BoxError>,
     Future = impl Send,
 > + Clone {
-    let app_ip = config.inbound.app_ip;
     // A tunnel to one of our own listeners (whatever its port, the admin endpoint too)
     // gets 503 and dials nothing: it would loop back into this proxy.
     let tcp = tcp::TcpConnector::new()
-        .mark(config.mark)
+        .mark(mark)
         .own_listeners(support::own_listeners().clone());
+    let app_policy = policy.clone();
     let app = tcp::Relay::new(tcp).upstream(move |m: &Metadata| {
+        let app_ip = app_policy.borrow().app_ip;
         Some(Target::from((
             app_ip,
             m.get::<TunnelInfo>()?.authority.port(),
         )))
     });
-    let allow = config.inbound.allow.clone();
+    let still_allowed = RecheckLayer::new(policy.clone(), |m: &Metadata| {
+        let client = lookup::<PeerIdentity>(m).map(|p| p.0.clone());
+        move |p: &Arc<Policy>| IdentityPattern::admits(&p.allow, client.as_ref())
+    });
     Inbound::live(identity)
         .allow(move |req| {
             let client = lookup::<PeerIdentity>(req.connection).map(|p| &p.0);
-            let ok = IdentityPattern::admits(&allow, client);
+            let ok = IdentityPattern::admits(&policy.borrow().allow, client);
             if !ok {
                 let client = client.map(SpiffeId::as_str);
                 tracing::info!(client, tunnel.authority = %req.authority, "denied");
             }
             ok
         })
-        .service(ServiceBuilder::new().layer(tunnel_metrics).service(app))
+        .service(
+            ServiceBuilder::new()
+                .layer(tunnel_metrics)
+                .layer(still_allowed)
+                .service(app),
+        )
         .unwrap_or_else(|e| support::fail(format!("inbound TLS: {e}")))
 }
 

@@ -570,36 +570,58 @@ where
     parse(d).map(Some)
 }
 
-/// An accept loop waiting for [`Servers::run`] to start it (`Send`, so that an example's
+/// An accept loop waiting to be started with its drain watch (`Send`, so that an example's
 /// whole `run` can be a task of its own, as in `mesh`).
 type PendingServer = Box<
     dyn FnOnce(proxystack::drain::Watch) -> tokio::task::JoinHandle<std::io::Result<()>> + Send,
 >;
 
+/// One named listener of [`Servers`].
+struct Listener {
+    name: String,
+    /// The address the config asked for (maybe port 0): what a reload compares.
+    configured: SocketAddr,
+    bound: SocketAddr,
+    /// Stops this listener's accept loop and drains its connections.
+    signal: proxystack::drain::Signal,
+    state: ListenerState,
+}
+
+enum ListenerState {
+    Pending(proxystack::drain::Watch, PendingServer),
+    Running(tokio::task::JoinHandle<std::io::Result<()>>),
+    Taken,
+}
+
 /// The listeners of one process: each served by its own accept loop (own stats for
 /// `/metrics`), all announced together, all drained together. No loop accepts before
 /// [`run`](Self::run) has bound (and registered) the admin endpoint too, so no tunnel can
 /// slip in to a listener [`own_listeners`] does not know yet.
+///
+/// With [`run_reloading`](Self::run_reloading), listeners can also come and go while the
+/// process runs (see [`reload`]): each has its own drain signal.
 pub struct Servers {
     drain: std::time::Duration,
-    signal: proxystack::drain::Signal,
-    watch: proxystack::drain::Watch,
-    addrs: Vec<SocketAddr>,
     metrics: Metrics,
-    pending: Vec<PendingServer>,
+    listeners: Vec<Listener>,
+    /// One accept-loop config (and so one set of counters) per listener name, kept when a
+    /// listener moves to another address.
+    servers: std::collections::HashMap<String, proxystack::Server>,
+    /// Listeners removed or moved by a reload, still draining.
+    retired: Vec<(String, tokio::task::JoinHandle<std::io::Result<()>>)>,
+    running: bool,
 }
 
 impl Servers {
     /// No listeners yet; `common` gives the drain deadline.
     pub fn new(common: &Common) -> Self {
-        let (signal, watch) = proxystack::drain::channel();
         Self {
             drain: std::time::Duration::from_secs(common.drain_secs),
-            signal,
-            watch,
-            addrs: Vec::new(),
             metrics: Metrics::new(),
-            pending: Vec::new(),
+            listeners: Vec::new(),
+            servers: std::collections::HashMap::new(),
+            retired: Vec::new(),
+            running: false,
         }
     }
 
@@ -608,43 +630,174 @@ impl Servers {
         &mut self.metrics
     }
 
-    /// Serves `svc` on `listener` once [`run`](Self::run) starts, under the connection
-    /// metrics and access log of [`Metrics::listener`]; `name` labels its metrics. The
-    /// listener must come from [`bind_all`] (which registered it).
+    /// Serves `svc` on `listener` (started by [`run`](Self::run), or at once if it runs
+    /// already), under the connection metrics and access log of [`Metrics::listener`];
+    /// `name` labels its metrics. The listener must come from [`bind_all`] or
+    /// [`reload::bind_now`] (which registered it). A listener of the same name is replaced: it
+    /// stops accepting and drains.
     pub fn spawn<S>(&mut self, name: &str, listener: TcpListener, svc: S)
     where
         S: tower::Service<Conn<BoxIo>, Response = ()> + Clone + Send + 'static,
         S::Error: Into<proxystack::BoxError>,
         S::Future: Send + 'static,
     {
-        let server = proxystack::Server::new().drain_timeout(self.drain);
-        let svc = self.metrics.listener(name, &server, svc);
-        self.addrs.extend(listener.local_addr().ok());
-        self.pending.push(Box::new(move |watch| {
-            tokio::spawn(async move { server.serve(listener, svc, watch).await })
-        }));
+        self.spawn_configured(name, None, listener, svc);
     }
 
-    /// The bound addresses so far, in the order they were spawned.
-    pub fn addrs(&self) -> &[SocketAddr] {
-        &self.addrs
+    /// [`spawn`](Self::spawn), remembering that the config asked for `configured` (which
+    /// may be port 0), so that [`bind_changed`](Self::bind_changed) leaves it alone while
+    /// the config still says the same.
+    pub fn spawn_configured<S>(
+        &mut self,
+        name: &str,
+        configured: Option<SocketAddr>,
+        listener: TcpListener,
+        svc: S,
+    ) where
+        S: tower::Service<Conn<BoxIo>, Response = ()> + Clone + Send + 'static,
+        S::Error: Into<proxystack::BoxError>,
+        S::Future: Send + 'static,
+    {
+        let drain = self.drain;
+        let server = self
+            .servers
+            .entry(name.to_owned())
+            .or_insert_with(|| proxystack::Server::new().drain_timeout(drain))
+            .clone();
+        let svc = self.metrics.listener(name, &server, svc);
+        let Ok(bound) = listener.local_addr() else {
+            tracing::error!(listener = name, "listener has no local address; not served");
+            return;
+        };
+        let start: PendingServer = Box::new(move |watch| {
+            tokio::spawn(async move { server.serve(listener, svc, watch).await })
+        });
+        let (signal, watch) = proxystack::drain::channel();
+        let state = if self.running {
+            ListenerState::Running(start(watch))
+        } else {
+            ListenerState::Pending(watch, start)
+        };
+        let new = Listener {
+            name: name.to_owned(),
+            configured: configured.unwrap_or(bound),
+            bound,
+            signal,
+            state,
+        };
+        match self.listeners.iter().position(|l| l.name == name) {
+            Some(i) => {
+                let old = std::mem::replace(&mut self.listeners[i], new);
+                tracing::info!(listener = name, from = %old.bound, to = %bound, "listener moved");
+                println!("listening on {bound}");
+                self.retire(old);
+            }
+            None => {
+                if self.running {
+                    // Like every listener: one `listening on` line once bound.
+                    tracing::info!(listener = name, %bound, "listener added");
+                    println!("listening on {bound}");
+                }
+                self.listeners.push(new);
+            }
+        }
+    }
+
+    /// Stops every listener whose name `keep` rejects: no new connections, the open ones
+    /// drain (within the drain deadline).
+    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        let (kept, removed) = std::mem::take(&mut self.listeners)
+            .into_iter()
+            .partition(|l| keep(&l.name));
+        self.listeners = kept;
+        for old in removed {
+            tracing::info!(listener = %old.name, addr = %old.bound, "listener removed; draining");
+            self.retire(old);
+        }
+    }
+
+    fn retire(&mut self, mut old: Listener) {
+        old.signal.start();
+        own_listeners().unregister(old.bound);
+        if let ListenerState::Running(task) =
+            std::mem::replace(&mut old.state, ListenerState::Taken)
+        {
+            self.retired.push((old.name, task));
+        }
+    }
+
+    /// The bound addresses, in the order the listeners were spawned.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.listeners.iter().map(|l| l.bound).collect()
     }
 
     /// Starts the admin endpoint (if asked), then every accept loop, prints `listening on`
     /// for every listener (admin last), then runs until SIGTERM/Ctrl-C and drains.
-    pub async fn run(mut self, admin_addr: Option<SocketAddr>) {
+    pub async fn run(self, admin_addr: Option<SocketAddr>) {
+        let no_reload: Option<fn(&mut Servers) -> Result<(), String>> = None;
+        self.run_inner(admin_addr, no_reload).await;
+    }
+
+    pub(crate) async fn run_inner(
+        mut self,
+        admin_addr: Option<SocketAddr>,
+        mut reload: Option<impl FnMut(&mut Servers) -> Result<(), String>>,
+    ) {
+        let mut hangups = reload.as_ref().map(|_| reload::hangup_signal());
+        let reloads = reload::Counters::register(&mut self.metrics, reload.is_some());
+        let mut addrs = self.addrs();
         if let Some(addr) = admin_addr {
-            let bound = admin(addr, self.metrics, Arc::new(String::new)).await;
-            self.addrs.push(bound);
+            let metrics = std::mem::replace(&mut self.metrics, Metrics::new());
+            addrs.push(admin(addr, metrics, Arc::new(String::new)).await);
         }
-        let watch = self.watch;
-        let tasks = self.pending.into_iter().map(|start| start(watch.clone()));
-        let tasks = tasks.collect();
-        announce(&self.addrs);
-        drop(watch);
-        run_until_signal(self.signal, tasks).await;
+        self.running = true;
+        for l in &mut self.listeners {
+            if let ListenerState::Pending(watch, start) =
+                std::mem::replace(&mut l.state, ListenerState::Taken)
+            {
+                l.state = ListenerState::Running(start(watch));
+            }
+        }
+        announce(&addrs);
+        let shutdown = shutdown_signal();
+        tokio::pin!(shutdown);
+        loop {
+            let hangup = async {
+                match hangups.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = &mut shutdown => break,
+                Some(()) = hangup => {
+                    if let Some(reload) = reload.as_mut() {
+                        reloads.record(reload(&mut self));
+                    }
+                }
+            }
+        }
+        for l in &self.listeners {
+            l.signal.start();
+        }
+        let running = self.listeners.drain(..).filter_map(|l| match l.state {
+            ListenerState::Running(task) => Some((l.name, task)),
+            _ => None,
+        });
+        let all: Vec<_> = running.chain(self.retired.drain(..)).collect();
+        for (name, task) in all {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(listener = %name, error = %e, "server failed"),
+                Err(e) => tracing::error!(listener = %name, error = %e, "server task failed"),
+            }
+        }
+        remove_demo_files();
+        tracing::info!("drained");
     }
 }
+
+pub mod reload;
 
 #[cfg(feature = "tls")]
 mod live;

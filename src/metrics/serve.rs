@@ -51,11 +51,18 @@ impl ServeMetrics {
     }
 
     /// Reports `stats` (from [`Server::stats`](crate::Server::stats)) as listener `name`.
+    /// Reporting the same stats under the same name again (a listener re-opened by a
+    /// reload) changes nothing.
     pub fn listener(&self, name: impl Into<String>, stats: Arc<ServeStats>) {
-        self.listeners
+        let name = name.into();
+        let mut listeners = self
+            .listeners
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push((name.into(), stats));
+            .unwrap_or_else(PoisonError::into_inner);
+        let known = |(n, s): &(String, Arc<ServeStats>)| *n == name && Arc::ptr_eq(s, &stats);
+        if !listeners.iter().any(known) {
+            listeners.push((name, stats));
+        }
     }
 }
 

@@ -293,6 +293,16 @@ impl OwnListeners {
         Ok(bound)
     }
 
+    /// Forgets a listener that was closed (e.g. removed by a config reload), so its port
+    /// may be dialled again if something else binds it.
+    pub fn unregister(&self, bound: SocketAddr) {
+        let bound = SocketAddr::new(bound.ip().to_canonical(), bound.port());
+        self.listeners
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|l| *l != bound);
+    }
+
     /// The registered listeners' addresses.
     pub fn addrs(&self) -> Vec<SocketAddr> {
         self.listeners
@@ -370,5 +380,15 @@ mod tests {
         own.register("[::ffff:192.0.2.7]:443".parse().unwrap());
         assert!(own.contains(([192, 0, 2, 7], 443).into()));
         assert!(!own.contains(([192, 0, 2, 8], 443).into()));
+    }
+
+    #[test]
+    fn an_unregistered_listener_is_no_longer_ours() {
+        let own = OwnListeners::new();
+        own.register(([127, 0, 0, 1], 4000).into());
+        own.register(([127, 0, 0, 1], 4001).into());
+        own.unregister("[::ffff:127.0.0.1]:4000".parse().unwrap());
+        assert!(!own.contains(([127, 0, 0, 1], 4000).into()));
+        assert!(own.contains(([127, 0, 0, 1], 4001).into()));
     }
 }

@@ -892,6 +892,130 @@ mod mesh_configs {
         ex.stop();
     }
 
+    /// Issue 17 item 3: SIGHUP re-reads the sidecar's config. A new allow list applies to
+    /// new tunnels at once and cuts a running tunnel it no longer admits; a new fixed
+    /// listener opens, a removed one closes; a bad config is refused and the old one
+    /// serves on; `/metrics` counts both kinds of reload.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sidecar_reload_applies_policy_and_listeners() {
+        // Two workers: the waits below block one, the tunnels' HTTP/2 tasks run on the other.
+        let ca = DemoCa::new("cluster.local");
+        let mut files = TempFiles::default();
+        let echo = echo_app();
+        let identity = identity_section(&ca, "default", "node", &mut files);
+        let sidecar_toml = |allow: &str, fixed: &str| {
+            format!(
+                "{identity}\n[outbound]\nlisten = \"127.0.0.1:0\"\n{fixed}\n\
+                 [inbound]\nlisten = \"127.0.0.1:0\"\napp_ip = \"127.0.0.1\"\n\
+                 allow = [\"{allow}\"]\n"
+            )
+        };
+        let config = files.add(
+            "sidecar.toml",
+            &sidecar_toml("spiffe://cluster.local/ns/default/*", ""),
+        );
+        // Each new version is written aside and renamed into place, as config managers do.
+        let mut rewrite = |text: String| {
+            let tmp = files.add("sidecar.toml.new", &text);
+            std::fs::rename(&tmp, &config).unwrap();
+        };
+        let cfg = config.to_string_lossy().into_owned();
+        let args = ["--config", &cfg, "--admin", "127.0.0.1:0"];
+        let Some(mut ex) = Example::start("sidecar", &args) else {
+            return;
+        };
+        let [_, inbound, admin] = ex.listening(3)[..] else {
+            unreachable!()
+        };
+        let reloads = |name: &str| metric(admin, name).first().map(|(_, v)| *v as u64);
+        let wait_reloads = |applied: u64, failed: u64| {
+            for _ in 0..100 {
+                if reloads("proxystack_config_reloads_total") == Some(applied)
+                    && reloads("proxystack_config_reload_failures_total") == Some(failed)
+                {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            panic!("reloads never reached {applied} applied, {failed} failed");
+        };
+        wait_reloads(0, 0);
+        let node = id("default", "node");
+        let app = format!("127.0.0.1:{}", echo.port());
+        let ping = |mut t: Conn<BoxIo>| async move {
+            t.write_all(b"ping").await.unwrap();
+            let mut got = [0u8; 4];
+            tokio::time::timeout(IO, t.read_exact(&mut got))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(&got, b"ping");
+            t
+        };
+        let default_client = ("default", "client");
+        let ops_client = ("ops", "client");
+        let running = tunnel(&ca, default_client, inbound, &app, node.clone()).await;
+        let mut running = ping(running.unwrap()).await;
+        let r = tunnel(&ca, ops_client, inbound, &app, node.clone()).await;
+        assert_eq!(r.err(), Some(401));
+
+        // Only namespace ops now, plus a fixed listener pretending to go to the echo app.
+        let fixed =
+            format!("[[outbound.fixed]]\nlisten = \"127.0.0.1:0\"\noriginal_dst = \"{echo}\"\n");
+        rewrite(sidecar_toml("spiffe://cluster.local/ns/ops/*", &fixed));
+        ex.hangup();
+        let [fixed_addr] = ex.listening(1)[..] else {
+            unreachable!()
+        };
+        wait_reloads(1, 0);
+        // The running tunnel of namespace default is cut; new ones get 401; ops gets in.
+        let mut rest = Vec::new();
+        let cut = tokio::time::timeout(IO, running.read_to_end(&mut rest)).await;
+        assert!(
+            matches!(cut, Ok(Ok(0)) | Ok(Err(_))),
+            "the tunnel no longer allowed still runs: {cut:?}"
+        );
+        let r = tunnel(&ca, default_client, inbound, &app, node.clone()).await;
+        assert_eq!(r.err(), Some(401));
+        let kept = ping(
+            tunnel(&ca, ops_client, inbound, &app, node.clone())
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(exchange_with(fixed_addr, b"via fixed", true), b"via fixed");
+        ex.stderr_line("no longer allowed by the changed policy");
+
+        // A bad config (an HBONE workload without an identity) is refused, naming the
+        // problem; the running config serves on.
+        rewrite(format!(
+            "{}[[workload]]\naddress = \"10.0.0.9\"\nprotocol = \"hbone\"\n",
+            sidecar_toml("spiffe://cluster.local/ns/default/*", &fixed)
+        ));
+        ex.hangup();
+        wait_reloads(1, 1);
+        ex.stderr_line("workload[0]: HBONE needs an identity to pin");
+        let r = tunnel(&ca, default_client, inbound, &app, node.clone()).await;
+        assert_eq!(r.err(), Some(401), "the refused config was applied");
+        assert_eq!(exchange_with(fixed_addr, b"still", true), b"still");
+
+        // The fixed listener removed: it stops accepting (its drained socket is closed).
+        rewrite(sidecar_toml("spiffe://cluster.local/ns/ops/*", ""));
+        ex.hangup();
+        wait_reloads(2, 1);
+        let mut closed = false;
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(fixed_addr).is_err() {
+                closed = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert!(closed, "the removed listener still accepts");
+        drop(kept);
+        ex.stop();
+    }
+
     #[tokio::test]
     async fn waypoint_policy_uses_the_outer_mtls_identity() {
         let ca = DemoCa::new("cluster.local");

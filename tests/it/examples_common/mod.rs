@@ -240,6 +240,13 @@ impl Example {
         }
     }
 
+    /// Sends SIGHUP (the examples that support it re-read `--config`).
+    pub fn hangup(&self) {
+        // SAFETY: kill(2) on the pid of our own child process, which we have not reaped.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGHUP) };
+        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+    }
+
     /// SIGTERM, then the exit status (bounded).
     pub fn terminate(mut self) -> (ExitStatus, String) {
         // SAFETY: kill(2) on the pid of our own child process, which we have not reaped.

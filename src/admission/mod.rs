@@ -4,12 +4,18 @@
 //! A CONNECT or HBONE terminator must not say `200` before the upstream really accepted
 //! (RFC 9110 §9.3.6), and must answer a refusal with the status its reason maps to. This
 //! module carries that decision between the levels; it does no IO itself.
+//!
+//! A decision can be taken again: [`RecheckLayer`] re-checks running connections against a
+//! policy that changes (a reloaded config) and cuts those it no longer allows.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
+
+mod recheck;
+pub use recheck::{Recheck, RecheckError, RecheckLayer};
 
 /// Why an inner service refused a connection handed to it through a tunnel, so the tunnel
 /// terminator can answer with the right status (see [`Admission`]).
