@@ -73,6 +73,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use http::{Request, StatusCode};
+use proxystack::admission::RecheckLayer;
 use proxystack::conn::Metadata;
 use proxystack::connect::{lookup, TunnelInfo};
 use proxystack::detect::{DetectLayer, Router, RouterLayer};
@@ -170,14 +171,16 @@ struct Table {
 }
 
 impl Table {
-    fn new(services: Vec<Service>, cert: &CertKey) -> Self {
+    /// Checks what parsing cannot: every service has an endpoint, and rules only where
+    /// HTTP is parsed.
+    fn new(services: Vec<Service>, me: Option<SpiffeId>) -> Result<Self, String> {
         let mut by_authority = HashMap::new();
         for s in services {
             if s.endpoint.is_empty() {
-                support::fail(format!("service {:?} has no endpoint", s.addresses));
+                return Err(format!("service {:?} has no endpoint", s.addresses));
             }
             if s.protocol == AppProtocol::Tcp && !s.rule.is_empty() {
-                support::fail(format!(
+                return Err(format!(
                     "service {:?}: L7 rules need protocol \"http\" or \"auto\", not \"tcp\"",
                     s.addresses
                 ));
@@ -187,14 +190,23 @@ impl Table {
                 by_authority.insert(a.to_string().to_ascii_lowercase(), s.clone());
             }
         }
-        let me = cert.spiffe_ids().into_iter().next();
-        Self { by_authority, me }
+        Ok(Self { by_authority, me })
     }
 
     /// The service a tunnel (or a request inside it) is for.
     fn service(&self, m: &Metadata) -> Option<&Arc<Service>> {
-        let authority = m.get::<TunnelInfo>()?.authority.to_string();
+        self.by_name(&m.get::<TunnelInfo>()?.authority)
+    }
+
+    fn by_name(&self, authority: &Authority) -> Option<&Arc<Service>> {
+        let authority = authority.to_string();
         self.by_authority.get(&authority.to_ascii_lowercase())
+    }
+
+    /// Whether `client` may open a tunnel to `authority`, and how it would be served.
+    fn admits(&self, authority: &Authority, client: Option<&SpiffeId>) -> Option<Serving> {
+        let service = self.by_name(authority)?;
+        IdentityPattern::admits(&service.allow, client).then(|| service.serving())
     }
 
     /// The next endpoint of `s` (round robin): HBONE with its identity pinned, or TCP.
@@ -225,6 +237,25 @@ impl Service {
     fn http_only(&self) -> bool {
         self.protocol == AppProtocol::Http || !self.rule.is_empty()
     }
+
+    /// How a tunnel to this service is served, chosen when it starts.
+    fn serving(&self) -> Serving {
+        match self.protocol {
+            AppProtocol::Tcp => Serving::Bytes,
+            _ if self.http_only() => Serving::HttpOnly,
+            _ => Serving::Auto,
+        }
+    }
+}
+
+/// How a tunnel is served: a reload that changes it for a running tunnel (e.g. rules added
+/// to a service whose tunnels were relayed as bytes) cuts the tunnel, so that nothing
+/// keeps bypassing the new rules.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Serving {
+    Bytes,
+    HttpOnly,
+    Auto,
 }
 
 impl Rule {
@@ -269,10 +300,14 @@ pub async fn run(args: Args) {
         _ => support::fail("give exactly one of --config FILE or --demo"),
     };
     let listen = args.listen.unwrap_or(config.listen);
-    let table = Arc::new(Table::new(config.service, identity.current().cert()));
+    let me = identity.current().spiffe_id().cloned();
+    let table = Table::new(config.service, me.clone()).unwrap_or_else(|e| support::fail(e));
+    // Routes and rules read the table in force per tunnel and per request; a reload sends
+    // a new one.
+    let (tables, table) = tokio::sync::watch::channel(Arc::new(table));
+    let current = move || table.borrow().clone();
     let mut servers = support::Servers::new(&args.common);
     // Istio's metrics as a waypoint: per tunnel (TCP) and per request (HTTP).
-    let me = identity.current().spiffe_id().cloned();
     let istio = servers.metrics().istio(Reporter::Waypoint, me.as_ref());
     let tunnel_metrics = servers.metrics().tunnels("waypoint_tunnels", &istio);
     let http_metrics = HttpMetrics::new(servers.metrics().registry());
@@ -282,19 +317,22 @@ pub async fn run(args: Args) {
     };
 
     // Bytes: one endpoint per connection.
-    let t = table.clone();
-    let l4 = tcp::Relay::new(connector.clone())
-        .upstream(move |m: &Metadata| Some(t.endpoint(t.service(m)?, m)));
+    let tb = current.clone();
+    let l4 = tcp::Relay::new(connector.clone()).upstream(move |m: &Metadata| {
+        let t = tb();
+        Some(t.endpoint(t.service(m)?, m))
+    });
 
     // HTTP: rules first (the client identity is the outer mTLS peer), then one endpoint
     // per request.
-    let t = table.clone();
+    let tb = current.clone();
     let forward = Forward::new(connector, move |req: &Request<Incoming>| {
+        let t = tb();
         Some(t.endpoint(t.service(req.extensions())?, req.extensions()))
     });
-    let t = table.clone();
+    let tb = current.clone();
     let l7 = tower::service_fn(move |req: Request<Incoming>| {
-        let (forward, t) = (forward.clone(), t.clone());
+        let (forward, t) = (forward.clone(), tb());
         async move {
             let client = lookup::<PeerIdentity>(req.extensions()).map(|p| &p.0);
             let rules = t.service(req.extensions()).map_or(&[][..], |s| &s.rule[..]);
@@ -340,29 +378,41 @@ pub async fn run(args: Args) {
                 .undecided(l4.clone()),
         ))
         .service(l4.clone());
-    let (t, t2) = (table.clone(), table.clone());
+    let (t, t2) = (current.clone(), current.clone());
+    let serving = move |t: &Table, m: &Metadata| t.service(m).map(|s| s.serving());
     let per_tunnel = Steer::by(
-        move |m: &Metadata| t.service(m).is_some_and(|s| s.protocol == AppProtocol::Tcp),
+        move |m: &Metadata| serving(&t(), m) == Some(Serving::Bytes),
         l4,
         Steer::by(
-            move |m: &Metadata| t2.service(m).is_some_and(|s| s.http_only()),
+            move |m: &Metadata| serving(&t2(), m) == Some(Serving::HttpOnly),
             http_only,
             auto,
         ),
     );
+    // A running tunnel is cut when a reload refuses its client, removes its service, or
+    // changes how it is served.
+    let still_allowed = RecheckLayer::new(tables.subscribe(), |m: &Metadata| {
+        let authority = m.get::<TunnelInfo>().map(|t| t.authority.clone());
+        let client = lookup::<PeerIdentity>(m).map(|p| p.0.clone());
+        let mut served_as = None;
+        move |t: &Arc<Table>| {
+            let now = authority
+                .as_ref()
+                .and_then(|a| t.admits(a, client.as_ref()));
+            // The first call (when the tunnel starts) records how it is served.
+            now.is_some() && *served_as.get_or_insert(now) == now
+        }
+    });
 
     // HBONE in: the authority must name a served service and the client pass its `allow`
     // (else 401, nothing dialled). Many addresses are served, so no local-IP check.
-    let t = table.clone();
+    let tb = current.clone();
     support::identity_metrics(servers.metrics(), &identity);
     let inbound = Inbound::live(identity)
         .check_local_ip(false)
         .allow(move |req| {
             let client = lookup::<PeerIdentity>(req.connection).map(|p| &p.0);
-            let service = t
-                .by_authority
-                .get(&req.authority.to_string().to_ascii_lowercase());
-            let ok = service.is_some_and(|s| IdentityPattern::admits(&s.allow, client));
+            let ok = tb().admits(req.authority, client).is_some();
             if !ok {
                 let client = client.map(SpiffeId::as_str);
                 tracing::info!(tunnel.authority = %req.authority, client, "tunnel refused");
@@ -372,6 +422,7 @@ pub async fn run(args: Args) {
         .service(
             ServiceBuilder::new()
                 .layer(tunnel_metrics)
+                .layer(still_allowed)
                 .service(per_tunnel),
         )
         .unwrap_or_else(|e| support::fail(format!("inbound TLS: {e}")));
@@ -383,12 +434,37 @@ pub async fn run(args: Args) {
     );
     let listener = support::bind_all(&[listen]).await.remove(0);
     let waypoint = listener.local_addr().unwrap_or(listen);
-    servers.spawn("waypoint", listener, inbound);
+    servers.spawn_configured(WAYPOINT, Some(listen), listener, inbound.clone());
     if let Some(clients) = demo_clients {
         demo::clients(&mut servers, waypoint, clients, listen.port() == 0).await;
     }
-    servers.run(args.common.admin).await;
+    let Some(path) = args.config.clone() else {
+        return servers
+            .run_reloading(args.common.admin, |_| {
+                Err("--demo has no config file to re-read".into())
+            })
+            .await;
+    };
+    // SIGHUP: services, rules, allow lists and the listen address from the file again
+    // (`[identity]` is read once; its files are watched).
+    let listen_override = args.listen;
+    servers
+        .run_reloading(args.common.admin, move |servers| {
+            let config: Config = support::reload::read_config(&path)?;
+            let table = Table::new(config.service, me.clone())?;
+            let listen = listen_override.unwrap_or(config.listen);
+            let opened = servers.bind_changed(&[(WAYPOINT.to_owned(), listen)])?;
+            tables.send_replace(Arc::new(table));
+            for (name, at, listener) in opened {
+                servers.spawn_configured(&name, Some(at), listener, inbound.clone());
+            }
+            Ok(())
+        })
+        .await;
 }
+
+/// The waypoint's listener name (in metrics).
+const WAYPOINT: &str = "waypoint";
 
 mod demo {
     use super::*;

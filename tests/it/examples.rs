@@ -892,6 +892,39 @@ mod mesh_configs {
         ex.stop();
     }
 
+    /// Waits (bounded) until `/metrics` counts `applied` and `failed` config reloads.
+    fn wait_reloads(admin: SocketAddr, applied: u64, failed: u64) {
+        let count = |name: &str| metric(admin, name).first().map(|(_, v)| *v as u64);
+        for _ in 0..100 {
+            if count("proxystack_config_reloads_total") == Some(applied)
+                && count("proxystack_config_reload_failures_total") == Some(failed)
+            {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("reloads never reached {applied} applied, {failed} failed");
+    }
+
+    /// Sends `ping` through an echoing tunnel and checks it comes back.
+    async fn ping(mut t: Conn<BoxIo>) -> Conn<BoxIo> {
+        t.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        tokio::time::timeout(IO, t.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&got, b"ping");
+        t
+    }
+
+    /// Whether a running tunnel was closed by the other side (bounded wait).
+    async fn was_cut(t: &mut Conn<BoxIo>) -> bool {
+        let mut rest = Vec::new();
+        let end = tokio::time::timeout(IO, t.read_to_end(&mut rest)).await;
+        matches!(end, Ok(Ok(0)) | Ok(Err(_)))
+    }
+
     /// Issue 17 item 3: SIGHUP re-reads the sidecar's config. A new allow list applies to
     /// new tunnels at once and cuts a running tunnel it no longer admits; a new fixed
     /// listener opens, a removed one closes; a bad config is refused and the old one
@@ -927,31 +960,9 @@ mod mesh_configs {
         let [_, inbound, admin] = ex.listening(3)[..] else {
             unreachable!()
         };
-        let reloads = |name: &str| metric(admin, name).first().map(|(_, v)| *v as u64);
-        let wait_reloads = |applied: u64, failed: u64| {
-            for _ in 0..100 {
-                if reloads("proxystack_config_reloads_total") == Some(applied)
-                    && reloads("proxystack_config_reload_failures_total") == Some(failed)
-                {
-                    return;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-            panic!("reloads never reached {applied} applied, {failed} failed");
-        };
-        wait_reloads(0, 0);
+        wait_reloads(admin, 0, 0);
         let node = id("default", "node");
         let app = format!("127.0.0.1:{}", echo.port());
-        let ping = |mut t: Conn<BoxIo>| async move {
-            t.write_all(b"ping").await.unwrap();
-            let mut got = [0u8; 4];
-            tokio::time::timeout(IO, t.read_exact(&mut got))
-                .await
-                .unwrap()
-                .unwrap();
-            assert_eq!(&got, b"ping");
-            t
-        };
         let default_client = ("default", "client");
         let ops_client = ("ops", "client");
         let running = tunnel(&ca, default_client, inbound, &app, node.clone()).await;
@@ -967,13 +978,11 @@ mod mesh_configs {
         let [fixed_addr] = ex.listening(1)[..] else {
             unreachable!()
         };
-        wait_reloads(1, 0);
+        wait_reloads(admin, 1, 0);
         // The running tunnel of namespace default is cut; new ones get 401; ops gets in.
-        let mut rest = Vec::new();
-        let cut = tokio::time::timeout(IO, running.read_to_end(&mut rest)).await;
         assert!(
-            matches!(cut, Ok(Ok(0)) | Ok(Err(_))),
-            "the tunnel no longer allowed still runs: {cut:?}"
+            was_cut(&mut running).await,
+            "the tunnel no longer allowed still runs"
         );
         let r = tunnel(&ca, default_client, inbound, &app, node.clone()).await;
         assert_eq!(r.err(), Some(401));
@@ -993,7 +1002,7 @@ mod mesh_configs {
             sidecar_toml("spiffe://cluster.local/ns/default/*", &fixed)
         ));
         ex.hangup();
-        wait_reloads(1, 1);
+        wait_reloads(admin, 1, 1);
         ex.stderr_line("workload[0]: HBONE needs an identity to pin");
         let r = tunnel(&ca, default_client, inbound, &app, node.clone()).await;
         assert_eq!(r.err(), Some(401), "the refused config was applied");
@@ -1002,7 +1011,7 @@ mod mesh_configs {
         // The fixed listener removed: it stops accepting (its drained socket is closed).
         rewrite(sidecar_toml("spiffe://cluster.local/ns/ops/*", ""));
         ex.hangup();
-        wait_reloads(2, 1);
+        wait_reloads(admin, 2, 1);
         let mut closed = false;
         for _ in 0..100 {
             if std::net::TcpStream::connect(fixed_addr).is_err() {
@@ -1013,6 +1022,84 @@ mod mesh_configs {
         }
         assert!(closed, "the removed listener still accepts");
         drop(kept);
+        ex.stop();
+    }
+
+    /// Issue 17 item 3: SIGHUP re-reads the waypoint's services. A client no longer
+    /// allowed loses its running tunnel; a tunnel relayed as bytes is cut when rules now
+    /// apply to its service (it would bypass them); new tunnels and requests follow the new
+    /// config; a broken config is refused and the old one serves on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waypoint_reload_applies_services_rules_and_allow_lists() {
+        let ca = DemoCa::new("cluster.local");
+        let mut files = TempFiles::default();
+        let echo = echo_app();
+        let web = header_echo_server([127, 0, 0, 1]);
+        let identity = identity_section(&ca, "default", "waypoint", &mut files);
+        let waypoint_toml = |echo_allow: &str, api_rules: &str| {
+            format!(
+                "listen = \"127.0.0.1:0\"\n{identity}\n\
+                 [[service]]\naddresses = [\"10.96.0.30:7\"]\nprotocol = \"tcp\"\n\
+                 allow = [\"{echo_allow}\"]\n[[service.endpoint]]\naddress = \"{echo}\"\n\
+                 [[service]]\naddresses = [\"10.96.0.31:80\"]\n\
+                 allow = [\"spiffe://cluster.local/ns/default/*\"]\n\
+                 [[service.endpoint]]\naddress = \"{web}\"\n{api_rules}"
+            )
+        };
+        let config = files.add(
+            "waypoint.toml",
+            &waypoint_toml("spiffe://cluster.local/ns/default/*", ""),
+        );
+        let mut rewrite = |text: String| {
+            let tmp = files.add("waypoint.toml.new", &text);
+            std::fs::rename(&tmp, &config).unwrap();
+        };
+        let cfg = config.to_string_lossy().into_owned();
+        let args = ["--config", &cfg, "--admin", "127.0.0.1:0"];
+        let Some(mut ex) = Example::start("waypoint", &args) else {
+            return;
+        };
+        let [waypoint, admin] = ex.listening(2)[..] else {
+            unreachable!()
+        };
+        let wp = id("default", "waypoint");
+        let (user, ops) = (("default", "user"), ("ops", "user"));
+        let open = |client, authority| tunnel(&ca, client, waypoint, authority, wp.clone());
+        let mut echo_tunnel = ping(open(user, "10.96.0.30:7").await.unwrap()).await;
+        // Served as "auto" (no rules): sniffed, then HTTP or bytes.
+        let mut api_tunnel = open(user, "10.96.0.31:80").await.unwrap();
+        assert_eq!(open(ops, "10.96.0.30:7").await.err(), Some(401));
+
+        let deny_admin = "[[service.rule]]\naction = \"deny\"\npath_prefix = \"/admin\"\n";
+        rewrite(waypoint_toml("spiffe://cluster.local/ns/ops/*", deny_admin));
+        ex.hangup();
+        wait_reloads(admin, 1, 0);
+        assert!(
+            was_cut(&mut echo_tunnel).await,
+            "a client no longer allowed kept its tunnel"
+        );
+        assert!(
+            was_cut(&mut api_tunnel).await,
+            "a tunnel kept bypassing the new rules"
+        );
+        assert_eq!(open(user, "10.96.0.30:7").await.err(), Some(401));
+        drop(ping(open(ops, "10.96.0.30:7").await.unwrap()).await);
+        let t = open(user, "10.96.0.31:80").await.unwrap();
+        assert_eq!(http_in(t, "/admin").await.0, 403);
+        let t = open(user, "10.96.0.31:80").await.unwrap();
+        assert_eq!(http_in(t, "/").await.0, 200);
+
+        // L7 rules on a service relayed as bytes: refused, named; the config in force stays.
+        rewrite(format!(
+            "{}[[service]]\naddresses = [\"10.96.0.32:80\"]\nprotocol = \"tcp\"\n\
+             [[service.endpoint]]\naddress = \"{echo}\"\n{deny_admin}",
+            waypoint_toml("spiffe://cluster.local/ns/default/*", "")
+        ));
+        ex.hangup();
+        wait_reloads(admin, 1, 1);
+        ex.stderr_line("L7 rules need protocol");
+        let t = open(user, "10.96.0.31:80").await.unwrap();
+        assert_eq!(http_in(t, "/admin").await.0, 403);
         ex.stop();
     }
 
