@@ -13,6 +13,12 @@
 //! as ztunnel's fixed ports (15001, 15006, 15008, 15080). `listening on` lines come in
 //! this order: server side, client side, admin.
 //!
+//! **SIGHUP** re-reads `--config`: a section that appears, moves or disappears opens or
+//! drains its listener; a changed `app_ip`, or a changed `peer`/`authority`/`identity`, cuts
+//! the running tunnels made under the old values and applies to new ones. A bad config is
+//! refused with the reason and the running one stays. `[identity]` is read once (its files
+//! are watched).
+//!
 //! Config (TOML; either section may be left out):
 //!
 //! ```toml
@@ -35,16 +41,17 @@ mod support;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use clap::Parser;
-use proxystack::conn::Metadata;
-use proxystack::conn::PeerAddr;
+use proxystack::admission::RecheckLayer;
+use proxystack::conn::{Metadata, PeerAddr};
 use proxystack::connect::TunnelInfo;
 use proxystack::hbone::{self, HboneTarget, Inbound};
 use proxystack::identity::SpiffeId;
-use proxystack::metrics::Reporter;
+use proxystack::metrics::{ConnectionMetricsLayer, Reporter};
 use proxystack::tls::{Credentials, FileWatch, LiveIdentity};
-use proxystack::{tcp, Authority, Target};
+use proxystack::{tcp, Authority, BoxIo, Conn, Target};
 use serde::Deserialize;
 use tower::ServiceBuilder;
 
@@ -85,101 +92,222 @@ struct ClientSide {
     identity: String,
 }
 
-/// Everything both sides need, resolved.
+/// Everything both sides need, resolved: what a reload can change.
 struct Plan {
-    server: Option<(SocketAddr, IpAddr, LiveIdentity)>,
-    client: Option<(SocketAddr, SocketAddr, Authority, SpiffeId, LiveIdentity)>,
-    /// Keeps the `[identity]` files watched while the proxy runs.
-    _watch: Option<FileWatch>,
+    server: Option<ServerPlan>,
+    client: Option<ClientPlan>,
 }
+
+#[derive(Clone, PartialEq)]
+struct ServerPlan {
+    listen: SocketAddr,
+    app_ip: IpAddr,
+}
+
+#[derive(Clone, PartialEq)]
+struct ClientPlan {
+    listen: SocketAddr,
+    peer: SocketAddr,
+    authority: Authority,
+    identity: SpiffeId,
+}
+
+impl Plan {
+    /// Checks what parsing cannot: the client's authority and pinned identity, and that
+    /// there is something to serve.
+    fn new(config: &Config) -> Result<Self, String> {
+        let client = match &config.client {
+            None => None,
+            Some(c) => Some(ClientPlan {
+                listen: c.listen,
+                peer: c.peer,
+                authority: Authority::parse(&c.authority)
+                    .map_err(|e| format!("client.authority {:?}: {e}", c.authority))?,
+                identity: SpiffeId::parse(&c.identity)
+                    .map_err(|e| format!("client.identity {:?}: {e}", c.identity))?,
+            }),
+        };
+        let server = config.server.as_ref().map(|s| ServerPlan {
+            listen: s.listen,
+            app_ip: s.app_ip,
+        });
+        if server.is_none() && client.is_none() {
+            return Err("the config has neither [server] nor [client]".into());
+        }
+        Ok(Self { server, client })
+    }
+
+    /// The listeners by name and configured address: server side, client side.
+    fn listeners(&self) -> Vec<(String, SocketAddr)> {
+        let server = self.server.as_ref().map(|s| (SERVER.to_owned(), s.listen));
+        let client = self.client.as_ref().map(|c| (CLIENT.to_owned(), c.listen));
+        server.into_iter().chain(client).collect()
+    }
+}
+
+/// Listener names (in metrics).
+const SERVER: &str = "hbone_server";
+const CLIENT: &str = "hbone_client";
+
+type Plans = tokio::sync::watch::Receiver<Arc<Plan>>;
 
 #[tokio::main]
 async fn main() {
     support::init_tracing();
     let args = Args::parse();
-    let plan = match (&args.config, args.demo) {
-        (Some(path), false) => from_config(support::load_config(path)),
+    let (plan, identity, client_identity, _watch) = match (&args.config, args.demo) {
+        (Some(path), false) => {
+            let config: Config = support::load_config(path);
+            let plan = Plan::new(&config).unwrap_or_else(|e| support::fail(e));
+            // Watched: a rotated certificate is used by new handshakes on both sides.
+            let (identity, watch) = config.identity.live();
+            (plan, identity.clone(), identity, Some(watch))
+        }
         (None, true) => demo().await,
         _ => support::fail("give exactly one of --config FILE or --demo"),
     };
+    let wanted = plan.listeners();
+    let (plans, plan) = tokio::sync::watch::channel(Arc::new(plan));
     let mut servers = support::Servers::new(&args.common);
-
-    if let Some((listen, app_ip, cert)) = plan.server {
-        // Istio's metrics as the destination side, per tunnel, with the client's identity.
-        let me = cert.current().spiffe_id().cloned();
-        let istio = servers.metrics().istio(Reporter::Destination, me.as_ref());
-        let tunnel_metrics = servers.metrics().tunnels("hbone_tunnels", &istio);
-        // Tunnels reach the local app on the requested port; the peer never picks the IP,
-        // and never one of our own ports (this listener, the client side's, the admin
-        // endpoint): those get 503, nothing is dialled.
-        let connector = tcp::TcpConnector::new().own_listeners(support::own_listeners().clone());
-        let app = tcp::Relay::new(connector).upstream(move |c: &Metadata| {
-            Some(Target::from((
-                app_ip,
-                c.get::<TunnelInfo>()?.authority.port(),
-            )))
-        });
-        let hbone_in = Inbound::live(cert)
-            .check_local_ip(false)
-            .into_layer()
-            .unwrap_or_else(|e| support::fail(format!("server TLS: {e}")));
-        let inbound = ServiceBuilder::new()
-            .layer(hbone_in)
-            .layer(tunnel_metrics)
-            .service(app);
-        let listener = support::bind_all(&[listen]).await.remove(0);
-        servers.spawn("hbone_server", listener, inbound);
+    support::identity_metrics(servers.metrics(), &identity);
+    // Istio's metrics as the destination side, per tunnel, with the client's identity.
+    let me = identity.current().spiffe_id().cloned();
+    let istio = servers.metrics().istio(Reporter::Destination, me.as_ref());
+    let tunnel_metrics = servers.metrics().tunnels("hbone_tunnels", &istio);
+    let inbound = server_side(plan.clone(), identity.clone(), tunnel_metrics);
+    let outbound = client_side(plan, client_identity);
+    let spawn = move |servers: &mut support::Servers, name: &str, at, listener| {
+        if name == SERVER {
+            servers.spawn_configured(name, Some(at), listener, inbound.clone());
+        } else {
+            servers.spawn_configured(name, Some(at), listener, outbound.clone());
+        }
+    };
+    let addrs: Vec<_> = wanted.iter().map(|(_, at)| *at).collect();
+    let listeners = support::bind_all(&addrs).await;
+    for ((name, at), listener) in wanted.into_iter().zip(listeners) {
+        spawn(&mut servers, &name, at, listener);
     }
-    let mut client_addr = None;
-    if let Some((listen, peer, authority, identity, cert)) = plan.client {
-        let source = cert.current().spiffe_id().cloned();
-        // The peer may well be our own server side (the demo): HBONE to it is no loop.
-        let connector = hbone::Connector::hbone_live(cert);
-        let relay = tcp::Relay::new(connector).upstream(move |c: &Metadata| {
-            let mut target = HboneTarget::new(peer, authority.clone(), [identity.clone()]);
-            if let Some(src) = &source {
-                target = target.source_identity(src.clone());
-            }
-            if let Some(client) = c.get::<PeerAddr>() {
-                target = target.forwarded_for(client.0);
-            }
-            Some(target.into_target())
-        });
-        let listener = support::bind_all(&[listen]).await.remove(0);
-        client_addr = listener.local_addr().ok();
-        servers.spawn("hbone_client", listener, relay);
-    }
-    if servers.addrs().is_empty() {
-        support::fail("the config has neither [server] nor [client]");
-    }
-    if let (true, Some(client)) = (args.demo, client_addr) {
-        let (ip, port) = (client.ip(), client.port());
-        eprintln!("demo: try `echo hello | nc -N {ip} {port}`");
+    if args.demo {
+        if let Some(client) = servers.addrs().get(1) {
+            let (ip, port) = (client.ip(), client.port());
+            eprintln!("demo: try `echo hello | nc -N {ip} {port}`");
+        }
     }
     // Binds the admin endpoint (registered as ours too) before any listener accepts.
-    servers.run(args.common.admin).await;
+    let Some(path) = args.config.clone() else {
+        return servers
+            .run_reloading(args.common.admin, |_| {
+                Err("--demo has no config file to re-read".into())
+            })
+            .await;
+    };
+    // SIGHUP: both sides from the file again (`[identity]` is read once; its files are
+    // watched). Tunnels whose side changed (another app IP; another peer, authority or
+    // pinned identity) are cut; listeners follow the sections.
+    servers
+        .run_reloading(args.common.admin, move |servers| {
+            let config: Config = support::reload::read_config(&path)?;
+            let plan = Plan::new(&config)?;
+            let wanted = plan.listeners();
+            let opened = servers.bind_changed(&wanted)?;
+            plans.send_replace(Arc::new(plan));
+            for (name, at, listener) in opened {
+                spawn(servers, &name, at, listener);
+            }
+            servers.retain(|name| wanted.iter().any(|(n, _)| n == name));
+            Ok(())
+        })
+        .await;
 }
 
-fn from_config(config: Config) -> Plan {
-    // Watched: a rotated certificate is used by new handshakes on both sides.
-    let (cert, watch) = config.identity.live();
-    let client = config.client.map(|c| {
-        let authority = Authority::parse(&c.authority)
-            .unwrap_or_else(|e| support::fail(format!("client.authority {:?}: {e}", c.authority)));
-        let identity = SpiffeId::parse(&c.identity)
-            .unwrap_or_else(|e| support::fail(format!("client.identity {:?}: {e}", c.identity)));
-        (c.listen, c.peer, authority, identity, cert.clone())
+/// Cuts a running tunnel once a reload changes the part of the plan it was made with
+/// (`part` gives it; `None`: that side is gone).
+fn cut_when_changed<T: PartialEq + Send + 'static>(
+    plans: Plans,
+    part: fn(&Plan) -> Option<T>,
+) -> RecheckLayer<Arc<Plan>, impl Fn(&Metadata) -> Box<dyn FnMut(&Arc<Plan>) -> bool + Send> + Clone>
+{
+    RecheckLayer::new(plans, move |_: &Metadata| {
+        let mut at_start = None;
+        Box::new(move |plan: &Arc<Plan>| {
+            let now = part(plan);
+            now.is_some() && *at_start.get_or_insert_with(|| part(plan)) == now
+        }) as Box<dyn FnMut(&Arc<Plan>) -> bool + Send>
+    })
+}
+
+/// The server side: HBONE in, tunnels to the local app on the requested port; the peer
+/// never picks the IP, and never one of our own ports (this listener, the client side's,
+/// the admin endpoint): those get 503, nothing is dialled.
+fn server_side(
+    plans: Plans,
+    identity: LiveIdentity,
+    tunnel_metrics: ConnectionMetricsLayer,
+) -> impl tower::Service<
+    Conn<BoxIo>,
+    Response = (),
+    Error = impl Into<proxystack::BoxError>,
+    Future = impl Send,
+> + Clone {
+    let connector = tcp::TcpConnector::new().own_listeners(support::own_listeners().clone());
+    let plan = plans.clone();
+    let app = tcp::Relay::new(connector).upstream(move |c: &Metadata| {
+        let app_ip = plan.borrow().server.as_ref()?.app_ip;
+        Some(Target::from((
+            app_ip,
+            c.get::<TunnelInfo>()?.authority.port(),
+        )))
     });
-    Plan {
-        server: config.server.map(|s| (s.listen, s.app_ip, cert.clone())),
-        client,
-        _watch: Some(watch),
-    }
+    let hbone_in = Inbound::live(identity)
+        .check_local_ip(false)
+        .into_layer()
+        .unwrap_or_else(|e| support::fail(format!("server TLS: {e}")));
+    let app_ip = |p: &Plan| p.server.as_ref().map(|s| s.app_ip);
+    ServiceBuilder::new()
+        .layer(hbone_in)
+        .layer(tunnel_metrics)
+        .layer(cut_when_changed(plans, app_ip))
+        .service(app)
+}
+
+/// The client side: every accepted connection leaves as an HBONE tunnel to the peer. The
+/// peer may well be our own server side (the demo): HBONE to it is no loop.
+fn client_side(
+    plans: Plans,
+    identity: LiveIdentity,
+) -> impl tower::Service<
+    Conn<BoxIo>,
+    Response = (),
+    Error = impl Into<proxystack::BoxError>,
+    Future = impl Send,
+> + Clone {
+    let source = identity.current().spiffe_id().cloned();
+    let connector = hbone::Connector::hbone_live(identity);
+    let plan = plans.clone();
+    let relay = tcp::Relay::new(connector).upstream(move |c: &Metadata| {
+        let client = plan.borrow().client.clone()?;
+        let mut target = HboneTarget::new(client.peer, client.authority, [client.identity]);
+        if let Some(src) = &source {
+            target = target.source_identity(src.clone());
+        }
+        if let Some(client) = c.get::<PeerAddr>() {
+            target = target.forwarded_for(client.0);
+        }
+        Some(target.into_target())
+    });
+    let route = |p: &Plan| {
+        let c = p.client.as_ref()?;
+        Some((c.peer, c.authority.clone(), c.identity.clone()))
+    };
+    ServiceBuilder::new()
+        .layer(cut_when_changed(plans, route))
+        .service(relay)
 }
 
 /// Both sides on loopback with demo certificates: client 127.0.0.1:15001 → server
 /// 127.0.0.1:15008 → echo app.
-async fn demo() -> Plan {
+async fn demo() -> (Plan, LiveIdentity, LiveIdentity, Option<FileWatch>) {
     let ca = proxystack::tls::demo::DemoCa::new("cluster.local");
     let app = support::demo_echo_backend().await;
     let server_id =
@@ -192,15 +320,17 @@ async fn demo() -> Plan {
         ))
         .unwrap_or_else(|e| support::fail(e))
     };
-    Plan {
-        server: Some((server_addr, app.ip(), live("server"))),
-        client: Some((
-            ([127, 0, 0, 1], 15001).into(),
-            server_addr,
-            Authority::from(SocketAddr::new(server_addr.ip(), app.port())),
-            server_id,
-            live("client"),
-        )),
-        _watch: None,
-    }
+    let plan = Plan {
+        server: Some(ServerPlan {
+            listen: server_addr,
+            app_ip: app.ip(),
+        }),
+        client: Some(ClientPlan {
+            listen: ([127, 0, 0, 1], 15001).into(),
+            peer: server_addr,
+            authority: Authority::from(SocketAddr::new(server_addr.ip(), app.port())),
+            identity: server_id,
+        }),
+    };
+    (plan, live("server"), live("client"), None)
 }

@@ -17,6 +17,15 @@
 //! are known by the registry every listener is put in when bound (`support::own_listeners`),
 //! before any of them accepts; HBONE to our own inbound port stays allowed (a local pod).
 //!
+//! **SIGHUP** re-reads `--config` (not with `--demo`): workloads, baggage, the fixed
+//! destinations and the inbound allow list apply to new connections and tunnels at once; a
+//! running inbound tunnel whose client the new allow list refuses is cut; listeners that
+//! appear, move or disappear are opened or drained (`--outbound`/`--inbound` still win).
+//! A config that does not parse or check out is refused (logged with the reason) and the
+//! running one stays; so is a new `mark`, which needs a restart. `[identity]` is read once
+//! and its files are watched. `/metrics`: `proxystack_config_reloads_total`,
+//! `proxystack_config_reload_failures_total`.
+//!
 //! Without iptables there is no original destination to recover, so the demo adds three
 //! listeners that *pretend* every connection was redirected from a fixed destination
 //! (`[[outbound.fixed]]` below; useful in labs too). With `--outbound 127.0.0.1:0` (and

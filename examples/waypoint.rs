@@ -22,6 +22,13 @@
 //! by prefix, **case-sensitively** as RFC 3986 says paths are; set `ignore_case = true` on a
 //! rule when the backend treats paths case-insensitively (then `/ADMIN` matches `/admin`).
 //!
+//! **SIGHUP** re-reads `--config` (not with `--demo`): services, endpoints, rules, allow
+//! lists and `listen` apply to new tunnels and requests at once. A running tunnel is cut when
+//! the new config refuses its client, drops its service, or changes how it is served (e.g.
+//! rules added to a service whose tunnel was relayed as bytes would otherwise be bypassed).
+//! A bad config is refused with the reason and the running one stays; `[identity]` is read
+//! once (its files are watched). Reloads are counted on `/metrics`.
+//!
 //! ```text
 //! cargo run --example waypoint --features hbone,http,demo-certs -- --demo
 //! curl http://127.0.0.1:15011/          # HBONE → waypoint (reviews VIP) → HBONE → backend

@@ -1103,6 +1103,90 @@ mod mesh_configs {
         ex.stop();
     }
 
+    /// Issue 17 item 3: SIGHUP re-reads the hbone example's sides. A `[client]` section
+    /// that appears opens its listener; a changed authority cuts the client tunnels made
+    /// for the old one and routes new ones to the new; a bad section is refused; a removed
+    /// one closes its listener.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hbone_reload_opens_reroutes_and_closes_sides() {
+        let ca = DemoCa::new("cluster.local");
+        let mut files = TempFiles::default();
+        let (first_app, second_app) = (echo_app(), header_echo_server([127, 0, 0, 1]));
+        let identity = identity_section(&ca, "default", "node", &mut files);
+        let server = "[server]\nlisten = \"127.0.0.1:0\"\napp_ip = \"127.0.0.1\"\n";
+        let config = files.add("hbone.toml", &format!("{identity}\n{server}"));
+        let mut rewrite = |client: String| {
+            let text = format!("{identity}\n{server}{client}");
+            let tmp = files.add("hbone.toml.new", &text);
+            std::fs::rename(&tmp, &config).unwrap();
+        };
+        let cfg = config.to_string_lossy().into_owned();
+        let args = [
+            "--config",
+            &cfg,
+            "--admin",
+            "127.0.0.1:0",
+            "--drain-secs",
+            "1",
+        ];
+        let Some(mut ex) = Example::start("hbone", &args) else {
+            return;
+        };
+        let [server_side, admin] = ex.listening(2)[..] else {
+            unreachable!()
+        };
+        let client = |app: SocketAddr, pin: &str| {
+            format!(
+                "[client]\nlisten = \"127.0.0.1:0\"\npeer = \"{server_side}\"\n\
+                 authority = \"127.0.0.1:{}\"\nidentity = \"{pin}\"\n",
+                app.port()
+            )
+        };
+        let node = "spiffe://cluster.local/ns/default/sa/node";
+        rewrite(client(first_app, node));
+        ex.hangup();
+        let [client_side] = ex.listening(1)[..] else {
+            unreachable!()
+        };
+        wait_reloads(admin, 1, 0);
+        let mut running = connect(client_side);
+        running.write_all(b"ping").unwrap();
+        let mut got = [0u8; 4];
+        running.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"ping");
+
+        // Another authority: the tunnel made for the old one is cut, new ones go there.
+        rewrite(client(second_app, node));
+        ex.hangup();
+        wait_reloads(admin, 2, 0);
+        let mut rest = Vec::new();
+        let end = running.read_to_end(&mut rest);
+        assert!(
+            matches!(end, Ok(0) | Err(_)),
+            "old tunnel still runs: {end:?}"
+        );
+        let (status, body) = http(client_side, "app", "/second", "").unwrap();
+        assert_eq!(status, 200, "{body}");
+
+        // A pinned identity that is no SPIFFE ID: refused, named; the old route stays.
+        rewrite(client(first_app, "not-spiffe"));
+        ex.hangup();
+        wait_reloads(admin, 2, 1);
+        ex.stderr_line("client.identity");
+        assert_eq!(http(client_side, "app", "/", "").map(|r| r.0), Some(200));
+
+        // No [client] any more: its listener stops accepting.
+        rewrite(String::new());
+        ex.hangup();
+        wait_reloads(admin, 3, 1);
+        let closed = (0..100).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            std::net::TcpStream::connect(client_side).is_err()
+        });
+        assert!(closed, "the removed client side still accepts");
+        ex.stop();
+    }
+
     #[tokio::test]
     async fn waypoint_policy_uses_the_outer_mtls_identity() {
         let ca = DemoCa::new("cluster.local");
