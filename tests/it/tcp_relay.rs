@@ -743,3 +743,74 @@ async fn connections_queued_before_serve_get_the_options_too() {
     signal.drain().await;
     task.await.unwrap().unwrap();
 }
+
+/// `admission::RecheckLayer` in front of a relay: a connection the policy in force refuses
+/// never dials; a running one is cut (both sides closed) once a policy change refuses it,
+/// while the ones it still allows keep flowing.
+#[tokio::test]
+async fn recheck_cuts_relays_a_changed_policy_refuses() {
+    use proxystack::admission::RecheckLayer;
+    use proxystack::conn::PeerAddr;
+
+    let echo = echo_server().await;
+    // The policy: the client ports allowed. Every client here is 127.0.0.1, so ports
+    // tell the connections apart.
+    let (policy, watched) = tokio::sync::watch::channel(Vec::<u16>::new());
+    let layer = RecheckLayer::new(watched, |m: &Metadata| {
+        let port = m.get::<PeerAddr>().map(|p| p.0.port());
+        move |allowed: &Vec<u16>| port.is_some_and(|p| allowed.contains(&p))
+    });
+    let proxy = start(
+        Server::new(),
+        tower::ServiceBuilder::new()
+            .layer(layer)
+            .service(relay_to(echo)),
+    )
+    .await;
+    let io = Duration::from_secs(5);
+
+    // Not allowed: closed without a byte.
+    let mut refused = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut buf = Vec::new();
+    let end = tokio::time::timeout(io, refused.read_to_end(&mut buf)).await;
+    assert!(matches!(end, Ok(Ok(0)) | Ok(Err(_))), "{end:?}");
+
+    // Bound before connecting: the policy knows their ports before they reach the layer.
+    let bound = || {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(([127, 0, 0, 1], 0).into()).unwrap();
+        socket
+    };
+    let (cut, kept) = (bound(), bound());
+    let ports = [
+        cut.local_addr().unwrap().port(),
+        kept.local_addr().unwrap().port(),
+    ];
+    policy.send_replace(ports.to_vec());
+    let mut cut = cut.connect(proxy.addr).await.unwrap();
+    let mut kept = kept.connect(proxy.addr).await.unwrap();
+    for s in [&mut cut, &mut kept] {
+        s.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        tokio::time::timeout(io, s.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&got, b"ping");
+    }
+    policy.send_replace(vec![ports[1]]);
+    let end = tokio::time::timeout(io, cut.read_to_end(&mut buf)).await;
+    assert!(
+        matches!(end, Ok(Ok(0)) | Ok(Err(_))),
+        "still relayed: {end:?}"
+    );
+    kept.write_all(b"pong").await.unwrap();
+    let mut got = [0u8; 4];
+    tokio::time::timeout(io, kept.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got, b"pong");
+    drop((refused, cut, kept));
+    proxy.shutdown().await;
+}
