@@ -221,19 +221,21 @@ async fn main() {
         .await;
 }
 
+/// A running tunnel's verdict on each new plan.
+type StillAllowed = Box<dyn FnMut(&Arc<Plan>) -> bool + Send>;
+
 /// Cuts a running tunnel once a reload changes the part of the plan it was made with
 /// (`part` gives it; `None`: that side is gone).
 fn cut_when_changed<T: PartialEq + Send + 'static>(
     plans: Plans,
     part: fn(&Plan) -> Option<T>,
-) -> RecheckLayer<Arc<Plan>, impl Fn(&Metadata) -> Box<dyn FnMut(&Arc<Plan>) -> bool + Send> + Clone>
-{
+) -> RecheckLayer<Arc<Plan>, impl Fn(&Metadata) -> StillAllowed + Clone> {
     RecheckLayer::new(plans, move |_: &Metadata| {
         let mut at_start = None;
         Box::new(move |plan: &Arc<Plan>| {
             let now = part(plan);
             now.is_some() && *at_start.get_or_insert_with(|| part(plan)) == now
-        }) as Box<dyn FnMut(&Arc<Plan>) -> bool + Send>
+        }) as StillAllowed
     })
 }
 

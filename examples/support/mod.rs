@@ -576,6 +576,9 @@ type PendingServer = Box<
     dyn FnOnce(proxystack::drain::Watch) -> tokio::task::JoinHandle<std::io::Result<()>> + Send,
 >;
 
+/// The reload hook of a [`Servers`] that does not reload (SIGHUP keeps its default action).
+type NoReload = fn(&mut Servers) -> Result<(), String>;
+
 /// One named listener of [`Servers`].
 struct Listener {
     name: String,
@@ -734,8 +737,7 @@ impl Servers {
     /// Starts the admin endpoint (if asked), then every accept loop, prints `listening on`
     /// for every listener (admin last), then runs until SIGTERM/Ctrl-C and drains.
     pub async fn run(self, admin_addr: Option<SocketAddr>) {
-        let no_reload: Option<fn(&mut Servers) -> Result<(), String>> = None;
-        self.run_inner(admin_addr, no_reload).await;
+        self.run_inner(admin_addr, None::<NoReload>).await;
     }
 
     pub(crate) async fn run_inner(
