@@ -43,7 +43,7 @@ use proxystack::connect::TunnelInfo;
 use proxystack::hbone::{self, HboneTarget, Inbound};
 use proxystack::identity::SpiffeId;
 use proxystack::metrics::Reporter;
-use proxystack::tls::{Credentials, FileWatch, LiveIdentity};
+use proxystack::tls::{Credentials, LiveIdentity};
 use proxystack::{tcp, Authority, Target};
 use serde::Deserialize;
 use tower::ServiceBuilder;
@@ -90,7 +90,7 @@ struct Plan {
     server: Option<(SocketAddr, IpAddr, LiveIdentity)>,
     client: Option<(SocketAddr, SocketAddr, Authority, SpiffeId, LiveIdentity)>,
     /// Keeps the `[identity]` files watched while the proxy runs.
-    _watch: Option<FileWatch>,
+    _watch: Option<support::IdentityGuard>,
 }
 
 #[tokio::main]
@@ -98,7 +98,7 @@ async fn main() {
     support::init_tracing();
     let args = Args::parse();
     let plan = match (&args.config, args.demo) {
-        (Some(path), false) => from_config(support::load_config(path)),
+        (Some(path), false) => from_config(support::load_config(path)).await,
         (None, true) => demo().await,
         _ => support::fail("give exactly one of --config FILE or --demo"),
     };
@@ -160,9 +160,9 @@ async fn main() {
     servers.run(args.common.admin).await;
 }
 
-fn from_config(config: Config) -> Plan {
+async fn from_config(config: Config) -> Plan {
     // Watched: a rotated certificate is used by new handshakes on both sides.
-    let (cert, watch) = config.identity.live();
+    let (cert, watch) = config.identity.live().await;
     let client = config.client.map(|c| {
         let authority = Authority::parse(&c.authority)
             .unwrap_or_else(|e| support::fail(format!("client.authority {:?}: {e}", c.authority)));

@@ -62,7 +62,7 @@ use proxystack::connect::{lookup, TunnelInfo};
 use proxystack::hbone::{self, HboneTarget, Inbound};
 use proxystack::identity::{PeerIdentity, SpiffeId};
 use proxystack::metrics::{ConnectionMetricsLayer, Reporter};
-use proxystack::tls::{Credentials, FileWatch, LiveIdentity};
+use proxystack::tls::{Credentials, LiveIdentity};
 use proxystack::{tcp, Authority, Conn, Target};
 use serde::Deserialize;
 use support::{IdentityPattern, MeshConnector};
@@ -172,7 +172,7 @@ pub async fn run(args: Args) {
                 support::fail(format!("{}: [identity] is missing", path.display()));
             };
             // Watched: a rotated certificate is used by new handshakes.
-            let (identity, watch) = files.live();
+            let (identity, watch) = files.live().await;
             (config, identity, Some(watch))
         }
         (None, true) => demo(&args).await,
@@ -345,7 +345,7 @@ fn inbound_service(
 /// The demo: an in-memory CA, an echo app that counts as a mesh workload (with our own
 /// identity; its node proxy is us), an HTTP server outside the mesh, and three listeners
 /// that pretend their connections were redirected (mesh, outside, our own port).
-async fn demo(args: &Args) -> (Config, LiveIdentity, Option<FileWatch>) {
+async fn demo(args: &Args) -> (Config, LiveIdentity, Option<support::IdentityGuard>) {
     let ca = proxystack::tls::demo::DemoCa::new("cluster.local");
     let echo = support::demo_echo_backend().await;
     let web = support::demo_http_backend("hello from a host outside the mesh\n").await;
