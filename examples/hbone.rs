@@ -16,7 +16,7 @@
 //! Config (TOML; either section may be left out):
 //!
 //! ```toml
-//! [identity]
+//! [identity]              # or ca + spiffe_id: the Istio CA (see sidecar.rs)
 //! cert = "workload.pem"     # SPIFFE certificate chain (spiffe://td/ns/NS/sa/SA)
 //! key = "workload.key"
 //! roots = "root.pem"

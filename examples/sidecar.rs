@@ -31,6 +31,11 @@
 //! cert = "node.pem"
 //! key = "node.key"
 //! roots = "root.pem"
+//! # … or, built with feature istio-ca, from the Istio CA (renewed at half-life):
+//! # ca = "istiod.istio-system.svc:15012"
+//! # spiffe_id = "spiffe://cluster.local/ns/default/sa/ztunnel"
+//! # token = "/var/run/secrets/tokens/istio-token"   # optional
+//! # ca_server_name = "istiod.istio-system.svc"      # optional, when ca is an IP
 //! [outbound]
 //! listen = "127.0.0.1:15001"
 //! baggage = "k8s.namespace.name=default,service.name=productpage"
