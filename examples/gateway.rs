@@ -78,8 +78,8 @@ use proxystack::identity::SpiffeId;
 use proxystack::metrics::{HttpAccessLogLayer, HttpMetrics, HttpMetricsLayer};
 use proxystack::proxy_protocol::ProxyProtocolLayer;
 use proxystack::tls::{
-    CertKey, Credentials, LiveIdentity, PeekLayer, ServerConfigBuilder, Sni,
-    TerminateLayer, TlsInfo, UnknownSni,
+    CertKey, Credentials, LiveIdentity, PeekLayer, ServerConfigBuilder, Sni, TerminateLayer,
+    TlsInfo, UnknownSni,
 };
 use proxystack::{tcp, Authority, Target};
 use serde::Deserialize;

@@ -136,11 +136,13 @@ impl IdentityFiles {
         }
         match (&self.ca, &self.spiffe_id) {
             (Some(addr), Some(id)) => {
-                let spiffe_id = SpiffeId::parse(id)
-                    .map_err(|e| format!("[identity] spiffe_id {id:?}: {e}"))?;
+                let spiffe_id =
+                    SpiffeId::parse(id).map_err(|e| format!("[identity] spiffe_id {id:?}: {e}"))?;
                 Ok(IdentitySource::Ca { addr, spiffe_id })
             }
-            (Some(_), None) => Err("[identity]: ca without spiffe_id (the identity to ask for)".into()),
+            (Some(_), None) => {
+                Err("[identity]: ca without spiffe_id (the identity to ask for)".into())
+            }
             _ => Err("[identity]: spiffe_id without ca".into()),
         }
     }
@@ -166,8 +168,7 @@ impl IdentityFiles {
     }
 
     fn live_files(&self, cert: &Path, key: &Path) -> (LiveIdentity, FileWatch) {
-        let files =
-            proxystack::tls::IdentityFiles::new(cert, key, &self.roots).poll_interval(POLL);
+        let files = proxystack::tls::IdentityFiles::new(cert, key, &self.roots).poll_interval(POLL);
         let credentials = files.load().unwrap_or_else(|e| fail(e));
         let Some(id) = credentials.cert.spiffe_ids().into_iter().next() else {
             fail(format!("{} has no spiffe:// URI SAN", cert.display()));

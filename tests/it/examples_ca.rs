@@ -63,12 +63,10 @@ fn roots(ca: &TestCa) -> Arc<rustls::RootCertStore> {
 /// the server presented.
 async fn presented_leaf(addr: SocketAddr, ca: &TestCa, client: &CertKey) -> Vec<u8> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
-        roots(ca),
-        provider.clone(),
-    )
-    .build()
-    .unwrap();
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(roots(ca), provider.clone())
+            .build()
+            .unwrap();
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
@@ -181,7 +179,10 @@ async fn sidecar_identity_from_the_istio_ca_is_served_and_renewed() {
 
     let expiry = "proxystack_identity_cert_expiry_timestamp_seconds";
     let changes = "proxystack_identity_changes_total";
-    assert!(scrape(admin, expiry).is_some_and(|t| t > 0.0), "expiry metric");
+    assert!(
+        scrape(admin, expiry).is_some_and(|t| t > 0.0),
+        "expiry metric"
+    );
     let changes_at_start = scrape(admin, changes).expect("changes metric");
 
     // Renewal at about half of the 6 s lifetime: the change counter rises and new
@@ -233,7 +234,10 @@ fn refused(config: &str) -> Option<String> {
         .unwrap()
         .read_to_string(&mut stderr)
         .unwrap();
-    assert!(!status.success(), "exit 0 for:\n{config}\nstderr:\n{stderr}");
+    assert!(
+        !status.success(),
+        "exit 0 for:\n{config}\nstderr:\n{stderr}"
+    );
     Some(stderr)
 }
 
