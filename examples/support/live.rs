@@ -47,6 +47,7 @@ const CA_REQUEST: Duration = Duration::from_secs(10);
 /// checks the combination.
 #[derive(serde::Deserialize, Debug, Clone)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct IdentityFiles {
     /// Certificate chain (end entity first) with a `spiffe://` URI SAN.
     pub cert: Option<PathBuf>,
@@ -68,6 +69,7 @@ pub struct IdentityFiles {
 
 /// Where the identity comes from, after [`IdentityFiles::source`] checked the combination.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum IdentitySource<'a> {
     /// `cert` + `key` files.
     Files {
@@ -220,7 +222,7 @@ impl IdentityFiles {
             // The renewer logs each failure; one more request names the reason here, in
             // the message the proxy exits with.
             let reason = match client.fetch().await {
-                Err(e) => e.to_string(),
+                Err(e) => with_sources(&e),
                 Ok(_) => "it answered only now".to_owned(),
             };
             fail(format!(
@@ -241,6 +243,22 @@ impl IdentityFiles {
         };
         (identity, IdentityGuard { _inner })
     }
+}
+
+/// `e` and its sources, `: `-separated (the CA error says "cannot connect", its source
+/// says why).
+#[cfg(feature = "istio-ca")]
+fn with_sources(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    // Bounded: error chains are short, but nothing stops a cyclic one.
+    let mut source = e.source();
+    for _ in 0..8 {
+        let Some(s) = source else { break };
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// Registers, in `metrics`, when the certificate in use expires and how many identity

@@ -212,6 +212,11 @@ async fn sidecar_identity_from_the_istio_ca_is_served_and_renewed() {
 
 /// Runs the sidecar with `config` and expects a prompt non-zero exit; its stderr.
 fn refused(config: &str) -> Option<String> {
+    refused_within(config, EXIT)
+}
+
+/// Runs the sidecar with `config` and expects a non-zero exit within `limit`; its stderr.
+fn refused_within(config: &str, limit: Duration) -> Option<String> {
     let mut files = TempFiles::default();
     let path = files.add("sidecar-bad-identity.toml", config);
     let mut child = Command::new(binary("sidecar")?)
@@ -222,10 +227,10 @@ fn refused(config: &str) -> Option<String> {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let Some(status) = wait_bounded(&mut child, EXIT) else {
+    let Some(status) = wait_bounded(&mut child, limit) else {
         let _ = child.kill();
         let _ = child.wait();
-        panic!("sidecar with a bad [identity] did not exit within {EXIT:?}");
+        panic!("sidecar with a bad [identity] did not exit within {limit:?}");
     };
     let mut stderr = String::new();
     child
@@ -278,4 +283,40 @@ fn bad_identity_combinations_exit_naming_the_problem() {
             "expected {expected:?} for:\n{config}\nstderr:\n{stderr}"
         );
     }
+}
+
+/// A CA that refuses the token: no first certificate, so the sidecar exits (after its
+/// 30 s wait) naming the CA and its answer instead of listening without an identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_exits_naming_the_ca_when_it_refuses() {
+    crate::common::init_tracing();
+    let ca = TestCa::new("refusing");
+    let state = CaState::new(ca.clone(), LIFETIME);
+    *state.required_auth.lock().unwrap() = Some("Bearer another-token".to_owned());
+    let server = CaServer::start(([127, 0, 0, 1], 0).into(), state.clone()).await;
+    let mut files = TempFiles::default();
+    let root_file = files.add("ca-root.pem", &ca.root_pem);
+    let token = files.add("istio-token", TOKEN);
+    let config = format!(
+        "[identity]\nca = \"{}\"\nca_server_name = \"{CA_NAME}\"\nroots = {:?}\n\
+         spiffe_id = \"{}\"\ntoken = {:?}\n\
+         [outbound]\nlisten = \"127.0.0.1:0\"\n[inbound]\nlisten = \"127.0.0.1:0\"\n\
+         app_ip = \"127.0.0.1\"\n",
+        server.addr,
+        root_file.display().to_string(),
+        reviews(),
+        token.display().to_string(),
+    );
+    let stderr = tokio::task::block_in_place(|| refused_within(&config, Duration::from_secs(60)));
+    if let Some(stderr) = stderr {
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(
+            last.contains(&format!("ca = \"{}\"", server.addr))
+                && last.contains("no certificate for spiffe://cluster.local/ns/default/sa/reviews")
+                && last.contains("Unauthenticated"),
+            "{stderr}"
+        );
+        assert_eq!(state.issued.load(Ordering::SeqCst), 0);
+    }
+    server.stop().await;
 }
