@@ -127,6 +127,11 @@ impl IdentityFiles {
             return Err("[identity]: give either cert + key or ca + spiffe_id, not both".into());
         }
         if files {
+            if self.token.is_some() || self.ca_server_name.is_some() {
+                return Err(
+                    "[identity]: token and ca_server_name go with ca, not with cert + key".into(),
+                );
+            }
             return match (&self.cert, &self.key) {
                 (Some(cert), Some(key)) => Ok(IdentitySource::Files { cert, key }),
                 (Some(_), None) => Err("[identity]: cert without key".into()),
@@ -158,9 +163,6 @@ impl IdentityFiles {
     pub async fn live(&self) -> (LiveIdentity, IdentityGuard) {
         match self.source().unwrap_or_else(|e| fail(e)) {
             IdentitySource::Files { cert, key } => {
-                if self.token.is_some() || self.ca_server_name.is_some() {
-                    fail("[identity]: token and ca_server_name go with ca, not with cert + key");
-                }
                 let (identity, watch) = self.live_files(cert, key);
                 let _inner = Guard::Files(watch);
                 (identity, IdentityGuard { _inner })

@@ -266,6 +266,10 @@ fn bad_identity_combinations_exit_naming_the_problem() {
             "cert without key",
         ),
         (
+            "cert = \"c.pem\"\nkey = \"k.pem\"\ntoken = \"t\"\nroots = \"r.pem\"\n".to_owned(),
+            "token and ca_server_name go with ca",
+        ),
+        (
             "roots = \"r.pem\"\n".to_owned(),
             "give cert + key (files) or ca + spiffe_id",
         ),
