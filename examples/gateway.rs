@@ -78,8 +78,8 @@ use proxystack::identity::SpiffeId;
 use proxystack::metrics::{HttpAccessLogLayer, HttpMetrics, HttpMetricsLayer};
 use proxystack::proxy_protocol::ProxyProtocolLayer;
 use proxystack::tls::{
-    CertKey, Credentials, FileWatch, LiveIdentity, PeekLayer, ServerConfigBuilder, Sni,
-    TerminateLayer, TlsInfo, UnknownSni,
+    CertKey, Credentials, LiveIdentity, PeekLayer, ServerConfigBuilder, Sni, TerminateLayer,
+    TlsInfo, UnknownSni,
 };
 use proxystack::{tcp, Authority, Target};
 use serde::Deserialize;
@@ -193,7 +193,7 @@ struct Passthrough {
 /// Certificates by server name, loaded (or made up by the demo).
 type Certs = Vec<(Vec<String>, CertKey)>;
 /// The gateway's mesh identity and roots, for HBONE backends, and the watch on their files.
-type Mesh = Option<(LiveIdentity, Option<FileWatch>)>;
+type Mesh = Option<(LiveIdentity, Option<support::IdentityGuard>)>;
 
 impl Route {
     /// How well this route matches, or `None`: (host specificity, prefix length).
@@ -321,7 +321,7 @@ async fn main() {
 /// Public for `examples/mesh.rs`, which runs several examples in one process.
 pub async fn run(args: Args) {
     let (mut config, certs, mesh) = match (&args.config, args.demo) {
-        (Some(path), false) => load(support::load_config(path)),
+        (Some(path), false) => load(support::load_config(path)).await,
         (None, true) => demo().await,
         _ => support::fail("give exactly one of --config FILE or --demo"),
     };
@@ -474,11 +474,14 @@ fn tls_config(certs: &Certs, unknown: Unknown) -> Arc<proxystack::tls::ServerCon
         .unwrap_or_else(|e| support::fail(format!("TLS configuration: {e}")))
 }
 
-fn load(config: Config) -> (Config, Certs, Mesh) {
-    let mesh = config.identity.as_ref().map(|i| {
-        let (identity, watch) = i.live();
-        (identity, Some(watch))
-    });
+async fn load(config: Config) -> (Config, Certs, Mesh) {
+    let mesh = match &config.identity {
+        Some(i) => {
+            let (identity, watch) = i.live().await;
+            Some((identity, Some(watch)))
+        }
+        None => None,
+    };
     if let Some(r) = config.route.iter().find(|r| r.timeout_secs == 0) {
         support::fail(format!(
             "route to {}: timeout_secs must be at least 1",

@@ -50,7 +50,7 @@ use proxystack::connect::TunnelInfo;
 use proxystack::hbone::{self, HboneTarget, Inbound};
 use proxystack::identity::SpiffeId;
 use proxystack::metrics::{ConnectionMetricsLayer, Reporter};
-use proxystack::tls::{Credentials, FileWatch, LiveIdentity};
+use proxystack::tls::{Credentials, LiveIdentity};
 use proxystack::{tcp, Authority, BoxIo, Conn, Target};
 use serde::Deserialize;
 use tower::ServiceBuilder;
@@ -160,7 +160,7 @@ async fn main() {
             let config: Config = support::load_config(path);
             let plan = Plan::new(&config).unwrap_or_else(|e| support::fail(e));
             // Watched: a rotated certificate is used by new handshakes on both sides.
-            let (identity, watch) = config.identity.live();
+            let (identity, watch) = config.identity.live().await;
             (plan, identity.clone(), identity, Some(watch))
         }
         (None, true) => demo().await,
@@ -309,7 +309,7 @@ fn client_side(
 
 /// Both sides on loopback with demo certificates: client 127.0.0.1:15001 → server
 /// 127.0.0.1:15008 → echo app.
-async fn demo() -> (Plan, LiveIdentity, LiveIdentity, Option<FileWatch>) {
+async fn demo() -> (Plan, LiveIdentity, LiveIdentity, Option<support::IdentityGuard>) {
     let ca = proxystack::tls::demo::DemoCa::new("cluster.local");
     let app = support::demo_echo_backend().await;
     let server_id =

@@ -40,6 +40,11 @@
 //! cert = "node.pem"
 //! key = "node.key"
 //! roots = "root.pem"
+//! # … or, built with feature istio-ca, from the Istio CA (renewed at half-life):
+//! # ca = "istiod.istio-system.svc:15012"
+//! # spiffe_id = "spiffe://cluster.local/ns/default/sa/ztunnel"
+//! # token = "/var/run/secrets/tokens/istio-token"   # optional
+//! # ca_server_name = "istiod.istio-system.svc"      # optional, when ca is an IP
 //! [outbound]
 //! listen = "127.0.0.1:15001"
 //! baggage = "k8s.namespace.name=default,service.name=productpage"
@@ -72,7 +77,7 @@ use proxystack::connect::{lookup, TunnelInfo};
 use proxystack::hbone::{self, HboneTarget, Inbound};
 use proxystack::identity::{PeerIdentity, SpiffeId};
 use proxystack::metrics::{ConnectionMetricsLayer, Reporter};
-use proxystack::tls::{Credentials, FileWatch, LiveIdentity};
+use proxystack::tls::{Credentials, LiveIdentity};
 use proxystack::{tcp, Authority, Conn, Target};
 use serde::Deserialize;
 use support::{IdentityPattern, MeshConnector};
@@ -184,7 +189,7 @@ pub async fn run(args: Args) {
                 support::fail(format!("{}: [identity] is missing", path.display()));
             };
             // Watched: a rotated certificate is used by new handshakes.
-            let (identity, watch) = files.live();
+            let (identity, watch) = files.live().await;
             (config, identity, Some(watch))
         }
         (None, true) => demo(&args).await,
@@ -459,7 +464,7 @@ fn inbound_service(
 /// The demo: an in-memory CA, an echo app that counts as a mesh workload (with our own
 /// identity; its node proxy is us), an HTTP server outside the mesh, and three listeners
 /// that pretend their connections were redirected (mesh, outside, our own port).
-async fn demo(args: &Args) -> (Config, LiveIdentity, Option<FileWatch>) {
+async fn demo(args: &Args) -> (Config, LiveIdentity, Option<support::IdentityGuard>) {
     let ca = proxystack::tls::demo::DemoCa::new("cluster.local");
     let echo = support::demo_echo_backend().await;
     let web = support::demo_http_backend("hello from a host outside the mesh\n").await;

@@ -297,7 +297,7 @@ pub async fn run(args: Args) {
                 support::fail(format!("{}: [identity] is missing", path.display()));
             };
             // Watched: a rotated certificate is used by new handshakes.
-            let (identity, watch) = files.live();
+            let (identity, watch) = files.live().await;
             (config, identity, Some(watch), None)
         }
         (None, true) => {

@@ -805,53 +805,7 @@ pub mod reload;
 mod live;
 #[cfg(feature = "tls")]
 #[allow(unused_imports)] // only the mesh examples use it
-pub use live::identity_metrics;
-
-/// `[identity]` in the mesh examples' configs: this proxy's SPIFFE certificate chain, its
-/// key and the mesh trust roots, as PEM files.
-#[cfg(feature = "tls")]
-#[derive(serde::Deserialize, Debug, Clone)]
-#[serde(deny_unknown_fields)]
-pub struct IdentityFiles {
-    /// Certificate chain (end entity first) with a `spiffe://` URI SAN.
-    pub cert: std::path::PathBuf,
-    /// Private key.
-    pub key: std::path::PathBuf,
-    /// Trust roots.
-    pub roots: std::path::PathBuf,
-}
-
-#[cfg(feature = "tls")]
-impl IdentityFiles {
-    /// Loads the files or exits naming the one that failed.
-    pub fn load(
-        &self,
-    ) -> (
-        proxystack::tls::CertKey,
-        Arc<proxystack::tls::RootCertStore>,
-    ) {
-        let cert = proxystack::tls::CertKey::from_pem_files(
-            &self.cert.to_string_lossy(),
-            &self.key.to_string_lossy(),
-        )
-        .unwrap_or_else(|e| fail(e));
-        let mut roots = proxystack::tls::RootCertStore::empty();
-        for root in proxystack::tls::load_pem_certs(&self.roots.to_string_lossy())
-            .unwrap_or_else(|e| fail(e))
-        {
-            roots
-                .add(root)
-                .unwrap_or_else(|e| fail(format!("bad root in {}: {e}", self.roots.display())));
-        }
-        if roots.is_empty() {
-            fail(format!("no certificate in {}", self.roots.display()));
-        }
-        if cert.spiffe_ids().is_empty() {
-            fail(format!("{} has no spiffe:// URI SAN", self.cert.display()));
-        }
-        (cert, Arc::new(roots))
-    }
-}
+pub use live::{identity_metrics, IdentityFiles, IdentityGuard};
 
 /// The outbound side of the mesh examples: HBONE for targets built with `HboneTarget`
 /// (they carry a `ConnectAuthority`), plain TCP for everything else. Both answers are boxed

@@ -29,26 +29,26 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
 /// The name the test CA's serving certificate carries (as istiod's does).
-const CA_NAME: &str = "istiod.istio-system.svc";
+pub(crate) const CA_NAME: &str = "istiod.istio-system.svc";
 /// Every wait in this file ends by then at the latest.
 const LIMIT: Duration = Duration::from_secs(20);
 
-fn reviews() -> SpiffeId {
+pub(crate) fn reviews() -> SpiffeId {
     SpiffeId::istio("cluster.local", "default", "reviews").unwrap()
 }
 
 // ---- the test CA ----
 
 /// An rcgen root CA: signs CSRs and the gRPC server's own certificate.
-struct TestCa {
-    issuer: Issuer<'static, KeyPair>,
-    root_pem: String,
+pub(crate) struct TestCa {
+    pub(crate) issuer: Issuer<'static, KeyPair>,
+    pub(crate) root_pem: String,
     server_cert_pem: String,
     server_key_pem: String,
 }
 
 impl TestCa {
-    fn new(name: &str) -> Arc<Self> {
+    pub(crate) fn new(name: &str) -> Arc<Self> {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params
@@ -94,19 +94,19 @@ enum Mode {
     ForeignCa,
 }
 
-struct CaState {
+pub(crate) struct CaState {
     ca: Mutex<Arc<TestCa>>,
     lifetime: Duration,
     mode: Mutex<Mode>,
     /// When set, requests without exactly this `authorization` are refused.
-    required_auth: Mutex<Option<String>>,
+    pub(crate) required_auth: Mutex<Option<String>>,
     /// `(authorization, clusterid)` of every request.
     seen: Mutex<Vec<(Option<String>, Option<String>)>>,
-    issued: AtomicUsize,
+    pub(crate) issued: AtomicUsize,
 }
 
 impl CaState {
-    fn new(ca: Arc<TestCa>, lifetime: Duration) -> Arc<Self> {
+    pub(crate) fn new(ca: Arc<TestCa>, lifetime: Duration) -> Arc<Self> {
         Arc::new(Self {
             ca: Mutex::new(ca),
             lifetime,
@@ -217,15 +217,15 @@ impl UnaryService<IstioCertificateRequest> for CreateCertificate {
 }
 
 /// A running test CA server.
-struct CaServer {
-    addr: SocketAddr,
+pub(crate) struct CaServer {
+    pub(crate) addr: SocketAddr,
     stop: oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl CaServer {
     /// Serves `state` on `addr` (port 0: any) with TLS from the state's current CA.
-    async fn start(addr: SocketAddr, state: Arc<CaState>) -> Self {
+    pub(crate) async fn start(addr: SocketAddr, state: Arc<CaState>) -> Self {
         let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let ca = state.ca.lock().unwrap().clone();
@@ -244,7 +244,7 @@ impl CaServer {
         Self { addr, stop, task }
     }
 
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         let _ = self.stop.send(());
         tokio::time::timeout(LIMIT, self.task)
             .await
@@ -597,7 +597,7 @@ async fn presented_leaf(addr: SocketAddr, root_pem: &str) -> Vec<u8> {
 
 /// Verifies the chain to the roots, ignoring only a name mismatch.
 #[derive(Debug)]
-struct ChainOnly(Arc<rustls::client::WebPkiServerVerifier>);
+pub(crate) struct ChainOnly(pub(crate) Arc<rustls::client::WebPkiServerVerifier>);
 
 impl rustls::client::danger::ServerCertVerifier for ChainOnly {
     fn verify_server_cert(

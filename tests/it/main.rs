@@ -21,6 +21,7 @@ mod connect;
 mod detect;
 mod drain;
 mod examples;
+mod examples_ca;
 mod hbone;
 mod http_proxy;
 mod insertion;

@@ -29,6 +29,8 @@ pub fn enabled_features() -> Vec<&'static str> {
         ("http", cfg!(feature = "http")),
         ("connect", cfg!(feature = "connect")),
         ("hbone", cfg!(feature = "hbone")),
+        ("metrics", cfg!(feature = "metrics")),
+        ("istio-ca", cfg!(feature = "istio-ca")),
     ];
     all.iter().filter(|(_, on)| *on).map(|(f, _)| *f).collect()
 }
