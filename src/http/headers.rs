@@ -363,7 +363,10 @@ mod tests {
     #[test]
     fn connection_tokens_match_names_in_any_case() {
         let mut h = map(&[
-            ("connection", " Keep-Alive ,HOST, X-A-Rather-Long-Field-Name ,, x-absent"),
+            (
+                "connection",
+                " Keep-Alive ,HOST, X-A-Rather-Long-Field-Name ,, x-absent",
+            ),
             ("keep-alive", "timeout=5"),
             ("x-a-rather-long-field-name", "1"),
             ("host", "a"),

@@ -128,7 +128,10 @@ where
             let pooled = if retried { None } else { self.checkout(&key) };
             let (sender, reused) = match pooled {
                 Some(sender) => (sender, true),
-                None => (self.dial(target.clone(), &key).await?, false),
+                // Boxed: dialling (connect, maybe TLS, the HTTP/2 handshake) is a large
+                // future that most requests never run; inline, it made every request's
+                // future that much larger to move around.
+                None => (Box::pin(self.dial(target.clone(), &key)).await?, false),
             };
             let result = match sender {
                 Sender::H1(mut s) => {
