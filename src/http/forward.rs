@@ -646,8 +646,16 @@ fn set_upstream_uri(
         parts.version = Version::HTTP_2;
     } else {
         parts.uri = Uri::from(path);
-        let host = HeaderValue::from_str(authority).map_err(|_| "invalid authority")?;
-        parts.headers.insert(header::HOST, host);
+        // Usually the client's own (single, checked) `Host` already says it: keep it
+        // rather than validate and copy the same bytes into a new value.
+        let same = parts
+            .headers
+            .get(header::HOST)
+            .is_some_and(|h| h.as_bytes() == authority.as_bytes());
+        if !same {
+            let host = HeaderValue::from_str(authority).map_err(|_| "invalid authority")?;
+            parts.headers.insert(header::HOST, host);
+        }
         parts.version = Version::HTTP_11;
     }
     Ok(())

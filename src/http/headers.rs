@@ -9,8 +9,9 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Fields that only concern one connection, never forwarded (RFC 9110 §7.6.1, plus the
 /// legacy `Proxy-Connection`, RFC 7540 §3.2.1 `HTTP2-Settings`, and the proxy
-/// authentication fields, which are addressed to this proxy). Names, not strings: removing
-/// by `&str` would parse each one again for every message.
+/// authentication fields, which are addressed to this proxy), in the order of
+/// [`hop_by_hop_index`]. Names, not strings: removing by `&str` would parse each one again
+/// for every message.
 static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -22,6 +23,41 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     header::PROXY_AUTHENTICATE,
     HeaderName::from_static("http2-settings"),
 ];
+
+/// The longest name in [`HOP_BY_HOP`] (`proxy-authorization`).
+const LONGEST_HOP_BY_HOP: usize = 19;
+
+/// Where a lower-case field name is in [`HOP_BY_HOP`]. A `match` on the string (length
+/// first, then one comparison) rather than nine `HeaderName` comparisons: it runs for
+/// every field of every message.
+fn hop_by_hop_index(name: &str) -> Option<usize> {
+    Some(match name {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-connection" => 2,
+        "transfer-encoding" => 3,
+        "te" => 4,
+        "upgrade" => 5,
+        "proxy-authorization" => 6,
+        "proxy-authenticate" => 7,
+        "http2-settings" => 8,
+        _ => return None,
+    })
+}
+
+/// Whether a `Connection` token (any case) names a field that is removed anyway, or `Host`
+/// (which `Connection: host` must not take from the request).
+fn removed_anyway(token: &str) -> bool {
+    let mut lower = [0u8; LONGEST_HOP_BY_HOP];
+    let Some(buf) = lower.get_mut(..token.len()) else {
+        return false; // longer than every such name
+    };
+    for (l, b) in buf.iter_mut().zip(token.bytes()) {
+        *l = b.to_ascii_lowercase();
+    }
+    // ASCII-lowered bytes of a `str` are still UTF-8.
+    std::str::from_utf8(buf).is_ok_and(|t| t == "host" || hop_by_hop_index(t).is_some())
+}
 
 /// Whether the `Connection` fields contain `token` (case-insensitive).
 pub(crate) fn connection_has(headers: &HeaderMap, token: &str) -> bool {
@@ -42,39 +78,34 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     // none, or just `Connection`); only those are then looked up and removed.
     let mut present = 0u16;
     for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+        if let Some(i) = hop_by_hop_index(name.as_str()) {
             present |= 1 << i;
         }
     }
     let has = |name: &HeaderName| {
-        HOP_BY_HOP
-            .iter()
-            .position(|h| h == name)
-            .is_some_and(|i| present & (1 << i) != 0)
+        hop_by_hop_index(name.as_str()).is_some_and(|i| present & (1 << i) != 0)
     };
     if has(&header::CONNECTION) {
-        // Owned copies (cheap: shared bytes), so that fields can be removed while reading.
-        let connection: Vec<HeaderValue> = headers
+        // The fields named there, found before any is removed. Usually there are none
+        // (`keep-alive`, `close`, `upgrade` name no field of the message), and then nothing
+        // is allocated.
+        let mut named: Vec<HeaderName> = Vec::new();
+        for token in headers
             .get_all(header::CONNECTION)
-            .iter()
-            .cloned()
-            .collect();
-        for token in connection
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .map(str::trim)
         {
-            // Hop-by-hop names go below anyway; `Connection: host` must not make the
-            // request lose its authority.
-            let skip = HOP_BY_HOP
-                .iter()
-                .any(|h| token.eq_ignore_ascii_case(h.as_str()))
-                || token.eq_ignore_ascii_case("host");
-            if !skip {
-                // By `&str`: parsed on the stack, nothing allocated for absent names.
-                headers.remove(token);
+            // By `&str`: looked up without allocating for absent names.
+            if !removed_anyway(token) && headers.contains_key(token) {
+                if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                    named.push(name);
+                }
             }
+        }
+        for name in named {
+            headers.remove(name);
         }
     }
     let trailers = has(&header::TE)
@@ -88,9 +119,11 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
                     .next()
                     .is_some_and(|c| c.trim().eq_ignore_ascii_case("trailers"))
             });
-    for (i, name) in HOP_BY_HOP.iter().enumerate() {
-        if present & (1 << i) != 0 && !(upgrade && name == header::UPGRADE) {
-            headers.remove(name);
+    if present != 0 {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            if present & (1 << i) != 0 && !(upgrade && name == header::UPGRADE) {
+                headers.remove(name);
+            }
         }
     }
     if trailers {
@@ -325,6 +358,27 @@ mod tests {
         ]);
         remove_hop_by_hop(&mut h, false);
         assert!(h.is_empty(), "{h:?}");
+    }
+
+    #[test]
+    fn connection_tokens_match_names_in_any_case() {
+        let mut h = map(&[
+            (
+                "connection",
+                " Keep-Alive ,HOST, X-A-Rather-Long-Field-Name ,, x-absent",
+            ),
+            ("keep-alive", "timeout=5"),
+            ("x-a-rather-long-field-name", "1"),
+            ("host", "a"),
+            ("x-keep", "yes"),
+        ]);
+        remove_hop_by_hop(&mut h, false);
+        let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["host", "x-keep"]);
+        assert!(removed_anyway("PROXY-AUTHORIZATION"));
+        assert!(!removed_anyway("proxy-authorization-x"));
+        assert!(!removed_anyway("é"));
     }
 
     #[test]

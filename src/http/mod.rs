@@ -30,6 +30,7 @@
 //! [`Target`]: crate::Target
 
 mod error;
+mod exec;
 mod forward;
 mod guard;
 mod headers;

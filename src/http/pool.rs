@@ -128,7 +128,10 @@ where
             let pooled = if retried { None } else { self.checkout(&key) };
             let (sender, reused) = match pooled {
                 Some(sender) => (sender, true),
-                None => (self.dial(target.clone(), &key).await?, false),
+                // Boxed: dialling (connect, maybe TLS, the HTTP/2 handshake) is a large
+                // future that most requests never run; inline, it made every request's
+                // future that much larger to move around.
+                None => (Box::pin(self.dial(target.clone(), &key)).await?, false),
             };
             let result = match sender {
                 Sender::H1(mut s) => {
@@ -211,19 +214,20 @@ where
     /// Returns an HTTP/1 connection to the pool once its response has been read to the end
     /// (before that it cannot take another request).
     fn recycle(&self, key: Key, mut sender: http1::SendRequest<BoxBody>) {
+        // Usually the connection is ready again by the time its response head is here: the
+        // connection task read the whole (small) response in the same read and went back
+        // to waiting for a request. Then it goes straight back, without a task to wait.
+        if sender.is_ready() {
+            idle(&self.shared, &self.config, key, sender);
+            return;
+        }
         let pool = self.shared.clone();
         let config = self.config.clone();
         crate::task::spawn(async move {
             if sender.ready().await.is_err() {
                 return; // closed, or upgraded
             }
-            let mut slots = pool.slots.lock().unwrap_or_else(PoisonError::into_inner);
-            let slot = slots.entry(key).or_default();
-            if slot.h1.len() < config.max_idle_per_key {
-                slot.h1.push((sender, Instant::now()));
-            }
-            drop(slots);
-            sweep(&pool, &config);
+            idle(&pool, &config, key, sender);
         });
     }
 
@@ -243,7 +247,7 @@ where
         let io = TokioIo::new(io);
         match protocol {
             UpstreamProtocol::Http2 => {
-                let (sender, conn) = http2::Builder::new(crate::task::Executor)
+                let (sender, conn) = http2::Builder::new(super::exec::Executor)
                     .timer(TokioTimer::new())
                     .handshake(io)
                     .await
@@ -272,19 +276,30 @@ where
     }
 }
 
+/// Puts a ready HTTP/1 connection in its key's idle list (if there is room), then sweeps.
+fn idle(shared: &Shared, config: &PoolConfig, key: Key, sender: http1::SendRequest<BoxBody>) {
+    let now = Instant::now();
+    let mut slots = shared.slots.lock().unwrap_or_else(PoisonError::into_inner);
+    let slot = slots.entry(key).or_default();
+    if slot.h1.len() < config.max_idle_per_key {
+        slot.h1.push((sender, now));
+    }
+    drop(slots);
+    sweep(shared, config, now);
+}
+
 /// Drops expired idle connections of every key, at most once per idle timeout.
-fn sweep(shared: &Shared, config: &PoolConfig) {
+fn sweep(shared: &Shared, config: &PoolConfig, now: Instant) {
     {
         let mut last = shared
             .last_sweep
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if last.elapsed() < config.idle_timeout {
+        if now.saturating_duration_since(*last) < config.idle_timeout {
             return;
         }
-        *last = Instant::now();
+        *last = now;
     }
-    let now = Instant::now();
     let mut slots = shared.slots.lock().unwrap_or_else(PoisonError::into_inner);
     slots.retain(|_, slot| {
         slot.h1

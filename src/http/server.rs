@@ -89,6 +89,10 @@ fn h2_defaults() -> H2Config {
         .keep_alive_timeout(Duration::from_secs(20))
 }
 
+/// hyper's HTTP/1 field limit when none is set (`hyper::proto::h1::role::DEFAULT_MAX_HEADERS`,
+/// not exported), which is also this server's default.
+const HYPER_DEFAULT_MAX_HEADERS: usize = 100;
+
 /// Why an HTTP connection ended badly (malformed input, timeouts, I/O errors).
 #[derive(Debug, thiserror::Error)]
 #[error("HTTP connection failed")]
@@ -101,7 +105,7 @@ impl<S> HttpServer<S> {
             service,
             config: Arc::new(Config {
                 header_read_timeout: Some(Duration::from_secs(10)),
-                max_headers: 100,
+                max_headers: HYPER_DEFAULT_MAX_HEADERS,
                 max_buf_size: 64 * 1024,
                 keep_alive: true,
                 strict_h1: true,
@@ -155,15 +159,20 @@ impl<S> HttpServer<S> {
         self
     }
 
-    fn builder(&self) -> auto::Builder<crate::task::Executor> {
+    fn builder(&self) -> auto::Builder<super::exec::Executor> {
         let c = &self.config;
-        let mut b = auto::Builder::new(crate::task::Executor);
-        b.http1()
-            .timer(TokioTimer::new())
+        let mut b = auto::Builder::new(super::exec::Executor);
+        let mut b1 = b.http1();
+        b1.timer(TokioTimer::new())
             .header_read_timeout(c.header_read_timeout)
-            .max_headers(c.max_headers)
             .max_buf_size(c.max_buf_size)
             .keep_alive(c.keep_alive);
+        // hyper's own limit is the same 100 fields, kept in an array on the stack; an
+        // explicit limit makes it fill two 100-entry vectors for every request head
+        // instead (about 1,700 instructions per request), so only say it when it differs.
+        if c.max_headers != HYPER_DEFAULT_MAX_HEADERS {
+            b1.max_headers(c.max_headers);
+        }
         let h2 = &c.h2;
         let mut b2 = b.http2();
         b2.timer(TokioTimer::new())
