@@ -26,6 +26,15 @@
 //! cargo run --example gateway --features hbone,http,proxy-protocol -- --config gateway.toml
 //! ```
 //!
+//! **SIGHUP** re-reads `--config` (not with `--demo`): routes, certificates
+//! (`[[tls.cert]]`, `[tls]`), passthrough SNIs and each listener's `tls` mode and
+//! `proxy_protocol` apply to the next connection or request; requests in flight finish; a
+//! passthrough connection whose SNI is now routed elsewhere, or nowhere, is cut; listeners
+//! that appear, move or disappear are opened or drained (`--listen` still replaces their
+//! addresses, and must then name as many). A bad config (a file that does not parse, a
+//! certificate that does not load, a route that does not check out) is refused with the
+//! reason and the running one stays. `[identity]` is read once (its files are watched).
+//!
 //! The demo prints `$CA` (its CA certificate, written to a temporary file). `listening on`
 //! order: the config's listeners in order (demo: https 8443, http 8080, passthrough 9443),
 //! then admin; `--listen ADDR`, repeated, replaces their addresses in that order.
@@ -69,6 +78,7 @@ use std::time::Duration;
 use clap::Parser;
 use http::{Request, StatusCode};
 use proxystack::addr::{Cidr, Host};
+use proxystack::admission::RecheckLayer;
 use proxystack::conn::Metadata;
 use proxystack::hbone::{self, HboneTarget};
 use proxystack::http::{
@@ -81,7 +91,7 @@ use proxystack::tls::{
     CertKey, Credentials, LiveIdentity, PeekLayer, ServerConfigBuilder, Sni, TerminateLayer,
     TlsInfo, UnknownSni,
 };
-use proxystack::{tcp, Authority, Target};
+use proxystack::{tcp, Authority, BoxIo, Conn, Target};
 use serde::Deserialize;
 use support::MeshConnector;
 use tower::{ServiceBuilder, ServiceExt};
@@ -319,36 +329,42 @@ async fn main() {
 
 /// Everything `main` does after logging is set up: serves until SIGTERM/Ctrl-C, then drains.
 /// Public for `examples/mesh.rs`, which runs several examples in one process.
+///
+/// With `--config`, SIGHUP re-reads the file (see the module docs).
 pub async fn run(args: Args) {
-    let (mut config, certs, mesh) = match (&args.config, args.demo) {
-        (Some(path), false) => load(support::load_config(path)).await,
+    let (config, certs, mesh) = match (&args.config, args.demo) {
+        (Some(path), false) => {
+            let config: Config = support::load_config(path);
+            let mesh = mesh_identity(&config).await;
+            let certs = load_certs(&config).unwrap_or_else(|e| support::fail(e));
+            (config, certs, mesh)
+        }
         (None, true) => demo().await,
         _ => support::fail("give exactly one of --config FILE or --demo"),
     };
-    if !args.listen.is_empty() {
-        if args.listen.len() != config.listener.len() {
-            let n = config.listener.len();
-            support::fail(format!("{} --listen for {n} listeners", args.listen.len()));
-        }
-        for (l, addr) in config.listener.iter_mut().zip(&args.listen) {
-            l.listen = *addr;
-        }
-    }
-
     // Outbound: plain TCP, or HBONE with the gateway's identity for mesh backends.
-    // The watch (if any) lives as long as main: rotated files reach new HBONE connections.
+    // The watch (if any) lives as long as `run`: rotated files reach new HBONE connections.
     let (mesh, _watch) = mesh.map_or((None, None), |(id, w)| (Some(id), w));
+    let has_mesh = mesh.is_some();
+    let plan =
+        Plan::new(config, certs, &args.listen, has_mesh).unwrap_or_else(|e| support::fail(e));
+    let wanted = plan.listener_names();
+    let (plans, current) = tokio::sync::watch::channel(Arc::new(plan));
+    let mut servers = support::Servers::new(&args.common);
     let me = mesh.as_ref().and_then(|c| c.current().spiffe_id().cloned());
+    if let Some(identity) = &mesh {
+        support::identity_metrics(servers.metrics(), identity);
+    }
     let connector = MeshConnector {
         hbone: mesh.map(hbone::Connector::hbone_live),
         tcp: tcp::TcpConnector::new().connect_timeout(Duration::from_secs(5)),
     };
-    let routes = Arc::new(config.route);
+    let plan = current.clone();
     let forward = Forward::new(connector, move |req: &Request<Incoming>| {
         // No authority at all (HTTP/1.0 without Host): only a `*` route matches "".
         let host = request_host(req).unwrap_or_default();
-        let best = routes
-            .iter()
+        let plan = plan.borrow().clone();
+        let best = (plan.routes.iter())
             .filter_map(|r| Some((r.score(&host, req.uri().path())?, r)))
             .max_by_key(|(s, _)| *s);
         best?.1.target(me.as_ref())
@@ -360,12 +376,12 @@ pub async fn run(args: Args) {
     // writes this hop's, with the scheme of the connection (https after TerminateLayer).
     .forwarded(ForwardedMode::Overwrite)
     .x_forwarded(ForwardedMode::Overwrite);
-    let cert_names = Arc::new(CertNames::new(&certs));
+    let plan = current.clone();
     let edge = tower::service_fn(move |req: Request<Incoming>| {
         let forward = forward.clone();
-        let cert_names = cert_names.clone();
+        let plan = plan.borrow().clone();
         async move {
-            if misdirected(&req, &cert_names) {
+            if misdirected(&req, &plan.cert_names) {
                 tracing::debug!(
                     host = request_host(&req).unwrap_or_default(),
                     "misdirected request"
@@ -378,7 +394,6 @@ pub async fn run(args: Args) {
             forward.oneshot(req).await
         }
     });
-    let mut servers = support::Servers::new(&args.common);
     let http_metrics = HttpMetrics::new(servers.metrics().registry());
     // Routes and backends see one normal path: `/x/../admin` cannot dodge a route.
     let edge = ServiceBuilder::new()
@@ -387,53 +402,71 @@ pub async fn run(args: Args) {
         .layer(NormalizePathLayer)
         .service(edge);
     let http = HttpServer::new(edge).header_read_timeout(Some(Duration::from_secs(10)));
-    let passthrough: HashMap<String, Target> = (config.passthrough.into_iter())
-        .map(|p| (p.sni.to_ascii_lowercase(), p.backend))
-        .collect();
+    let plan = current.clone();
     let by_sni = tcp::Relay::new(tcp::TcpConnector::new()).upstream(move |m: &Metadata| {
-        passthrough
-            .get(&m.get::<Sni>()?.0.to_ascii_lowercase())
-            .cloned()
+        let sni = m.get::<Sni>()?.0.to_ascii_lowercase();
+        plan.borrow().passthrough.get(&sni).cloned()
     });
-
-    for (i, l) in config.listener.iter().enumerate() {
-        // PROXY protocol first, on the raw socket; "off" is a pass-through, same types.
-        let pp = if l.proxy_protocol.is_empty() {
-            ProxyProtocolLayer::off()
-        } else {
-            ProxyProtocolLayer::required()
-                .trusted_sources(l.proxy_protocol.iter().copied().collect())
-                .peer_addr_from_header(true)
-        };
-        let listener = support::bind_all(&[l.listen]).await.remove(0);
-        let name = format!("listener_{i}");
-        match l.tls {
-            Mode::Terminate => {
-                let tls = TerminateLayer::new(tls_config(&certs, config.tls.unknown_sni));
-                servers.spawn(
-                    &name,
-                    listener,
-                    ServiceBuilder::new()
+    // A passthrough connection is cut once a reload routes its SNI elsewhere, or nowhere.
+    let rerouted = RecheckLayer::new(current.clone(), |m: &Metadata| {
+        let sni = m.get::<Sni>().map(|s| s.0.to_ascii_lowercase());
+        let mut at_start = None;
+        move |plan: &Arc<Plan>| {
+            let now = sni
+                .as_ref()
+                .and_then(|sni| Some(plan.passthrough.get(sni)?.to_string()));
+            now.is_some() && *at_start.get_or_insert_with(|| now.clone()) == now
+        }
+    });
+    let passthrough = ServiceBuilder::new()
+        .layer(PeekLayer::new())
+        .layer(rerouted)
+        .service(by_sni);
+    let listener_service = move |index: usize| {
+        let (plan, http, passthrough) = (current.clone(), http.clone(), passthrough.clone());
+        // Each connection is served as the plan in force says for this listener: its TLS
+        // mode, PROXY protocol and certificates follow reloads.
+        tower::service_fn(move |conn: Conn<BoxIo>| -> Served {
+            let plan = plan.borrow().clone();
+            let Some(l) = plan.listeners.get(index) else {
+                return Box::pin(std::future::ready(Ok(()))); // removed by a reload; it drains
+            };
+            let pp = l.proxy_protocol.clone();
+            match (l.tls, &plan.tls) {
+                (Mode::Terminate, Some(tls)) => {
+                    let tls = TerminateLayer::new(tls.clone());
+                    let svc = ServiceBuilder::new()
                         .layer(pp)
                         .layer(tls)
-                        .service(http.clone()),
-                );
+                        .service(http.clone());
+                    Box::pin(ServiceExt::<Conn<BoxIo>>::map_err(svc, Into::into).oneshot(conn))
+                }
+                (Mode::Terminate, None) => Box::pin(std::future::ready(Err(
+                    "no certificate to terminate with".into(),
+                ))),
+                (Mode::None, _) => {
+                    let svc = ServiceBuilder::new().layer(pp).service(http.clone());
+                    Box::pin(ServiceExt::<Conn<BoxIo>>::map_err(svc, Into::into).oneshot(conn))
+                }
+                // Peek at the ClientHello, relay it untouched; no SNI or not TLS → closed.
+                (Mode::Passthrough, _) => {
+                    let svc = ServiceBuilder::new().layer(pp).service(passthrough.clone());
+                    Box::pin(ServiceExt::<Conn<BoxIo>>::map_err(svc, Into::into).oneshot(conn))
+                }
             }
-            Mode::None => servers.spawn(
-                &name,
-                listener,
-                ServiceBuilder::new().layer(pp).service(http.clone()),
-            ),
-            // Peek at the ClientHello, relay it untouched; no SNI or not TLS → closed.
-            Mode::Passthrough => servers.spawn(
-                &name,
-                listener,
-                ServiceBuilder::new()
-                    .layer(pp)
-                    .layer(PeekLayer::new())
-                    .service(by_sni.clone()),
-            ),
-        }
+        })
+    };
+    let spawn = move |servers: &mut support::Servers, name: &str, at, listener| {
+        let index = name.strip_prefix(LISTENER).and_then(|i| i.parse().ok());
+        let Some(index) = index else {
+            return;
+        };
+        servers.spawn_configured(name, Some(at), listener, listener_service(index));
+    };
+    let addrs: Vec<_> = wanted.iter().map(|(_, at)| *at).collect();
+    let listeners = support::bind_all(&addrs).await;
+    for ((name, at), listener) in wanted.into_iter().zip(listeners) {
+        spawn(&mut servers, &name, at, listener);
     }
     if args.demo {
         let [https, http, pass, ..] = servers.addrs()[..] else {
@@ -449,13 +482,135 @@ pub async fn run(args: Args) {
         curl("pass.example.com", pass, "/");
         eprintln!("demo: curl -H 'Host: nope.example.com' http://{http}/   # 404");
     }
-    servers.run(args.common.admin).await;
+    let Some(path) = args.config.clone() else {
+        return servers
+            .run_reloading(args.common.admin, |_| {
+                Err("--demo has no config file to re-read".into())
+            })
+            .await;
+    };
+    let listen = args.listen.clone();
+    servers
+        .run_reloading(args.common.admin, move |servers| {
+            let config: Config = support::reload::read_config(&path)?;
+            let certs = load_certs(&config)?;
+            let plan = Plan::new(config, certs, &listen, has_mesh)?;
+            let wanted = plan.listener_names();
+            let opened = servers.bind_changed(&wanted)?;
+            // Routes, certificates and passthrough SNIs apply from the next connection or
+            // request on; passthrough connections routed elsewhere now are cut.
+            plans.send_replace(Arc::new(plan));
+            for (name, at, listener) in opened {
+                spawn(servers, &name, at, listener);
+            }
+            servers.retain(|name| wanted.iter().any(|(n, _)| n == name));
+            Ok(())
+        })
+        .await;
+}
+
+/// One listener connection being served, whatever the listener's mode.
+type Served =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), proxystack::BoxError>> + Send>>;
+
+/// Listener name prefix (in metrics), followed by the listener's index in the config.
+const LISTENER: &str = "listener_";
+
+/// What the config says, checked and loaded: what a reload swaps.
+struct Plan {
+    listeners: Vec<ListenerPlan>,
+    routes: Vec<Route>,
+    passthrough: HashMap<String, Target>,
+    /// The server config for every terminating listener (`None`: no `[[tls.cert]]`).
+    tls: Option<Arc<proxystack::tls::ServerConfig>>,
+    cert_names: CertNames,
+}
+
+struct ListenerPlan {
+    listen: SocketAddr,
+    tls: Mode,
+    /// PROXY protocol first, on the raw socket; "off" is a pass-through, same types.
+    proxy_protocol: ProxyProtocolLayer,
+}
+
+impl Plan {
+    /// Checks what parsing cannot; `listen` (from `--listen`) replaces the listeners'
+    /// addresses in order; `has_mesh`: whether `[identity]` was loaded at start.
+    fn new(
+        config: Config,
+        certs: Certs,
+        listen: &[SocketAddr],
+        has_mesh: bool,
+    ) -> Result<Self, String> {
+        if !listen.is_empty() && listen.len() != config.listener.len() {
+            let n = config.listener.len();
+            return Err(format!("{} --listen for {n} listeners", listen.len()));
+        }
+        if let Some(r) = config.route.iter().find(|r| r.timeout_secs == 0) {
+            return Err(format!(
+                "route to {}: timeout_secs must be at least 1",
+                r.backend
+            ));
+        }
+        for r in config.route.iter().filter(|r| r.identity.is_some()) {
+            if !has_mesh {
+                return Err(format!("route to {}: HBONE needs [identity]", r.backend));
+            }
+            if r.next_hop.is_none() && !matches!(r.backend.host(), Host::Ip(_)) {
+                return Err(format!(
+                    "route to {}: HBONE by name needs next_hop",
+                    r.backend
+                ));
+            }
+        }
+        let terminates = config.listener.iter().any(|l| l.tls == Mode::Terminate);
+        if terminates && certs.is_empty() {
+            return Err("a listener terminates TLS but there is no [[tls.cert]]".into());
+        }
+        let tls = match certs.is_empty() {
+            true => None,
+            false => Some(tls_config(&certs, config.tls.unknown_sni)?),
+        };
+        let listeners = (config.listener.iter().enumerate())
+            .map(|(i, l)| ListenerPlan {
+                listen: listen.get(i).copied().unwrap_or(l.listen),
+                tls: l.tls,
+                proxy_protocol: if l.proxy_protocol.is_empty() {
+                    ProxyProtocolLayer::off()
+                } else {
+                    ProxyProtocolLayer::required()
+                        .trusted_sources(l.proxy_protocol.iter().copied().collect())
+                        .peer_addr_from_header(true)
+                },
+            })
+            .collect();
+        let passthrough = (config.passthrough.into_iter())
+            .map(|p| (p.sni.to_ascii_lowercase(), p.backend))
+            .collect();
+        Ok(Self {
+            listeners,
+            routes: config.route,
+            passthrough,
+            tls,
+            cert_names: CertNames::new(&certs),
+        })
+    }
+
+    /// Every listener by name and configured address.
+    fn listener_names(&self) -> Vec<(String, SocketAddr)> {
+        (self.listeners.iter().enumerate())
+            .map(|(i, l)| (format!("{LISTENER}{i}"), l.listen))
+            .collect()
+    }
 }
 
 /// Where the demo wrote its CA certificate (for the `curl` lines).
 static DEMO_CA: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
-fn tls_config(certs: &Certs, unknown: Unknown) -> Arc<proxystack::tls::ServerConfig> {
+fn tls_config(
+    certs: &Certs,
+    unknown: Unknown,
+) -> Result<Arc<proxystack::tls::ServerConfig>, String> {
     let mut b = ServerConfigBuilder::new()
         .alpn(["h2", "http/1.1"])
         .unknown_sni(match unknown {
@@ -470,45 +625,24 @@ fn tls_config(certs: &Certs, unknown: Unknown) -> Arc<proxystack::tls::ServerCon
             b = b.cert_for(name, cert.clone());
         }
     }
-    b.build()
-        .unwrap_or_else(|e| support::fail(format!("TLS configuration: {e}")))
+    b.build().map_err(|e| format!("TLS configuration: {e}"))
 }
 
-async fn load(config: Config) -> (Config, Certs, Mesh) {
-    let mesh = match &config.identity {
-        Some(i) => {
-            let (identity, watch) = i.live().await;
-            Some((identity, Some(watch)))
-        }
-        None => None,
-    };
-    if let Some(r) = config.route.iter().find(|r| r.timeout_secs == 0) {
-        support::fail(format!(
-            "route to {}: timeout_secs must be at least 1",
-            r.backend
-        ));
-    }
-    for r in config.route.iter().filter(|r| r.identity.is_some()) {
-        if mesh.is_none() {
-            support::fail(format!("route to {}: HBONE needs [identity]", r.backend));
-        }
-        if r.next_hop.is_none() && !matches!(r.backend.host(), Host::Ip(_)) {
-            support::fail(format!(
-                "route to {}: HBONE by name needs next_hop",
-                r.backend
-            ));
-        }
-    }
-    if config.listener.iter().any(|l| l.tls == Mode::Terminate) && config.tls.cert.is_empty() {
-        support::fail("a listener terminates TLS but there is no [[tls.cert]]");
-    }
-    let certs = (config.tls.cert.iter())
+/// The gateway's mesh identity from `[identity]`, if any (read once; its files are
+/// watched, or the CA renews it).
+async fn mesh_identity(config: &Config) -> Mesh {
+    let (identity, watch) = config.identity.as_ref()?.live().await;
+    Some((identity, Some(watch)))
+}
+
+/// The `[[tls.cert]]` files, loaded; the error names the file.
+fn load_certs(config: &Config) -> Result<Certs, String> {
+    (config.tls.cert.iter())
         .map(|c| {
             let pair = CertKey::from_pem_files(&c.cert.to_string_lossy(), &c.key.to_string_lossy());
-            (c.names.clone(), pair.unwrap_or_else(|e| support::fail(e)))
+            Ok((c.names.clone(), pair.map_err(|e| e.to_string())?))
         })
-        .collect();
-    (config, certs, mesh)
+        .collect()
 }
 
 /// The demo: `app.example.com` (plain backend, and `/mesh` behind an HBONE endpoint),

@@ -309,7 +309,12 @@ fn client_side(
 
 /// Both sides on loopback with demo certificates: client 127.0.0.1:15001 → server
 /// 127.0.0.1:15008 → echo app.
-async fn demo() -> (Plan, LiveIdentity, LiveIdentity, Option<support::IdentityGuard>) {
+async fn demo() -> (
+    Plan,
+    LiveIdentity,
+    LiveIdentity,
+    Option<support::IdentityGuard>,
+) {
     let ca = proxystack::tls::demo::DemoCa::new("cluster.local");
     let app = support::demo_echo_backend().await;
     let server_id =

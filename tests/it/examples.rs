@@ -1767,8 +1767,9 @@ timeout_secs = 1
     let (status, body) = http(gw, "app.example.com", "/slow", "").expect("a response");
     assert_eq!((status, body.as_str()), (504, "upstream timed out\n"));
     let took = started.elapsed();
+    // The route's 1 s, not the 30 s default (the upper bound is loose: a loaded machine).
     assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        took >= Duration::from_millis(900) && took < Duration::from_secs(20),
         "{took:?}"
     );
 
@@ -2146,5 +2147,129 @@ fn mesh_allowed_denied_tcp_gateway_and_metrics() {
     let after = metric(waypoint_admin, "istio_requests_total");
     assert_eq!(count(&after, "200") - count(&before, "200"), 1.0);
     assert_eq!(count(&after, "403") - count(&before, "403"), 1.0);
+    ex.stop();
+}
+
+/// Issue 17 item 3: SIGHUP re-reads the gateway's config. Routes apply to the next request;
+/// a passthrough connection whose SNI is no longer routed is cut; a listener that appears
+/// opens (with a `listening on` line) and one that disappears stops accepting; a broken
+/// config is refused naming the problem and the old one serves on.
+#[cfg(feature = "tls")]
+#[test]
+fn gateway_reload_routes_passthrough_and_listeners() {
+    let backend = header_echo_server([127, 0, 0, 1]);
+    // A raw echo: the passthrough backend sees (and returns) the ClientHello as sent.
+    let echo = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for mut s in l.incoming().map_while(Result::ok) {
+                std::thread::spawn(move || {
+                    let mut r = s.try_clone().unwrap();
+                    let _ = std::io::copy(&mut r, &mut s);
+                });
+            }
+        });
+        addr
+    };
+    let mut files = TempFiles::default();
+    let gateway_toml = |host: &str, sni: &str, extra_listener: bool| {
+        let extra = if extra_listener {
+            "[[listener]]\nlisten = \"127.0.0.1:0\"\ntls = \"none\"\n"
+        } else {
+            ""
+        };
+        format!(
+            "[[listener]]\nlisten = \"127.0.0.1:0\"\ntls = \"none\"\n\
+             [[listener]]\nlisten = \"127.0.0.1:0\"\ntls = \"passthrough\"\n{extra}\
+             [[route]]\nhost = \"{host}\"\nbackend = \"{backend}\"\n\
+             [[passthrough]]\nsni = \"{sni}\"\nbackend = \"{echo}\"\n"
+        )
+    };
+    let config = files.add(
+        "gateway.toml",
+        &gateway_toml("app.example.com", "pass.example.com", false),
+    );
+    let mut rewrite = |text: String| {
+        let tmp = files.add("gateway.toml.new", &text);
+        std::fs::rename(&tmp, &config).unwrap();
+    };
+    let cfg = config.to_string_lossy().into_owned();
+    let args = [
+        "--config",
+        &cfg,
+        "--admin",
+        "127.0.0.1:0",
+        "--drain-secs",
+        "1",
+    ];
+    let Some(mut ex) = Example::start("gateway", &args) else {
+        return;
+    };
+    let [http_listener, pass, admin] = ex.listening(3)[..] else {
+        unreachable!()
+    };
+    let count = |name: &str| metric(admin, name).first().map(|(_, v)| *v as u64);
+    let wait_reloads = |applied: u64, failed: u64| {
+        let reached = (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            count("proxystack_config_reloads_total") == Some(applied)
+                && count("proxystack_config_reload_failures_total") == Some(failed)
+        });
+        assert!(
+            reached,
+            "reloads never reached {applied} applied, {failed} failed"
+        );
+    };
+    let status = |host: &str| http(http_listener, host, "/", "").map(|r| r.0);
+    assert_eq!(status("app.example.com"), Some(200));
+    assert_eq!(status("new.example.com"), Some(404));
+    let hello = crate::tls_client_hello::rustls_hello("pass.example.com", &[], false);
+    let mut passing = connect(pass);
+    passing.write_all(&hello).unwrap();
+    let mut back = vec![0; hello.len()];
+    passing.read_exact(&mut back).unwrap();
+    assert_eq!(back, hello);
+
+    // Another route and SNI, and a third listener.
+    rewrite(gateway_toml("new.example.com", "other.example.com", true));
+    ex.hangup();
+    let [added] = ex.listening(1)[..] else {
+        unreachable!()
+    };
+    wait_reloads(1, 0);
+    assert_eq!(status("app.example.com"), Some(404));
+    assert_eq!(status("new.example.com"), Some(200));
+    assert_eq!(
+        http(added, "new.example.com", "/", "").map(|r| r.0),
+        Some(200)
+    );
+    let mut rest = Vec::new();
+    let end = passing.read_to_end(&mut rest);
+    assert!(
+        matches!(end, Ok(0) | Err(_)),
+        "SNI no longer routed, still relayed: {end:?}"
+    );
+
+    // A route with a zero timeout: refused, named; the routes in force stay.
+    let route = format!("backend = \"{backend}\"\n");
+    let zero_timeout = format!("{route}timeout_secs = 0\n");
+    rewrite(
+        gateway_toml("app.example.com", "pass.example.com", true).replace(&route, &zero_timeout),
+    );
+    ex.hangup();
+    wait_reloads(1, 1);
+    ex.stderr_line("timeout_secs must be at least 1");
+    assert_eq!(status("new.example.com"), Some(200));
+
+    // The third listener removed: it stops accepting.
+    rewrite(gateway_toml("new.example.com", "other.example.com", false));
+    ex.hangup();
+    wait_reloads(2, 1);
+    let closed = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(20));
+        TcpStream::connect(added).is_err()
+    });
+    assert!(closed, "the removed listener still accepts");
     ex.stop();
 }

@@ -17,7 +17,7 @@ type Verdict = Result<Option<ClientHello>, ClientHelloError>;
 
 /// The first flight rustls writes for `sni` and `alpn`: a single handshake
 /// record holding the ClientHello.
-fn rustls_hello(sni: &str, alpn: &[Vec<u8>], tls12_only: bool) -> Vec<u8> {
+pub(crate) fn rustls_hello(sni: &str, alpn: &[Vec<u8>], tls12_only: bool) -> Vec<u8> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let versions: &[&'static rustls::SupportedProtocolVersion] = if tls12_only {
         &[&rustls::version::TLS12]
