@@ -77,6 +77,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use http::{Request, StatusCode};
+use prometheus_client::metrics::{family::Family, gauge::Gauge};
 use proxystack::addr::{Cidr, Host};
 use proxystack::admission::RecheckLayer;
 use proxystack::conn::Metadata;
@@ -346,11 +347,13 @@ pub async fn run(args: Args) {
     // The watch (if any) lives as long as `run`: rotated files reach new HBONE connections.
     let (mesh, _watch) = mesh.map_or((None, None), |(id, w)| (Some(id), w));
     let has_mesh = mesh.is_some();
+    let mut servers = support::Servers::new(&args.common);
+    let expiry = CertExpiry::register(servers.metrics().registry());
+    expiry.set(&certs);
     let plan =
         Plan::new(config, certs, &args.listen, has_mesh).unwrap_or_else(|e| support::fail(e));
     let wanted = plan.listener_names();
     let (plans, current) = tokio::sync::watch::channel(Arc::new(plan));
-    let mut servers = support::Servers::new(&args.common);
     let me = mesh.as_ref().and_then(|c| c.current().spiffe_id().cloned());
     if let Some(identity) = &mesh {
         support::identity_metrics(servers.metrics(), identity);
@@ -494,12 +497,14 @@ pub async fn run(args: Args) {
         .run_reloading(args.common.admin, move |servers| {
             let config: Config = support::reload::read_config(&path)?;
             let certs = load_certs(&config)?;
+            let expiring = certs.clone();
             let plan = Plan::new(config, certs, &listen, has_mesh)?;
             let wanted = plan.listener_names();
             let opened = servers.bind_changed(&wanted)?;
             // Routes, certificates and passthrough SNIs apply from the next connection or
             // request on; passthrough connections routed elsewhere now are cut.
             plans.send_replace(Arc::new(plan));
+            expiry.set(&expiring);
             for (name, at, listener) in opened {
                 spawn(servers, &name, at, listener);
             }
@@ -635,14 +640,53 @@ async fn mesh_identity(config: &Config) -> Mesh {
     Some((identity, Some(watch)))
 }
 
-/// The `[[tls.cert]]` files, loaded; the error names the file.
+/// The `[[tls.cert]]` files, loaded; the error names the file. An expired certificate is
+/// refused: serving it would fail every handshake.
 fn load_certs(config: &Config) -> Result<Certs, String> {
     (config.tls.cert.iter())
         .map(|c| {
-            let pair = CertKey::from_pem_files(&c.cert.to_string_lossy(), &c.key.to_string_lossy());
-            Ok((c.names.clone(), pair.map_err(|e| e.to_string())?))
+            let pair = CertKey::from_pem_files(&c.cert.to_string_lossy(), &c.key.to_string_lossy())
+                .map_err(|e| e.to_string())?;
+            match pair.not_after() {
+                Some(t) if t > std::time::SystemTime::now() => Ok((c.names.clone(), pair)),
+                Some(_) => Err(format!("{}: the certificate has expired", c.cert.display())),
+                None => Err(format!(
+                    "{}: the certificate does not parse",
+                    c.cert.display()
+                )),
+            }
         })
         .collect()
+}
+
+/// `proxystack_tls_cert_expiry_timestamp_seconds{names="…"}`: when each served certificate
+/// expires, set again by every reload.
+#[derive(Clone)]
+struct CertExpiry(Family<Vec<(&'static str, String)>, Gauge>);
+
+impl CertExpiry {
+    fn register(registry: &mut prometheus_client::registry::Registry) -> Self {
+        let family = Family::default();
+        registry.register(
+            "proxystack_tls_cert_expiry_timestamp_seconds",
+            "notAfter of each [[tls.cert]] served, seconds since the epoch, by its names.",
+            family.clone(),
+        );
+        Self(family)
+    }
+
+    fn set(&self, certs: &Certs) {
+        self.0.clear();
+        for (names, cert) in certs {
+            let at = cert
+                .not_after()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+            let secs = at.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+            self.0
+                .get_or_create(&vec![("names", names.join(","))])
+                .set(secs);
+        }
+    }
 }
 
 /// The demo: `app.example.com` (plain backend, and `/mesh` behind an HBONE endpoint),

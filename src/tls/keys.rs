@@ -46,6 +46,22 @@ impl CertKey {
     pub fn spiffe_ids(&self) -> Vec<SpiffeId> {
         self.chain.first().map(spiffe_ids).unwrap_or_default()
     }
+
+    /// When the end-entity certificate expires (`notAfter`); `None` if it does not parse.
+    /// For expiry metrics, and to refuse an expired certificate before serving it.
+    ///
+    /// ```
+    /// # #[cfg(feature = "demo-certs")] {
+    /// let ca = proxystack::tls::demo::DemoCa::new("example.org");
+    /// let cert = ca.server_cert(&["localhost"]);
+    /// assert!(cert.not_after().is_some_and(|t| t > std::time::SystemTime::now()));
+    /// # }
+    /// ```
+    pub fn not_after(&self) -> Option<std::time::SystemTime> {
+        let (_, parsed) = x509_parser::parse_x509_certificate(self.chain.first()?.as_ref()).ok()?;
+        let secs = u64::try_from(parsed.validity().not_after.timestamp()).ok()?;
+        Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+    }
 }
 
 /// Loads every certificate of a PEM file (e.g. trust roots).

@@ -1676,9 +1676,23 @@ fn gateway_tls_without_sni_is_refused_or_limited_to_the_default_certificate() {
                  [[route]]\nhost = \"admin.example.com\"\nbackend = \"{backend}\"\n"
             ),
         );
-        let started = Example::start("gateway", &["--config", &config.to_string_lossy()]);
+        let cfg = config.to_string_lossy().into_owned();
+        let started = Example::start("gateway", &["--config", &cfg, "--admin", "127.0.0.1:0"]);
         let Some(mut ex) = started else { return };
-        let gw = ex.listening(1)[0];
+        let [gw, admin] = ex.listening(2)[..] else {
+            unreachable!()
+        };
+        // Each served certificate's expiry, by its names (issue 17 item 3).
+        let expiry = metric(admin, "proxystack_tls_cert_expiry_timestamp_seconds");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert_eq!(expiry.len(), 2, "{expiry:?}");
+        assert!(expiry.iter().all(|(_, t)| *t > now), "{expiry:?}");
+        assert!(expiry
+            .iter()
+            .any(|(l, _)| l["names"] == "admin.example.com"));
         let no_sni = |host: &str, version: &str| {
             curl(&[
                 "-k",
