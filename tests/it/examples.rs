@@ -732,21 +732,6 @@ mod mesh_configs {
         }
     }
 
-    /// A plain echo app on loopback.
-    fn echo_app() -> SocketAddr {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        std::thread::spawn(move || {
-            for mut s in l.incoming().map_while(Result::ok) {
-                std::thread::spawn(move || {
-                    let mut r = s.try_clone().unwrap();
-                    let _ = std::io::copy(&mut r, &mut s);
-                });
-            }
-        });
-        addr
-    }
-
     async fn http_in(mut t: Conn<BoxIo>, path: &str) -> (u16, String) {
         let req = format!("GET {path} HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n");
         t.write_all(req.as_bytes()).await.unwrap();
@@ -890,20 +875,6 @@ mod mesh_configs {
         // One change applied (all three files at once, or in up to three steps).
         assert!(metric("proxystack_identity_changes_total").is_some_and(|n| (1..=3).contains(&n)));
         ex.stop();
-    }
-
-    /// Waits (bounded) until `/metrics` counts `applied` and `failed` config reloads.
-    fn wait_reloads(admin: SocketAddr, applied: u64, failed: u64) {
-        let count = |name: &str| metric(admin, name).first().map(|(_, v)| *v as u64);
-        for _ in 0..100 {
-            if count("proxystack_config_reloads_total") == Some(applied)
-                && count("proxystack_config_reload_failures_total") == Some(failed)
-            {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        panic!("reloads never reached {applied} applied, {failed} failed");
     }
 
     /// Sends `ping` through an echoing tunnel and checks it comes back.
@@ -2173,19 +2144,7 @@ fn mesh_allowed_denied_tcp_gateway_and_metrics() {
 fn gateway_reload_routes_passthrough_and_listeners() {
     let backend = header_echo_server([127, 0, 0, 1]);
     // A raw echo: the passthrough backend sees (and returns) the ClientHello as sent.
-    let echo = {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        std::thread::spawn(move || {
-            for mut s in l.incoming().map_while(Result::ok) {
-                std::thread::spawn(move || {
-                    let mut r = s.try_clone().unwrap();
-                    let _ = std::io::copy(&mut r, &mut s);
-                });
-            }
-        });
-        addr
-    };
+    let echo = echo_app();
     let mut files = TempFiles::default();
     let gateway_toml = |host: &str, sni: &str, extra_listener: bool| {
         let extra = if extra_listener {
@@ -2223,18 +2182,6 @@ fn gateway_reload_routes_passthrough_and_listeners() {
     let [http_listener, pass, admin] = ex.listening(3)[..] else {
         unreachable!()
     };
-    let count = |name: &str| metric(admin, name).first().map(|(_, v)| *v as u64);
-    let wait_reloads = |applied: u64, failed: u64| {
-        let reached = (0..100).any(|_| {
-            std::thread::sleep(Duration::from_millis(50));
-            count("proxystack_config_reloads_total") == Some(applied)
-                && count("proxystack_config_reload_failures_total") == Some(failed)
-        });
-        assert!(
-            reached,
-            "reloads never reached {applied} applied, {failed} failed"
-        );
-    };
     let status = |host: &str| http(http_listener, host, "/", "").map(|r| r.0);
     assert_eq!(status("app.example.com"), Some(200));
     assert_eq!(status("new.example.com"), Some(404));
@@ -2251,7 +2198,7 @@ fn gateway_reload_routes_passthrough_and_listeners() {
     let [added] = ex.listening(1)[..] else {
         unreachable!()
     };
-    wait_reloads(1, 0);
+    wait_reloads(admin, 1, 0);
     assert_eq!(status("app.example.com"), Some(404));
     assert_eq!(status("new.example.com"), Some(200));
     assert_eq!(
@@ -2272,14 +2219,14 @@ fn gateway_reload_routes_passthrough_and_listeners() {
         gateway_toml("app.example.com", "pass.example.com", true).replace(&route, &zero_timeout),
     );
     ex.hangup();
-    wait_reloads(1, 1);
+    wait_reloads(admin, 1, 1);
     ex.stderr_line("timeout_secs must be at least 1");
     assert_eq!(status("new.example.com"), Some(200));
 
     // The third listener removed: it stops accepting.
     rewrite(gateway_toml("new.example.com", "other.example.com", false));
     ex.hangup();
-    wait_reloads(2, 1);
+    wait_reloads(admin, 2, 1);
     let closed = (0..100).any(|_| {
         std::thread::sleep(Duration::from_millis(20));
         TcpStream::connect(added).is_err()

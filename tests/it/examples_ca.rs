@@ -11,7 +11,7 @@
 ))]
 
 use std::io::Read;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -27,7 +27,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower::ServiceExt;
 
-use crate::examples_common::{binary, metric, wait_bounded, Example, TempFiles, EXIT, IO};
+use crate::examples_common::{
+    binary, echo_app, metric, wait_bounded, Example, TempFiles, EXIT, IO,
+};
 use crate::istio_ca::{reviews, CaServer, CaState, ChainOnly, TestCa, CA_NAME};
 
 /// Lifetime of the certificates the test CA issues: the sidecar renews at about half.
@@ -84,21 +86,6 @@ async fn presented_leaf(addr: SocketAddr, ca: &TestCa, client: &CertKey) -> Vec<
     .expect("handshake within the limit")
     .expect("the sidecar's certificate chains to the CA's root");
     tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
-}
-
-/// A plain echo app on loopback (threads end with the test process).
-fn echo_app() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for mut s in l.incoming().map_while(Result::ok) {
-            std::thread::spawn(move || {
-                let mut r = s.try_clone().unwrap();
-                let _ = std::io::copy(&mut r, &mut s);
-            });
-        }
-    });
-    addr
 }
 
 /// An HBONE tunnel to `app` through the sidecar's `inbound` port, pinning the sidecar's

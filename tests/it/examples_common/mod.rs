@@ -456,3 +456,33 @@ pub fn identity_section(
     );
     section
 }
+
+/// A plain TCP echo app on loopback (threads end with the test process).
+pub fn echo_app() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let mut r = s.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut s);
+            });
+        }
+    });
+    addr
+}
+
+/// Waits (bounded) until `--admin`'s `/metrics` counts `applied` and `failed` SIGHUP
+/// config reloads.
+pub fn wait_reloads(admin: SocketAddr, applied: u64, failed: u64) {
+    let count = |name: &str| metric(admin, name).first().map(|(_, v)| *v as u64);
+    let reached = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        count("proxystack_config_reloads_total") == Some(applied)
+            && count("proxystack_config_reload_failures_total") == Some(failed)
+    });
+    assert!(
+        reached,
+        "reloads never reached {applied} applied, {failed} failed"
+    );
+}
