@@ -749,7 +749,13 @@ impl Servers {
         let reloads = reload::Counters::register(&mut self.metrics, reload.is_some());
         let mut addrs = self.addrs();
         if let Some(addr) = admin_addr {
-            let metrics = std::mem::replace(&mut self.metrics, Metrics::new());
+            // The registry goes to the admin endpoint; the families stay here, so that
+            // listeners a reload opens report into what `/metrics` serves.
+            let metrics = Metrics {
+                registry: std::mem::take(&mut self.metrics.registry),
+                connections: self.metrics.connections.clone(),
+                serve: self.metrics.serve.clone(),
+            };
             addrs.push(admin(addr, metrics, Arc::new(String::new)).await);
         }
         self.running = true;
