@@ -202,27 +202,30 @@ impl Server {
             self.stats.accepted.fetch_add(1, Ordering::Relaxed);
             self.stats.active.fetch_add(1, Ordering::Relaxed);
             let span = info_span!(parent: &listener_span, "conn", id = id.0, peer.addr = %peer);
-            let service = service.clone();
+            // Captured as they are, not moved into locals: an `async` block keeps its
+            // captures and its locals apart, so a rebinding would store each twice.
+            let mut service = service.clone();
             let stats = self.stats.clone();
+            let inner_fut = async move {
+                let _active = ActiveGuard(&stats);
+                let _permit = &permit;
+                let ready: Result<(), BoxError> = std::future::poll_fn(|cx| service.poll_ready(cx))
+                    .await
+                    .map_err(Into::into);
+                let result = match ready {
+                    Ok(()) => service.call(conn).await.map_err(Into::into),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = result {
+                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                    debug!(error = %crate::error_chain::DisplayChain(&*e), "connection ended with error");
+                }
+            };
+            // Boxed: `task::serving` is an `async fn`, which stores its argument and the
+            // future it awaits apart (rust-lang/rust#62958), so the connection's future
+            // inline would take twice its size in every idle connection's task.
             tasks.spawn(
-                crate::task::serving(self.stats.clone(), async move {
-                    let _permit = permit;
-                    let _active = ActiveGuard(&stats);
-                    let mut service = service;
-                    let ready: Result<(), BoxError> =
-                        std::future::poll_fn(|cx| service.poll_ready(cx))
-                            .await
-                            .map_err(Into::into);
-                    let result = match ready {
-                        Ok(()) => service.call(conn).await.map_err(Into::into),
-                        Err(e) => Err(e),
-                    };
-                    if let Err(e) = result {
-                        stats.errors.fetch_add(1, Ordering::Relaxed);
-                        debug!(error = %crate::error_chain::DisplayChain(&*e), "connection ended with error");
-                    }
-                })
-                .instrument(span),
+                crate::task::serving(self.stats.clone(), Box::pin(inner_fut)).instrument(span),
             );
         }
 

@@ -42,7 +42,9 @@ pub(crate) struct Dial {
 #[derive(Debug, Default)]
 pub(crate) struct Scope {
     route: OnceLock<Authority>,
-    dial: OnceLock<Dial>,
+    /// Boxed: set only behind a metered connector, and a `Dial` inline would make every
+    /// connection's scope (held while it is open) several times larger.
+    dial: OnceLock<Box<Dial>>,
     /// The connection's Istio labels, computed once and shared by all its requests.
     pub(crate) istio: OnceLock<Arc<super::istio::ConnLabels>>,
     /// The connection's ends as the access log reports them, read once for all requests.
@@ -59,13 +61,13 @@ impl Scope {
 
     /// The first successful dial.
     pub(crate) fn dial(&self) -> Option<&Dial> {
-        self.dial.get()
+        self.dial.get().map(|d| &**d)
     }
 
     /// Records a successful dial (the first one counts).
     pub(crate) fn record_dial(&self, dial: impl FnOnce() -> Dial) {
         if self.dial.get().is_none() {
-            let _ = self.dial.set(dial());
+            let _ = self.dial.set(Box::new(dial()));
         }
     }
 }

@@ -9,11 +9,13 @@
 //!   clean end to the other peer. Streams that are not sockets (HTTP/2 tunnels) are reset
 //!   by [`Relay`](super::Relay) through the [`Abort`](crate::admission::Abort) handle in their
 //!   connection's metadata.
-//! * Buffers are bounded: each direction starts with a small buffer and grows (×16, up to
-//!   [`RelayConfig::max_buffer`]) only after a read fills it, so an idle relay costs about
-//!   2 KiB of buffers and a busy one copies in large chunks. Nothing is read while the
-//!   previous chunk is unwritten, so a peer that does not read applies backpressure instead
-//!   of growing memory.
+//! * Buffers are bounded: each direction reads up to a small size and grows it (×16, up to
+//!   [`RelayConfig::max_buffer`]) only after a read fills it, so a busy relay copies in
+//!   large chunks. A direction holds a buffer only while bytes flow: when its reader has
+//!   nothing more (and everything read was written) the buffer goes back to a small
+//!   per-thread pool, so an idle relay holds no buffer at all (as the `splice(2)` path
+//!   holds no pipe). Nothing is read while the previous chunk is unwritten, so a peer that
+//!   does not read applies backpressure instead of growing memory.
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -486,9 +488,6 @@ impl Pipe {
             } else if writer.h2_stream().is_some() {
                 self.mode = Mode::ToH2;
             }
-            if self.mode == Mode::Copy {
-                self.buf = vec![0; self.size];
-            }
         }
         #[cfg(feature = "connect")]
         match self.mode {
@@ -509,13 +508,20 @@ impl Pipe {
                 if self.grow {
                     // Grow only while empty: no copying, and a connection that never fills
                     // its buffer never pays for a bigger one.
-                    let size = (self.buf.len() * 16).min(self.max);
-                    self.buf = vec![0; size];
+                    self.size = (self.size * 16).min(self.max);
                     self.grow = false;
                 }
-                let mut rb = ReadBuf::new(&mut self.buf);
+                if self.buf.len() < self.size {
+                    give_back(std::mem::take(&mut self.buf));
+                    self.buf = take_buffer(self.size);
+                }
+                let read_into = self.buf.get_mut(..self.size).unwrap_or_default();
+                let mut rb = ReadBuf::new(read_into);
                 match Pin::new(&mut *reader).poll_read(cx, &mut rb) {
                     Poll::Pending => {
+                        // Nothing buffered and nothing to read: an idle direction keeps no
+                        // buffer (the pool hands one back at the next wake-up).
+                        give_back(std::mem::take(&mut self.buf));
                         if self.need_flush {
                             ready!(Pin::new(&mut *writer).poll_flush(cx))
                                 .map_err(PipeError::Write)?;
@@ -532,7 +538,7 @@ impl Pipe {
                             self.start = 0;
                             self.end = n;
                             self.bytes += n as u64;
-                            self.grow = n == self.buf.len() && n < self.max;
+                            self.grow = n == self.size && n < self.max;
                             *progressed = true;
                         }
                     }
@@ -551,6 +557,7 @@ impl Pipe {
                 *progressed = true;
             }
             if self.eof {
+                give_back(std::mem::take(&mut self.buf));
                 if self.need_flush {
                     ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(PipeError::Write)?;
                     self.need_flush = false;
@@ -559,5 +566,53 @@ impl Pipe {
                 return Poll::Ready(Ok(()));
             }
         }
+    }
+}
+
+/// Empty copy buffers kept per thread for the next burst. A direction holds a buffer only
+/// between a read that returned bytes and the write that took the last of them (usually
+/// within one poll), so a few cover a thread's whole share of connections; more are freed.
+/// At most `POOL_MAX` × [`RelayConfig::max_buffer`] bytes stay allocated per thread.
+const POOL_MAX: usize = 4;
+
+thread_local! {
+    static BUFFERS: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A buffer of at least `size` bytes from this thread's pool, or a new one.
+fn take_buffer(size: usize) -> Vec<u8> {
+    let pooled = BUFFERS
+        .try_with(|pool| {
+            let mut pool = pool.try_borrow_mut().ok()?;
+            let i = pool.iter().position(|b| b.len() >= size)?;
+            Some(pool.swap_remove(i))
+        })
+        .ok()
+        .flatten();
+    pooled.unwrap_or_else(|| vec![0; size])
+}
+
+/// Returns a buffer (its contents are stale, never read) to this thread's pool, or frees
+/// it when the pool is full; the pool keeps the largest ones.
+fn give_back(buf: Vec<u8>) {
+    if buf.is_empty() {
+        return;
+    }
+    let _ = BUFFERS.try_with(|pool| {
+        if let Ok(mut pool) = pool.try_borrow_mut() {
+            if pool.len() < POOL_MAX {
+                pool.push(buf);
+            } else if let Some(smallest) = pool.iter_mut().min_by_key(|b| b.len()) {
+                if smallest.len() < buf.len() {
+                    *smallest = buf;
+                }
+            }
+        }
+    });
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        give_back(std::mem::take(&mut self.buf));
     }
 }

@@ -115,7 +115,8 @@ async fn relay_any<I: Io, O: Io>(
     // A stream handed over later (a CONNECT tunnel, which exists only once the `200` is
     // written) names its socket, or its HTTP/2 stream, only then: a flush, which moves no
     // bytes, waits for it, within the relay's timeouts (past them, the copy loop ends it).
-    if down.raw_tcp_socket().is_none() {
+    // A stream already over a socket (a metered or TLS one) needs no wait: it exists.
+    if down.raw_tcp_socket().is_none() && down.tcp_socket().is_none() {
         let _ = settle(down, config).await;
     }
     #[cfg(target_os = "linux")]
@@ -124,12 +125,18 @@ async fn relay_any<I: Io, O: Io>(
         // the sockets are spliced.
         let (to_up, to_down) = (down.take_read_ahead(), up.take_read_ahead());
         if !to_up.is_empty() || !to_down.is_empty() {
-            if let Err(stats) = pass_on(down, up, &to_up, &to_down, config).await {
+            // Boxed: a rare path (bytes behind a CONNECT head) that would otherwise make
+            // every relay's future, and so every idle connection, larger.
+            if let Err(stats) = Box::pin(pass_on(down, up, &to_up, &to_down, config)).await {
                 return stats;
             }
         }
         if let (Some(d), Some(u)) = (down.raw_tcp_socket(), up.raw_tcp_socket()) {
-            let mut stats = super::splice::splice_relay(d, u, config).await;
+            // Each path's future is boxed on its own: inline, this future would be as large
+            // as the larger of the two (the splice one, with its timers and readiness
+            // futures), and a copy-loop connection would carry the splice path's size for
+            // its whole life.
+            let mut stats = Box::pin(super::splice::splice_relay(d, u, config)).await;
             stats.bytes_up += to_up.len() as u64;
             stats.bytes_down += to_down.len() as u64;
             return stats;
@@ -137,13 +144,13 @@ async fn relay_any<I: Io, O: Io>(
         if !to_up.is_empty() || !to_down.is_empty() {
             // Unreachable by `take_read_ahead`'s contract (bytes only for a stream
             // that then is its socket); the copy loop goes on after the bytes passed.
-            let mut stats = relay_with(down, up, config).await;
+            let mut stats = Box::pin(relay_with(down, up, config)).await;
             stats.bytes_up += to_up.len() as u64;
             stats.bytes_down += to_down.len() as u64;
             return stats;
         }
     }
-    relay_with(down, up, config).await
+    Box::pin(relay_with(down, up, config)).await
 }
 
 /// Writes bytes read ahead of the relay to the other side (both directions at once, so
@@ -281,7 +288,7 @@ where
         let target = (self.upstream)(conn.metadata());
         let connector = self.connector.clone();
         let config = self.config.clone();
-        Box::pin(async move {
+        let fut = async move {
             let admission = conn.get::<Admission>().cloned();
             let Some(target) = target else {
                 if let Some(a) = &admission {
@@ -290,7 +297,10 @@ where
                 debug!("no upstream; closing");
                 return Err(RelayServiceError::NoUpstream);
             };
-            let name = target.to_string();
+            // Kept as the authority (no allocation for an IP literal) and formatted only
+            // when logged or put in an error: a `String` per connection cost a format and
+            // an allocation held for the connection's life.
+            let name = target.authority().clone();
             let upstream = match connector.oneshot(target).await {
                 Ok(upstream) => upstream,
                 Err(e) => {
@@ -311,7 +321,7 @@ where
                         debug!(upstream = %name, error = %e, "upstream connect failed");
                     }
                     return Err(RelayServiceError::Connect {
-                        target: name,
+                        target: name.to_string(),
                         source: e,
                     });
                 }
@@ -343,9 +353,10 @@ where
                 "relay closed"
             );
             stats.result.map_err(|source| RelayServiceError::Relay {
-                target: name,
+                target: name.to_string(),
                 source,
             })
-        })
+        };
+        Box::pin(fut)
     }
 }
