@@ -76,6 +76,84 @@ pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {
     fn h2_stream(&mut self) -> Option<&mut crate::connect::H2Stream> {
         None
     }
+
+    /// Adds to `count` the byte counters of this stream and of the streams it wraps, for
+    /// a relay that moves bytes past them on [`raw_tcp_socket`](Io::raw_tcp_socket) or
+    /// [`h2_stream`](Io::h2_stream) (see [`DirectCount`]). Wrappers that count bytes add
+    /// theirs and pass the call on; the default adds nothing.
+    fn direct_count(&self, count: &mut DirectCount) {
+        let _ = count;
+    }
+}
+
+/// The byte counters a relay reports to when it moves bytes past a stream's
+/// `AsyncRead`/`AsyncWrite`: `splice(2)` on its [`raw_tcp_socket`](Io::raw_tcp_socket), or
+/// `Bytes` straight to and from its [`h2_stream`](Io::h2_stream). A counting wrapper (the
+/// metrics layers' streams) would otherwise see nothing of them; with its counter here it
+/// counts them as if they had passed through it, and the fast paths stay open to metered
+/// connections.
+///
+/// ```
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use std::sync::Arc;
+/// use proxystack::io::{ByteCount, DirectCount};
+///
+/// #[derive(Default)]
+/// struct Received(AtomicU64);
+/// impl ByteCount for Received {
+///     fn add(&self, received: u64, _sent: u64) {
+///         self.0.fetch_add(received, Ordering::Relaxed);
+///     }
+/// }
+/// let counter = Arc::new(Received::default());
+/// let mut count = DirectCount::default();
+/// count.push(counter.clone());
+/// count.add(1500, 0); // what a relay does after splicing 1500 bytes in from this peer
+/// assert_eq!(counter.0.load(Ordering::Relaxed), 1500);
+/// ```
+#[derive(Clone, Default)]
+pub struct DirectCount(Vec<std::sync::Arc<dyn ByteCount>>);
+
+/// A counter of the bytes received from and sent to one peer (see [`DirectCount`]).
+pub trait ByteCount: Send + Sync {
+    /// Adds `received` bytes read from the peer and `sent` bytes written to it.
+    fn add(&self, received: u64, sent: u64);
+}
+
+impl DirectCount {
+    /// The counters of `io` and of the streams it wraps.
+    pub fn of<I: Io + ?Sized>(io: &I) -> Self {
+        let mut count = Self::default();
+        io.direct_count(&mut count);
+        count
+    }
+
+    /// Adds a counter.
+    pub fn push(&mut self, counter: std::sync::Arc<dyn ByteCount>) {
+        self.0.push(counter);
+    }
+
+    /// Whether no counter was added.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Reports bytes moved directly: `received` from the peer, `sent` to it.
+    pub fn add(&self, received: u64, sent: u64) {
+        if received > 0 || sent > 0 {
+            for counter in &self.0 {
+                counter.add(received, sent);
+            }
+        }
+    }
+}
+
+impl fmt::Debug for DirectCount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DirectCount")
+            .field("counters", &self.0.len())
+            .finish()
+    }
 }
 
 impl Io for TcpStream {
@@ -110,6 +188,9 @@ macro_rules! delegate_socket {
         #[cfg(feature = "connect")]
         fn h2_stream(&mut self) -> Option<&mut crate::connect::H2Stream> {
             self.$field.h2_stream()
+        }
+        fn direct_count(&self, count: &mut $crate::io::DirectCount) {
+            self.$field.direct_count(count)
         }
     };
 }
@@ -286,6 +367,9 @@ impl<I: Io> Io for PrefixedIo<I> {
         } else {
             None
         }
+    }
+    fn direct_count(&self, count: &mut DirectCount) {
+        self.io.direct_count(count)
     }
     /// The bytes not yet replayed, when the stream under them is a plain socket.
     fn take_read_ahead(&mut self) -> Bytes {

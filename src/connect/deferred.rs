@@ -94,6 +94,11 @@ impl crate::io::Io for DeferredIo {
             _ => bytes::Bytes::new(),
         }
     }
+    fn direct_count(&self, count: &mut crate::io::DirectCount) {
+        if let State::Ready(io) = &self.state {
+            crate::io::Io::direct_count(io, count);
+        }
+    }
 }
 
 impl AsyncRead for DeferredIo {

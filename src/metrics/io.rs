@@ -101,9 +101,8 @@ type Reset<I> = (Abort, fn(&I));
 /// Counts are published every 64 KiB and when the stream is dropped, so a connection's
 /// totals are exact once its service has finished with it.
 ///
-/// Note: [`tcp::Relay`](crate::tcp::Relay) uses `splice(2)` only when both of its streams
-/// are bare `TcpStream`s; behind a counting layer it uses its copy loop (see the
-/// [module docs](super#where-to-put-them)).
+/// [`tcp::Relay`](crate::tcp::Relay) still uses `splice(2)` (or passes `Bytes` to an
+/// HTTP/2 tunnel) behind it, and reports what it moved to the counts.
 pub struct CountingIo<I> {
     io: I,
     tally: Arc<Tally>,
@@ -145,11 +144,32 @@ pub(crate) fn abort_handle(metadata: &mut http::Extensions) -> Abort {
     a
 }
 
-/// The socket under the counter, for socket options; never for `splice(2)`, which would
-/// move bytes past the count.
+/// Every fast path of the stream underneath stays open (`splice(2)` on its socket, `Bytes`
+/// to and from its HTTP/2 stream, its read-ahead): a relay that takes one reports the
+/// bytes it moved to this stream's counts through [`Io::direct_count`].
 impl<I: Io> Io for CountingIo<I> {
     fn tcp_socket(&self) -> Option<&tokio::net::TcpStream> {
         self.io.tcp_socket()
+    }
+    fn raw_tcp_socket(&self) -> Option<&tokio::net::TcpStream> {
+        self.io.raw_tcp_socket()
+    }
+    fn take_read_ahead(&mut self) -> bytes::Bytes {
+        self.io.take_read_ahead()
+    }
+    #[cfg(feature = "connect")]
+    fn h2_stream(&mut self) -> Option<&mut crate::connect::H2Stream> {
+        self.io.h2_stream()
+    }
+    fn direct_count(&self, count: &mut crate::io::DirectCount) {
+        count.push(self.tally.clone());
+        self.io.direct_count(count);
+    }
+}
+
+impl crate::io::ByteCount for Tally {
+    fn add(&self, received: u64, sent: u64) {
+        self.publish(received, sent);
     }
 }
 

@@ -370,6 +370,7 @@ impl Pipe {
             let n = n.min(len);
             Pin::new(&mut *h2).consume(n);
             self.bytes += n as u64;
+            self.direct.add(n as u64, 0);
             self.need_flush = true;
             *progressed = true;
         }
@@ -419,6 +420,7 @@ impl Pipe {
                 if n == 0 {
                     return Poll::Ready(Err(PipeError::Write(io::ErrorKind::WriteZero.into())));
                 }
+                self.direct.add(0, n as u64);
                 *progressed = true;
             }
             if self.eof {
@@ -438,6 +440,10 @@ struct Pipe {
     /// Where [`Mode::ToH2`] reads to; its chunks are frozen and handed over.
     #[cfg(feature = "connect")]
     inbuf: bytes::BytesMut,
+    /// The counters of the HTTP/2 side's wrappers, which [`Mode::FromH2`] and
+    /// [`Mode::ToH2`] bypass.
+    #[cfg(feature = "connect")]
+    direct: crate::io::DirectCount,
     buf: Vec<u8>,
     /// The read size: `initial_buffer`, ×16 up to `max` after reads that fill it.
     size: usize,
@@ -459,6 +465,8 @@ impl Pipe {
             out: bytes::Bytes::new(),
             #[cfg(feature = "connect")]
             inbuf: bytes::BytesMut::new(),
+            #[cfg(feature = "connect")]
+            direct: crate::io::DirectCount::default(),
             // Allocated at the first read in copy mode (see `poll_copy`).
             buf: Vec::new(),
             size: config.initial_buffer,
@@ -485,8 +493,10 @@ impl Pipe {
             #[cfg(feature = "connect")]
             if reader.h2_stream().is_some() {
                 self.mode = Mode::FromH2;
+                self.direct = crate::io::DirectCount::of(&*reader);
             } else if writer.h2_stream().is_some() {
                 self.mode = Mode::ToH2;
+                self.direct = crate::io::DirectCount::of(&*writer);
             }
         }
         #[cfg(feature = "connect")]

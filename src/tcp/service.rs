@@ -1,5 +1,7 @@
 //! [`Relay`]: the terminal L4 service.
 
+#[cfg(target_os = "linux")]
+use crate::io::DirectCount;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -124,6 +126,10 @@ async fn relay_any<I: Io, O: Io>(
         // Bytes a wrapper read ahead of us (hyper, with a CONNECT head) go first; then
         // the sockets are spliced.
         let (to_up, to_down) = (down.take_read_ahead(), up.take_read_ahead());
+        // The counting wrappers (metrics) are bypassed from here on: they are told.
+        let counts = (DirectCount::of(down), DirectCount::of(up));
+        counts.0.add(to_up.len() as u64, 0);
+        counts.1.add(to_down.len() as u64, 0);
         if !to_up.is_empty() || !to_down.is_empty() {
             // Boxed: a rare path (bytes behind a CONNECT head) that would otherwise make
             // every relay's future, and so every idle connection, larger.
@@ -136,7 +142,7 @@ async fn relay_any<I: Io, O: Io>(
             // as the larger of the two (the splice one, with its timers and readiness
             // futures), and a copy-loop connection would carry the splice path's size for
             // its whole life.
-            let mut stats = Box::pin(super::splice::splice_relay(d, u, config)).await;
+            let mut stats = Box::pin(super::splice::splice_relay(d, u, config, &counts)).await;
             stats.bytes_up += to_up.len() as u64;
             stats.bytes_down += to_down.len() as u64;
             return stats;

@@ -9,6 +9,7 @@
 //! and a new connection's first bytes do not pay for creating and sizing one. Selected by
 //! [`RelayConfig::splice`](super::RelayConfig::splice) when both ends are `TcpStream`s.
 
+use crate::io::DirectCount;
 use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -115,12 +116,14 @@ impl Activity {
     }
 }
 
-/// Copies `from` → `to` until EOF, then shuts down `to`'s write half.
+/// Copies `from` → `to` until EOF, then shuts down `to`'s write half. What moves is
+/// reported to the streams' counters (`counts`: `from`'s, `to`'s), which it bypassed.
 async fn one_way(
     from: &TcpStream,
     to: &TcpStream,
     bytes: &mut u64,
     last: &Activity,
+    counts: (&DirectCount, &DirectCount),
 ) -> Result<(), (Side, io::Error)> {
     // Invariant: whenever control is back at the top of the loop, everything spliced
     // into the pipe has been spliced out, so a pipe given back is empty.
@@ -154,6 +157,7 @@ async fn one_way(
                 .map_err(|e| (Side::Upstream, e));
         }
         *bytes += n as u64;
+        counts.0.add(n as u64, 0);
         last.touch();
         let mut left = n;
         while left > 0 {
@@ -165,14 +169,19 @@ async fn one_way(
                 .map_err(|e| (Side::Upstream, e))?;
             left -= r;
         }
+        counts.1.add(0, n as u64);
     }
 }
 
 /// Relays with `splice(2)`; see the module docs.
+///
+/// `counts` are the counters of the streams `down` and `up` were taken from (see
+/// [`DirectCount`]).
 pub(crate) async fn splice_relay(
     down: &TcpStream,
     up: &TcpStream,
     config: &RelayConfig,
+    counts: &(DirectCount, DirectCount),
 ) -> RelayStats {
     let started = Instant::now();
     let last = Activity {
@@ -183,8 +192,8 @@ pub(crate) async fn splice_relay(
     let mut first_close: Option<Close> = None;
     let (idle, total) = config.timeouts();
     let ending = {
-        let upward = one_way(down, up, &mut bytes_up, &last);
-        let downward = one_way(up, down, &mut bytes_down, &last);
+        let upward = one_way(down, up, &mut bytes_up, &last, (&counts.0, &counts.1));
+        let downward = one_way(up, down, &mut bytes_down, &last, (&counts.1, &counts.0));
         tokio::pin!(upward, downward);
         let (mut up_done, mut down_done) = (false, false);
         let total_deadline = total.map(|t| tokio::time::Instant::from_std(started + t));

@@ -966,7 +966,9 @@ mod mesh_configs {
         assert_eq!(exchange_with(fixed_addr, b"via fixed", true), b"via fixed");
         // A listener opened by a reload reports into the same /metrics.
         let accepted = metric(admin, "proxystack_connections_accepted_total");
-        let opened = accepted.iter().find(|(l, _)| l["listener"] == "outbound_fixed_0");
+        let opened = accepted
+            .iter()
+            .find(|(l, _)| l["listener"] == "outbound_fixed_0");
         assert_eq!(opened.map(|(_, v)| *v), Some(1.0), "{accepted:?}");
         ex.stderr_line("no longer allowed by the changed policy");
 
