@@ -2240,3 +2240,190 @@ fn gateway_reload_routes_passthrough_and_listeners() {
     assert!(closed, "the removed listener still accepts");
     ex.stop();
 }
+
+/// Issue 17 item 3, the TLS half of the gateway's SIGHUP reload: a replaced certificate
+/// and a new one are presented to the next handshakes (checked with curl against each
+/// CA); a listener that changes from `none` to `terminate` on the same address serves TLS
+/// from its next connection; a route moved to another backend is answered by that
+/// backend while a request already in flight to a removed route finishes; an unreadable
+/// certificate and an unknown field are refused, named, and the running config serves on.
+#[cfg(feature = "demo-certs")]
+#[test]
+fn gateway_reload_certificates_listener_modes_and_in_flight_requests() {
+    if !have("curl") {
+        println!("SKIPPED: curl not installed");
+        return;
+    }
+    // A backend answering `body`; `arrived` (if any) hears of each request head before
+    // the answer is sent, which waits for `release`.
+    fn backend(
+        body: &'static str,
+        gate: Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>,
+    ) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let gate = std::sync::Arc::new(Mutex::new(gate));
+        std::thread::spawn(move || {
+            for s in listener.incoming() {
+                let Ok(mut s) = s else { break };
+                let gate = gate.clone();
+                std::thread::spawn(move || {
+                    s.set_read_timeout(Some(IO)).unwrap();
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    if let Some((arrived, release)) = &*gate.lock().unwrap() {
+                        arrived.send(()).unwrap();
+                        release.recv_timeout(IO).unwrap();
+                    }
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = s.write_all(resp.as_bytes());
+                });
+            }
+        });
+        addr
+    }
+    let (one, two) = (backend("one\n", None), backend("two\n", None));
+    let (arrived_tx, arrived) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let slow = backend("slow\n", Some((arrived_tx, release_rx)));
+
+    let (ca_a, ca_b) = (
+        proxystack::tls::demo::DemoCa::new("example.org"),
+        proxystack::tls::demo::DemoCa::new("example.org"),
+    );
+    let mut files = TempFiles::default();
+    let ca_a_file = files.add("ca-a.pem", ca_a.root_pem());
+    let ca_b_file = files.add("ca-b.pem", ca_b.root_pem());
+    let mut cert = |ca: &proxystack::tls::demo::DemoCa, name: &str| {
+        let ck = ca.server_cert(&[name]);
+        let cert = files.add("cert.pem", &pem("CERTIFICATE", ck.chain[0].as_ref()));
+        let key = files.add("key.pem", &pem("PRIVATE KEY", ck.key.secret_der()));
+        format!(
+            "[[tls.cert]]\nnames = [{name:?}]\ncert = {:?}\nkey = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        )
+    };
+    let app_a = cert(&ca_a, "app.example.com");
+    let app_b = cert(&ca_b, "app.example.com");
+    let admin_b = cert(&ca_b, "admin.example.com");
+    let route = |host: &str, backend: SocketAddr| {
+        format!("[[route]]\nhost = \"{host}\"\nbackend = \"{backend}\"\n")
+    };
+    let listeners = |second: &str| {
+        format!(
+            "[[listener]]\nlisten = \"127.0.0.1:0\"\ntls = \"terminate\"\n\
+             [[listener]]\nlisten = \"127.0.0.1:0\"\ntls = \"{second}\"\n[tls]\n"
+        )
+    };
+    let before = format!(
+        "{}{app_a}{}{}",
+        listeners("none"),
+        route("app.example.com", one),
+        route("slow.example.com", slow)
+    );
+    let config = files.add("gateway.toml", &before);
+    let cfg = config.to_string_lossy().into_owned();
+    let args = ["--config", &cfg, "--admin", "127.0.0.1:0"];
+    let Some(mut ex) = Example::start("gateway", &args) else {
+        return;
+    };
+    let [tls, plain, admin] = ex.listening(3)[..] else {
+        unreachable!()
+    };
+    // The addresses stay (`127.0.0.1:0` as configured): the second listener keeps its
+    // port, whatever its mode.
+    let mut rewrite = |text: String| {
+        let tmp = files.add("gateway.toml.new", &text);
+        std::fs::rename(&tmp, &config).unwrap();
+    };
+    let https = |name: &str, at: SocketAddr, ca: &Path| {
+        let resolve = format!("{name}:{}:127.0.0.1", at.port());
+        curl(&[
+            "--cacert",
+            &ca.to_string_lossy(),
+            "--resolve",
+            &resolve,
+            "-w",
+            "%{http_code}",
+            &format!("https://{name}:{}/", at.port()),
+        ])
+    };
+    assert_eq!(
+        https("app.example.com", tls, &ca_a_file),
+        (0, "one\n200".into())
+    );
+    assert_ne!(https("app.example.com", tls, &ca_b_file).0, 0);
+    assert_ne!(https("admin.example.com", tls, &ca_b_file).0, 0);
+    assert_eq!(
+        http(plain, "app.example.com", "/", "").map(|r| r.0),
+        Some(200)
+    );
+    // A request in flight to a route the reload removes: it is held at the backend.
+    let in_flight = std::thread::spawn(move || http(plain, "slow.example.com", "/", ""));
+    arrived
+        .recv_timeout(IO)
+        .expect("the slow request reached its backend");
+
+    // The certificate replaced (CA B), another added, the route moved to backend two,
+    // the slow route removed; the second listener terminates TLS on the same address.
+    rewrite(format!(
+        "{}{app_b}{admin_b}{}{}",
+        listeners("terminate"),
+        route("app.example.com", two),
+        route("admin.example.com", one)
+    ));
+    ex.hangup();
+    wait_reloads(admin, 1, 0);
+    release.send(()).unwrap();
+    let finished = in_flight.join().unwrap();
+    assert_eq!(finished, Some((200, "slow\n".into())));
+    assert_eq!(
+        https("app.example.com", tls, &ca_b_file),
+        (0, "two\n200".into())
+    );
+    assert_ne!(https("app.example.com", tls, &ca_a_file).0, 0);
+    assert_eq!(
+        https("admin.example.com", tls, &ca_b_file),
+        (0, "one\n200".into())
+    );
+    assert_eq!(
+        https("app.example.com", plain, &ca_b_file),
+        (0, "two\n200".into())
+    );
+    assert_ne!(
+        http(plain, "app.example.com", "/", "").map(|r| r.0),
+        Some(200)
+    );
+
+    // An unknown field, then an unreadable certificate: refused, named; CA B's serve on.
+    let bad_field = route("app.example.com", one).replace("[[route]]\n", "[[route]]\ncolour = 1\n");
+    rewrite(format!("{}{app_b}{bad_field}", listeners("terminate")));
+    ex.hangup();
+    wait_reloads(admin, 1, 1);
+    ex.stderr_line("colour");
+    let missing = "/nonexistent/gateway-cert.pem";
+    let bad_cert = app_b.replacen("cert = ", &format!("cert = {missing:?}\n# "), 1);
+    rewrite(format!(
+        "{}{bad_cert}{}",
+        listeners("terminate"),
+        route("app.example.com", one)
+    ));
+    ex.hangup();
+    wait_reloads(admin, 1, 2);
+    ex.stderr_line(missing);
+    assert_eq!(
+        https("app.example.com", tls, &ca_b_file),
+        (0, "two\n200".into())
+    );
+    ex.stop();
+}
