@@ -125,7 +125,9 @@ impl Servers {
             let unchanged = self
                 .listeners
                 .iter()
-                .any(|l| &l.name == name && l.configured == *addr);
+                // The same configured address, or the one it was bound to (a port 0
+                // written back as the port it got).
+                .any(|l| &l.name == name && (l.configured == *addr || l.bound == *addr));
             if unchanged {
                 continue;
             }
