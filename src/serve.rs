@@ -221,12 +221,9 @@ impl Server {
                     debug!(error = %crate::error_chain::DisplayChain(&*e), "connection ended with error");
                 }
             };
-            // Boxed: `task::serving` is an `async fn`, which stores its argument and the
-            // future it awaits apart (rust-lang/rust#62958), so the connection's future
-            // inline would take twice its size in every idle connection's task.
-            tasks.spawn(
-                crate::task::serving(self.stats.clone(), Box::pin(inner_fut)).instrument(span),
-            );
+            // Inline (`task::serving` stores it once): one allocation per connection, the
+            // task's.
+            tasks.spawn(crate::task::serving(self.stats.clone(), inner_fut).instrument(span));
         }
 
         drop(listener);

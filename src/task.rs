@@ -22,12 +22,39 @@ tokio::task_local! {
 }
 
 /// Runs `fut` as the work of a connection served with `stats` (see the module docs).
-pub(crate) async fn serving<F: Future<Output = ()>>(stats: Arc<ServeStats>, fut: F) {
-    let caught = SERVING
-        .scope(stats.clone(), CatchPanic { inner: fut })
-        .await;
-    if let Err(panic) = caught {
-        report(Some(&stats), &*panic);
+///
+/// A future struct, not an `async fn`: the state of an `async fn` keeps its argument
+/// beside the future it builds from it (rust-lang/rust#62958), which would store every
+/// connection's future twice in its task.
+pub(crate) fn serving<F: Future<Output = ()>>(stats: Arc<ServeStats>, fut: F) -> Serving<F> {
+    Serving {
+        inner: SERVING.scope(stats.clone(), CatchPanic { inner: fut }),
+        stats,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// See [`serving`].
+    pub(crate) struct Serving<F> {
+        #[pin]
+        inner: tokio::task::futures::TaskLocalFuture<Arc<ServeStats>, CatchPanic<F>>,
+        stats: Arc<ServeStats>,
+    }
+}
+
+impl<F: Future<Output = ()>> Future for Serving<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        match this.inner.poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(())) => Poll::Ready(()),
+            Poll::Ready(Err(panic)) => {
+                report(Some(this.stats), &*panic);
+                Poll::Ready(())
+            }
+        }
     }
 }
 

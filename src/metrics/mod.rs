@@ -122,9 +122,12 @@
 //!   resets propagate (the layers also give the connection an
 //!   [`Abort`](crate::admission::Abort) handle that resets the socket under the wrapper when it
 //!   is dropped aborted, for services other than the relay);
-//! * a [`tcp::Relay`](crate::tcp::Relay) behind them copies in user space: `splice(2)`
-//!   would move bytes past the count, so the wrapper does not offer
-//!   [`Io::raw_tcp_socket`](crate::Io::raw_tcp_socket).
+//! * a [`tcp::Relay`](crate::tcp::Relay) behind them keeps its fast paths (`splice(2)`
+//!   between sockets, `Bytes` to and from an HTTP/2 tunnel): the wrapper offers the stream
+//!   underneath ([`Io::raw_tcp_socket`](crate::Io::raw_tcp_socket),
+//!   [`Io::h2_stream`](crate::Io::h2_stream)) and its counter
+//!   ([`Io::direct_count`](crate::Io::direct_count)), and the relay reports what it moved
+//!   past the wrapper.
 //!
 //! ## Cardinality
 //!

@@ -11,13 +11,15 @@
 
 use crate::io::DirectCount;
 use std::cell::RefCell;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+use tokio::time::sleep;
 
 use super::relay::{finish, Close, CloseKind, Ending, RelayConfig, RelayStats, Side};
 
@@ -98,78 +100,89 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
-/// When a byte last moved, in nanoseconds since the relay started (shared by both
-/// directions without a lock).
-struct Activity {
-    started: Instant,
-    last_nanos: AtomicU64,
+/// One direction of the relay: a pipe while bytes flow, and how many sit in it.
+#[derive(Default)]
+struct Direction {
+    pipe: Option<Pipe>,
+    /// Spliced in from the reader, not yet out to the writer.
+    in_pipe: usize,
+    done: bool,
 }
 
-impl Activity {
-    fn touch(&self) {
-        let nanos = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.last_nanos.store(nanos, Ordering::Relaxed);
-    }
-
-    fn last(&self) -> Instant {
-        self.started + Duration::from_nanos(self.last_nanos.load(Ordering::Relaxed))
-    }
-}
-
-/// Copies `from` → `to` until EOF, then shuts down `to`'s write half. What moves is
-/// reported to the streams' counters (`counts`: `from`'s, `to`'s), which it bypassed.
-async fn one_way(
-    from: &TcpStream,
-    to: &TcpStream,
-    bytes: &mut u64,
-    last: &Activity,
-    counts: (&DirectCount, &DirectCount),
-) -> Result<(), (Side, io::Error)> {
-    // Invariant: whenever control is back at the top of the loop, everything spliced
-    // into the pipe has been spliced out, so a pipe given back is empty.
-    let mut pipe: Option<Pipe> = None;
-    loop {
-        from.readable().await.map_err(|e| (Side::Downstream, e))?;
-        let p = match &pipe {
-            Some(p) => p,
-            None => pipe.insert(take_pipe().map_err(|e| (Side::Downstream, e))?),
-        };
-        let n = match from.try_io(Interest::READABLE, || {
-            splice(from.as_raw_fd(), p.write.as_raw_fd(), CHUNK)
-        }) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // Drained for now: no pipe while idle.
-                if let Some(p) = pipe.take() {
-                    give_back(p);
+impl Direction {
+    /// Moves `from` → `to` until neither can go on, or until EOF (then shuts down `to`'s
+    /// write half). What moves is reported to the streams' counters (`counts`: `from`'s,
+    /// `to`'s), which it bypassed. Errors name the side as if `from` were downstream.
+    ///
+    /// A poll function rather than an `async fn`: its state is these few fields, not two
+    /// readiness futures per direction kept for every idle connection.
+    fn poll_move(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &TcpStream,
+        to: &TcpStream,
+        bytes: &mut u64,
+        counts: (&DirectCount, &DirectCount),
+        progressed: &mut bool,
+    ) -> Poll<Result<(), (Side, io::Error)>> {
+        loop {
+            // Invariant: the pipe is emptied before anything more is read into it, so a
+            // pipe given back is empty.
+            while self.in_pipe > 0 {
+                let Some(p) = &self.pipe else {
+                    self.in_pipe = 0;
+                    break;
+                };
+                ready!(to.poll_write_ready(cx)).map_err(|e| (Side::Upstream, e))?;
+                match to.try_io(Interest::WRITABLE, || {
+                    splice(p.read.as_raw_fd(), to.as_raw_fd(), self.in_pipe)
+                }) {
+                    Ok(r) => {
+                        self.in_pipe = self.in_pipe.saturating_sub(r);
+                        counts.1.add(0, r as u64);
+                        *progressed = true;
+                    }
+                    // Readiness cleared: the next `poll_write_ready` waits for more.
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Poll::Ready(Err((Side::Upstream, e))),
                 }
-                continue;
             }
-            Err(e) => return Err((Side::Downstream, e)),
-        };
-        if n == 0 {
-            if let Some(p) = pipe.take() {
-                give_back(p);
+            ready!(from.poll_read_ready(cx)).map_err(|e| (Side::Downstream, e))?;
+            let p = match &self.pipe {
+                Some(p) => p,
+                None => self
+                    .pipe
+                    .insert(take_pipe().map_err(|e| (Side::Downstream, e))?),
+            };
+            match from.try_io(Interest::READABLE, || {
+                splice(from.as_raw_fd(), p.write.as_raw_fd(), CHUNK)
+            }) {
+                Ok(0) => {
+                    if let Some(p) = self.pipe.take() {
+                        give_back(p);
+                    }
+                    // EOF: pass the FIN on, keep the other direction going.
+                    return Poll::Ready(
+                        socket2::SockRef::from(to)
+                            .shutdown(std::net::Shutdown::Write)
+                            .map_err(|e| (Side::Upstream, e)),
+                    );
+                }
+                Ok(n) => {
+                    self.in_pipe = n;
+                    *bytes += n as u64;
+                    counts.0.add(n as u64, 0);
+                    *progressed = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Drained for now: no pipe while idle (it is empty).
+                    if let Some(p) = self.pipe.take() {
+                        give_back(p);
+                    }
+                }
+                Err(e) => return Poll::Ready(Err((Side::Downstream, e))),
             }
-            // EOF: pass the FIN on, keep the other direction going.
-            return socket2::SockRef::from(to)
-                .shutdown(std::net::Shutdown::Write)
-                .map_err(|e| (Side::Upstream, e));
         }
-        *bytes += n as u64;
-        counts.0.add(n as u64, 0);
-        last.touch();
-        let mut left = n;
-        while left > 0 {
-            let r = to
-                .async_io(Interest::WRITABLE, || {
-                    splice(p.read.as_raw_fd(), to.as_raw_fd(), left)
-                })
-                .await
-                .map_err(|e| (Side::Upstream, e))?;
-            left -= r;
-        }
-        counts.1.add(0, n as u64);
     }
 }
 
@@ -184,51 +197,85 @@ pub(crate) async fn splice_relay(
     counts: &(DirectCount, DirectCount),
 ) -> RelayStats {
     let started = Instant::now();
-    let last = Activity {
-        started,
-        last_nanos: AtomicU64::new(0),
-    };
+    let (mut upward, mut downward) = (Direction::default(), Direction::default());
     let (mut bytes_up, mut bytes_down) = (0u64, 0u64);
     let mut first_close: Option<Close> = None;
     let (idle, total) = config.timeouts();
-    let ending = {
-        let upward = one_way(down, up, &mut bytes_up, &last, (&counts.0, &counts.1));
-        let downward = one_way(up, down, &mut bytes_down, &last, (&counts.1, &counts.0));
-        tokio::pin!(upward, downward);
-        let (mut up_done, mut down_done) = (false, false);
-        let total_deadline = total.map(|t| tokio::time::Instant::from_std(started + t));
-        loop {
-            let idle_deadline = idle.map(|t| tokio::time::Instant::from_std(last.last() + t));
-            tokio::select! {
-                r = &mut upward, if !up_done => match r {
-                    Ok(()) => {
-                        up_done = true;
-                        first_close.get_or_insert(Close { side: Side::Downstream, kind: CloseKind::Eof });
-                    }
-                    Err((side, e)) => break Ending::Failed(side, e),
-                },
-                r = &mut downward, if !down_done => match r {
-                    Ok(()) => {
-                        down_done = true;
-                        first_close.get_or_insert(Close { side: Side::Upstream, kind: CloseKind::Eof });
-                    }
-                    // `one_way` names its reader "downstream"; going down, that is upstream.
-                    Err((side, e)) => break Ending::Failed(side.other(), e),
-                },
-                () = sleep_until(idle_deadline), if idle_deadline.is_some() => {
-                    if let Some(t) = idle.filter(|t| last.last().elapsed() >= *t) {
-                        break Ending::IdleTimeout(t);
-                    }
-                },
-                () = sleep_until(total_deadline), if total_deadline.is_some() => {
-                    break Ending::TotalTimeout(total.unwrap_or_default());
-                },
-            }
-            if up_done && down_done {
-                break Ending::Done;
+    let mut last_activity = started;
+    let mut idle_timer = std::pin::pin!(sleep(idle.unwrap_or(Duration::MAX / 4)));
+    let mut total_timer = std::pin::pin!(sleep(total.unwrap_or(Duration::MAX / 4)));
+    let ending = poll_fn(|cx| {
+        let mut progressed = false;
+        if !upward.done {
+            let moved = upward.poll_move(
+                cx,
+                down,
+                up,
+                &mut bytes_up,
+                (&counts.0, &counts.1),
+                &mut progressed,
+            );
+            match moved {
+                Poll::Pending => {}
+                Poll::Ready(Ok(())) => {
+                    upward.done = true;
+                    first_close.get_or_insert(Close {
+                        side: Side::Downstream,
+                        kind: CloseKind::Eof,
+                    });
+                }
+                Poll::Ready(Err((side, e))) => return Poll::Ready(Ending::Failed(side, e)),
             }
         }
-    };
+        if !downward.done {
+            let moved = downward.poll_move(
+                cx,
+                up,
+                down,
+                &mut bytes_down,
+                (&counts.1, &counts.0),
+                &mut progressed,
+            );
+            match moved {
+                Poll::Pending => {}
+                Poll::Ready(Ok(())) => {
+                    downward.done = true;
+                    first_close.get_or_insert(Close {
+                        side: Side::Upstream,
+                        kind: CloseKind::Eof,
+                    });
+                }
+                // `poll_move` names its reader "downstream"; going down, that is upstream.
+                Poll::Ready(Err((side, e))) => return Poll::Ready(Ending::Failed(side.other(), e)),
+            }
+        }
+        if upward.done && downward.done {
+            return Poll::Ready(Ending::Done);
+        }
+        if progressed {
+            last_activity = Instant::now();
+        }
+        if let Some(timeout) = idle {
+            // As in the copy loop: the timer fires at the old deadline and is pushed out
+            // if there was activity since, instead of being re-armed per chunk.
+            while idle_timer.as_mut().poll(cx).is_ready() {
+                let deadline = last_activity + timeout;
+                if deadline <= Instant::now() {
+                    return Poll::Ready(Ending::IdleTimeout(timeout));
+                }
+                idle_timer.as_mut().reset(deadline.into());
+            }
+        }
+        if let Some(timeout) = total {
+            if total_timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ending::TotalTimeout(timeout));
+            }
+        }
+        Poll::Pending
+    })
+    .await;
+    // Pipes still holding bytes (an error mid-way) are closed, not pooled.
+    drop((upward.pipe.take(), downward.pipe.take()));
     let result = finish(ending, &mut first_close, |side| {
         let healthy = match side {
             Side::Downstream => up,
@@ -242,12 +289,5 @@ pub(crate) async fn splice_relay(
         duration: started.elapsed(),
         first_close,
         result,
-    }
-}
-
-async fn sleep_until(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
