@@ -36,8 +36,10 @@ pub enum RecheckError {
 }
 
 /// Wraps a service so that each connection is checked against a changing policy: when it
-/// arrives (refused with [`Refusal::Denied`], so a tunnel terminator answers 403) and each
-/// time the policy changes while it runs (cut, see the [module docs](self)).
+/// arrives (refused with [`Refusal::Denied`]: a tunnel terminator answers 401/403) and each
+/// time the policy changes while it runs (cut: the served connection is dropped, so both of
+/// its sides close, after a non-socket stream is asked for a reset through its
+/// [`Abort`](super::Abort)).
 ///
 /// `check` looks at the connection's metadata once, when it arrives, and returns the
 /// verdict function for it: a closure that keeps what it needs (the peer's identity, the
