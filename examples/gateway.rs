@@ -347,6 +347,7 @@ pub async fn run(args: Args) {
     // The watch (if any) lives as long as `run`: rotated files reach new HBONE connections.
     let (mesh, _watch) = mesh.map_or((None, None), |(id, w)| (Some(id), w));
     let has_mesh = mesh.is_some();
+    let identity_files = config.identity.clone();
     let mut servers = support::Servers::new(&args.common);
     let expiry = CertExpiry::register(servers.metrics().registry());
     expiry.set(&certs);
@@ -496,6 +497,7 @@ pub async fn run(args: Args) {
     servers
         .run_reloading(args.common.admin, move |servers| {
             let config: Config = support::reload::read_config(&path)?;
+            support::reload::unchanged("[identity]", &identity_files, &config.identity)?;
             let certs = load_certs(&config)?;
             let expiring = certs.clone();
             let plan = Plan::new(config, certs, &listen, has_mesh)?;

@@ -145,6 +145,10 @@ impl Plan {
     }
 }
 
+/// An identity from `[identity]`: what keeps it current, and the section (a reload may not
+/// change it).
+type FromFiles = (support::IdentityGuard, support::IdentityFiles);
+
 /// Listener names (in metrics).
 const SERVER: &str = "hbone_server";
 const CLIENT: &str = "hbone_client";
@@ -155,13 +159,19 @@ type Plans = tokio::sync::watch::Receiver<Arc<Plan>>;
 async fn main() {
     support::init_tracing();
     let args = Args::parse();
-    let (plan, identity, client_identity, _watch) = match (&args.config, args.demo) {
+    // Kept for the process's life: the watch (or CA renewal) and the section it came from.
+    let (plan, identity, client_identity, from_files) = match (&args.config, args.demo) {
         (Some(path), false) => {
             let config: Config = support::load_config(path);
             let plan = Plan::new(&config).unwrap_or_else(|e| support::fail(e));
             // Watched: a rotated certificate is used by new handshakes on both sides.
             let (identity, watch) = config.identity.live().await;
-            (plan, identity.clone(), identity, Some(watch))
+            (
+                plan,
+                identity.clone(),
+                identity,
+                Some((watch, config.identity)),
+            )
         }
         (None, true) => demo().await,
         _ => support::fail("give exactly one of --config FILE or --demo"),
@@ -208,6 +218,8 @@ async fn main() {
     servers
         .run_reloading(args.common.admin, move |servers| {
             let config: Config = support::reload::read_config(&path)?;
+            let at_start = from_files.as_ref().map(|(_, files)| files);
+            support::reload::unchanged("[identity]", &at_start, &Some(&config.identity))?;
             let plan = Plan::new(&config)?;
             let wanted = plan.listeners();
             let opened = servers.bind_changed(&wanted)?;
@@ -309,12 +321,7 @@ fn client_side(
 
 /// Both sides on loopback with demo certificates: client 127.0.0.1:15001 → server
 /// 127.0.0.1:15008 → echo app.
-async fn demo() -> (
-    Plan,
-    LiveIdentity,
-    LiveIdentity,
-    Option<support::IdentityGuard>,
-) {
+async fn demo() -> (Plan, LiveIdentity, LiveIdentity, Option<FromFiles>) {
     let ca = proxystack::tls::demo::DemoCa::new("cluster.local");
     let app = support::demo_echo_backend().await;
     let server_id =

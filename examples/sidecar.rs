@@ -277,13 +277,12 @@ pub async fn run(args: Args) {
             })
             .await;
     };
-    let mark = config.mark;
+    let (mark, identity_files) = (config.mark, config.identity.clone());
     servers
         .run_reloading(args.common.admin, move |servers| {
             let config: Config = support::reload::read_config(&path)?;
-            if config.mark != mark {
-                return Err("mark: a new SO_MARK needs a restart".into());
-            }
+            support::reload::unchanged("mark", &mark, &config.mark)?;
+            support::reload::unchanged("[identity]", &identity_files, &config.identity)?;
             let policy = Policy::new(&config)?;
             let wanted = overrides.listeners(&config);
             let opened = servers.bind_changed(&wanted)?;

@@ -308,6 +308,7 @@ pub async fn run(args: Args) {
     };
     let listen = args.listen.unwrap_or(config.listen);
     let me = identity.current().spiffe_id().cloned();
+    let identity_files = config.identity.clone();
     let table = Table::new(config.service, me.clone()).unwrap_or_else(|e| support::fail(e));
     // Routes and rules read the table in force per tunnel and per request; a reload sends
     // a new one.
@@ -458,6 +459,7 @@ pub async fn run(args: Args) {
     servers
         .run_reloading(args.common.admin, move |servers| {
             let config: Config = support::reload::read_config(&path)?;
+            support::reload::unchanged("[identity]", &identity_files, &config.identity)?;
             let table = Table::new(config.service, me.clone())?;
             let listen = listen_override.unwrap_or(config.listen);
             let opened = servers.bind_changed(&[(WAYPOINT.to_owned(), listen)])?;

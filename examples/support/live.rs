@@ -45,7 +45,7 @@ const CA_REQUEST: Duration = Duration::from_secs(10);
 /// trust roots. Exactly one source: `cert` + `key` (PEM files, watched) or `ca` +
 /// `spiffe_id` (the Istio CA, feature `istio-ca`); `roots` always. [`source`](Self::source)
 /// checks the combination.
-#[derive(serde::Deserialize, Debug, Clone)]
+#[derive(serde::Deserialize, Debug, Clone, PartialEq)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
 pub struct IdentityFiles {

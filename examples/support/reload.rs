@@ -47,6 +47,17 @@ pub fn read_config<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Re
     toml::from_str(&text).map_err(|e| format!("invalid config {}: {e}", path.display()))
 }
 
+/// Refuses a reload that changes `what`, a part of the config read only at start (an
+/// identity source, a socket mark): applying the rest and silently ignoring it would leave
+/// the file saying something the proxy does not do.
+pub fn unchanged<T: PartialEq>(what: &str, at_start: &T, now: &T) -> Result<(), String> {
+    if at_start == now {
+        Ok(())
+    } else {
+        Err(format!("{what}: changing it needs a restart"))
+    }
+}
+
 /// SIGHUP as a stream, installed before the `listening on` lines are printed (a script
 /// that reloads right after reading them must not kill the process: SIGHUP's default
 /// action is to terminate).

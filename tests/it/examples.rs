@@ -907,6 +907,7 @@ mod mesh_configs {
         let mut files = TempFiles::default();
         let echo = echo_app();
         let identity = identity_section(&ca, "default", "node", &mut files);
+        let mut files_for_identity = TempFiles::default();
         let sidecar_toml = |allow: &str, fixed: &str| {
             format!(
                 "{identity}\n[outbound]\nlisten = \"127.0.0.1:0\"\n{fixed}\n\
@@ -924,7 +925,14 @@ mod mesh_configs {
             std::fs::rename(&tmp, &config).unwrap();
         };
         let cfg = config.to_string_lossy().into_owned();
-        let args = ["--config", &cfg, "--admin", "127.0.0.1:0"];
+        let args = [
+            "--config",
+            &cfg,
+            "--admin",
+            "127.0.0.1:0",
+            "--drain-secs",
+            "1",
+        ];
         let Some(mut ex) = Example::start("sidecar", &args) else {
             return;
         };
@@ -985,10 +993,17 @@ mod mesh_configs {
         assert_eq!(r.err(), Some(401), "the refused config was applied");
         assert_eq!(exchange_with(fixed_addr, b"still", true), b"still");
 
+        // Another [identity] (read at start only): refused, not silently ignored.
+        let other = identity_section(&ca, "default", "other-node", &mut files_for_identity);
+        rewrite(sidecar_toml("spiffe://cluster.local/ns/ops/*", &fixed).replace(&identity, &other));
+        ex.hangup();
+        wait_reloads(admin, 1, 2);
+        ex.stderr_line("[identity]: changing it needs a restart");
+
         // The fixed listener removed: it stops accepting (its drained socket is closed).
         rewrite(sidecar_toml("spiffe://cluster.local/ns/ops/*", ""));
         ex.hangup();
-        wait_reloads(admin, 2, 1);
+        wait_reloads(admin, 2, 2);
         let mut closed = false;
         for _ in 0..100 {
             if std::net::TcpStream::connect(fixed_addr).is_err() {
@@ -1032,7 +1047,14 @@ mod mesh_configs {
             std::fs::rename(&tmp, &config).unwrap();
         };
         let cfg = config.to_string_lossy().into_owned();
-        let args = ["--config", &cfg, "--admin", "127.0.0.1:0"];
+        let args = [
+            "--config",
+            &cfg,
+            "--admin",
+            "127.0.0.1:0",
+            "--drain-secs",
+            "1",
+        ];
         let Some(mut ex) = Example::start("waypoint", &args) else {
             return;
         };
