@@ -24,7 +24,7 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::ReadBuf;
-use tokio::time::sleep;
+use tokio::time::{sleep, Sleep};
 
 use super::arm_reset;
 use crate::io::Io;
@@ -236,24 +236,8 @@ pub async fn relay_with<A: Io, B: Io>(
         if progressed {
             last_activity = Instant::now();
         }
-        if let Some(timeout) = config.idle_timeout {
-            // Re-arming the timer on every chunk would cost a timer-wheel update per read;
-            // instead the timer fires at the old deadline and is pushed out if there was
-            // activity since.
-            while idle.as_mut().poll(cx).is_ready() {
-                let deadline = last_activity + timeout;
-                if deadline <= Instant::now() {
-                    return Poll::Ready(Ending::IdleTimeout(timeout));
-                }
-                idle.as_mut().reset(deadline.into());
-            }
-        }
-        if let Some(timeout) = config.total_timeout {
-            if total.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Ending::TotalTimeout(timeout));
-            }
-        }
-        Poll::Pending
+        let timers = (idle.as_mut(), total.as_mut());
+        poll_timeouts(cx, config.timeouts(), timers, last_activity)
     })
     .await;
 
@@ -283,6 +267,36 @@ pub(super) enum Ending {
 
 /// Turns an [`Ending`] into the reported result; `reset_healthy` is called with the side
 /// that failed so the other one can be armed to reset.
+/// A relay's idle and total timeouts, polled once per wake-up with the relay's two timers
+/// (`idle`, `total`, created with the timeouts or far in the future): `Ready` with the
+/// ending once one has passed, else `Pending`.
+///
+/// Re-arming the idle timer on every chunk would cost a timer-wheel update per read;
+/// instead the timer fires at the old deadline and is pushed out if there was activity
+/// (`last_activity`) since.
+pub(super) fn poll_timeouts(
+    cx: &mut Context<'_>,
+    (idle, total): (Option<Duration>, Option<Duration>),
+    (mut idle_timer, total_timer): (Pin<&mut Sleep>, Pin<&mut Sleep>),
+    last_activity: Instant,
+) -> Poll<Ending> {
+    if let Some(timeout) = idle {
+        while idle_timer.as_mut().poll(cx).is_ready() {
+            let deadline = last_activity + timeout;
+            if deadline <= Instant::now() {
+                return Poll::Ready(Ending::IdleTimeout(timeout));
+            }
+            idle_timer.as_mut().reset(deadline.into());
+        }
+    }
+    if let Some(timeout) = total {
+        if total_timer.poll(cx).is_ready() {
+            return Poll::Ready(Ending::TotalTimeout(timeout));
+        }
+    }
+    Poll::Pending
+}
+
 pub(super) fn finish(
     ending: Ending,
     first_close: &mut Option<Close>,
@@ -314,7 +328,7 @@ fn is_reset(e: &io::Error) -> bool {
     )
 }
 
-enum PipeError {
+pub(super) enum PipeError {
     Read(io::Error),
     Write(io::Error),
 }

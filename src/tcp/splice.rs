@@ -11,7 +11,7 @@
 
 use crate::io::DirectCount;
 use std::cell::RefCell;
-use std::future::{poll_fn, Future};
+use std::future::poll_fn;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::task::{ready, Context, Poll};
@@ -21,7 +21,9 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::sleep;
 
-use super::relay::{finish, Close, CloseKind, Ending, RelayConfig, RelayStats, Side};
+use super::relay::{
+    finish, poll_timeouts, Close, CloseKind, Ending, PipeError, RelayConfig, RelayStats, Side,
+};
 
 /// Largest chunk moved per `splice` call; also the pipe capacity we ask for.
 const CHUNK: usize = 1 << 20;
@@ -106,13 +108,15 @@ struct Direction {
     pipe: Option<Pipe>,
     /// Spliced in from the reader, not yet out to the writer.
     in_pipe: usize,
+    /// Bytes moved so far.
+    bytes: u64,
     done: bool,
 }
 
 impl Direction {
     /// Moves `from` → `to` until neither can go on, or until EOF (then shuts down `to`'s
     /// write half). What moves is reported to the streams' counters (`counts`: `from`'s,
-    /// `to`'s), which it bypassed. Errors name the side as if `from` were downstream.
+    /// `to`'s), which it bypassed.
     ///
     /// A poll function rather than an `async fn`: its state is these few fields, not two
     /// readiness futures per direction kept for every idle connection.
@@ -121,10 +125,9 @@ impl Direction {
         cx: &mut Context<'_>,
         from: &TcpStream,
         to: &TcpStream,
-        bytes: &mut u64,
         counts: (&DirectCount, &DirectCount),
         progressed: &mut bool,
-    ) -> Poll<Result<(), (Side, io::Error)>> {
+    ) -> Poll<Result<(), PipeError>> {
         loop {
             // Invariant: the pipe is emptied before anything more is read into it, so a
             // pipe given back is empty.
@@ -133,7 +136,7 @@ impl Direction {
                     self.in_pipe = 0;
                     break;
                 };
-                ready!(to.poll_write_ready(cx)).map_err(|e| (Side::Upstream, e))?;
+                ready!(to.poll_write_ready(cx)).map_err(PipeError::Write)?;
                 match to.try_io(Interest::WRITABLE, || {
                     splice(p.read.as_raw_fd(), to.as_raw_fd(), self.in_pipe)
                 }) {
@@ -144,15 +147,13 @@ impl Direction {
                     }
                     // Readiness cleared: the next `poll_write_ready` waits for more.
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Poll::Ready(Err((Side::Upstream, e))),
+                    Err(e) => return Poll::Ready(Err(PipeError::Write(e))),
                 }
             }
-            ready!(from.poll_read_ready(cx)).map_err(|e| (Side::Downstream, e))?;
+            ready!(from.poll_read_ready(cx)).map_err(PipeError::Read)?;
             let p = match &self.pipe {
                 Some(p) => p,
-                None => self
-                    .pipe
-                    .insert(take_pipe().map_err(|e| (Side::Downstream, e))?),
+                None => self.pipe.insert(take_pipe().map_err(PipeError::Read)?),
             };
             match from.try_io(Interest::READABLE, || {
                 splice(from.as_raw_fd(), p.write.as_raw_fd(), CHUNK)
@@ -165,12 +166,12 @@ impl Direction {
                     return Poll::Ready(
                         socket2::SockRef::from(to)
                             .shutdown(std::net::Shutdown::Write)
-                            .map_err(|e| (Side::Upstream, e)),
+                            .map_err(PipeError::Write),
                     );
                 }
                 Ok(n) => {
                     self.in_pipe = n;
-                    *bytes += n as u64;
+                    self.bytes += n as u64;
                     counts.0.add(n as u64, 0);
                     *progressed = true;
                 }
@@ -180,7 +181,7 @@ impl Direction {
                         give_back(p);
                     }
                 }
-                Err(e) => return Poll::Ready(Err((Side::Downstream, e))),
+                Err(e) => return Poll::Ready(Err(PipeError::Read(e))),
             }
         }
     }
@@ -198,7 +199,6 @@ pub(crate) async fn splice_relay(
 ) -> RelayStats {
     let started = Instant::now();
     let (mut upward, mut downward) = (Direction::default(), Direction::default());
-    let (mut bytes_up, mut bytes_down) = (0u64, 0u64);
     let mut first_close: Option<Close> = None;
     let (idle, total) = config.timeouts();
     let mut last_activity = started;
@@ -206,47 +206,41 @@ pub(crate) async fn splice_relay(
     let mut total_timer = std::pin::pin!(sleep(total.unwrap_or(Duration::MAX / 4)));
     let ending = poll_fn(|cx| {
         let mut progressed = false;
-        if !upward.done {
-            let moved = upward.poll_move(
-                cx,
+        // As in the copy loop: each direction named by the side it reads from.
+        for (direction, side, from, to, counts) in [
+            (
+                &mut upward,
+                Side::Downstream,
                 down,
                 up,
-                &mut bytes_up,
                 (&counts.0, &counts.1),
-                &mut progressed,
-            );
-            match moved {
-                Poll::Pending => {}
-                Poll::Ready(Ok(())) => {
-                    upward.done = true;
-                    first_close.get_or_insert(Close {
-                        side: Side::Downstream,
-                        kind: CloseKind::Eof,
-                    });
-                }
-                Poll::Ready(Err((side, e))) => return Poll::Ready(Ending::Failed(side, e)),
-            }
-        }
-        if !downward.done {
-            let moved = downward.poll_move(
-                cx,
+            ),
+            (
+                &mut downward,
+                Side::Upstream,
                 up,
                 down,
-                &mut bytes_down,
                 (&counts.1, &counts.0),
-                &mut progressed,
-            );
-            match moved {
+            ),
+        ] {
+            if direction.done {
+                continue;
+            }
+            match direction.poll_move(cx, from, to, counts, &mut progressed) {
                 Poll::Pending => {}
                 Poll::Ready(Ok(())) => {
-                    downward.done = true;
+                    direction.done = true;
                     first_close.get_or_insert(Close {
-                        side: Side::Upstream,
+                        side,
                         kind: CloseKind::Eof,
                     });
                 }
-                // `poll_move` names its reader "downstream"; going down, that is upstream.
-                Poll::Ready(Err((side, e))) => return Poll::Ready(Ending::Failed(side.other(), e)),
+                Poll::Ready(Err(PipeError::Read(e))) => {
+                    return Poll::Ready(Ending::Failed(side, e))
+                }
+                Poll::Ready(Err(PipeError::Write(e))) => {
+                    return Poll::Ready(Ending::Failed(side.other(), e))
+                }
             }
         }
         if upward.done && downward.done {
@@ -255,23 +249,8 @@ pub(crate) async fn splice_relay(
         if progressed {
             last_activity = Instant::now();
         }
-        if let Some(timeout) = idle {
-            // As in the copy loop: the timer fires at the old deadline and is pushed out
-            // if there was activity since, instead of being re-armed per chunk.
-            while idle_timer.as_mut().poll(cx).is_ready() {
-                let deadline = last_activity + timeout;
-                if deadline <= Instant::now() {
-                    return Poll::Ready(Ending::IdleTimeout(timeout));
-                }
-                idle_timer.as_mut().reset(deadline.into());
-            }
-        }
-        if let Some(timeout) = total {
-            if total_timer.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Ending::TotalTimeout(timeout));
-            }
-        }
-        Poll::Pending
+        let timers = (idle_timer.as_mut(), total_timer.as_mut());
+        poll_timeouts(cx, (idle, total), timers, last_activity)
     })
     .await;
     // Pipes still holding bytes (an error mid-way) are closed, not pooled.
@@ -284,8 +263,8 @@ pub(crate) async fn splice_relay(
         let _ = socket2::SockRef::from(healthy).set_linger(Some(Duration::ZERO));
     });
     RelayStats {
-        bytes_up,
-        bytes_down,
+        bytes_up: upward.bytes,
+        bytes_down: downward.bytes,
         duration: started.elapsed(),
         first_close,
         result,
