@@ -79,7 +79,7 @@ use clap::Parser;
 use http::{Request, StatusCode};
 use prometheus_client::metrics::{family::Family, gauge::Gauge};
 use proxystack::addr::{Cidr, Host};
-use proxystack::admission::RecheckLayer;
+use proxystack::admission::{while_unchanged, RecheckLayer};
 use proxystack::conn::Metadata;
 use proxystack::hbone::{self, HboneTarget};
 use proxystack::http::{
@@ -414,13 +414,9 @@ pub async fn run(args: Args) {
     // A passthrough connection is cut once a reload routes its SNI elsewhere, or nowhere.
     let rerouted = RecheckLayer::new(current.clone(), |m: &Metadata| {
         let sni = m.get::<Sni>().map(|s| s.0.to_ascii_lowercase());
-        let mut at_start = None;
-        move |plan: &Arc<Plan>| {
-            let now = sni
-                .as_ref()
-                .and_then(|sni| Some(plan.passthrough.get(sni)?.to_string()));
-            now.is_some() && *at_start.get_or_insert_with(|| now.clone()) == now
-        }
+        while_unchanged(move |plan: &Arc<Plan>| {
+            Some(plan.passthrough.get(sni.as_ref()?)?.to_string())
+        })
     });
     let passthrough = ServiceBuilder::new()
         .layer(PeekLayer::new())

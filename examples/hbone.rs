@@ -44,7 +44,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Parser;
-use proxystack::admission::RecheckLayer;
+use proxystack::admission::{while_unchanged, RecheckLayer};
 use proxystack::conn::{Metadata, PeerAddr};
 use proxystack::connect::TunnelInfo;
 use proxystack::hbone::{self, HboneTarget, Inbound};
@@ -243,11 +243,7 @@ fn cut_when_changed<T: PartialEq + Send + 'static>(
     part: fn(&Plan) -> Option<T>,
 ) -> RecheckLayer<Arc<Plan>, impl Fn(&Metadata) -> StillAllowed + Clone> {
     RecheckLayer::new(plans, move |_: &Metadata| {
-        let mut at_start = None;
-        Box::new(move |plan: &Arc<Plan>| {
-            let now = part(plan);
-            now.is_some() && *at_start.get_or_insert_with(|| part(plan)) == now
-        }) as StillAllowed
+        Box::new(while_unchanged(move |plan: &Arc<Plan>| part(plan))) as StillAllowed
     })
 }
 

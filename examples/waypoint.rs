@@ -80,7 +80,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use http::{Request, StatusCode};
-use proxystack::admission::RecheckLayer;
+use proxystack::admission::{while_unchanged, RecheckLayer};
 use proxystack::conn::Metadata;
 use proxystack::connect::{lookup, TunnelInfo};
 use proxystack::detect::{DetectLayer, Router, RouterLayer};
@@ -402,14 +402,8 @@ pub async fn run(args: Args) {
     let still_allowed = RecheckLayer::new(tables.subscribe(), |m: &Metadata| {
         let authority = m.get::<TunnelInfo>().map(|t| t.authority.clone());
         let client = lookup::<PeerIdentity>(m).map(|p| p.0.clone());
-        let mut served_as = None;
-        move |t: &Arc<Table>| {
-            let now = authority
-                .as_ref()
-                .and_then(|a| t.admits(a, client.as_ref()));
-            // The first call (when the tunnel starts) records how it is served.
-            now.is_some() && *served_as.get_or_insert(now) == now
-        }
+        // Admitted, and served as when the tunnel started.
+        while_unchanged(move |t: &Arc<Table>| t.admits(authority.as_ref()?, client.as_ref()))
     });
 
     // HBONE in: the authority must name a served service and the client pass its `allow`

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
 mod recheck;
-pub use recheck::{Recheck, RecheckError, RecheckLayer};
+pub use recheck::{while_unchanged, Recheck, RecheckError, RecheckLayer};
 
 /// Why an inner service refused a connection handed to it through a tunnel, so the tunnel
 /// terminator can answer with the right status (see [`Admission`]).

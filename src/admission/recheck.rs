@@ -95,6 +95,37 @@ impl<P, F> std::fmt::Debug for RecheckLayer<P, F> {
     }
 }
 
+/// A verdict for [`RecheckLayer`]: a connection stays allowed while `key` gives, for the
+/// policy in force, the same `Some` value it gave when the connection arrived (the backend
+/// it was routed to, how it is served); `None` refuses it. For policies where "still
+/// allowed" means "nothing this connection depends on changed".
+///
+/// ```
+/// use std::collections::HashMap;
+/// use proxystack::admission::while_unchanged;
+///
+/// // Routes by name; a connection routed by "app" stays while "app" goes where it went.
+/// let mut still_allowed = while_unchanged(|routes: &HashMap<&str, u16>| routes.get("app").copied());
+/// assert!(still_allowed(&HashMap::from([("app", 8080)]))); // on arrival: recorded
+/// assert!(still_allowed(&HashMap::from([("app", 8080), ("new", 9090)])));
+/// assert!(!still_allowed(&HashMap::from([("app", 8081)]))); // rerouted: cut
+/// ```
+pub fn while_unchanged<P, K: PartialEq>(
+    mut key: impl FnMut(&P) -> Option<K>,
+) -> impl FnMut(&P) -> bool {
+    let mut at_arrival = None;
+    move |policy| {
+        let Some(now) = key(policy) else {
+            return false;
+        };
+        if let Some(first) = &at_arrival {
+            return *first == now;
+        }
+        at_arrival = Some(now);
+        true
+    }
+}
+
 /// The service of [`RecheckLayer`].
 #[derive(Clone)]
 pub struct Recheck<S, P, F> {
