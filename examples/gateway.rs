@@ -484,9 +484,7 @@ pub async fn run(args: Args) {
     }
     let Some(path) = args.config.clone() else {
         return servers
-            .run_reloading(args.common.admin, |_| {
-                Err("--demo has no config file to re-read".into())
-            })
+            .run_reloading(args.common.admin, support::reload::without_config_file)
             .await;
     };
     let listen = args.listen.clone();

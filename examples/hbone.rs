@@ -207,9 +207,7 @@ async fn main() {
     // Binds the admin endpoint (registered as ours too) before any listener accepts.
     let Some(path) = args.config.clone() else {
         return servers
-            .run_reloading(args.common.admin, |_| {
-                Err("--demo has no config file to re-read".into())
-            })
+            .run_reloading(args.common.admin, support::reload::without_config_file)
             .await;
     };
     // SIGHUP: both sides from the file again (`[identity]` is read once; its files are

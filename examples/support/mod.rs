@@ -109,19 +109,31 @@ pub fn own_listeners() -> &'static proxystack::tcp::OwnListeners {
     OWN.get_or_init(proxystack::tcp::OwnListeners::new)
 }
 
-/// Binds `addr` and registers it in [`own_listeners`], or exits naming `what` failed.
-async fn bind_own(addr: SocketAddr, what: &str) -> TcpListener {
-    let listener = match TcpListener::bind(addr).await {
-        Ok(l) => l,
-        Err(e) => fail(format!("cannot listen on {what}{addr}: {e}")),
+/// Binds `addr` (synchronously, with the options `TcpListener::bind` uses, so that a
+/// reload can bind too) and registers it in [`own_listeners`]; the error names `what`
+/// (e.g. `"admin address "`, or nothing) and the address.
+pub fn bind_now(addr: SocketAddr, what: &str) -> Result<TcpListener, String> {
+    let bind = || -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(1024)
     };
+    let listener = bind().map_err(|e| format!("cannot listen on {what}{addr}: {e}"))?;
     // Registered with the bound address, so a port 0 is known by its real number.
-    if let Err(e) = own_listeners().register_listener(&listener) {
-        fail(format!(
-            "cannot read the bound address of {what}{addr}: {e}"
-        ));
-    }
-    listener
+    own_listeners()
+        .register_listener(&listener)
+        .map_err(|e| format!("cannot read the bound address of {what}{addr}: {e}"))?;
+    Ok(listener)
+}
+
+/// [`bind_now`], or exits naming what failed.
+fn bind_own(addr: SocketAddr, what: &str) -> TcpListener {
+    bind_now(addr, what).unwrap_or_else(|e| fail(e))
 }
 
 /// Binds every address (registering each in [`own_listeners`]) or exits with a message
@@ -129,7 +141,7 @@ async fn bind_own(addr: SocketAddr, what: &str) -> TcpListener {
 pub async fn bind_all(addrs: &[SocketAddr]) -> Vec<TcpListener> {
     let mut out = Vec::new();
     for addr in addrs {
-        out.push(bind_own(*addr, "").await);
+        out.push(bind_own(*addr, ""));
     }
     out
 }
@@ -298,13 +310,7 @@ impl Metrics {
         help: &'static str,
         read: impl Fn() -> u64 + Send + Sync + 'static,
     ) {
-        let sampled = Sampled {
-            name,
-            help,
-            counter: true,
-            read: Box::new(read),
-        };
-        self.registry.register_collector(Box::new(sampled));
+        self.sampled(name, help, true, Box::new(read));
     }
 
     /// A gauge read at scrape time from `read`.
@@ -314,11 +320,21 @@ impl Metrics {
         help: &'static str,
         read: impl Fn() -> u64 + Send + Sync + 'static,
     ) {
+        self.sampled(name, help, false, Box::new(read));
+    }
+
+    fn sampled(
+        &mut self,
+        name: &'static str,
+        help: &'static str,
+        counter: bool,
+        read: Box<dyn Fn() -> u64 + Send + Sync>,
+    ) {
         let sampled = Sampled {
             name,
             help,
-            counter: false,
-            read: Box::new(read),
+            counter,
+            read,
         };
         self.registry.register_collector(Box::new(sampled));
     }
@@ -410,7 +426,7 @@ pub async fn admin(
     metrics: Metrics,
     extra: Arc<dyn Fn() -> String + Send + Sync>,
 ) -> SocketAddr {
-    let listener = bind_own(addr, "admin address ").await;
+    let listener = bind_own(addr, "admin address ");
     let bound = listener.local_addr().unwrap_or(addr);
     let registry = Arc::new(metrics.registry);
     tokio::spawn(async move {
@@ -636,7 +652,7 @@ impl Servers {
     /// Serves `svc` on `listener` (started by [`run`](Self::run), or at once if it runs
     /// already), under the connection metrics and access log of [`Metrics::listener`];
     /// `name` labels its metrics. The listener must come from [`bind_all`] or
-    /// [`reload::bind_now`] (which registered it). A listener of the same name is replaced: it
+    /// [`bind_now`] (which registered it). A listener of the same name is replaced: it
     /// stops accepting and drains.
     pub fn spawn<S>(&mut self, name: &str, listener: TcpListener, svc: S)
     where

@@ -20,24 +20,10 @@ use tokio::net::TcpListener;
 
 use super::{own_listeners, Metrics, Servers};
 
-/// Binds `addr` now (synchronously, for a reload) with the options `TcpListener::bind`
-/// uses, and registers it in [`own_listeners`]; the error names the address.
-pub fn bind_now(addr: SocketAddr) -> Result<TcpListener, String> {
-    let bind = || -> std::io::Result<TcpListener> {
-        let socket = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        socket.set_reuseaddr(true)?;
-        socket.bind(addr)?;
-        socket.listen(1024)
-    };
-    let listener = bind().map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    own_listeners()
-        .register_listener(&listener)
-        .map_err(|e| format!("cannot read the bound address of {addr}: {e}"))?;
-    Ok(listener)
+/// The reload of a run without a config file (`--demo`): refused and counted, and the
+/// process runs on, where SIGHUP's default action would end it.
+pub fn without_config_file(_: &mut Servers) -> Result<(), String> {
+    Err("--demo has no config file to re-read".into())
 }
 
 /// Reads and parses a TOML config file; the error names the file and the problem.
@@ -142,7 +128,7 @@ impl Servers {
             if unchanged {
                 continue;
             }
-            match bind_now(*addr) {
+            match super::bind_now(*addr, "") {
                 Ok(listener) => bound.push((name.clone(), *addr, listener)),
                 Err(e) => {
                     for (_, _, l) in &bound {
