@@ -14,7 +14,7 @@ use crate::examples_common::*;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -26,33 +26,6 @@ fn fixed_ports() -> MutexGuard<'static, ()> {
 
 // ---------------------------------------------------------------------------------------
 // Running the binaries and talking to them (the rest is in examples_common)
-
-/// Runs an example to completion (it is expected to exit on its own) and returns its
-/// status and stderr.
-fn run_to_exit(name: &str, args: &[&str]) -> Option<(ExitStatus, String)> {
-    let path = binary(name)?;
-    let mut child = Command::new(path)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let status = wait_bounded(&mut child, EXIT);
-    if status.is_none() {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("{name} {args:?} did not exit within {EXIT:?}");
-    }
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    status.map(|s| (s, stderr))
-}
 
 /// Writes `data`, half-closes, reads to EOF (or reset: then what arrived before it).
 fn exchange(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
@@ -857,15 +830,8 @@ mod mesh_configs {
         for _ in 0..100 {
             let target = HboneTarget::new(inbound, Authority::parse(&app).unwrap(), [node.clone()])
                 .into_target();
-            if let Ok(Ok(mut t)) = tokio::time::timeout(IO, connector.clone().oneshot(target)).await
-            {
-                t.write_all(b"ping").await.unwrap();
-                let mut got = [0u8; 4];
-                tokio::time::timeout(IO, t.read_exact(&mut got))
-                    .await
-                    .unwrap()
-                    .unwrap();
-                assert_eq!(&got, b"ping");
+            if let Ok(Ok(t)) = tokio::time::timeout(IO, connector.clone().oneshot(target)).await {
+                ping(t.boxed()).await;
                 through = true;
                 break;
             }
@@ -875,18 +841,6 @@ mod mesh_configs {
         // One change applied (all three files at once, or in up to three steps).
         assert!(metric("proxystack_identity_changes_total").is_some_and(|n| (1..=3).contains(&n)));
         ex.stop();
-    }
-
-    /// Sends `ping` through an echoing tunnel and checks it comes back.
-    async fn ping(mut t: Conn<BoxIo>) -> Conn<BoxIo> {
-        t.write_all(b"ping").await.unwrap();
-        let mut got = [0u8; 4];
-        tokio::time::timeout(IO, t.read_exact(&mut got))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(&got, b"ping");
-        t
     }
 
     /// Whether a running tunnel was closed by the other side (bounded wait).

@@ -10,9 +10,7 @@
     feature = "metrics"
 ))]
 
-use std::io::Read;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,11 +22,10 @@ use proxystack::Authority;
 use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, KeyPair, SanType};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower::ServiceExt;
 
 use crate::examples_common::{
-    binary, echo_app, metric, wait_bounded, Example, TempFiles, EXIT, IO,
+    echo_app, metric, ping, run_to_exit_within, Example, TempFiles, EXIT, IO,
 };
 use crate::istio_ca::{reviews, CaServer, CaState, ChainOnly, TestCa, CA_NAME};
 
@@ -97,17 +94,11 @@ async fn echo_through(connector: &hbone::Connector, inbound: SocketAddr, app: So
         [reviews()],
     )
     .into_target();
-    let mut t = tokio::time::timeout(IO, connector.clone().oneshot(target))
+    let t = tokio::time::timeout(IO, connector.clone().oneshot(target))
         .await
         .expect("tunnel within the limit")
         .expect("tunnel opens");
-    t.write_all(b"ping").await.unwrap();
-    let mut got = [0u8; 4];
-    tokio::time::timeout(IO, t.read_exact(&mut got))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&got, b"ping");
+    ping(t.boxed()).await;
 }
 
 /// One sample of an unlabelled metric (blocking scrape, off the runtime's worker).
@@ -206,26 +197,8 @@ fn refused(config: &str) -> Option<String> {
 fn refused_within(config: &str, limit: Duration) -> Option<String> {
     let mut files = TempFiles::default();
     let path = files.add("sidecar-bad-identity.toml", config);
-    let mut child = Command::new(binary("sidecar")?)
-        .arg("--config")
-        .arg(&path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let Some(status) = wait_bounded(&mut child, limit) else {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("sidecar with a bad [identity] did not exit within {limit:?}");
-    };
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    let path = path.to_string_lossy();
+    let (status, stderr) = run_to_exit_within("sidecar", &["--config", &path], limit)?;
     assert!(
         !status.success(),
         "exit 0 for:\n{config}\nstderr:\n{stderr}"

@@ -486,3 +486,55 @@ pub fn wait_reloads(admin: SocketAddr, applied: u64, failed: u64) {
         "reloads never reached {applied} applied, {failed} failed"
     );
 }
+
+/// Runs an example to completion (it is expected to exit on its own, within [`EXIT`]) and
+/// returns its status and stderr; `None` when the example is not built.
+pub fn run_to_exit(name: &str, args: &[&str]) -> Option<(ExitStatus, String)> {
+    run_to_exit_within(name, args, EXIT)
+}
+
+/// [`run_to_exit`], for an example that may take up to `limit` to give up.
+pub fn run_to_exit_within(
+    name: &str,
+    args: &[&str],
+    limit: Duration,
+) -> Option<(ExitStatus, String)> {
+    let path = binary(name)?;
+    let mut child = Command::new(path)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_bounded(&mut child, limit);
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{name} {args:?} did not exit within {limit:?}");
+    }
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    status.map(|s| (s, stderr))
+}
+
+/// Sends `ping` through an echoing tunnel and checks it comes back (bounded); the tunnel,
+/// to go on with.
+pub async fn ping(
+    mut t: proxystack::Conn<proxystack::BoxIo>,
+) -> proxystack::Conn<proxystack::BoxIo> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    t.write_all(b"ping").await.unwrap();
+    let mut got = [0u8; 4];
+    tokio::time::timeout(IO, t.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got, b"ping");
+    t
+}
